@@ -1,0 +1,3 @@
+"""Layer: application."""
+
+__all__: list[str] = []

@@ -1,0 +1,55 @@
+"""What every CLI command shares: the state directory, the config, --json, and one way to fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from lamina.config import LaminaConfig, load_config, resolve_state_dir
+from lamina.errors import LaminaError
+from lamina.store import Store
+
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="State directory (default: $LAMINA_STATE_DIR, then ./.lamina)."),
+]
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="lamina.yaml (default: the embedded defaults).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def fail(exc: LaminaError | str, exit_code: int = 1) -> NoReturn:
+    """Print one clear line to stderr and exit."""
+    message = exc.message if isinstance(exc, LaminaError) else exc
+    code = f" [{exc.code}]" if isinstance(exc, LaminaError) else ""
+    err_console.print(f"[bold red]error{code}:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exit_code)
+
+
+def load(config: Path | None, state_dir: Path | None) -> tuple[LaminaConfig, Path]:
+    """The effective config and state directory, or exit 2 with the config error."""
+    try:
+        cfg = load_config(config)
+    except LaminaError as exc:
+        fail(exc, exit_code=2)
+    return cfg, resolve_state_dir(state_dir, cfg)
+
+
+def open_store(cfg: LaminaConfig, state_dir: Path) -> Store:
+    """The migrated metadata store of this state directory."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(cfg.database_url(state_dir))
+    store.migrate()
+    return store
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))

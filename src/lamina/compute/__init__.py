@@ -1,0 +1,3 @@
+"""Layer: compute."""
+
+__all__: list[str] = []

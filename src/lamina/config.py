@@ -1,0 +1,215 @@
+"""The ``lamina.yaml`` schema: typed, documented, with defaults so that no file is needed.
+
+The composition root (``lamina.stack``) loads it once and hands each layer its part. Nothing else reads
+the file or the environment; :func:`load_config` is the one place that does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lamina.errors import ConfigError
+
+#: The environment variable that names the state directory when ``--state-dir`` is not given.
+STATE_DIR_ENV = "LAMINA_STATE_DIR"
+#: The bundled models, registered on first start.
+BUNDLED_CHAT_MODEL = "smollm2-135m-instruct"
+BUNDLED_EMBEDDING_MODEL = "minilm-l6-v2"
+
+EngineName = Literal["gguf", "onnx", "fake"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the gateway binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the gateway (0 picks a free one).")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys the gateway accepts. Empty: any key (or none) is accepted, for local use.",
+    )
+
+
+class StoreConfig(_Strict):
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the metadata store. Empty: a SQLite file `lamina.db` in the state "
+        "directory. PostgreSQL: `postgresql+psycopg://user:pass@host/db`.",
+    )
+
+
+class GGUFOptions(_Strict):
+    n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped at the model's own).")
+    n_threads: int | None = Field(
+        None, ge=1, description="llama.cpp threads for generation. Empty: the physical cores of the machine."
+    )
+    n_threads_batch: int | None = Field(
+        None, ge=1, description="llama.cpp threads for prompt processing. Empty: same as n_threads."
+    )
+    n_batch: int = Field(512, ge=1, description="Prompt-processing batch size in tokens.")
+    n_gpu_layers: int = Field(
+        0, ge=-1, description="Layers to offload to the GPU (-1: all). Needs a CUDA build of llama.cpp."
+    )
+    use_extra_bufts: bool = Field(
+        False,
+        description="llama.cpp weight repacking into CPU-specific layouts (extra buffer types). Faster "
+        "prompt processing on CPUs whose repacked kernels work; off by default because on some CPUs "
+        "repacked Q4 weights crash in decode. Turn it on after `make bench` runs cleanly with it.",
+    )
+    seed: int = Field(-1, description="Sampling seed; -1 draws a random one per request.")
+
+
+class ONNXOptions(_Strict):
+    providers: list[str] | None = Field(
+        None,
+        description="ONNX Runtime execution providers in order of preference. Empty: TensorRT, CUDA, "
+        "then CPU, keeping those this onnxruntime build has.",
+    )
+    batch_size: int = Field(32, ge=1, description="Texts per forward pass when embedding.")
+    max_length: int = Field(256, ge=8, description="Tokens per text; longer texts are truncated.")
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads. Empty: its default.")
+
+
+class FakeOptions(_Strict):
+    mode: Literal["echo", "replay"] = Field(
+        "echo", description="echo: answers with the last user message; replay: answers with `tokens`."
+    )
+    tokens: list[str] = Field(
+        default_factory=lambda: ["Hello", " from", " the", " fake", " engine", "."],
+        description="Tokens to replay in `replay` mode.",
+    )
+    seconds_per_token: float = Field(0.0, ge=0, description="Time the fake engine spends on each token.")
+    n_ctx: int = Field(2048, ge=16, description="Context window the fake engine claims.")
+    embedding_dim: int = Field(16, ge=1, description="Length of the fake engine's embedding vectors.")
+
+
+class DeploymentConfig(_Strict):
+    name: str = Field(description="The model name clients ask for (OpenAI `model` field).")
+    model: str | None = Field(
+        None,
+        description="Registry reference NAME, NAME@VERSION or NAME@ALIAS. Empty: same as `name`. "
+        "Not used by the fake engine.",
+    )
+    engine: EngineName | None = Field(
+        None, description="Engine to run it with. Empty: chosen from the registered file's format."
+    )
+    replicas: int = Field(1, ge=0, description="Replica worker processes to keep running.")
+    gguf: GGUFOptions = Field(default_factory=GGUFOptions, description="Options of the GGUF engine.")
+    onnx: ONNXOptions = Field(default_factory=ONNXOptions, description="Options of the ONNX engine.")
+    fake: FakeOptions = Field(default_factory=FakeOptions, description="Options of the fake engine.")
+
+    @property
+    def model_ref(self) -> str:
+        return self.model or self.name
+
+
+class OrchestrationConfig(_Strict):
+    ready_timeout_s: float = Field(120.0, gt=0, description="How long a new replica may take to become ready.")
+    health_interval_s: float = Field(1.0, gt=0, description="Seconds between replica health checks.")
+    restart_backoff_s: float = Field(0.5, ge=0, description="First delay before restarting a dead replica.")
+    restart_backoff_max_s: float = Field(30.0, ge=0, description="Longest delay between restarts.")
+    retry_deadline_s: float = Field(
+        60.0, gt=0, description="How long a non-streaming request may wait and retry for a live replica."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> OrchestrationConfig:
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise ValueError(
+                f"restart_backoff_max_s ({self.restart_backoff_max_s}) must be at least "
+                f"restart_backoff_s ({self.restart_backoff_s})"
+            )
+        return self
+
+
+class ObservabilityConfig(_Strict):
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces. Empty: none."
+    )
+    service_name: str = Field("lamina", description="OpenTelemetry service.name of the gateway.")
+    store_spans: bool = Field(True, description="Keep every span in the metadata store.")
+
+
+def _default_deployments() -> list[DeploymentConfig]:
+    return [
+        DeploymentConfig(name=BUNDLED_CHAT_MODEL, engine="gguf"),
+        DeploymentConfig(name=BUNDLED_EMBEDDING_MODEL, engine="onnx"),
+    ]
+
+
+class LaminaConfig(_Strict):
+    state_dir: Path | None = Field(
+        None,
+        description="Where Lamina keeps its state. Empty: --state-dir, then $LAMINA_STATE_DIR, then "
+        "./.lamina.",
+    )
+    server: ServerConfig = Field(default_factory=ServerConfig, description="The HTTP gateway.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The metadata store.")
+    register_bundled: bool = Field(
+        True, description="Register the bundled SmolLM2 and MiniLM models on start if they are missing."
+    )
+    deployments: list[DeploymentConfig] = Field(
+        default_factory=_default_deployments, description="Models to serve and how."
+    )
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="Replica processes and request retries."
+    )
+    observability: ObservabilityConfig = Field(
+        default_factory=ObservabilityConfig, description="Traces and metrics."
+    )
+
+    @model_validator(mode="after")
+    def _unique_deployments(self) -> LaminaConfig:
+        names = [d.name for d in self.deployments]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"deployment names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def database_url(self, state_dir: Path) -> str:
+        return self.store.url or f"sqlite:///{state_dir / 'lamina.db'}"
+
+
+def resolve_state_dir(flag: Path | None, config: LaminaConfig | None = None) -> Path:
+    """``--state-dir``, then the config file's ``state_dir``, then $LAMINA_STATE_DIR, then ``./.lamina``."""
+    if flag is not None:
+        return flag.expanduser().resolve()
+    if config is not None and config.state_dir is not None:
+        return config.state_dir.expanduser().resolve()
+    env = os.environ.get(STATE_DIR_ENV)
+    return Path(env).expanduser().resolve() if env else (Path.cwd() / ".lamina").resolve()
+
+
+def _describe(err: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"unknown field `{where}`: remove it or check its spelling (`lamina config schema` lists them)"
+    return f"field `{where}`: {err['msg']} (got {err.get('input')!r})"
+
+
+def load_config(path: Path | None) -> LaminaConfig:
+    """Read ``lamina.yaml`` (or the defaults when ``path`` is None), raising one clear ConfigError."""
+    if path is None:
+        return LaminaConfig()
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; give an existing path or leave --config out")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the syntax at the position shown") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(raw).__name__}")
+    try:
+        return LaminaConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())  # type: ignore[arg-type]
+        raise ConfigError(f"{path}: {problems}") from exc

@@ -1,0 +1,3 @@
+"""Layer: data."""
+
+__all__: list[str] = []

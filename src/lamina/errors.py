@@ -1,0 +1,186 @@
+"""One exception tree for all of Lamina, with stable codes and HTTP statuses.
+
+    LaminaError                        code               status
+    ├── ConfigError                    config_invalid      500  (CLI exit 2)
+    ├── InvalidRequestError            invalid_request     400
+    │   ├── ContextLengthError         context_length_exceeded 400
+    │   └── UnsupportedCapabilityError unsupported_capability  400
+    ├── AuthenticationError            invalid_api_key     401
+    ├── NotFoundError                  not_found           404
+    │   └── ModelNotFoundError         model_not_found     404
+    ├── ConflictError                  conflict            409
+    ├── RegistryError                  registry_error      400
+    │   ├── SourceNotFoundError        source_not_found    404
+    │   ├── UnsafeFormatError          unsafe_format       400
+    │   ├── UnknownFormatError         unknown_format      400
+    │   ├── ChecksumMismatchError      checksum_mismatch   409
+    │   └── OfflineError               offline             503
+    ├── EngineError                    engine_error        500
+    │   └── EngineCrashedError         engine_crashed      502
+    ├── UnavailableError               unavailable         503
+    │   └── NoReadyReplicaError        no_ready_replica    503
+    └── StoreError                     store_error         500
+
+Every error message says what to do next. Foreign exceptions are mapped to this tree by type at the
+edge (the gateway's error handler, the CLI), never by matching message text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LaminaError(Exception):
+    """Base of every error Lamina raises on purpose."""
+
+    code: ClassVar[str] = "lamina_error"
+    status: ClassVar[int] = 500
+    #: OpenAI's error ``type`` field for the HTTP body.
+    kind: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI-style error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+                **({"details": self.details} if self.details else {}),
+            }
+        }
+
+
+class ConfigError(LaminaError):
+    code = "config_invalid"
+
+
+class InvalidRequestError(LaminaError):
+    code = "invalid_request"
+    status = 400
+    kind = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class UnsupportedCapabilityError(InvalidRequestError):
+    code = "unsupported_capability"
+
+
+class AuthenticationError(LaminaError):
+    code = "invalid_api_key"
+    status = 401
+    kind = "authentication_error"
+
+
+class NotFoundError(LaminaError):
+    code = "not_found"
+    status = 404
+    kind = "invalid_request_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class ConflictError(LaminaError):
+    code = "conflict"
+    status = 409
+    kind = "invalid_request_error"
+
+
+class RegistryError(LaminaError):
+    code = "registry_error"
+    status = 400
+    kind = "invalid_request_error"
+
+
+class SourceNotFoundError(RegistryError):
+    code = "source_not_found"
+    status = 404
+
+
+class UnsafeFormatError(RegistryError):
+    code = "unsafe_format"
+
+
+class UnknownFormatError(RegistryError):
+    code = "unknown_format"
+
+
+class ChecksumMismatchError(RegistryError):
+    code = "checksum_mismatch"
+    status = 409
+
+
+class OfflineError(RegistryError):
+    code = "offline"
+    status = 503
+
+
+class EngineError(LaminaError):
+    code = "engine_error"
+
+
+class EngineCrashedError(EngineError):
+    code = "engine_crashed"
+    status = 502
+
+
+class UnavailableError(LaminaError):
+    code = "unavailable"
+    status = 503
+
+
+class NoReadyReplicaError(UnavailableError):
+    code = "no_ready_replica"
+
+
+class StoreError(LaminaError):
+    code = "store_error"
+
+
+#: Every error class by its stable code, so a body received over HTTP maps back to its type.
+ERRORS_BY_CODE: dict[str, type[LaminaError]] = {
+    cls.code: cls
+    for cls in (
+        LaminaError,
+        ConfigError,
+        InvalidRequestError,
+        ContextLengthError,
+        UnsupportedCapabilityError,
+        AuthenticationError,
+        NotFoundError,
+        ModelNotFoundError,
+        ConflictError,
+        RegistryError,
+        SourceNotFoundError,
+        UnsafeFormatError,
+        UnknownFormatError,
+        ChecksumMismatchError,
+        OfflineError,
+        EngineError,
+        EngineCrashedError,
+        UnavailableError,
+        NoReadyReplicaError,
+        StoreError,
+    )
+}
+
+
+def from_body(status: int, body: dict[str, Any]) -> LaminaError:
+    """Rebuild an error from an OpenAI-style body (as a replica worker sends it)."""
+    err = body.get("error") if isinstance(body.get("error"), dict) else {}
+    assert isinstance(err, dict)
+    cls = ERRORS_BY_CODE.get(str(err.get("code")), LaminaError)
+    exc = cls(str(err.get("message", f"upstream error (HTTP {status})")), param=err.get("param"))
+    exc.details = dict(err.get("details") or {})
+    return exc

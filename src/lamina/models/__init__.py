@@ -1,0 +1,3 @@
+"""Layer: models."""
+
+__all__: list[str] = []

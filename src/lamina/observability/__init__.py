@@ -1,0 +1,3 @@
+"""Layer: observability."""
+
+__all__: list[str] = []

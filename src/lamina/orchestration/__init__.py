@@ -1,0 +1,3 @@
+"""Layer: orchestration."""
+
+__all__: list[str] = []
