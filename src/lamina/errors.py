@@ -13,6 +13,7 @@
     │   ├── SourceNotFoundError        source_not_found    404
     │   ├── UnsafeFormatError          unsafe_format       400
     │   ├── UnknownFormatError         unknown_format      400
+    │   ├── CorruptFileError           corrupt_file        400
     │   ├── ChecksumMismatchError      checksum_mismatch   409
     │   └── OfflineError               offline             503
     ├── EngineError                    engine_error        500
@@ -116,6 +117,10 @@ class UnknownFormatError(RegistryError):
     code = "unknown_format"
 
 
+class CorruptFileError(RegistryError):
+    code = "corrupt_file"
+
+
 class ChecksumMismatchError(RegistryError):
     code = "checksum_mismatch"
     status = 409
@@ -165,6 +170,7 @@ ERRORS_BY_CODE: dict[str, type[LaminaError]] = {
         SourceNotFoundError,
         UnsafeFormatError,
         UnknownFormatError,
+        CorruptFileError,
         ChecksumMismatchError,
         OfflineError,
         EngineError,
