@@ -1,3 +1,24 @@
-"""Layer: compute."""
+"""Layer: compute. The devices of this machine (CPU cores, memory, NVIDIA GPUs) and the defaults they
+imply; placement and utilization telemetry build on this inventory."""
 
-__all__: list[str] = []
+from lamina.compute._devices import (
+    GPUInfo,
+    GPUProbeError,
+    NodeInventory,
+    NVMLProbe,
+    PynvmlProbe,
+    default_threads,
+    probe_gpus,
+    probe_inventory,
+)
+
+__all__ = [
+    "GPUInfo",
+    "GPUProbeError",
+    "NVMLProbe",
+    "NodeInventory",
+    "PynvmlProbe",
+    "default_threads",
+    "probe_gpus",
+    "probe_inventory",
+]

@@ -1,0 +1,387 @@
+"""The reconcile loop: keeps each deployment's replicas running, healthy, and as many as desired.
+
+``step()`` compares the desired state (set by ``apply``) with what runs, for every deployment, and acts:
+it notices dead processes, health-checks the live ones, and carries out what
+:func:`~lamina.orchestration._policy.reconcile_plan` decides (start, stop, restart after backoff, give up
+on a replica that never became ready). A failure while reconciling one deployment is logged and retried
+at the next step; the loop itself never dies (the shape of Ray Serve's controller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from lamina.errors import ConfigError, ModelNotFoundError, UnavailableError
+from lamina.orchestration._local import ReplicaBackend, ReplicaHandle
+from lamina.orchestration._policy import Plan, ReconcileTimings, ReplicaView, reconcile_plan
+from lamina.orchestration._workload import DeploymentStatus, ReplicaState, ReplicaStatus, WorkloadSpec
+
+log = logging.getLogger(__name__)
+
+_LIVE = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY)
+
+
+@dataclass
+class _Replica:
+    """The controller's mutable record of one replica; ``since`` is the clock at its last state change."""
+
+    replica_id: str
+    deployment: str
+    state: ReplicaState
+    since: float
+    handle: ReplicaHandle | None = None
+    restarts: int = 0
+    failures: int = 0
+    last_exit_code: int | None = None
+    #: one line on the last failure, and the end of the replica's log when it died
+    last_reason: str | None = None
+    last_log_tail: str = ""
+    log_path: Path | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        if self.last_reason and self.last_log_tail:
+            return f"{self.last_reason}; last lines of {self.log_path}:\n{self.last_log_tail}"
+        return self.last_reason
+
+    def view(self) -> ReplicaView:
+        return ReplicaView(self.replica_id, self.state, self.since, self.failures)
+
+    def status(self) -> ReplicaStatus:
+        h = self.handle
+        return ReplicaStatus(
+            replica_id=self.replica_id,
+            deployment=self.deployment,
+            state=self.state,
+            pid=h.pid if h else None,
+            url=h.url if h else None,
+            restarts=self.restarts,
+            last_exit_code=self.last_exit_code,
+            last_error=self.last_error,
+        )
+
+
+@dataclass
+class _Deployment:
+    spec: WorkloadSpec
+    desired: int
+    replicas: dict[str, _Replica] = field(default_factory=dict)
+    next_index: int = 0
+    #: no longer in the applied specs: scaled to zero, then forgotten
+    removed: bool = False
+
+    def ready(self) -> int:
+        return sum(1 for r in self.replicas.values() if r.state is ReplicaState.READY)
+
+
+class Controller:
+    """Runs the replicas of every deployment through a :class:`ReplicaBackend`.
+
+    ``clock`` drives every policy decision (backoff, ready timeouts), so tests step the controller with a
+    fake clock. ``run()`` calls ``step()`` every ``health_interval_s``, and at once after
+    ``report_failure``.
+    """
+
+    def __init__(
+        self,
+        backend: ReplicaBackend,
+        *,
+        http: httpx.AsyncClient,
+        clock: Callable[[], float] = time.monotonic,
+        health_interval_s: float = 1.0,
+        restart_backoff_s: float = 0.5,
+        restart_backoff_max_s: float = 30.0,
+        health_timeout_s: float = 2.0,
+        stop_grace_s: float = 5.0,
+    ) -> None:
+        self._backend = backend
+        self._http = http
+        self._clock = clock
+        self._health_interval_s = health_interval_s
+        self._backoff = (restart_backoff_s, restart_backoff_max_s)
+        self._health_timeout_s = health_timeout_s
+        self._stop_grace_s = stop_grace_s
+        self._deployments: dict[str, _Deployment] = {}
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    # ---- desired state and queries ------------------------------------------------------------------
+
+    def apply(self, specs: Sequence[WorkloadSpec]) -> None:
+        """Make ``specs`` the desired state; deployments left out are scaled to zero and forgotten.
+
+        A changed spec applies to replicas started (or restarted) from now on.
+        """
+        if self._closed:
+            raise UnavailableError("the controller has shut down; start the stack again to apply specs")
+        names = [s.name for s in specs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"deployment names must be unique; repeated: {', '.join(dupes)}")
+        for spec in specs:
+            dep = self._deployments.get(spec.name)
+            if dep is None:
+                self._deployments[spec.name] = _Deployment(spec, spec.replicas)
+            else:
+                dep.spec, dep.desired, dep.removed = spec, spec.replicas, False
+        for name, dep in self._deployments.items():
+            if name not in names:
+                dep.desired, dep.removed = 0, True
+        self._wake.set()
+
+    def status(self) -> list[DeploymentStatus]:
+        """Every deployment (by name) with its replicas (in creation order)."""
+        return [
+            DeploymentStatus(name, dep.desired, tuple(r.status() for r in dep.replicas.values()))
+            for name, dep in sorted(self._deployments.items())
+        ]
+
+    def ready_replicas(self, deployment: str) -> list[ReplicaStatus]:
+        """The replicas of ``deployment`` that may take requests now."""
+        dep = self._get(deployment)
+        return [r.status() for r in dep.replicas.values() if r.state is ReplicaState.READY and r.handle]
+
+    def explain(self, deployment: str) -> str:
+        """One line on why ``deployment`` has no ready replica, for error messages."""
+        dep = self._get(deployment)
+        if dep.desired == 0:
+            return f"deployment {deployment!r} has 0 replicas desired; set `replicas` to 1 or more"
+        counts = Counter(r.state.value for r in dep.replicas.values())
+        text = f"{dep.desired} replica(s) desired: " + (
+            ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none started yet"
+        )
+        failed = [r for r in dep.replicas.values() if r.last_reason]
+        if failed:
+            r = max(failed, key=lambda f: f.since)
+            exit_info = f", last exit {r.last_exit_code}" if r.last_exit_code is not None else ""
+            text += f"; {r.replica_id} restarted {r.restarts} time(s){exit_info}: {r.last_reason}"
+            if r.last_log_tail:
+                text += f"; its log ends with {r.last_log_tail.splitlines()[-1]!r}"
+            if r.log_path is not None:
+                text += f"; see {r.log_path}"
+        return text
+
+    def report_failure(self, replica_id: str, reason: str) -> None:
+        """Take a replica out of rotation at once (a request to it failed) and check it now."""
+        for dep in self._deployments.values():
+            replica = dep.replicas.get(replica_id)
+            if replica is not None and replica.state is ReplicaState.READY:
+                replica.state, replica.since = ReplicaState.UNHEALTHY, self._clock()
+                replica.last_reason, replica.last_log_tail = reason, ""
+                log.warning("replica %s taken out of rotation: %s", replica_id, reason)
+        self._wake.set()
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Return after the next reconcile step (or after ``timeout_s``): the moment to look again."""
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout_s)
+
+    async def wait_ready(self, timeout_s: float, deployments: Sequence[str] | None = None) -> bool:
+        """Wait until each deployment (all, or those named) has all its desired replicas ready.
+
+        Needs ``run()`` going. Returns False when ``timeout_s`` (real seconds) passed first.
+        """
+        names = list(deployments) if deployments is not None else None
+        for name in names or []:
+            self._get(name)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self._all_ready(names):
+                    await self.wait_for_change(self._health_interval_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _all_ready(self, names: list[str] | None) -> bool:
+        deps = [self._get(n) for n in names] if names is not None else list(self._deployments.values())
+        return all(d.ready() >= d.desired for d in deps if not d.removed)
+
+    def _get(self, deployment: str) -> _Deployment:
+        dep = self._deployments.get(deployment)
+        if dep is None or dep.removed:
+            known = ", ".join(sorted(n for n, d in self._deployments.items() if not d.removed)) or "none"
+            raise ModelNotFoundError(
+                f"no deployment named {deployment!r} (deployments: {known}); ask for one of those or add "
+                "it to `deployments` in lamina.yaml",
+                param="model",
+            )
+        return dep
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile every ``health_interval_s`` until ``stop`` is set; no failure ends the loop."""
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self.step()
+            except Exception:
+                log.exception("reconcile step failed; trying again at the next one")
+            await self._pause(stop)
+
+    async def _pause(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self._health_interval_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def step(self) -> None:
+        """One reconcile pass over every deployment."""
+        async with self._lock:
+            if self._closed:
+                return
+            names = list(self._deployments)
+            await asyncio.gather(*(self._reconcile_safely(n) for n in names))
+            for name in names:
+                dep = self._deployments[name]
+                if dep.removed and not dep.replicas:
+                    del self._deployments[name]
+        self._notify_changed()
+
+    def _notify_changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _reconcile_safely(self, name: str) -> None:
+        try:
+            await self._reconcile(self._deployments[name])
+        except Exception:
+            log.exception("reconciling deployment %r failed; retrying at the next step", name)
+
+    async def _reconcile(self, dep: _Deployment) -> None:
+        for replica in dep.replicas.values():
+            self._observe_exit(replica)
+        await self._check_health(dep)
+        (base_s, max_s) = self._backoff
+        timings = ReconcileTimings(dep.spec.ready_timeout_s, base_s, max_s)
+        views = [r.view() for r in dep.replicas.values()]
+        await self._carry_out(dep, reconcile_plan(dep.desired, views, self._clock(), timings))
+
+    def _observe_exit(self, replica: _Replica) -> None:
+        if replica.handle is None or replica.state not in _LIVE:
+            return
+        code = self._backend.poll(replica.handle)
+        if code is not None:
+            self._mark_dead(replica, code, f"exited with code {code}")
+
+    async def _check_health(self, dep: _Deployment) -> None:
+        checked = [r for r in dep.replicas.values() if r.handle is not None and r.state in _LIVE]
+        problems = await asyncio.gather(*(self._probe(dep.spec, r) for r in checked))
+        for replica, problem in zip(checked, problems, strict=True):
+            if problem is None:
+                self._mark_ready(replica)
+            else:
+                self._mark_unwell(replica, problem)
+
+    async def _probe(self, spec: WorkloadSpec, replica: _Replica) -> str | None:
+        """None when the replica's health endpoint answers 200, else what went wrong."""
+        assert replica.handle is not None
+        url = replica.handle.url + spec.health_path
+        try:
+            response = await self._http.get(url, timeout=self._health_timeout_s)
+        except httpx.HTTPError as exc:
+            return f"GET {url} failed: {type(exc).__name__}: {exc}"
+        return None if response.status_code == 200 else f"GET {url} answered HTTP {response.status_code}"
+
+    def _mark_ready(self, replica: _Replica) -> None:
+        if replica.state is not ReplicaState.READY:
+            replica.state, replica.since, replica.failures = ReplicaState.READY, self._clock(), 0
+            assert replica.handle is not None
+            log.info("replica %s ready at %s", replica.replica_id, replica.handle.url)
+
+    def _mark_unwell(self, replica: _Replica, problem: str) -> None:
+        assert replica.handle is not None
+        code = self._backend.poll(replica.handle)
+        if code is not None:
+            self._mark_dead(replica, code, f"exited with code {code}")
+        elif replica.state is ReplicaState.READY:
+            replica.state, replica.since = ReplicaState.UNHEALTHY, self._clock()
+            replica.last_reason, replica.last_log_tail = problem, ""
+            log.warning("replica %s unhealthy: %s", replica.replica_id, problem)
+
+    def _mark_dead(self, replica: _Replica, code: int | None, reason: str) -> None:
+        """Record a failed replica: its exit code and the end of its log, for ``lamina status``."""
+        tail = self._backend.tail_log(replica.handle) if replica.handle is not None else ""
+        replica.state, replica.since, replica.handle = ReplicaState.DEAD, self._clock(), None
+        replica.failures += 1
+        replica.last_exit_code, replica.last_reason, replica.last_log_tail = code, reason, tail
+        log.warning("replica %s %s (failure %d in a row)", replica.replica_id, reason, replica.failures)
+
+    async def _carry_out(self, dep: _Deployment, plan: Plan) -> None:
+        await asyncio.gather(*(self._stop_and_forget(dep, rid) for rid in plan.stop))
+        await asyncio.gather(*(self._give_up_on(dep, dep.replicas[rid]) for rid in plan.fail))
+        for rid in plan.restart:
+            replica = dep.replicas[rid]
+            replica.restarts += 1
+            self._launch(dep.spec, replica)
+        for _ in range(plan.start):
+            rid = f"{dep.spec.name}-{dep.next_index}"
+            dep.next_index += 1
+            dep.replicas[rid] = _Replica(rid, dep.spec.name, ReplicaState.STARTING, self._clock())
+            self._launch(dep.spec, dep.replicas[rid])
+
+    def _launch(self, spec: WorkloadSpec, replica: _Replica) -> None:
+        """Start the replica's process (from the event loop's thread: see ``_local``)."""
+        replica.state, replica.since = ReplicaState.STARTING, self._clock()
+        try:
+            handle = self._backend.start(spec, replica.replica_id)
+        except OSError as exc:
+            self._mark_dead(replica, None, f"could not start {spec.argv[0]!r} ({exc}); check its argv")
+            return
+        replica.handle, replica.log_path = handle, handle.log_path
+        log.info("replica %s starting (pid %s)", replica.replica_id, handle.pid)
+
+    async def _stop(self, replica: _Replica, grace_s: float) -> int | None:
+        if replica.handle is None:
+            return replica.last_exit_code
+        return await asyncio.to_thread(self._backend.stop, replica.handle, grace_s)
+
+    async def _stop_and_forget(self, dep: _Deployment, replica_id: str) -> None:
+        replica = dep.replicas[replica_id]
+        replica.state = ReplicaState.STOPPING
+        await self._stop(replica, self._stop_grace_s)
+        del dep.replicas[replica_id]
+        log.info("replica %s stopped (scaled down)", replica_id)
+
+    async def _give_up_on(self, dep: _Deployment, replica: _Replica) -> None:
+        """Stop a replica that stayed starting or unhealthy too long; it is restarted after backoff."""
+        was = replica.state
+        code = await self._stop(replica, self._stop_grace_s)
+        limit = f"{dep.spec.ready_timeout_s:g} s"
+        reason = (
+            f"not ready within {limit} (GET {dep.spec.health_path} never answered 200)"
+            if was is ReplicaState.STARTING
+            else f"unhealthy for more than {limit}"
+        )
+        self._mark_dead(replica, code, reason)
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop every replica process (SIGTERM, then SIGKILL after ``grace_s``); the controller is done."""
+        async with self._lock:
+            self._closed = True
+            replicas = [r for dep in self._deployments.values() for r in dep.replicas.values()]
+            for replica in replicas:
+                replica.state = ReplicaState.STOPPING
+            results = await asyncio.gather(
+                *(self._stop(r, grace_s) for r in replicas), return_exceptions=True
+            )
+            for replica, result in zip(replicas, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error("stopping replica %s failed: %s", replica.replica_id, result)
+            self._deployments.clear()
+        self._notify_changed()
