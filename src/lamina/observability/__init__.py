@@ -1,3 +1,7 @@
-"""Layer: observability."""
+"""Across the layers: one trace per request with a span per layer, and the gateway's Prometheus metrics."""
 
-__all__: list[str] = []
+from lamina.observability._metrics import GatewayMetrics
+from lamina.observability._store_exporter import LAYER, SpanRow, StoreSpanExporter, read_trace
+from lamina.observability._telemetry import Layer, Telemetry
+
+__all__ = ["LAYER", "GatewayMetrics", "Layer", "SpanRow", "StoreSpanExporter", "Telemetry", "read_trace"]

@@ -1,0 +1,216 @@
+"""The OpenAI-compatible gateway: routes a client's request to a replica of the right deployment.
+
+Per request: authenticate, parse and validate the body (every problem is a 400 naming the field), resolve
+the model (span ``route``, layer models), check that it can do what is asked, then forward the client's
+own JSON, with ``model`` set to the served name, through the dispatcher (span ``dispatch``, layer
+orchestration). Plain answers come back without the replica's ``lamina`` extension; streams are relayed
+by :class:`~lamina.application._relay.StreamRelay`. What the replica says about its engine work becomes
+the ``engine`` span.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, FastAPI
+from opentelemetry.util.types import AttributeValue
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Lifespan
+
+from lamina.application._errors import install_error_handlers
+from lamina.application._ports import Dispatcher, ModelCatalog, Readiness, Route
+from lamina.application._relay import Forward, StreamRelay, relayed_error
+from lamina.application._requests import parse_body
+from lamina.application._tracing import Exchange, TelemetryMiddleware
+from lamina.errors import (
+    AuthenticationError,
+    EngineError,
+    ModelNotFoundError,
+    UnsupportedCapabilityError,
+)
+from lamina.models._engine import Capability
+from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelList
+from lamina.observability import Layer, Telemetry
+
+Parsed = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+
+
+@dataclass(frozen=True)
+class GatewayDeps:
+    """What the gateway is built from; the composition root passes the real ones, a test its own."""
+
+    catalog: ModelCatalog
+    dispatcher: Dispatcher
+    readiness: Readiness
+    telemetry: Telemetry
+    #: bearer keys accepted; empty accepts any request (local use)
+    api_keys: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class _Operation:
+    path: str
+    #: the GenAI semantic conventions' ``gen_ai.operation.name``
+    name: str
+    capability: Capability
+    request_type: type[Parsed]
+
+
+_OPERATIONS = (
+    _Operation("/v1/chat/completions", "chat", Capability.CHAT, ChatCompletionRequest),
+    _Operation("/v1/completions", "text_completion", Capability.COMPLETION, CompletionRequest),
+    _Operation("/v1/embeddings", "embeddings", Capability.EMBEDDING, EmbeddingRequest),
+)
+
+
+def create_app(deps: GatewayDeps, *, lifespan: Lifespan[FastAPI] | None = None) -> FastAPI:
+    """The gateway as an ASGI app: ``/v1`` (OpenAI API), ``/healthz``, ``/readyz`` and ``/metrics``."""
+    app = FastAPI(title="Lamina gateway", lifespan=lifespan)
+    app.add_middleware(TelemetryMiddleware, telemetry=deps.telemetry)
+    install_error_handlers(app)
+    app.include_router(_api_router(deps))
+    app.include_router(_probe_router(deps))
+    return app
+
+
+def _authenticator(keys: Sequence[str]) -> Callable[[Request], Awaitable[None]]:
+    accepted = [k.encode() for k in keys]
+
+    async def authenticate(request: Request) -> None:
+        if not accepted:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        # compare_digest against every key: the time taken says nothing about which key nearly matched
+        matches = [hmac.compare_digest(given, key) for key in accepted]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise AuthenticationError(
+                "missing or invalid API key; send the header `Authorization: Bearer <key>` with one of the "
+                "keys in the gateway's server.api_keys"
+            )
+
+    return authenticate
+
+
+def _api_router(deps: GatewayDeps) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_authenticator(deps.api_keys))])
+
+    @router.get("/models")
+    async def list_models() -> Response:
+        return JSONResponse(ModelList(data=deps.catalog.models()).model_dump(mode="json"))
+
+    @router.get("/models/{model:path}")
+    async def get_model(model: str) -> Response:
+        cards = {card.id: card for card in deps.catalog.models()}
+        card = cards.get(model) or cards.get(deps.catalog.resolve(model).deployment)
+        if card is None:
+            raise ModelNotFoundError(f"the model {model!r} does not exist; GET /v1/models lists the models")
+        return JSONResponse(card.model_dump(mode="json"))
+
+    for op in _OPERATIONS:
+        router.add_api_route(op.path.removeprefix("/v1"), _endpoint(deps, op), methods=["POST"], name=op.name)
+    return router
+
+
+def _probe_router(deps: GatewayDeps) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz() -> Response:
+        """200 while the process serves (liveness)."""
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/readyz")
+    async def readyz() -> Response:
+        """200 only when every deployment has a ready replica (readiness); the body says which have."""
+        deployments = dict(deps.readiness())
+        ready = all(deployments.values())
+        return JSONResponse({"ready": ready, "deployments": deployments}, status_code=200 if ready else 503)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        payload, content_type = deps.telemetry.render_metrics()
+        return Response(payload, media_type=content_type)
+
+    return router
+
+
+def _endpoint(deps: GatewayDeps, op: _Operation) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await _serve(deps, op, request)
+
+    endpoint.__name__ = op.name
+    return endpoint
+
+
+async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Response:
+    exchange = Exchange.of(request)
+    body, parsed = parse_body(await request.body(), op.request_type)
+    exchange.span.set_attributes(_request_attributes(op, parsed))
+    route = _resolve(deps.telemetry, deps.catalog, parsed.model)
+    _require(route, op.capability, parsed.model, "model")
+    if not isinstance(parsed, EmbeddingRequest) and parsed.stream:
+        _require(route, Capability.STREAMING, parsed.model, "stream")
+    exchange.bind(route)
+    forward = Forward(route.deployment, op.path, {**body, "model": route.served_name})
+    if isinstance(parsed, EmbeddingRequest) or not parsed.stream:
+        return await _forward(deps.dispatcher, forward, exchange)
+    return StreamRelay(deps.dispatcher, forward, exchange, parsed.include_usage)
+
+
+def _request_attributes(op: _Operation, parsed: Parsed) -> dict[str, AttributeValue]:
+    attrs: dict[str, AttributeValue] = {
+        "gen_ai.operation.name": op.name,
+        "gen_ai.request.model": parsed.model,
+    }
+    if not isinstance(parsed, EmbeddingRequest):
+        attrs["gen_ai.request.temperature"] = parsed.temperature
+        attrs["gen_ai.request.top_p"] = parsed.top_p
+        attrs["lamina.stream"] = parsed.stream
+        if parsed.token_limit is not None:
+            attrs["gen_ai.request.max_tokens"] = parsed.token_limit
+    return attrs
+
+
+def _resolve(telemetry: Telemetry, catalog: ModelCatalog, name: str) -> Route:
+    with telemetry.span("route", Layer.MODELS, {"gen_ai.request.model": name}) as span:
+        route = catalog.resolve(name)
+        span.set_attribute("lamina.deployment", route.deployment)
+        if route.model_version:
+            span.set_attribute("lamina.model_version", route.model_version)
+    return route
+
+
+def _require(route: Route, capability: Capability, requested: str, param: str) -> None:
+    if capability.value in route.capabilities:
+        return
+    offered = ", ".join(sorted(route.capabilities)) or "nothing"
+    raise UnsupportedCapabilityError(
+        f"the model {requested!r} does not support {capability.value} (it supports: {offered}); use a model "
+        f"whose capabilities in GET /v1/models include {capability.value!r}",
+        param=param,
+    )
+
+
+async def _forward(dispatcher: Dispatcher, fwd: Forward, exchange: Exchange) -> Response:
+    """A plain (not streamed) request: the replica's answer without its ``lamina`` extension."""
+    with exchange.dispatch_span(fwd.deployment) as (span, headers):
+        result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
+        exchange.dispatched(span, result)
+        upstream = result.response
+        if upstream.status_code >= 400:
+            return relayed_error(upstream, upstream.content, exchange, span)
+        try:
+            body = upstream.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise EngineError(
+                f"the replica {result.replica_id} of {fwd.deployment} answered something that is not a JSON "
+                "object; its log says why"
+            )
+        exchange.record_reply(body, span)
+    return JSONResponse(body)

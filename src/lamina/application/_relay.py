@@ -1,0 +1,220 @@
+"""The streaming relay: a replica's SSE stream passed to the client byte for byte, as it arrives.
+
+This path is what the tokens/s benchmark measures, so the per-token work is kept to finding the end of
+the last complete event and one regex scan of it; the bytes themselves go out as they came in. Only the
+events that need the gateway's attention are parsed: those before the first content (to time the first
+token), the replica's final usage chunk (``"choices": []``, dropped unless the client asked for usage,
+and always stripped of its ``lamina`` extension) and error events.
+
+The relay is an ASGI response that opens the upstream itself, so the status it sends is the replica's:
+an error answer is relayed with its status and body, and a dispatcher error raised before the first byte
+reaches the gateway's one error handler. A failure after the 200 becomes an SSE error event and ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+from anyio import CancelScope
+from opentelemetry import trace
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from lamina.application._ports import Dispatcher
+from lamina.application._tracing import Exchange
+from lamina.errors import EngineCrashedError, EngineError, LaminaError, from_body
+
+_DONE = b"data: [DONE]\n\n"
+_EVENT_END = b"\n\n"
+#: events worth a look: the usage chunk (no choices) and errors; never matches inside a JSON string,
+#: where every quote is escaped
+_NOTABLE = re.compile(rb'"choices"\s*:\s*\[\s*\]|"error"\s*:')
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A request as the replica gets it."""
+
+    deployment: str
+    path: str
+    body: dict[str, Any]
+
+
+def _payload(event: bytes) -> bytes:
+    return event[5:].strip() if event.startswith(b"data:") else b""
+
+
+def _has_content(chunk: Any) -> bool:
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if (isinstance(delta, dict) and delta.get("content")) or (
+            isinstance(choice, dict) and choice.get("text")
+        ):
+            return True
+    return False
+
+
+def upstream_error(status: int, content: bytes) -> LaminaError:
+    """The error a replica's error answer stands for (for telemetry: the client gets the answer as is)."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return from_body(status, body)
+    return EngineError(f"the replica answered HTTP {status} without an error body")
+
+
+def relayed_error(upstream: httpx.Response, content: bytes, exchange: Exchange, span: trace.Span) -> Response:
+    """The replica's error answer, status and body unchanged."""
+    error = upstream_error(upstream.status_code, content)
+    exchange.fail(error)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, f"HTTP {upstream.status_code} {error.code}"))
+    content_type = upstream.headers.get("content-type", "application/json")
+    return Response(content, status_code=upstream.status_code, media_type=content_type)
+
+
+def error_event(exc: LaminaError) -> bytes:
+    return b"data: " + json.dumps(exc.to_body()).encode() + _EVENT_END + _DONE
+
+
+class _Events:
+    """Frames the upstream bytes into whole SSE events and decides, per event, what the client gets."""
+
+    def __init__(self, exchange: Exchange, dispatch: trace.Span, include_usage: bool) -> None:
+        self._exchange = exchange
+        self._dispatch = dispatch
+        self._include_usage = include_usage
+        self._pending = b""
+        self._content_seen = False
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to send for ``data`` (whole events only; a partial event waits for its end)."""
+        buf = self._pending + data if self._pending else data
+        cut = buf.rfind(_EVENT_END) + len(_EVENT_END)
+        if cut < len(_EVENT_END):
+            self._pending = buf
+            return b""
+        if cut == len(buf):
+            ready, self._pending = buf, b""  # the usual case: one write of the replica, whole events
+        else:
+            ready, self._pending = buf[:cut], buf[cut:]
+        if self._content_seen and _NOTABLE.search(ready) is None:
+            self.done = ready.endswith(_DONE)
+            return ready  # the per-token path: pass through untouched
+        return b"".join(self._event(e + _EVENT_END) for e in ready[: -len(_EVENT_END)].split(_EVENT_END))
+
+    def _event(self, event: bytes) -> bytes:
+        payload = _payload(event)
+        if payload == b"[DONE]":
+            self.done = True
+            return event
+        if not payload.startswith(b"{"):
+            return event
+        chunk = json.loads(payload)
+        if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
+            error = from_body(502, chunk)  # the replica failed after its 200: relayed as it is
+            self._exchange.fail(error)
+            self._exchange.outcome = error.status
+            return event
+        if isinstance(chunk, dict) and chunk.get("choices") == []:
+            return self._usage(chunk)
+        if not self._content_seen and _has_content(chunk):
+            self._content_seen = True
+            self._exchange.first_token()
+        return event
+
+    def _usage(self, chunk: dict[str, Any]) -> bytes:
+        self._exchange.record_reply(chunk, self._dispatch)  # takes the lamina extension out
+        if not self._include_usage:
+            return b""
+        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + _EVENT_END
+
+
+class StreamRelay(Response):
+    """``POST`` with ``"stream": true``, answered by relaying a replica's stream (see the module doc)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, dispatcher: Dispatcher, forward: Forward, exchange: Exchange, include_usage: bool
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._forward = forward
+        self._exchange = exchange
+        self._include_usage = include_usage
+        self.status_code = 200
+        self.background = None
+        self._gone = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fwd, exchange = self._forward, self._exchange
+        with exchange.dispatch_span(fwd.deployment) as (span, headers):
+            async with self._dispatcher.stream(fwd.deployment, fwd.path, fwd.body, headers=headers) as result:
+                exchange.dispatched(span, result)
+                upstream = result.response
+                if upstream.status_code >= 400:
+                    refusal = relayed_error(upstream, await upstream.aread(), exchange, span)
+                    await refusal(scope, receive, send)
+                    return
+                await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+                events = _Events(exchange, span, self._include_usage)
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(self._watch_disconnect, receive, tasks.cancel_scope)
+                    await self._pump(upstream, events, span, result.replica_id, send)
+                    tasks.cancel_scope.cancel()
+        if not self._gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.background is not None:
+            await self.background()
+
+    async def _pump(
+        self, upstream: httpx.Response, events: _Events, span: trace.Span, replica: str, send: Send
+    ) -> None:
+        try:
+            async for data in upstream.aiter_bytes():
+                out = events.feed(data)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            if not events.done:
+                raise httpx.RemoteProtocolError("the stream ended without its final `data: [DONE]`")
+        except (httpx.HTTPError, LaminaError, ValueError) as exc:
+            error = exc if isinstance(exc, LaminaError) else self._broken(exc, replica)
+            span.record_exception(exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error.code))
+            self._exchange.fail(error)
+            self._exchange.outcome = error.status
+            # a partial event the replica left unfinished is dropped: it would garble the error event
+            await send({"type": "http.response.body", "body": error_event(error), "more_body": True})
+        except OSError:
+            self._client_gone()  # a server on ASGI 2.4 says so by failing the send
+
+    def _broken(self, exc: Exception, replica: str) -> LaminaError:
+        return EngineCrashedError(
+            f"the replica {replica} of {self._forward.deployment} broke off the stream ({exc}); "
+            "the text so far is incomplete: send the request again"
+        )
+
+    async def _watch_disconnect(self, receive: Receive, scope: CancelScope) -> None:
+        """Stop relaying (and so stop the replica's work) as soon as the client goes away."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._client_gone()
+        scope.cancel()
+
+    def _client_gone(self) -> None:
+        self._gone = True
+        self._exchange.outcome = 499  # nginx's "client closed request"
+        self._exchange.span.set_attribute("lamina.client_disconnected", True)
