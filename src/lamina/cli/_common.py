@@ -8,6 +8,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lamina.config import LaminaConfig, load_config, resolve_state_dir
 from lamina.errors import LaminaError
@@ -30,7 +31,7 @@ def fail(exc: LaminaError | str, exit_code: int = 1) -> NoReturn:
     """Print one clear line to stderr and exit."""
     message = exc.message if isinstance(exc, LaminaError) else exc
     code = f" [{exc.code}]" if isinstance(exc, LaminaError) else ""
-    err_console.print(f"[bold red]error{code}:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error{escape(code)}:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(exit_code)
 
 

@@ -1,3 +1,58 @@
-"""Layer: models."""
+"""Layer 4, models: the registry, engines per format, the replica worker and the catalog of served names."""
 
-__all__: list[str] = []
+from lamina.models._bundled import BUNDLED, BundledModel, register_bundled
+from lamina.models._catalog import ENGINE_CAPABILITIES, Catalog, Route, ServedModel
+from lamina.models._deploy import worker_workload
+from lamina.models._engine import (
+    Capability,
+    ChatMessage,
+    Delta,
+    EmbeddingBatch,
+    Engine,
+    EngineInfo,
+    LoadSpec,
+    SamplingParams,
+    Usage,
+    engine_names,
+    load_engine,
+)
+from lamina.models._formats import detect_format, read_metadata
+from lamina.models._openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+)
+from lamina.models._registry import ModelVersion, Registry
+
+__all__ = [
+    "BUNDLED",
+    "ENGINE_CAPABILITIES",
+    "BundledModel",
+    "Capability",
+    "Catalog",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "Delta",
+    "EmbeddingBatch",
+    "EmbeddingRequest",
+    "Engine",
+    "EngineInfo",
+    "LoadSpec",
+    "ModelCard",
+    "ModelList",
+    "ModelVersion",
+    "Registry",
+    "Route",
+    "SamplingParams",
+    "ServedModel",
+    "Usage",
+    "detect_format",
+    "engine_names",
+    "load_engine",
+    "read_metadata",
+    "register_bundled",
+    "worker_workload",
+]

@@ -1,0 +1,49 @@
+# The two commands a newcomer types: `make up` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# llama.cpp threads etc. come from lamina.yaml; CMAKE_BUILD_PARALLEL_LEVEL only speeds up the one-time
+# compile of llama-cpp-python (pip caches the wheel it builds).
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: up test lint typecheck unit install dev bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; sys.exit("Lamina needs Python 3.11+, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+## make up: create the environment, install, and run the stack on its embedded defaults
+up: install
+	$(BIN)/lamina up $(ARGS)
+
+## make test: lint (ruff), types (mypy --strict on src/) and the whole test suite
+test: dev lint typecheck unit
+
+lint: dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: dev
+	$(BIN)/mypy
+
+unit: dev
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## make bench: gateway streaming tokens/s next to llama-cpp-python in-process (not a test)
+bench: dev
+	$(BIN)/python bench/stream_tokens.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

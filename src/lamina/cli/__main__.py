@@ -1,0 +1,3 @@
+from lamina.cli._app import main
+
+main()

@@ -1,0 +1,93 @@
+"""``lamina``: start the stack, inspect its config, manage models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lamina.cli._common import ConfigOption, StateDirOption, err_console, fail, load, out_console
+from lamina.cli._models import models_app
+from lamina.config import LaminaConfig
+from lamina.errors import LaminaError
+
+app = typer.Typer(
+    name="lamina",
+    help="Lamina: a self-hostable AI infrastructure stack. `lamina up` serves the bundled models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show the effective config or its JSON schema.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+
+
+def _example(base: str, config: LaminaConfig) -> str:
+    chat = next((d.name for d in config.deployments if d.engine in (None, "gguf", "fake")), None)
+    if chat is None:
+        return f"curl {base}/models"
+    body = {"model": chat, "messages": [{"role": "user", "content": "Say hello in five words."}]}
+    return (
+        f"curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"       -d {shlex.quote(json.dumps(body))}"
+    )
+
+
+@app.command()
+def up(
+    config: ConfigOption = None,
+    state_dir: StateDirOption = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: server.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: server.port, 8000).")] = None,
+) -> None:
+    """Start the whole stack in the foreground; Ctrl-C or SIGTERM stops it and every process it started."""
+    from lamina.stack import build_stack, serve  # heavy imports only for this command
+
+    cfg, sdir = load(config, state_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per replica call is noise
+    bind_host, bind_port = host or cfg.server.host, port if port is not None else cfg.server.port
+    try:
+        stack = build_stack(cfg, sdir)
+    except LaminaError as exc:
+        fail(exc)
+    base = f"http://{bind_host}:{bind_port}/v1"
+    names = ", ".join(f"{d.name} ({d.engine or 'auto'} x{d.replicas})" for d in cfg.deployments)
+    out_console.print(f"[bold]Lamina[/] is starting at [link={base}]{base}[/]  (state: {sdir})")
+    out_console.print(f"  serving: {names}")
+    out_console.print(f"  try:\n    {_example(base, cfg)}", highlight=False, soft_wrap=True)
+    out_console.print("  Ctrl-C stops the stack and every replica it started.")
+
+    def ready() -> None:
+        err_console.print("[green]ready:[/] every deployment has a ready replica")
+
+    serve(stack, bind_host, bind_port, on_ready=ready)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None, state_dir: StateDirOption = None) -> None:
+    """Print the effective config (file + defaults) as YAML."""
+    import yaml
+
+    cfg, sdir = load(config, state_dir)
+    data = cfg.model_dump(mode="json")
+    data["state_dir"] = str(sdir)
+    typer.echo(yaml.safe_dump(data, sort_keys=False))
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of lamina.yaml."""
+    typer.echo(json.dumps(LaminaConfig.model_json_schema(), indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,90 @@
+"""The catalog of served models: which names clients may ask for and which deployment answers each.
+
+A deployment serves one registered model version under its deployment name. Clients may ask for the
+deployment name, or for the registered ``NAME@VERSION`` / ``NAME@ALIAS`` it serves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from lamina.errors import ModelNotFoundError
+from lamina.models._engine import Capability
+from lamina.models._openai import ModelCard
+
+#: What each built-in engine can do (a plugin engine reports its own through its info at run time).
+ENGINE_CAPABILITIES: dict[str, frozenset[Capability]] = {
+    "gguf": frozenset({Capability.CHAT, Capability.COMPLETION, Capability.STREAMING}),
+    "onnx": frozenset({Capability.EMBEDDING}),
+    "fake": frozenset(Capability),
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request for a model name goes."""
+
+    deployment: str
+    served_name: str
+    model_version: str | None
+    capabilities: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One deployment as the catalog knows it."""
+
+    deployment: str
+    engine: str
+    #: the registered ``NAME@VERSION`` it serves (None for the fake engine)
+    model_ref: str | None
+    #: other names that reach it (``NAME@VERSION``, ``NAME@ALIAS``)
+    aliases: tuple[str, ...] = ()
+    created: int = 0
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset(str(c) for c in ENGINE_CAPABILITIES.get(self.engine, frozenset()))
+
+
+class Catalog:
+    """Resolves model names to deployments; implements the gateway's ModelCatalog port."""
+
+    def __init__(
+        self, served: Sequence[ServedModel], readiness: Callable[[], Mapping[str, bool]] | None = None
+    ) -> None:
+        self._served = {s.deployment: s for s in served}
+        self._names: dict[str, ServedModel] = {}
+        for s in served:
+            for name in (s.deployment, *s.aliases):
+                self._names.setdefault(name, s)
+        self._readiness = readiness or (lambda: {})
+
+    def models(self) -> list[ModelCard]:
+        ready = self._readiness()
+        return [
+            ModelCard(
+                id=s.deployment,
+                created=s.created or int(time.time()),
+                capabilities=sorted(s.capabilities),
+                version=s.model_ref,
+                ready=bool(ready.get(s.deployment, False)),
+            )
+            for s in self._served.values()
+        ]
+
+    def resolve(self, name: str) -> Route:
+        served = self._names.get(name)
+        if served is None:
+            available = ", ".join(sorted(self._served)) or "none"
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist; available models: {available}", param="model"
+            )
+        return Route(
+            deployment=served.deployment,
+            served_name=served.deployment,
+            model_version=served.model_ref,
+            capabilities=served.capabilities,
+        )
