@@ -1,0 +1,120 @@
+"""From a deployment of a registered model to the generic workload that orchestration runs.
+
+Orchestration does not know what a replica serves; the models layer hands it a ``WorkloadSpec`` whose
+argv starts the replica worker on a WorkerSpec JSON file, with the resources the engine will use. This
+module stays light (no engine libraries, no HTTP server) because the gateway imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lamina.config import DeploymentConfig
+from lamina.errors import ConfigError
+from lamina.models._engine import LoadSpec
+from lamina.orchestration._workload import Resources, WorkloadSpec
+
+_MIB = 1 << 20
+#: what a worker process needs before its model: Python, the HTTP server, the engine library
+_BASE_MEMORY_MB = 256
+_GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+
+class WorkerSpec(BaseModel):
+    """What one replica serves; written as JSON by the models layer, read by the worker at start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    served_name: str = Field(description="The model name clients ask for; echoed as `model` in responses.")
+    engine: str = Field(description="Engine plugin name (`lamina.engines` entry point): gguf, onnx, fake.")
+    model_version: str | None = Field(None, description="Registered version served, for traces.")
+    path: str | None = Field(None, description="The model file. Empty for engines that need none.")
+    sha256: str | None = Field(None, description="Expected sha256 of `path`; a mismatch refuses to load.")
+    extra_files: dict[str, str] = Field(default_factory=dict, description="Companion files by role.")
+    options: dict[str, Any] = Field(default_factory=dict, description="The engine's options.")
+
+    @classmethod
+    def read(cls, path: Path) -> WorkerSpec:
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValidationError) as exc:
+            raise ConfigError(f"worker spec {path} is unreadable or invalid ({exc}); rewrite it") from exc
+
+    def load_spec(self) -> LoadSpec:
+        return LoadSpec(
+            name=self.served_name,
+            path=Path(self.path) if self.path else None,
+            extra_files={role: Path(p) for role, p in self.extra_files.items()},
+            options=dict(self.options),
+        )
+
+
+def _file_mb(path: Path | None) -> int:
+    return math.ceil(path.stat().st_size / _MIB) if path is not None and path.is_file() else 0
+
+
+def worker_resources(deployment: DeploymentConfig, engine: str, path: Path | None) -> Resources:
+    """What one replica asks for: GGUF its threads and ~1.5x its file; ONNX one core; fake next to nothing."""
+    if engine == "gguf":
+        opts = deployment.gguf
+        return Resources(
+            cpus=float(opts.n_threads or psutil.cpu_count(logical=False) or 1),
+            memory_mb=max(_BASE_MEMORY_MB, math.ceil(_file_mb(path) * 1.5)),
+            gpus=1 if opts.n_gpu_layers != 0 else 0,
+        )
+    if engine == "onnx":
+        providers = set(deployment.onnx.providers or ())
+        return Resources(
+            cpus=1.0,
+            memory_mb=max(_BASE_MEMORY_MB, math.ceil(_file_mb(path) * 1.5)),
+            gpus=1 if providers & _GPU_PROVIDERS else 0,
+        )
+    return Resources(cpus=0.1, memory_mb=128, gpus=0)
+
+
+def spec_file_name(deployment: str) -> str:
+    """``<deployment>.json``, with anything unsafe in a file name replaced."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", deployment) + ".json"
+
+
+def worker_workload(
+    *,
+    deployment: DeploymentConfig,
+    engine: str,
+    path: Path | None,
+    sha256: str | None,
+    extra_files: dict[str, Path],
+    model_version: str | None,
+    run_dir: Path,
+    ready_timeout_s: float,
+) -> WorkloadSpec:
+    """Write the deployment's WorkerSpec into ``run_dir`` and describe the replica processes to run."""
+    options = getattr(deployment, engine).model_dump() if engine in ("gguf", "onnx", "fake") else {}
+    spec = WorkerSpec(
+        served_name=deployment.name,
+        engine=engine,
+        model_version=model_version,
+        path=str(path) if path is not None else None,
+        sha256=sha256,
+        extra_files={role: str(p) for role, p in extra_files.items()},
+        options=options,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = run_dir / spec_file_name(deployment.name)
+    spec_path.write_text(spec.model_dump_json(indent=2), encoding="utf-8")
+    argv = (sys.executable, "-m", "lamina.models._worker", "--host", "127.0.0.1", "--port", "{port}")
+    return WorkloadSpec(
+        name=deployment.name,
+        argv=(*argv, "--spec", str(spec_path)),
+        replicas=deployment.replicas,
+        resources=worker_resources(deployment, engine, path),
+        health_path="/health",
+        ready_timeout_s=ready_timeout_s,
+    )

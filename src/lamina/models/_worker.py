@@ -1,0 +1,158 @@
+"""The replica worker process: one engine served over HTTP on loopback.
+
+    python -m lamina.models._worker --host 127.0.0.1 --port PORT --spec SPEC.json
+
+Orchestration starts it from a generic workload spec (see ``lamina.models._deploy``) and only knows that
+``GET /health`` answers 200 once it is ready. The process checks its model file against the registry's
+sha256 (exit 3 on a mismatch), starts the HTTP server, then loads the engine on the engine thread, so that
+health answers 503 "loading" meanwhile. A failed load exits non-zero and the controller restarts it;
+SIGTERM stops it cleanly with exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from lamina.errors import ConfigError
+from lamina.models._deploy import WorkerSpec
+from lamina.models._engine import load_engine
+from lamina.models._worker_app import Replica, WorkerApp
+from lamina.models._worker_stream import EngineRunner
+
+log = logging.getLogger("lamina.models.worker")
+
+#: exit status for a model file whose bytes no longer match the registry's checksum
+EXIT_CHECKSUM_MISMATCH = 3
+EXIT_LOAD_FAILED = 1
+EXIT_BAD_SPEC = 2
+#: how long a stopping worker waits for the engine thread to let go of the current request
+STOP_GRACE_S = 5.0
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_problem(spec: WorkerSpec) -> str | None:
+    """Why the model file must not be loaded, or None: a file whose sha256 no longer matches is refused."""
+    if spec.sha256 is None or spec.path is None:
+        return None
+    path = Path(spec.path)
+    if not path.is_file():
+        return f"model file {path} of {spec.served_name!r} is missing; register the model again"
+    actual = file_sha256(path)
+    if actual != spec.sha256.lower():
+        return (
+            f"model file {path} of {spec.served_name!r} has sha256 {actual} but its registry record says "
+            f"{spec.sha256}: the file changed after registration; register it again (or restore it)"
+        )
+    return None
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the engine thread to abandon its work as soon as a stop signal arrives.
+
+    Without this, a long stream would hold the graceful shutdown until its timeout and then be cancelled
+    mid-write; with it, the current request ends at its next token (streams get an error event, waiting
+    requests a 503 the gateway retries elsewhere) and the process exits promptly.
+    """
+
+    def __init__(self, config: uvicorn.Config, runner: EngineRunner) -> None:
+        super().__init__(config)
+        self._runner = runner
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._runner.closing = True
+        super().handle_exit(sig, frame)
+
+
+class Worker:
+    """The process: HTTP server on the main thread, engine load and requests on the engine thread."""
+
+    def __init__(self, spec: WorkerSpec, host: str, port: int) -> None:
+        self.spec = spec
+        self.replica = Replica(spec.served_name, spec.model_version, EngineRunner())
+        self.failed = False
+        app = WorkerApp(self.replica).starlette(on_startup=self._start_loading)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        )
+        self.server = _Server(config, self.replica.runner)
+
+    def _start_loading(self) -> None:
+        self.replica.runner.post(self._load)
+
+    def _load(self) -> None:
+        """On the engine thread, so that the engine is built on the thread that will run it."""
+        try:
+            engine = load_engine(self.spec.engine, self.spec.load_spec())
+            info = engine.info()
+        except Exception as exc:
+            log.error("replica of %r failed to load its engine: %s", self.spec.served_name, exc)
+            self.failed = True
+            self.server.should_exit = True
+            return
+        self.replica.engine, self.replica.info = engine, info
+        log.info("replica of %r ready: %s on %s", self.spec.served_name, info.engine, info.device)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT or a failed load; 0 after a clean stop."""
+        self._quiet_signals()
+        self.server.run()
+        stopped = self.replica.runner.close(STOP_GRACE_S)
+        if not stopped:
+            # the engine is still inside native code; leaving now beats hanging or crashing in teardown
+            log.warning("engine did not stop within %.0fs; exiting without closing it", STOP_GRACE_S)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_LOAD_FAILED if self.failed else 0)
+        if self.replica.engine is not None:
+            self.replica.engine.close()
+        return EXIT_LOAD_FAILED if self.failed else 0
+
+    @staticmethod
+    def _quiet_signals() -> None:
+        """uvicorn re-raises the stopping signal once it has shut down; this makes that a no-op, so a
+        SIGTERM ends in the clean exit 0 of :meth:`run` instead of death by signal."""
+
+        def ignore(signum: int, frame: FrameType | None) -> None:
+            return None
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, ignore)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lamina.models._worker", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="Address to bind (loopback by default).")
+    parser.add_argument("--port", type=int, required=True, help="TCP port to serve on.")
+    parser.add_argument("--spec", type=Path, required=True, help="WorkerSpec JSON file.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec = WorkerSpec.read(args.spec)
+    except ConfigError as exc:
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    problem = checksum_problem(spec)
+    if problem is not None:
+        print(f"error [checksum_mismatch]: {problem}", file=sys.stderr)
+        return EXIT_CHECKSUM_MISMATCH
+    return Worker(spec, args.host, args.port).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""The replica worker's HTTP app: OpenAI-style endpoints in front of one engine.
+
+Requests are validated here (a bad field is a 400 naming it), checked against what the engine can do and
+against its context, then run on the engine thread. Non-streaming bodies and the last streamed event
+carry a ``lamina`` field with the request's queue and engine times, which the gateway turns into spans.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from lamina.errors import (
+    EngineError,
+    InvalidRequestError,
+    LaminaError,
+    UnavailableError,
+    UnsupportedCapabilityError,
+)
+from lamina.models._engine import (
+    Capability,
+    ChatMessage,
+    Delta,
+    EmbeddingBatch,
+    Engine,
+    EngineInfo,
+    SamplingParams,
+)
+from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from lamina.models._worker_stream import (
+    DONE,
+    ChunkEncoder,
+    EngineRunner,
+    Timing,
+    TokenStream,
+    collect,
+    generation,
+    usage_json,
+)
+
+log = logging.getLogger("lamina.models.worker")
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass
+class Replica:
+    """What the app serves: one engine (None while it loads) behind one engine thread."""
+
+    served_name: str
+    model_version: str | None
+    runner: EngineRunner
+    engine: Engine | None = None
+    info: EngineInfo | None = None
+
+    def ready(self) -> tuple[Engine, EngineInfo]:
+        if self.engine is None or self.info is None:
+            raise UnavailableError(
+                f"model {self.served_name!r} is still loading on this replica; retry shortly"
+            )
+        return self.engine, self.info
+
+
+def info_json(info: EngineInfo) -> dict[str, Any]:
+    return {
+        "engine": info.engine,
+        "capabilities": sorted(c.value for c in info.capabilities),
+        "context_length": info.context_length,
+        "embedding_dim": info.embedding_dim,
+        "device": info.device,
+        "details": dict(info.details),
+    }
+
+
+def field_path(loc: tuple[int | str, ...], body: Any, missing: bool) -> str:
+    """The dotted path of a validation error in the client's body, without pydantic's union-member tags."""
+    parts, node = [], body
+    for i, seg in enumerate(loc):
+        in_dict = isinstance(node, dict) and isinstance(seg, str) and seg in node
+        in_list = isinstance(node, list) and isinstance(seg, int) and 0 <= seg < len(node)
+        if in_dict or in_list:
+            node = node[seg]
+        elif not (missing and i == len(loc) - 1):
+            break
+        parts.append(str(seg))
+    return ".".join(parts)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The request body as ``model``, or an InvalidRequestError whose ``param`` names the bad field."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON ({exc}); send a JSON object") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"the request body must be a JSON object, not {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = field_path(tuple(err["loc"]), body, err["type"] == "missing") or None
+        raise InvalidRequestError(
+            f"invalid field `{path or '(body)'}`: {err['msg']}; fix it and send the request again", param=path
+        ) from exc
+
+
+def require(info: EngineInfo, served_name: str, capability: Capability, stream: bool = False) -> None:
+    for needed in (capability, Capability.STREAMING) if stream else (capability,):
+        if needed not in info.capabilities:
+            can = ", ".join(sorted(c.value for c in info.capabilities))
+            raise UnsupportedCapabilityError(
+                f"model {served_name!r} cannot do {needed.value}; it can do: {can}. Send this request to a "
+                f"model that can{' or leave stream off' if needed is Capability.STREAMING else ''}",
+                param="stream" if needed is Capability.STREAMING else "model",
+            )
+
+
+def sampling(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=req.token_limit,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stop_list,
+        seed=req.seed,
+    )
+
+
+def encode_vector(vector: list[float], encoding: Literal["float", "base64"]) -> list[float] | str:
+    """OpenAI's ``base64`` encoding: the little-endian float32 bytes of the vector."""
+    if encoding == "float":
+        return vector
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def error_response(exc: LaminaError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.status)
+
+
+def guarded(handler: Handler) -> Handler:
+    """Errors become OpenAI-style bodies; foreign exceptions from the engine are mapped by type here."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except LaminaError as exc:
+            return error_response(exc)
+        except Exception as exc:
+            log.exception("request to %s failed", request.url.path)
+            return error_response(
+                EngineError(f"the engine failed on this request ({type(exc).__name__}: {exc}); retry it")
+            )
+
+    return endpoint
+
+
+class WorkerApp:
+    """The endpoints, bound to one replica."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def starlette(self, on_startup: Callable[[], None]) -> Starlette:
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/info", self.info, methods=["GET"]),
+            Route("/v1/chat/completions", guarded(self.chat), methods=["POST"]),
+            Route("/v1/completions", guarded(self.completions), methods=["POST"]),
+            Route("/v1/embeddings", guarded(self.embeddings), methods=["POST"]),
+        ]
+
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            on_startup()
+            yield
+
+        return Starlette(routes=routes, lifespan=lifespan)
+
+    async def health(self, request: Request) -> Response:
+        r = self.replica
+        if r.info is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready", "info": info_json(r.info)})
+
+    async def info(self, request: Request) -> Response:
+        r = self.replica
+        return JSONResponse(
+            {
+                "served_name": r.served_name,
+                "model_version": r.model_version,
+                "status": "loading" if r.info is None else "ready",
+                "info": None if r.info is None else info_json(r.info),
+            }
+        )
+
+    async def chat(self, request: Request) -> Response:
+        timing = Timing(received=time.perf_counter())
+        req = await parse_body(request, ChatCompletionRequest)
+        engine, info = self.replica.ready()
+        require(info, self.replica.served_name, Capability.CHAT, stream=req.stream)
+        messages = [ChatMessage(m.role, m.text()) for m in req.messages]
+        params = sampling(req)
+
+        def make() -> Iterator[int | Delta]:
+            return generation(
+                lambda: engine.count_chat_tokens(messages),
+                lambda p: engine.chat(messages, p),
+                params,
+                info.context_length,
+                "messages",
+                timing,
+            )
+
+        return await self._generate("chat", make, req.stream, timing)
+
+    async def completions(self, request: Request) -> Response:
+        timing = Timing(received=time.perf_counter())
+        req = await parse_body(request, CompletionRequest)
+        engine, info = self.replica.ready()
+        require(info, self.replica.served_name, Capability.COMPLETION, stream=req.stream)
+        prompt, params = req.prompt_text, sampling(req)
+
+        def make() -> Iterator[int | Delta]:
+            return generation(
+                lambda: engine.count_tokens(prompt),
+                lambda p: engine.complete(prompt, p),
+                params,
+                info.context_length,
+                "prompt",
+                timing,
+            )
+
+        echo = prompt if req.echo else ""
+        return await self._generate("completion", make, req.stream, timing, echo)
+
+    async def _generate(
+        self,
+        kind: Literal["chat", "completion"],
+        make: Callable[[], Iterator[int | Delta]],
+        stream: bool,
+        timing: Timing,
+        echo: str = "",
+    ) -> Response:
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        rid, created = prefix + secrets.token_hex(12), int(time.time())
+        runner = self.replica.runner
+        if stream:
+            tokens = runner.stream(make)
+            try:
+                await tokens.first()
+            except BaseException:
+                tokens.cancel()
+                raise
+            encoder = ChunkEncoder(kind, rid, created, self.replica.served_name)
+            return StreamingResponse(
+                self._events(tokens, encoder, timing, echo),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        text, final = await runner.call(lambda: collect(make(), runner))
+        return JSONResponse(self._body(kind, rid, created, echo + text, final, timing))
+
+    def _body(
+        self, kind: str, rid: str, created: int, text: str, final: Delta, timing: Timing
+    ) -> dict[str, Any]:
+        if kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"text": text, "index": 0}
+        assert final.usage is not None, "engines put usage on their final delta"
+        return {
+            "id": rid,
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": created,
+            "model": self.replica.served_name,
+            "choices": [{**choice, "logprobs": None, "finish_reason": final.finish_reason}],
+            "usage": usage_json(final.usage),
+            "lamina": timing.as_json(self.replica.model_version),
+        }
+
+    async def _events(
+        self, tokens: TokenStream[int | Delta], encoder: ChunkEncoder, timing: Timing, echo: str
+    ) -> AsyncIterator[bytes]:
+        """The SSE body: opening, one event per token, the final one, the usage event, then [DONE]."""
+        token, final, usage = encoder.token, encoder.final, None
+        try:
+            yield encoder.opening() + (token(echo) if echo else b"")
+            async for batch in tokens.batches():
+                out = []
+                for d in batch:
+                    if isinstance(d, int):
+                        continue
+                    if d.finish_reason is None:
+                        out.append(token(d.text))
+                    else:
+                        out.append(final(d.text, d.finish_reason))
+                        usage = d.usage
+                yield b"".join(out)
+            if usage is None:
+                raise UnavailableError("this replica stopped before the answer was complete; retry")
+            yield encoder.usage(usage, timing.as_json(self.replica.model_version)) + DONE
+        except LaminaError as exc:
+            yield ChunkEncoder.error(exc.to_body()) + DONE
+        except Exception as exc:
+            log.exception("stream failed")
+            failure = EngineError(f"the engine failed mid-stream ({type(exc).__name__}: {exc}); retry")
+            yield ChunkEncoder.error(failure.to_body()) + DONE
+        finally:
+            tokens.cancel()
+
+    async def embeddings(self, request: Request) -> Response:
+        timing = Timing(received=time.perf_counter())
+        req = await parse_body(request, EmbeddingRequest)
+        engine, info = self.replica.ready()
+        require(info, self.replica.served_name, Capability.EMBEDDING)
+        if req.dimensions is not None and req.dimensions != info.embedding_dim:
+            raise UnsupportedCapabilityError(
+                f"model {self.replica.served_name!r} returns {info.embedding_dim}-dimensional vectors and "
+                f"cannot shorten them to {req.dimensions}; leave `dimensions` out",
+                param="dimensions",
+            )
+        texts = req.texts
+
+        def embed() -> EmbeddingBatch:
+            timing.begin()
+            try:
+                return engine.embed(texts)
+            finally:
+                timing.end()
+
+        batch = await self.replica.runner.call(embed)
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
+            for i, v in enumerate(batch.vectors)
+        ]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": self.replica.served_name,
+                "usage": {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens},
+                "lamina": timing.as_json(self.replica.model_version),
+            }
+        )

@@ -1,0 +1,316 @@
+"""The replica worker's engine thread, the jobs it runs, the hand-off of tokens to the loop, SSE encoding.
+
+One engine, one thread: requests queue FIFO and run one at a time, so many clients all get answers and
+none sees a "busy" error. Tokens cross from the engine thread to the event loop through
+``loop.call_soon_threadsafe`` onto an ``asyncio.Queue``; the HTTP side drains whatever has arrived in one
+write. Per-token work is kept to a ``json.dumps`` of the token's text between prebuilt bytes, because the
+worker must stream nearly as fast as llama.cpp called in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Generic, Literal, TypeVar, cast
+
+from lamina.errors import ContextLengthError, EngineError, UnavailableError
+from lamina.models._engine import Delta, FinishReason, SamplingParams, Usage
+
+T = TypeVar("T")
+X = TypeVar("X")
+
+
+@dataclass
+class Timing:
+    """Where one request's time went; marked on the engine thread, read once the request is done."""
+
+    received: float
+    started: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    start_ns: int = 0
+    end_ns: int = 0
+
+    def begin(self) -> None:
+        self.started, self.start_ns = time.perf_counter(), time.time_ns()
+
+    def end(self) -> None:
+        self.finished, self.end_ns = time.perf_counter(), time.time_ns()
+
+    def as_json(self, model_version: str | None) -> dict[str, Any]:
+        """The ``lamina`` extension field; ``ttft_ms`` counts from the worker's receipt of the request."""
+        first = self.first_token or self.finished
+        return {
+            "queue_ms": round((self.started - self.received) * 1000, 3),
+            "engine_ms": round((self.finished - self.started) * 1000, 3),
+            "ttft_ms": round((first - self.received) * 1000, 3),
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "model_version": model_version,
+        }
+
+
+class EngineRunner:
+    """A single thread that runs engine jobs one at a time, in the order they were submitted."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        #: set on shutdown: queued jobs are skipped and running ones stop at their next token
+        self.closing = False
+        self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def post(self, job: Callable[[], None]) -> None:
+        """Queue a job that handles its own errors."""
+        self._jobs.put(job)
+
+    def call(self, fn: Callable[[], T]) -> Awaitable[T]:
+        """Run ``fn`` on the engine thread; await its result (or its exception) on the event loop."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def job() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # the caller gave up waiting
+            if self.closing:
+                future.set_exception(UnavailableError("this replica is shutting down; retry on another"))
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._jobs.put(job)
+        return asyncio.wrap_future(future)
+
+    def stream(self, make: Callable[[], Iterator[X]]) -> TokenStream[X]:
+        """Run the iterator ``make()`` on the engine thread, handing each item to the event loop."""
+        stream: TokenStream[X] = TokenStream(asyncio.get_running_loop())
+        self._jobs.put(lambda: stream.pump(make, self))
+        return stream
+
+    def close(self, timeout_s: float) -> bool:
+        """Stop after the current job (which stops at its next token); True once the thread has ended."""
+        self.closing = True
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    exc: BaseException
+
+
+_END = object()
+
+
+class TokenStream(Generic[X]):
+    """Items of one engine iterator, produced on the engine thread and consumed on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop generating at the next item (the client went away, or the response ended)."""
+        self.cancelled = True
+
+    def pump(self, make: Callable[[], Iterator[X]], runner: EngineRunner) -> None:
+        """The engine-thread side: iterate, hand over, and always close the iterator and signal the end."""
+        if self.cancelled or runner.closing:
+            self._push(_END)
+            return
+        push, iterator = self._push, None
+        try:
+            iterator = make()
+            for item in iterator:
+                push(item)
+                if self.cancelled or runner.closing:
+                    break
+        except BaseException as exc:
+            push(_Failure(exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            push(_END)
+
+    def _push(self, item: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    async def first(self) -> X:
+        """The first item, or the exception the engine raised before producing one."""
+        item = await self._queue.get()
+        if isinstance(item, _Failure):
+            raise item.exc
+        if item is _END:
+            raise EngineError("the engine ended the request without an answer; retry it")
+        return cast(X, item)
+
+    async def batches(self) -> AsyncIterator[list[X]]:
+        """Every item after the first, grouped by what had arrived when the consumer looked."""
+        while True:
+            arrived = [await self._queue.get()]
+            while not self._queue.empty():
+                arrived.append(self._queue.get_nowait())
+            out: list[X] = []
+            for item in arrived:
+                if item is _END or isinstance(item, _Failure):
+                    if out:
+                        yield out
+                    if isinstance(item, _Failure):
+                        raise item.exc
+                    return
+                out.append(cast(X, item))
+            yield out
+
+
+def fit_context(prompt: int, params: SamplingParams, context: int, what: str) -> SamplingParams:
+    """Refuse a prompt that cannot fit with its answer; without max_tokens, answer up to the context."""
+    take = "take" if what == "messages" else "takes"
+    numbers = {"context_length": context, "prompt_tokens": prompt, "max_tokens": params.max_tokens}
+    if params.max_tokens is not None:
+        if prompt + params.max_tokens > context:
+            raise ContextLengthError(
+                f"this model's context is {context} tokens; the {what} {take} {prompt} and max_tokens asks "
+                f"for {params.max_tokens} more: shorten the {what} or lower max_tokens",
+                param=what,
+                **numbers,
+            )
+        return params
+    if prompt >= context:
+        raise ContextLengthError(
+            f"this model's context is {context} tokens; the {what} {take} {prompt}, leaving no room for an "
+            f"answer: shorten the {what}",
+            param=what,
+            **numbers,
+        )
+    return replace(params, max_tokens=context - prompt)
+
+
+def generation(
+    count: Callable[[], int],
+    run: Callable[[SamplingParams], Iterator[Delta]],
+    params: SamplingParams,
+    context: int,
+    what: str,
+    timing: Timing,
+) -> Iterator[int | Delta]:
+    """On the engine thread: count the prompt, check the context, yield its token count, then the deltas."""
+    timing.begin()
+    deltas: Iterator[Delta] | None = None
+    try:
+        prompt = count()
+        params = fit_context(prompt, params, context, what)
+        yield prompt
+        deltas = run(params)
+        for delta in deltas:
+            if not timing.first_token:
+                timing.first_token = time.perf_counter()
+            yield delta
+    finally:
+        close = getattr(deltas, "close", None)
+        if close is not None:
+            close()
+        timing.end()
+
+
+def collect(items: Iterator[int | Delta], runner: EngineRunner) -> tuple[str, Delta]:
+    """On the engine thread: the whole answer and its final delta."""
+    parts: list[str] = []
+    try:
+        for item in items:
+            if isinstance(item, int):
+                continue
+            parts.append(item.text)
+            if item.finish_reason is not None:
+                return "".join(parts), item
+            if runner.closing:
+                break
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+    raise UnavailableError("this replica stopped before the answer was complete; retry the request")
+
+
+_SLOT = "__lamina_slot__"
+
+
+def _split(template: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The bytes before and after the placeholder string of a JSON-encoded template."""
+    head, tail = json.dumps(template, separators=(",", ":")).split(f'"{_SLOT}"')
+    return b"data: " + head.encode(), tail.encode() + b"\n\n"
+
+
+class ChunkEncoder:
+    """SSE events of one streamed response, built around prebuilt bytes."""
+
+    def __init__(self, kind: Literal["chat", "completion"], response_id: str, created: int, model: str):
+        self._base = {"id": response_id, "created": created, "model": model}
+        self._kind = kind
+        if kind == "chat":
+            self._object = "chat.completion.chunk"
+            choice: dict[str, Any] = {"index": 0, "delta": {"content": _SLOT}, "logprobs": None}
+        else:
+            self._object = "text_completion"
+            choice = {"text": _SLOT, "index": 0, "logprobs": None}
+        self._head, self._tail = _split(self._chunk({**choice, "finish_reason": None}))
+        self._finals = {
+            reason: _split(self._chunk({**choice, "finish_reason": reason})) for reason in ("stop", "length")
+        }
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        return {**self._base, "object": self._object, "choices": [choice]}
+
+    def opening(self) -> bytes:
+        """The first chat event, announcing the assistant's role; nothing for completions."""
+        if self._kind != "chat":
+            return b""
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        return self._event(self._chunk({**choice, "finish_reason": None}))
+
+    def token(self, text: str) -> bytes:
+        return self._head + json.dumps(text).encode() + self._tail
+
+    def final(self, text: str, reason: FinishReason) -> bytes:
+        head, tail = self._finals[reason]
+        return head + json.dumps(text).encode() + tail
+
+    def usage(self, usage: Usage, lamina: dict[str, Any]) -> bytes:
+        """The usage event that always ends the stream (the gateway drops it unless asked for it)."""
+        body = {**self._base, "object": self._object, "choices": [], "usage": usage_json(usage)}
+        return self._event({**body, "lamina": lamina})
+
+    @staticmethod
+    def error(body: dict[str, Any]) -> bytes:
+        return ChunkEncoder._event(body)
+
+    @staticmethod
+    def _event(body: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def usage_json(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
