@@ -84,7 +84,11 @@ def test_streamed_and_plain_greedy_answers_agree(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Name three colours."}]
     plain = client.chat.completions.create(model=CHAT, messages=messages, max_tokens=24, temperature=0)  # type: ignore[arg-type]
     streamed = client.chat.completions.create(
-        model=CHAT, messages=messages, max_tokens=24, temperature=0, stream=True  # type: ignore[arg-type]
+        model=CHAT,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == plain.choices[0].message.content

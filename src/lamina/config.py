@@ -111,7 +111,9 @@ class DeploymentConfig(_Strict):
 
 
 class OrchestrationConfig(_Strict):
-    ready_timeout_s: float = Field(120.0, gt=0, description="How long a new replica may take to become ready.")
+    ready_timeout_s: float = Field(
+        120.0, gt=0, description="How long a new replica may take to become ready."
+    )
     health_interval_s: float = Field(1.0, gt=0, description="Seconds between replica health checks.")
     restart_backoff_s: float = Field(0.5, ge=0, description="First delay before restarting a dead replica.")
     restart_backoff_max_s: float = Field(30.0, ge=0, description="Longest delay between restarts.")

@@ -104,7 +104,9 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         store=store if config.observability.store_spans else None,
         otlp_endpoint=config.observability.otlp_endpoint,
     )
-    http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=None))
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=None)
+    )
     controller = Controller(
         LocalProcessBackend(state_dir / "logs"),
         http=http,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-from pathlib import Path
 from typing import Annotated
 
 import typer
