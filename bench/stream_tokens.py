@@ -26,7 +26,7 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.stackproc import start_stack, stop_stack  # noqa: E402
+from tests.stackproc import start_stack, stop_stack
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 MODEL = "smollm2-135m-instruct"
@@ -115,6 +115,26 @@ def through_gateway(client: openai.OpenAI, max_tokens: int) -> Callable[[], Run]
     return run
 
 
+def raw_sse(base_url: str, max_tokens: int) -> Callable[[], Run]:
+    """The gateway read by a plain HTTP client: what the stack delivers, without a client library's cost."""
+    import httpx
+
+    http = httpx.Client(timeout=None)
+    body = {"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+    def run() -> Run:
+        t0 = time.perf_counter()
+        ttft, n = 0.0, 0
+        with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                    n += 1
+                    ttft = ttft or time.perf_counter() - t0
+        return Run(n, ttft, time.perf_counter() - t0)
+
+    return run
+
+
 def _row(name: str, runs: list[Run]) -> str:
     dec = statistics.median(r.decode_tps for r in runs)
     e2e = statistics.median(r.e2e_tps for r in runs)
@@ -141,24 +161,29 @@ deployments:
         stack = start_stack(Path(tmp), config)
         try:
             client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="bench", max_retries=0)
-            a, b = through_gateway(client, args.max_tokens), in_process(args.threads, args.max_tokens)
-            a(), b()  # warm-up: page the weights in, build caches
-            runs_a, runs_b, ratios = [], [], []
+            a, b = raw_sse(stack.base_url, args.max_tokens), in_process(args.threads, args.max_tokens)
+            c = through_gateway(client, args.max_tokens)
+            a(), b(), c()  # warm-up: page the weights in, build caches
+            runs_a, runs_b, runs_c, ratios, ratios_c = [], [], [], [], []
             for _ in range(args.runs):
-                ra, rb = a(), b()
+                ra, rb, rc = a(), b(), c()
                 runs_a.append(ra)
                 runs_b.append(rb)
+                runs_c.append(rc)
                 ratios.append(ra.decode_tps / rb.decode_tps)
+                ratios_c.append(rc.decode_tps / rb.decode_tps)
         finally:
             stop_stack(stack)
 
     print(f"SmolLM2-135M-Instruct Q4_1, greedy, max_tokens={args.max_tokens}, threads={args.threads}, "
           f"{args.runs} runs each, alternating; medians")  # fmt: skip
     print(f"{'':<28} {'decode t/s':>10} {'e2e t/s':>10} {'TTFT ms':>9} {'tokens':>7}")
-    print(_row("lamina gateway (HTTP, SSE)", runs_a))
+    print(_row("gateway, plain HTTP client", runs_a))
+    print(_row("gateway, openai client", runs_c))
     print(_row("llama-cpp-python in-process", runs_b))
-    print(f"ratio gateway/in-process (decode t/s, median of pairs): {statistics.median(ratios):.3f}"
-          f"  [min {min(ratios):.3f}, max {max(ratios):.3f}]  target >= 0.9")  # fmt: skip
+    for name, rs in (("plain HTTP client", ratios), ("openai client", ratios_c)):
+        print(f"ratio gateway/in-process, {name} (decode t/s, median of pairs): {statistics.median(rs):.3f}"
+              f"  [min {min(rs):.3f}, max {max(rs):.3f}]  target >= 0.9")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -79,3 +79,36 @@ def test_each_layer_exports_a_sorted_all(layer: str) -> None:
     assert exported == sorted(exported, key=_isort_key), "sort __all__ as ruff does (RUF022)"
     for name in exported:
         assert hasattr(mod, name), f"lamina.{layer}.__all__ names {name} but it is not defined"
+
+
+#: each layer's public surface; a change here is a change of the API, made on purpose
+PUBLIC = {
+    "compute": [
+        "GPUInfo", "GPUProbeError", "NVMLProbe", "NodeInventory", "PynvmlProbe", "default_threads",
+        "probe_gpus", "probe_inventory",
+    ],
+    "orchestration": [
+        "Controller", "DeploymentStatus", "DispatchResult", "Dispatcher", "LocalProcessBackend", "Plan",
+        "ProcessHandle", "ReconcileTimings", "ReplicaBackend", "ReplicaHandle", "ReplicaLoad",
+        "ReplicaState", "ReplicaStatus", "ReplicaView", "Resources", "WorkloadSpec", "pick_replica",
+        "reconcile_plan", "restart_delay",
+    ],
+    "models": [
+        "BUNDLED", "ENGINE_CAPABILITIES", "BundledModel", "Capability", "Catalog", "ChatCompletionRequest",
+        "ChatMessage", "CompletionRequest", "Delta", "EmbeddingBatch", "EmbeddingRequest", "Engine",
+        "EngineInfo", "LoadSpec", "ModelCard", "ModelList", "ModelVersion", "Registry", "Route",
+        "SamplingParams", "ServedModel", "Usage", "detect_format", "engine_names", "load_engine",
+        "read_metadata", "register_bundled", "worker_workload",
+    ],
+    "application": [
+        "DispatchResult", "Dispatcher", "GatewayDeps", "ModelCatalog", "Readiness", "Route", "create_app",
+    ],
+    "observability": [
+        "LAYER", "GatewayMetrics", "Layer", "SpanRow", "StoreSpanExporter", "Telemetry", "read_trace",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", sorted(PUBLIC))
+def test_public_surface_is_pinned(layer: str) -> None:
+    assert list(importlib.import_module(f"lamina.{layer}").__all__) == PUBLIC[layer]
