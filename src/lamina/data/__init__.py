@@ -1,3 +1,45 @@
-"""Layer: data."""
+"""Layer: data. Datasets of chunks with vectors, and retrieval over them (vector, BM25 and hybrid search)."""
 
-__all__: list[str] = []
+from lamina.data._fusion import RRF_K, Fused, reciprocal_rank_fusion
+from lamina.data._lancedb import LanceDBStore
+from lamina.data._pgvector import PgVectorStore
+from lamina.data._text import BM25_B, BM25_K1, EnglishAnalyzer
+from lamina.data._vectors import (
+    HYBRID_DEPTH,
+    MIN_INDEX_ROWS,
+    Chunk,
+    Embedder,
+    ExactIndex,
+    Hit,
+    HnswIndex,
+    IndexParams,
+    IvfHnswSqIndex,
+    IvfPqIndex,
+    Scalar,
+    SearchMode,
+    VectorStore,
+)
+
+__all__ = [
+    "BM25_B",
+    "BM25_K1",
+    "HYBRID_DEPTH",
+    "MIN_INDEX_ROWS",
+    "RRF_K",
+    "Chunk",
+    "Embedder",
+    "EnglishAnalyzer",
+    "ExactIndex",
+    "Fused",
+    "Hit",
+    "HnswIndex",
+    "IndexParams",
+    "IvfHnswSqIndex",
+    "IvfPqIndex",
+    "LanceDBStore",
+    "PgVectorStore",
+    "Scalar",
+    "SearchMode",
+    "VectorStore",
+    "reciprocal_rank_fusion",
+]

@@ -1,0 +1,410 @@
+"""The vector store: one interface, the types that cross it, and what every backend shares.
+
+A dataset's chunks live in one store table per dataset. Dataset versions share chunks (a chunk id is a hash
+of content, so an unchanged source keeps its chunks), and a version is just the set of chunk ids it holds.
+Searching a pinned version therefore passes that set as ``chunk_ids``, and each backend turns it into a
+membership filter applied before top-k: no vector is ever copied per version, a new version costs only
+its new chunks, and garbage collection deletes the chunks no kept version lists. The alternative, a
+version column on one row per (version, chunk) membership, would either duplicate vectors or need a join
+on every query; the caller already holds the id set, so a filter is the smaller design.
+
+Keyword scores (BM25, see ``lamina.data._text``) use corpus statistics of the searched scope: the whole
+dataset, or the pinned version when ``chunk_ids`` is given. Metadata filters narrow the results, not the
+statistics, as a filter does in Lucene. So a pinned version ranks the same however many later versions
+share its table.
+
+Metadata filters are equality on metadata keys (and on ``source_uri``), combined with AND. Each chunk
+stores its metadata also as a list of tags, one JSON ``[key, value]`` per entry, and a filter becomes "the
+chunk's tags contain all of these": an inverted-index lookup in both backends, typed (``1``, ``"1"`` and
+``true`` differ; ``5`` and ``5.0`` are equal), and an unknown key simply matches nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from lamina.data._fusion import reciprocal_rank_fusion
+from lamina.data._text import EnglishAnalyzer, IndexedText
+from lamina.errors import InvalidRequestError
+
+Scalar = str | int | float | bool
+#: A query vector: a list of floats or a 1-d numpy array.
+VectorLike = Sequence[float] | npt.NDArray[np.floating[Any]]
+SearchMode = Literal["vector", "keyword", "hybrid"]
+
+#: Below this many rows a vector index is not built: an exact scan is fast and ANN training meaningless.
+MIN_INDEX_ROWS = 1024
+#: How many hits of each ranking hybrid search fuses (at least ``k``).
+HYBRID_DEPTH = 100
+#: The filter key that matches a chunk's ``source_uri`` rather than a metadata entry.
+SOURCE_URI_KEY = "source_uri"
+
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Text to unit-normalised vectors; the models layer provides one (the data layer declares it)."""
+
+    @property
+    def dim(self) -> int: ...
+    @property
+    def name(self) -> str:
+        """The model as ``name@version``."""
+        ...
+
+    @property
+    def sha256(self) -> str:
+        """Digest of the model file, recorded in every chunk's lineage."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+    def count_tokens(self, text: str) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of a source document with its embedding and where it came from."""
+
+    chunk_id: str
+    dataset: str
+    #: The dataset version that first held this chunk (later versions share it).
+    version: str
+    text: str
+    source_uri: str
+    byte_start: int
+    byte_end: int
+    content_sha256: str
+    metadata: dict[str, Scalar] = field(default_factory=dict)
+    #: The embedding; None on chunks read back from a search (ask ``get`` for vectors).
+    vector: list[float] | None = None
+
+
+#: The fields a backend stores as they are (``metadata`` as JSON); ``dataset`` and ``vector`` it adds.
+CHUNK_FIELDS = (
+    "chunk_id",
+    "version",
+    "text",
+    "metadata",
+    "source_uri",
+    "byte_start",
+    "byte_end",
+    "content_sha256",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result. ``score``: cosine similarity (vector), BM25 (keyword) or RRF (hybrid)."""
+
+    chunk: Chunk
+    score: float
+    #: 1-based position in this result list.
+    rank: int
+    #: 1-based position in the vector ranking (None: not in it, or not asked for).
+    vector_rank: int | None = None
+    #: 1-based position in the BM25 ranking (None: not in it, or not asked for).
+    keyword_rank: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExactIndex:
+    """No ANN index: every vector query is an exact scan. Building it drops any vector index."""
+
+    kind: Literal["exact"] = "exact"
+
+
+@dataclass(frozen=True, slots=True)
+class IvfPqIndex:
+    """LanceDB IVF_PQ: k-means partitions, product-quantised vectors, exact re-ranking of the best.
+
+    Memory-light and fast on large tables; ``refine_factor`` buys back the recall PQ loses.
+    """
+
+    #: k-means partitions. None: sqrt(rows), LanceDB's default.
+    num_partitions: int | None = None
+    #: PQ sub-vectors; must divide the dimension. None: dim / 8 (48 for 384-d), finer than LanceDB's /16.
+    num_sub_vectors: int | None = None
+    #: Bits per PQ code (8: 256 centroids per sub-vector).
+    num_bits: int = 8
+    #: Query time: partitions searched first (more are searched when filters leave fewer than k hits).
+    nprobes: int = 20
+    #: Query time: rerank ``refine_factor * k`` PQ candidates with exact distances (>= 1).
+    refine_factor: int = 10
+    kind: Literal["ivf_pq"] = "ivf_pq"
+
+
+@dataclass(frozen=True, slots=True)
+class IvfHnswSqIndex:
+    """LanceDB IVF_HNSW_SQ: an HNSW graph per partition over int8 scalar-quantised vectors."""
+
+    #: k-means partitions. None: LanceDB's default for this type.
+    num_partitions: int | None = None
+    #: HNSW neighbours per node.
+    m: int = 20
+    #: HNSW candidate list while building.
+    ef_construction: int = 300
+    #: Query time: partitions searched.
+    nprobes: int = 20
+    #: Query time: HNSW candidate list (>= k).
+    ef: int = 100
+    #: Query time: rerank ``refine_factor * k`` candidates with exact distances (>= 1).
+    refine_factor: int = 4
+    kind: Literal["ivf_hnsw_sq"] = "ivf_hnsw_sq"
+
+
+@dataclass(frozen=True, slots=True)
+class HnswIndex:
+    """pgvector HNSW on cosine distance (``vector_cosine_ops``)."""
+
+    #: Neighbours per node (pgvector default 16).
+    m: int = 16
+    #: Candidate list while building (pgvector default 64).
+    ef_construction: int = 64
+    #: Query time: candidate list, ``hnsw.ef_search`` (pgvector default 40; raised for recall >= 0.95).
+    ef_search: int = 100
+    kind: Literal["hnsw"] = "hnsw"
+
+
+IndexParams = ExactIndex | IvfPqIndex | IvfHnswSqIndex | HnswIndex
+_INDEX_TYPES: dict[str, type[IndexParams]] = {
+    "exact": ExactIndex,
+    "ivf_pq": IvfPqIndex,
+    "ivf_hnsw_sq": IvfHnswSqIndex,
+    "hnsw": HnswIndex,
+}
+
+
+def index_params_to_json(params: IndexParams) -> str:
+    """Serialise index parameters, so a store opened later queries with the same settings."""
+    return json.dumps({name: getattr(params, name) for name in params.__dataclass_fields__})
+
+
+def index_params_from_json(text: str) -> IndexParams:
+    data = json.loads(text)
+    return _INDEX_TYPES[data.pop("kind")](**data)
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """Chunks with vectors, per dataset: the interface every backend implements.
+
+    Backends: ``LanceDBStore`` (embedded, the default) and ``PgVectorStore`` (PostgreSQL + pgvector). Both
+    pass one test suite and rank identically for identical data, up to ties.
+    """
+
+    def upsert(self, dataset: str, chunks: Sequence[Chunk]) -> None:
+        """Insert or replace chunks by ``chunk_id``, atomically: all of them become visible, or none."""
+        ...
+
+    def delete(self, dataset: str, chunk_ids: Collection[str]) -> None: ...
+    def get(self, dataset: str, chunk_ids: Sequence[str], *, with_vectors: bool = False) -> list[Chunk]:
+        """The chunks found, in the order asked; unknown ids are left out."""
+        ...
+
+    def count(self, dataset: str) -> int:
+        """Chunks stored for ``dataset`` (0 when it has none)."""
+        ...
+
+    def drop(self, dataset: str) -> None:
+        """Remove a dataset's chunks and indexes; nothing happens if it has none."""
+        ...
+
+    def build_index(self, dataset: str, params: IndexParams) -> IndexParams:
+        """Build (or replace) the dataset's indexes; returns the vector index now in effect."""
+        ...
+
+    def search(
+        self,
+        dataset: str,
+        *,
+        query_text: str | None = None,
+        query_vector: VectorLike | None = None,
+        k: int = 10,
+        mode: SearchMode = "vector",
+        filters: Mapping[str, Scalar] | None = None,
+        chunk_ids: Collection[str] | None = None,
+    ) -> list[Hit]:
+        """The best ``k`` chunks, filters and the ``chunk_ids`` scope applied before ranking."""
+        ...
+
+
+def check_dataset_name(dataset: str) -> str:
+    if not _DATASET_NAME.fullmatch(dataset):
+        raise InvalidRequestError(
+            f"invalid dataset name {dataset!r}: use 1 to 48 letters, digits, '_' or '-', "
+            "starting with a letter or digit",
+            param="dataset",
+        )
+    return dataset
+
+
+def tag(key: str, value: Scalar) -> str:
+    """The filterable form of one metadata entry: JSON ``[key, value]``, integral floats as ints."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, str | int | float) or (isinstance(value, float) and not math.isfinite(value)):
+        raise InvalidRequestError(
+            f"metadata/filter value for {key!r} must be a string, integer, finite float or boolean, "
+            f"got {value!r}",
+            param="metadata",
+        )
+    return json.dumps([key, value], ensure_ascii=False, separators=(",", ":"))
+
+
+def filter_tags(filters: Mapping[str, Scalar] | None) -> list[str]:
+    return sorted(tag(key, value) for key, value in (filters or {}).items())
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedChunk:
+    """A validated chunk with everything a backend writes besides its fields."""
+
+    chunk: Chunk
+    vector: npt.NDArray[np.float32]
+    indexed: IndexedText
+    tags: list[str]
+    metadata_json: str
+
+
+def prepare_chunks(dataset: str, chunks: Sequence[Chunk], analyzer: EnglishAnalyzer) -> list[PreparedChunk]:
+    """Validate chunks for ``dataset`` and index their text; a repeated chunk id keeps its last copy."""
+    latest = {chunk.chunk_id: chunk for chunk in chunks}
+    prepared = [_prepare(dataset, chunk, analyzer) for chunk in latest.values()]
+    dims = {p.vector.shape[0] for p in prepared}
+    if len(dims) > 1:
+        raise InvalidRequestError(f"chunks for {dataset!r} have vectors of different lengths {sorted(dims)}")
+    return prepared
+
+
+def _prepare(dataset: str, chunk: Chunk, analyzer: EnglishAnalyzer) -> PreparedChunk:
+    where = f"chunk {chunk.chunk_id!r}"
+    if chunk.dataset != dataset:
+        raise InvalidRequestError(f"{where} belongs to dataset {chunk.dataset!r}, not {dataset!r}")
+    if not chunk.chunk_id:
+        raise InvalidRequestError("a chunk has an empty chunk_id; derive it from the chunk's content")
+    if chunk.vector is None or len(chunk.vector) == 0:
+        raise InvalidRequestError(f"{where} has no vector; embed it before writing it to the store")
+    vector = np.asarray(chunk.vector, dtype=np.float32)
+    if not np.all(np.isfinite(vector)):
+        raise InvalidRequestError(f"{where} has a vector with NaN or infinite values; check the embedder")
+    if SOURCE_URI_KEY in chunk.metadata:
+        raise InvalidRequestError(f"{where}: metadata key {SOURCE_URI_KEY!r} is reserved; rename it")
+    tags = [tag(key, value) for key, value in chunk.metadata.items()]
+    tags.append(tag(SOURCE_URI_KEY, chunk.source_uri))
+    return PreparedChunk(
+        chunk=chunk,
+        vector=vector,
+        indexed=analyzer.index(chunk.text),
+        tags=sorted(tags),
+        metadata_json=json.dumps(chunk.metadata, ensure_ascii=False, sort_keys=True),
+    )
+
+
+def check_dim(dataset: str, expected: int, got: int) -> None:
+    if expected != got:
+        raise InvalidRequestError(
+            f"dataset {dataset!r} holds {expected}-d vectors, got {got}-d; embed with the dataset's model "
+            "or ingest into a new dataset",
+        )
+
+
+def top_with_ties(scores: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.intp]:
+    """Indices of the ``k`` best scores and of every score tied with the k-th, in no order.
+
+    The caller breaks the ties (by chunk id), so the result does not depend on the input order.
+    """
+    if k <= 0 or len(scores) == 0:
+        return np.empty(0, dtype=np.intp)
+    if len(scores) <= k:
+        return np.arange(len(scores))
+    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
+    return np.flatnonzero(scores >= threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A backend's ranked result before it becomes a Hit."""
+
+    chunk: Chunk
+    score: float
+
+
+class SearchingStore(ABC):
+    """What every backend shares: argument checks and the vector/keyword/hybrid dispatch.
+
+    A backend implements the two ranked retrievals; hybrid search is RRF over both, ``HYBRID_DEPTH`` deep.
+    """
+
+    def __init__(self) -> None:
+        self.analyzer = EnglishAnalyzer()
+
+    @abstractmethod
+    def _vector_ranking(
+        self, dataset: str, vector: npt.NDArray[np.float32], k: int, tags: list[str], scope: set[str] | None
+    ) -> list[Scored]:
+        """Best-first by cosine similarity, ties by chunk id; filters and scope applied before top-k."""
+
+    @abstractmethod
+    def _keyword_ranking(
+        self, dataset: str, terms: list[str], qtfs: list[int], k: int, tags: list[str], scope: set[str] | None
+    ) -> list[Scored]:
+        """Best-first by BM25, ties by chunk id; statistics over ``scope``, filters before top-k."""
+
+    def search(
+        self,
+        dataset: str,
+        *,
+        query_text: str | None = None,
+        query_vector: VectorLike | None = None,
+        k: int = 10,
+        mode: SearchMode = "vector",
+        filters: Mapping[str, Scalar] | None = None,
+        chunk_ids: Collection[str] | None = None,
+    ) -> list[Hit]:
+        check_dataset_name(dataset)
+        if k < 0:
+            raise InvalidRequestError(f"k must be >= 0, got {k}", param="k")
+        if mode not in ("vector", "keyword", "hybrid"):
+            raise InvalidRequestError(f"unknown search mode {mode!r}; use vector, keyword or hybrid")
+        if mode != "keyword" and query_vector is None:
+            raise InvalidRequestError(f"{mode} search needs query_vector: embed the query first")
+        if mode != "vector" and query_text is None:
+            raise InvalidRequestError(f"{mode} search needs query_text")
+        tags = filter_tags(filters)
+        scope = None if chunk_ids is None else set(chunk_ids)
+        depth = k if mode != "hybrid" else max(k, HYBRID_DEPTH)
+        by_vector: list[Scored] = []
+        by_keyword: list[Scored] = []
+        if mode != "keyword" and k > 0:
+            vector = np.asarray(query_vector, dtype=np.float32)
+            by_vector = self._vector_ranking(dataset, vector, depth, tags, scope)
+        if mode != "vector" and k > 0:
+            terms, qtfs = self.analyzer.query(query_text or "")
+            if terms:
+                by_keyword = self._keyword_ranking(dataset, terms, qtfs, depth, tags, scope)
+        if mode == "vector":
+            return [Hit(s.chunk, s.score, i, vector_rank=i) for i, s in enumerate(by_vector, start=1)]
+        if mode == "keyword":
+            return [Hit(s.chunk, s.score, i, keyword_rank=i) for i, s in enumerate(by_keyword, start=1)]
+        return _fuse(by_vector, by_keyword, k)
+
+
+def _fuse(by_vector: list[Scored], by_keyword: list[Scored], k: int) -> list[Hit]:
+    chunks = {s.chunk.chunk_id: s.chunk for s in (*by_keyword, *by_vector)}
+    fused = reciprocal_rank_fusion(
+        [[s.chunk.chunk_id for s in by_vector], [s.chunk.chunk_id for s in by_keyword]], limit=k
+    )
+    return [
+        Hit(chunks[f.key], f.score, i, vector_rank=f.ranks[0], keyword_rank=f.ranks[1])
+        for i, f in enumerate(fused, start=1)
+    ]
