@@ -11,23 +11,37 @@ the ``engine`` span.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, FastAPI
 from opentelemetry.util.types import AttributeValue
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Lifespan
 
 from lamina.application._errors import install_error_handlers
 from lamina.application._ports import Dispatcher, ModelCatalog, Readiness, Route
+from lamina.application._rag import (
+    QuerySink,
+    RagOptions,
+    Retriever,
+    RetrieveRequest,
+    citations_event,
+    citations_json,
+    grounded_messages,
+    last_user_text,
+    retrieve_traced,
+)
 from lamina.application._relay import Forward, StreamRelay, relayed_error
-from lamina.application._requests import parse_body
+from lamina.application._requests import invalid_fields, parse_body
 from lamina.application._tracing import Exchange, TelemetryMiddleware
+from lamina.data import Retrieval
 from lamina.errors import (
     AuthenticationError,
     EngineError,
+    InvalidRequestError,
     ModelNotFoundError,
     UnsupportedCapabilityError,
 )
@@ -48,6 +62,12 @@ class GatewayDeps:
     telemetry: Telemetry
     #: bearer keys accepted; empty accepts any request (local use)
     api_keys: Sequence[str] = ()
+    #: retrieval over dataset versions (``/v1/retrieve`` and RAG); None: not configured
+    retriever: Retriever | None = None
+    #: model names that answer with RAG: alias -> (model it uses, retrieval options)
+    rag_aliases: Mapping[str, tuple[str, RagOptions]] = field(default_factory=dict)
+    #: told about every retrieval (the drift window samples the queries)
+    query_sink: QuerySink | None = None
 
 
 @dataclass(frozen=True)
@@ -110,9 +130,54 @@ def _api_router(deps: GatewayDeps) -> APIRouter:
             raise ModelNotFoundError(f"the model {model!r} does not exist; GET /v1/models lists the models")
         return JSONResponse(card.model_dump(mode="json"))
 
+    @router.post("/retrieve")
+    async def retrieve(request: Request) -> Response:
+        _, parsed = parse_body(await request.body(), RetrieveRequest)
+        options = RagOptions(dataset=parsed.dataset, k=parsed.k, mode=parsed.mode, filters=parsed.filters)
+        result = await _retrieve(deps, options, parsed.query)
+        return JSONResponse(result.to_json())
+
     for op in _OPERATIONS:
         router.add_api_route(op.path.removeprefix("/v1"), _endpoint(deps, op), methods=["POST"], name=op.name)
     return router
+
+
+async def _retrieve(deps: GatewayDeps, options: RagOptions, query: str) -> Retrieval:
+    if deps.retriever is None:
+        raise InvalidRequestError(
+            "retrieval is not configured on this gateway; ingest a dataset with `lamina data ingest` and "
+            "restart `lamina up`",
+            param="dataset",
+        )
+    result = await retrieve_traced(deps.telemetry, deps.retriever, options, query)
+    if deps.query_sink is not None:
+        deps.query_sink.record(result)
+    return result
+
+
+async def _ground(deps: GatewayDeps, body: dict[str, object], parsed: Parsed) -> Retrieval | None:
+    """For a chat request that asks for context: retrieve, and rewrite ``body`` in place; else None."""
+    raw = body.pop("rag", None)
+    alias = deps.rag_aliases.get(parsed.model)
+    if raw is None and alias is None:
+        return None
+    if not isinstance(parsed, ChatCompletionRequest):
+        raise InvalidRequestError("`rag` is supported on /v1/chat/completions only", param="rag")
+    if raw is not None:
+        try:
+            options = RagOptions.model_validate(raw)
+        except ValidationError as exc:
+            raise invalid_fields([{**e, "loc": ("rag", *e["loc"])} for e in exc.errors()]) from exc
+    else:
+        assert alias is not None
+        options = alias[1]
+    if alias is not None:
+        parsed.model = body["model"] = alias[0]
+    messages = body.get("messages")
+    assert isinstance(messages, list)
+    result = await _retrieve(deps, options, last_user_text(messages))
+    body["messages"] = grounded_messages(messages, result)
+    return result
 
 
 def _probe_router(deps: GatewayDeps) -> APIRouter:
@@ -149,6 +214,7 @@ def _endpoint(deps: GatewayDeps, op: _Operation) -> Callable[[Request], Awaitabl
 async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Response:
     exchange = Exchange.of(request)
     body, parsed = parse_body(await request.body(), op.request_type)
+    grounding = await _ground(deps, body, parsed)
     exchange.span.set_attributes(_request_attributes(op, parsed))
     route = _resolve(deps.telemetry, deps.catalog, parsed.model)
     _require(route, op.capability, parsed.model, "model")
@@ -156,9 +222,11 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
         _require(route, Capability.STREAMING, parsed.model, "stream")
     exchange.bind(route)
     forward = Forward(route.deployment, op.path, {**body, "model": route.served_name})
+    extra = {} if grounding is None else {"citations": citations_json(grounding)}
     if isinstance(parsed, EmbeddingRequest) or not parsed.stream:
-        return await _forward(deps.dispatcher, forward, exchange)
-    return StreamRelay(deps.dispatcher, forward, exchange, parsed.include_usage)
+        return await _forward(deps.dispatcher, forward, exchange, extra)
+    trailer = None if grounding is None else citations_event(grounding)
+    return StreamRelay(deps.dispatcher, forward, exchange, parsed.include_usage, trailer=trailer)
 
 
 def _request_attributes(op: _Operation, parsed: Parsed) -> dict[str, AttributeValue]:
@@ -195,7 +263,9 @@ def _require(route: Route, capability: Capability, requested: str, param: str) -
     )
 
 
-async def _forward(dispatcher: Dispatcher, fwd: Forward, exchange: Exchange) -> Response:
+async def _forward(
+    dispatcher: Dispatcher, fwd: Forward, exchange: Exchange, extra: Mapping[str, object]
+) -> Response:
     """A plain (not streamed) request: the replica's answer without its ``lamina`` extension."""
     with exchange.dispatch_span(fwd.deployment) as (span, headers):
         result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
@@ -213,4 +283,4 @@ async def _forward(dispatcher: Dispatcher, fwd: Forward, exchange: Exchange) -> 
                 "object; its log says why"
             )
         exchange.record_reply(body, span)
-    return JSONResponse(body)
+    return JSONResponse({**body, **extra})

@@ -92,7 +92,10 @@ def error_event(exc: LaminaError) -> bytes:
 class _Events:
     """Frames the upstream bytes into whole SSE events and decides, per event, what the client gets."""
 
-    def __init__(self, exchange: Exchange, dispatch: trace.Span, include_usage: bool) -> None:
+    def __init__(
+        self, exchange: Exchange, dispatch: trace.Span, include_usage: bool, trailer: bytes | None = None
+    ) -> None:
+        self._trailer = trailer
         self._exchange = exchange
         self._dispatch = dispatch
         self._include_usage = include_usage
@@ -102,6 +105,12 @@ class _Events:
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to send for ``data`` (whole events only; a partial event waits for its end)."""
+        out = self._feed(data)
+        if self._trailer is not None and out.endswith(_DONE):  # the trailer goes just before [DONE]
+            out, self._trailer = out[: -len(_DONE)] + self._trailer + _DONE, None
+        return out
+
+    def _feed(self, data: bytes) -> bytes:
         buf = self._pending + data if self._pending else data
         cut = buf.rfind(_EVENT_END) + len(_EVENT_END)
         if cut < len(_EVENT_END):
@@ -149,8 +158,14 @@ class StreamRelay(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, dispatcher: Dispatcher, forward: Forward, exchange: Exchange, include_usage: bool
+        self,
+        dispatcher: Dispatcher,
+        forward: Forward,
+        exchange: Exchange,
+        include_usage: bool,
+        trailer: bytes | None = None,
     ) -> None:
+        self._trailer = trailer
         self._dispatcher = dispatcher
         self._forward = forward
         self._exchange = exchange
@@ -170,7 +185,7 @@ class StreamRelay(Response):
                     await refusal(scope, receive, send)
                     return
                 await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-                events = _Events(exchange, span, self._include_usage)
+                events = _Events(exchange, span, self._include_usage, self._trailer)
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(self._watch_disconnect, receive, tasks.cancel_scope)
                     await self._pump(upstream, events, span, result.replica_id, send)

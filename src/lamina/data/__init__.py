@@ -3,6 +3,14 @@
 from lamina.data._fusion import RRF_K, Fused, reciprocal_rank_fusion
 from lamina.data._lancedb import LanceDBStore
 from lamina.data._pgvector import PgVectorStore
+from lamina.data._retrieve import (
+    AsyncEmbedder,
+    Citation,
+    PinnedVersion,
+    Retrieval,
+    Retriever,
+    VersionResolver,
+)
 from lamina.data._text import BM25_B, BM25_K1, EnglishAnalyzer
 from lamina.data._vectors import (
     HYBRID_DEPTH,
@@ -26,7 +34,9 @@ __all__ = [
     "HYBRID_DEPTH",
     "MIN_INDEX_ROWS",
     "RRF_K",
+    "AsyncEmbedder",
     "Chunk",
+    "Citation",
     "Embedder",
     "EnglishAnalyzer",
     "ExactIndex",
@@ -38,8 +48,12 @@ __all__ = [
     "IvfPqIndex",
     "LanceDBStore",
     "PgVectorStore",
+    "PinnedVersion",
+    "Retrieval",
+    "Retriever",
     "Scalar",
     "SearchMode",
     "VectorStore",
+    "VersionResolver",
     "reciprocal_rank_fusion",
 ]

@@ -1,0 +1,158 @@
+"""Retrieval over a pinned dataset version, answered with citations that lead back to the source lines.
+
+A retrieval resolves ``NAME[@VERSION|@TAG|@SEQ]`` to one immutable version (its chunk ids), embeds the
+query (unless the search is keyword-only), and searches the vector store within exactly that version's
+chunks. Every hit becomes a :class:`Citation`: chunk id, source URI, byte span and content hash, and the
+version it was retrieved from, so an answer built on it can be traced to the data it used.
+
+The query embedder is asynchronous (the gateway embeds through a replica of the embedding deployment);
+the vector store is synchronous and runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from lamina.data._vectors import Hit, Scalar, SearchMode, VectorStore
+from lamina.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class PinnedVersion:
+    """One dataset version as retrieval needs it."""
+
+    dataset: str
+    version_id: str
+    seq: int
+    chunk_ids: frozenset[str]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.dataset}@{self.seq}"
+
+
+class VersionResolver(Protocol):
+    """Resolves ``NAME[@V]`` to a kept version; unknown names or versions raise NotFoundError."""
+
+    def pin(self, ref: str) -> PinnedVersion: ...
+
+
+class AsyncEmbedder(Protocol):
+    """Embeds query texts into unit vectors (the gateway's implementation goes through a replica)."""
+
+    async def embed_queries(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+@dataclass(frozen=True)
+class Citation:
+    """Where a retrieved passage came from, precisely enough to find its bytes again."""
+
+    index: int
+    chunk_id: str
+    text: str
+    score: float
+    source_uri: str
+    byte_start: int
+    byte_end: int
+    content_sha256: str
+    dataset: str
+    dataset_version: str
+    dataset_seq: int
+    metadata: dict[str, Scalar] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """The answer to one query: the version searched and its citations, best first."""
+
+    query: str
+    mode: SearchMode
+    version: PinnedVersion
+    citations: list[Citation]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "object": "lamina.retrieval",
+            "query": self.query,
+            "mode": self.mode,
+            "dataset": self.version.dataset,
+            "dataset_version": self.version.version_id,
+            "dataset_seq": self.version.seq,
+            "data": [c.to_json() for c in self.citations],
+        }
+
+
+def citations(hits: Sequence[Hit], version: PinnedVersion) -> list[Citation]:
+    return [
+        Citation(
+            index=i,
+            chunk_id=h.chunk.chunk_id,
+            text=h.chunk.text,
+            score=h.score,
+            source_uri=h.chunk.source_uri,
+            byte_start=h.chunk.byte_start,
+            byte_end=h.chunk.byte_end,
+            content_sha256=h.chunk.content_sha256,
+            dataset=version.dataset,
+            dataset_version=version.version_id,
+            dataset_seq=version.seq,
+            metadata=dict(h.chunk.metadata),
+        )
+        for i, h in enumerate(hits, start=1)
+    ]
+
+
+class Retriever:
+    """Searches pinned dataset versions; the gateway's ``/v1/retrieve`` and RAG use it."""
+
+    def __init__(self, versions: VersionResolver, store: VectorStore, embedder: AsyncEmbedder) -> None:
+        self._versions = versions
+        self._store = store
+        self._embedder = embedder
+
+    async def retrieve(
+        self,
+        ref: str,
+        query: str,
+        *,
+        k: int = 10,
+        mode: SearchMode = "hybrid",
+        filters: Mapping[str, Scalar] | None = None,
+    ) -> Retrieval:
+        if not query.strip():
+            raise InvalidRequestError("the query is empty; send the text to search for", param="query")
+        version = await anyio.to_thread.run_sync(self._versions.pin, ref)
+        vector = None if mode == "keyword" else (await self._embedder.embed_queries([query]))[0]
+        hits = await anyio.to_thread.run_sync(
+            lambda: self._search(version, query, vector, k, mode, filters, version.chunk_ids)
+        )
+        return Retrieval(query=query, mode=mode, version=version, citations=citations(hits, version))
+
+    def _search(
+        self,
+        version: PinnedVersion,
+        query: str,
+        vector: list[float] | None,
+        k: int,
+        mode: SearchMode,
+        filters: Mapping[str, Scalar] | None,
+        chunk_ids: Collection[str],
+    ) -> list[Hit]:
+        if not chunk_ids:
+            return []
+        return self._store.search(
+            version.dataset,
+            query_text=query,
+            query_vector=vector,
+            k=k,
+            mode=mode,
+            filters=filters,
+            chunk_ids=chunk_ids,
+        )

@@ -1,0 +1,37 @@
+"""Query embeddings through the running stack: a replica of the embedding deployment answers them.
+
+The gateway uses this for retrieval, so query vectors come from exactly the model version that embedded
+the dataset (the composition root checks the names match) and the embedding model is loaded once, in its
+own replica process, not again inside the gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lamina.errors import EngineError, from_body
+from lamina.orchestration import Dispatcher
+
+
+class DispatchQueryEmbedder:
+    """The data layer's AsyncEmbedder port, answered by a replica through the dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher, deployment: str) -> None:
+        self._dispatcher = dispatcher
+        self._deployment = deployment
+
+    async def embed_queries(self, texts: Sequence[str]) -> list[list[float]]:
+        body = {"model": self._deployment, "input": list(texts), "encoding_format": "float"}
+        result = await self._dispatcher.request(self._deployment, "/v1/embeddings", body)
+        response = result.response
+        payload = response.json() if response.content else {}
+        if response.status_code >= 400:
+            raise from_body(response.status_code, payload if isinstance(payload, dict) else {})
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, list) or len(data) != len(texts):
+            raise EngineError(
+                f"the embedding replica {result.replica_id} answered without one vector per text; its log "
+                "says why"
+            )
+        ordered = sorted(data, key=lambda d: int(d["index"]))
+        return [[float(x) for x in d["embedding"]] for d in ordered]
