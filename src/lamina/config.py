@@ -139,6 +139,60 @@ class ObservabilityConfig(_Strict):
     store_spans: bool = Field(True, description="Keep every span in the metadata store.")
 
 
+class DataConfig(_Strict):
+    chunk_size: int = Field(
+        200,
+        ge=8,
+        description="Tokens per chunk, counted with the embedding model's own tokenizer (special tokens not "
+        "included). Keep it at most the model's max_length minus its special tokens (254 for MiniLM).",
+    )
+    chunk_overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks of a document.")
+    max_file_bytes: int = Field(
+        50_000_000, ge=1, description="Larger source files are skipped (and listed with the reason)."
+    )
+    near_duplicate_bits: int = Field(
+        6,
+        ge=-1,
+        le=16,
+        description="Near-duplicate removal: documents whose 64-bit SimHashes differ in at most this many "
+        "bits are duplicates and the later one is dropped. Unrelated texts differ in about 32 bits (the "
+        "chance of 6 or fewer is below 1e-10); a few edited words in a page move 2 to 6. -1 turns "
+        "near-duplicate removal off; exact duplicates are always removed.",
+    )
+    embedding_model: str = Field(
+        BUNDLED_EMBEDDING_MODEL,
+        description="Registry reference (NAME, NAME@VERSION or NAME@ALIAS) of the model that embeds chunks.",
+    )
+    embed_batch_size: int = Field(
+        256, ge=1, description="Chunks embedded and written to the vector store per step of an ingest."
+    )
+    vector_backend: Literal["lancedb", "pgvector"] = Field(
+        "lancedb",
+        description="Where vectors live: lancedb (a directory `vectors` in the state directory) or "
+        "pgvector (PostgreSQL at `pgvector_url`).",
+    )
+    pgvector_url: str | None = Field(
+        None, description="PostgreSQL URL for the pgvector backend, e.g. postgresql://user:pass@host/db."
+    )
+    openlineage_url: str | None = Field(
+        None,
+        description="OpenLineage HTTP endpoint base (events are POSTed to <url>/api/v1/lineage), e.g. "
+        "Marquez at http://127.0.0.1:5000. Empty: events go only to lineage/openlineage.jsonl in the "
+        "state directory.",
+    )
+    openlineage_namespace: str = Field("lamina", description="OpenLineage namespace of ingest jobs.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size})"
+            )
+        if self.vector_backend == "pgvector" and not self.pgvector_url:
+            raise ValueError("vector_backend is pgvector but pgvector_url is empty; set pgvector_url")
+        return self
+
+
 def _default_deployments() -> list[DeploymentConfig]:
     return [
         DeploymentConfig(name=BUNDLED_CHAT_MODEL, engine="gguf"),
@@ -165,6 +219,9 @@ class LaminaConfig(_Strict):
     )
     observability: ObservabilityConfig = Field(
         default_factory=ObservabilityConfig, description="Traces and metrics."
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="Ingestion: chunking, de-duplication, embedding, vectors."
     )
 
     @model_validator(mode="after")

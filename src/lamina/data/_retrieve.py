@@ -76,6 +76,8 @@ class Retrieval:
     mode: SearchMode
     version: PinnedVersion
     citations: list[Citation]
+    #: the query's embedding (None for keyword-only searches); the drift window samples it
+    query_vector: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,7 +135,7 @@ class Retriever:
         hits = await anyio.to_thread.run_sync(
             lambda: self._search(version, query, vector, k, mode, filters, version.chunk_ids)
         )
-        return Retrieval(query=query, mode=mode, version=version, citations=citations(hits, version))
+        return Retrieval(query, mode, version, citations(hits, version), query_vector=vector)
 
     def _search(
         self,

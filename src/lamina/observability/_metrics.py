@@ -82,3 +82,53 @@ class GatewayMetrics:
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every series, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class DriftMetrics:
+    """The latest drift check of each dataset as gauges (``dataset`` is bounded: the datasets that exist).
+
+    A gauge whose statistic a check could not compute (too little data) keeps its previous value; the
+    ``detected`` gauge is always set, 1 for drift and 0 otherwise.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.auc = Gauge(
+            "lamina_drift_auc",
+            "Out-of-fold ROC AUC of the domain classifier, dataset vs traffic (drift above 0.55).",
+            ("dataset",),
+            registry=registry,
+        )
+        self.mmd = Gauge(
+            "lamina_drift_mmd",
+            "Unbiased MMD^2 (RBF kernel) between the dataset's and the traffic's embeddings.",
+            ("dataset",),
+            registry=registry,
+        )
+        self.p_value = Gauge(
+            "lamina_drift_p_value",
+            "Permutation p-value of the MMD test (drift below 0.05).",
+            ("dataset",),
+            registry=registry,
+        )
+        self.detected = Gauge(
+            "lamina_drift_detected",
+            "1 if the latest drift check found drift.",
+            ("dataset",),
+            registry=registry,
+        )
+
+    def set(
+        self,
+        dataset: str,
+        *,
+        auc: float | None,
+        mmd2: float | None,
+        p_value: float | None,
+        drifted: bool,
+    ) -> None:
+        """Record one dataset's latest check."""
+        for gauge, value in ((self.auc, auc), (self.mmd, mmd2), (self.p_value, p_value)):
+            if value is not None:
+                gauge.labels(dataset).set(value)
+        self.detected.labels(dataset).set(1.0 if drifted else 0.0)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -57,4 +59,127 @@ spans = Table(
     Column("attributes", JSON, nullable=False),
     Index("ix_spans_trace_id", "trace_id"),
     Index("ix_spans_start_ns", "start_ns"),
+)
+
+# -- data (migration 0002) ----------------------------------------------------------------------------------
+
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("name", String(48), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+dataset_versions = Table(
+    "dataset_versions",
+    metadata,
+    Column("dataset", String(48), primary_key=True),
+    Column("seq", Integer, primary_key=True, comment="per-dataset sequence number, for people: docs@3"),
+    Column("version_id", String(64), nullable=False, comment="sha256 of the canonical manifest"),
+    Column("manifest", JSON, nullable=False, comment="the canonical manifest the id hashes"),
+    Column("pipeline_version", String(64), nullable=False),
+    Column("run_id", String(36), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_dataset_versions_version_id", "dataset", "version_id"),
+)
+
+dataset_tags = Table(
+    "dataset_tags",
+    metadata,
+    Column("dataset", String(48), primary_key=True),
+    Column("tag", String(100), primary_key=True),
+    Column("seq", Integer, nullable=False),
+)
+
+dataset_members = Table(
+    "dataset_members",
+    metadata,
+    Column("version_id", String(64), primary_key=True, comment="content-addressed: shared by equal versions"),
+    Column("chunk_id", String(64), primary_key=True),
+)
+
+dataset_sources = Table(
+    "dataset_sources",
+    metadata,
+    Column("version_id", String(64), primary_key=True),
+    Column("uri", Text, primary_key=True),
+    Column("sha256", String(64), nullable=False, comment="of the file's bytes"),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("mtime", DateTime(timezone=True), nullable=False),
+    Column("documents", JSON, nullable=False, comment="kept documents: [uri, text sha256, simhash hex]"),
+    Column("n_chunks", Integer, nullable=False),
+)
+
+chunk_lineage = Table(
+    "chunk_lineage",
+    metadata,
+    Column("chunk_id", String(64), primary_key=True),
+    Column("dataset", String(48), nullable=False),
+    Column("source_uri", Text, nullable=False, comment="the document: the file, or file#line=N / #row=N"),
+    Column("source_file", Text, nullable=False, comment="the file the document came from"),
+    Column("source_sha256", String(64), nullable=False, comment="of the file's bytes"),
+    Column("byte_start", BigInteger, nullable=False, comment="UTF-8 offsets into the document's text"),
+    Column("byte_end", BigInteger, nullable=False),
+    Column("content_sha256", String(64), nullable=False, comment="of the chunk's text"),
+    Column("pipeline_version", String(64), nullable=False),
+    Column("embedding_model", String(300), nullable=False, comment="name@version"),
+    Column("embedding_sha256", String(64), nullable=False),
+    Column("run_id", String(36), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_chunk_lineage_dataset_file", "dataset", "source_file"),
+)
+
+ingest_runs = Table(
+    "ingest_runs",
+    metadata,
+    Column("run_id", String(36), primary_key=True),
+    Column("dataset", String(48), nullable=False),
+    Column("state", String(20), nullable=False, comment="running, completed, unchanged, failed, abandoned"),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("counts", JSON, nullable=False),
+    Column("skipped", JSON, nullable=False, comment="[[path, reason], ...]"),
+    Column("error", Text, nullable=True),
+    Column("version_seq", Integer, nullable=True),
+    Index("ix_ingest_runs_dataset_state", "dataset", "state"),
+)
+
+
+# -- drift (migration 0003) ---------------------------------------------------------------------------------
+
+drift_samples = Table(
+    "drift_samples",
+    metadata,
+    Column("dataset", String(48), primary_key=True),
+    Column("bucket", BigInteger, primary_key=True, comment="start of its time bucket, epoch seconds"),
+    Column("slot", Integer, primary_key=True, comment="position in the bucket's reservoir"),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("text", Text, nullable=False, comment="the prompt, truncated"),
+    Column("length", Integer, nullable=False, comment="the whole prompt's length in characters"),
+    Column("vector", LargeBinary, nullable=False, comment="float32 little-endian embedding"),
+    Index("ix_drift_samples_dataset_ts", "dataset", "ts"),
+)
+
+drift_buckets = Table(
+    "drift_buckets",
+    metadata,
+    Column("dataset", String(48), primary_key=True),
+    Column("bucket", BigInteger, primary_key=True, comment="start of the time bucket, epoch seconds"),
+    Column("seen", BigInteger, nullable=False, comment="requests offered to this bucket's reservoir"),
+)
+
+drift_reports = Table(
+    "drift_reports",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("dataset", String(48), nullable=False),
+    Column("version", String(100), nullable=False),
+    Column("window", String(20), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("verdict", String(20), nullable=False, comment="drift, no_drift or insufficient_data"),
+    Column("drifted", Boolean, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("explanation", Text, nullable=False),
+    Index("ix_drift_reports_dataset_created_at", "dataset", "created_at"),
 )

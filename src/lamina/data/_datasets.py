@@ -1,0 +1,404 @@
+"""Dataset versions, tags and sources in the metadata store: the catalog every ``lamina data`` command reads.
+
+A version is immutable and named by content: its id is the sha256 of its canonical manifest (the digest
+of its sorted chunk ids, its sources and their hashes, the pipeline version and the embedding model), so
+two ingests that produce the same data produce the same id. People use the per-dataset sequence number
+(``docs@3``), a movable tag (``docs@prod``), an id prefix (``docs@9f2c1a``) or the name alone (the newest).
+
+Members (version id, chunk id) and sources are keyed by the version id, not the sequence number: content
+that comes back (a revert) is a new sequence number sharing the rows it already has.
+
+Committing a version is one transaction: a reader sees all of it or nothing. Ingest runs are recorded
+here too, so an interrupted one stays visible (``abandoned``) instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from lamina.data._dataset_records import (
+    ChunkLineage,
+    Collected,
+    DatasetVersion,
+    IngestRun,
+    NewVersion,
+    SourceRecord,
+    VersionDiff,
+)
+from lamina.data._retrieve import PinnedVersion
+from lamina.data._vectors import check_dataset_name
+from lamina.errors import InvalidRequestError, NotFoundError
+from lamina.store import Store
+from lamina.store._schema import (
+    chunk_lineage,
+    dataset_members,
+    dataset_sources,
+    dataset_tags,
+    dataset_versions,
+    datasets,
+    ingest_runs,
+)
+
+_TAG = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,99}")
+_HEX = re.compile(r"[0-9a-f]{6,64}")
+_BATCH = 5000
+_LINEAGE_COLUMNS = [column.name for column in chunk_lineage.columns]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every one we store is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), _BATCH):
+        yield items[start : start + _BATCH]
+
+
+class DatasetCatalog:
+    """Datasets, their versions, tags, sources, chunk lineage and ingest runs in a metadata ``store``."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self._store = store
+        self._clock = clock
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._store.begin() as conn:
+            return list(conn.scalars(select(datasets.c.name).order_by(datasets.c.name)))
+
+    def log(self, name: str) -> list[DatasetVersion]:
+        """Every kept version of ``name``, newest first (empty when it has none)."""
+        with self._store.begin() as conn:
+            return self._versions(conn, check_dataset_name(name))
+
+    def _versions(self, conn: Connection, name: str) -> list[DatasetVersion]:
+        tags: dict[int, list[str]] = {}
+        for row in conn.execute(select(dataset_tags).where(dataset_tags.c.dataset == name)):
+            tags.setdefault(row.seq, []).append(row.tag)
+        rows = conn.execute(
+            select(dataset_versions)
+            .where(dataset_versions.c.dataset == name)
+            .order_by(dataset_versions.c.seq.desc())
+        )
+        return [
+            DatasetVersion(
+                dataset=row.dataset,
+                seq=row.seq,
+                version_id=row.version_id,
+                manifest=row.manifest,
+                pipeline_version=row.pipeline_version,
+                run_id=row.run_id,
+                created_at=_aware(row.created_at),
+                tags=tuple(sorted(tags.get(row.seq, []))),
+            )
+            for row in rows
+        ]
+
+    def resolve(self, ref: str) -> DatasetVersion:
+        """``NAME`` (newest), ``NAME@SEQ``, ``NAME@TAG`` or ``NAME@ID-PREFIX`` (6+ hex digits)."""
+        name, _, which = ref.strip().partition("@")
+        versions = self.log(name)
+        if not versions:
+            known = ", ".join(self.names()) or "none yet"
+            raise NotFoundError(
+                f"dataset {name!r} has no versions (datasets: {known}); "
+                f"create one with `lamina data ingest PATH --dataset {name}`",
+                param="dataset",
+            )
+        found = _pick(versions, which)
+        if found is None:
+            seqs = ", ".join(str(v.seq) for v in versions[:10])
+            raise NotFoundError(
+                f"{name} has no version, tag or id prefix {which!r}; versions: {seqs} "
+                f"(`lamina data log {name}` lists them)",
+                param="dataset",
+            )
+        return found
+
+    def pin(self, ref: str) -> PinnedVersion:
+        """``ref`` resolved to its version and chunk ids: what retrieval searches (its VersionResolver)."""
+        version = self.resolve(ref)
+        return PinnedVersion(
+            version.dataset, version.version_id, version.seq, frozenset(self.members(version))
+        )
+
+    def members(self, version: DatasetVersion) -> list[str]:
+        with self._store.begin() as conn:
+            return list(
+                conn.scalars(
+                    select(dataset_members.c.chunk_id)
+                    .where(dataset_members.c.version_id == version.version_id)
+                    .order_by(dataset_members.c.chunk_id)
+                )
+            )
+
+    def sources(self, version: DatasetVersion) -> list[SourceRecord]:
+        with self._store.begin() as conn:
+            rows = conn.execute(
+                select(dataset_sources)
+                .where(dataset_sources.c.version_id == version.version_id)
+                .order_by(dataset_sources.c.uri)
+            )
+            return [
+                SourceRecord(
+                    uri=r.uri,
+                    sha256=r.sha256,
+                    size_bytes=r.size_bytes,
+                    mtime=_aware(r.mtime),
+                    documents=[tuple(d) for d in r.documents],
+                    n_chunks=r.n_chunks,
+                )
+                for r in rows
+            ]
+
+    def chunks_by_file(self, version: DatasetVersion) -> dict[str, list[str]]:
+        """The version's chunk ids grouped by source file: what an unchanged file reuses."""
+        query = (
+            select(chunk_lineage.c.source_file, chunk_lineage.c.chunk_id)
+            .join(dataset_members, dataset_members.c.chunk_id == chunk_lineage.c.chunk_id)
+            .where(dataset_members.c.version_id == version.version_id)
+        )
+        grouped: dict[str, list[str]] = {}
+        with self._store.begin() as conn:
+            for row in conn.execute(query):
+                grouped.setdefault(row.source_file, []).append(row.chunk_id)
+        return grouped
+
+    def diff(self, old: DatasetVersion, new: DatasetVersion) -> VersionDiff:
+        before = {s.uri: s.sha256 for s in self.sources(old)}
+        after = {s.uri: s.sha256 for s in self.sources(new)}
+        return VersionDiff(
+            old=old,
+            new=new,
+            added=sorted(after.keys() - before.keys()),
+            removed=sorted(before.keys() - after.keys()),
+            changed=sorted(u for u in after.keys() & before.keys() if after[u] != before[u]),
+        )
+
+    def lineage(self, chunk_id: str) -> ChunkLineage:
+        with self._store.begin() as conn:
+            row = conn.execute(select(chunk_lineage).where(chunk_lineage.c.chunk_id == chunk_id)).first()
+            if row is None:
+                raise NotFoundError(
+                    f"no chunk {chunk_id!r}; chunk ids come from search results or `lamina data show --json`",
+                    param="chunk_id",
+                )
+            seqs = conn.scalars(
+                select(dataset_versions.c.seq)
+                .join(dataset_members, dataset_members.c.version_id == dataset_versions.c.version_id)
+                .where(dataset_members.c.chunk_id == chunk_id, dataset_versions.c.dataset == row.dataset)
+                .order_by(dataset_versions.c.seq)
+            )
+            fields = {name: getattr(row, name) for name in _LINEAGE_COLUMNS}
+            return ChunkLineage(
+                **fields | {"created_at": _aware(row.created_at)}, versions=tuple(dict.fromkeys(seqs))
+            )
+
+    def runs(self, name: str) -> list[IngestRun]:
+        """Ingest runs of ``name``, newest first."""
+        with self._store.begin() as conn:
+            rows = conn.execute(
+                select(ingest_runs)
+                .where(ingest_runs.c.dataset == check_dataset_name(name))
+                .order_by(ingest_runs.c.started_at.desc())
+            )
+            return [
+                IngestRun(
+                    run_id=r.run_id,
+                    dataset=r.dataset,
+                    state=r.state,
+                    pid=r.pid,
+                    started_at=_aware(r.started_at),
+                    finished_at=None if r.finished_at is None else _aware(r.finished_at),
+                    counts=dict(r.counts),
+                    skipped=[tuple(s) for s in r.skipped],
+                    error=r.error,
+                    version_seq=r.version_seq,
+                )
+                for r in rows
+            ]
+
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def tag(self, ref: str, tag: str) -> DatasetVersion:
+        """Point ``NAME@TAG`` at the version ``ref`` names, moving the tag if it pointed elsewhere."""
+        if not _TAG.fullmatch(tag):
+            raise InvalidRequestError(
+                f"invalid tag {tag!r}: start with a letter; then letters, digits, '.', '_' or '-'",
+                param="tag",
+            )
+        version = self.resolve(ref)
+        with self._store.begin() as conn:
+            where = (dataset_tags.c.dataset == version.dataset) & (dataset_tags.c.tag == tag)
+            conn.execute(delete(dataset_tags).where(where))
+            conn.execute(insert(dataset_tags).values(dataset=version.dataset, tag=tag, seq=version.seq))
+        return self.resolve(f"{version.dataset}@{version.seq}")
+
+    def start_run(self, dataset: str, run_id: str, pid: int) -> int:
+        """Record a running ingest; runs still marked running are abandoned (the caller holds the lock)."""
+        now = self._clock()
+        with self._store.begin() as conn:
+            if conn.scalar(select(datasets.c.name).where(datasets.c.name == dataset)) is None:
+                conn.execute(insert(datasets).values(name=dataset, created_at=now))
+            abandoned = conn.execute(
+                update(ingest_runs)
+                .where(ingest_runs.c.dataset == dataset, ingest_runs.c.state == "running")
+                .values(state="abandoned", finished_at=now, error="interrupted (process ended mid-run)")
+            ).rowcount
+            conn.execute(
+                insert(ingest_runs).values(
+                    run_id=run_id,
+                    dataset=dataset,
+                    state="running",
+                    pid=pid,
+                    started_at=now,
+                    counts={},
+                    skipped=[],
+                )
+            )
+        return int(abandoned or 0)
+
+    def finish_run(
+        self,
+        run_id: str,
+        state: str,
+        *,
+        counts: Mapping[str, int],
+        skipped: Sequence[tuple[str, str]],
+        error: str | None = None,
+        version_seq: int | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        values = {
+            "state": state, "finished_at": self._clock(), "counts": dict(counts),
+            "skipped": [list(s) for s in skipped], "error": error, "version_seq": version_seq,
+        }  # fmt: skip
+        statement = update(ingest_runs).where(ingest_runs.c.run_id == run_id).values(**values)
+        if conn is not None:
+            conn.execute(statement)
+            return
+        with self._store.begin() as own:
+            own.execute(statement)
+
+    def commit(
+        self, new: NewVersion, *, counts: Mapping[str, int], skipped: Sequence[tuple[str, str]]
+    ) -> DatasetVersion:
+        """Commit ``new`` and finish its run, in one transaction."""
+        with self._store.begin() as conn:
+            seq = 1 + (
+                conn.scalar(
+                    select(func.max(dataset_versions.c.seq)).where(dataset_versions.c.dataset == new.dataset)
+                )
+                or 0
+            )
+            conn.execute(
+                insert(dataset_versions).values(
+                    dataset=new.dataset,
+                    seq=seq,
+                    version_id=new.version_id,
+                    manifest=new.manifest,
+                    pipeline_version=new.pipeline_version,
+                    run_id=new.run_id,
+                    created_at=self._clock(),
+                )
+            )
+            self._write_rows(conn, new)
+            self.finish_run(
+                new.run_id, "completed", counts=counts, skipped=skipped, version_seq=seq, conn=conn
+            )
+        return self.resolve(f"{new.dataset}@{seq}")
+
+    def _write_rows(self, conn: Connection, new: NewVersion) -> None:
+        has_rows = conn.scalar(
+            select(dataset_members.c.chunk_id).where(dataset_members.c.version_id == new.version_id).limit(1)
+        )
+        if has_rows is None:  # an equal version committed before already wrote them
+            members = [{"version_id": new.version_id, "chunk_id": c} for c in sorted(set(new.chunk_ids))]
+            for batch in _chunks(members):
+                conn.execute(insert(dataset_members), batch)
+            sources = [
+                {
+                    "version_id": new.version_id,
+                    "uri": s.uri,
+                    "sha256": s.sha256,
+                    "size_bytes": s.size_bytes,
+                    "mtime": s.mtime,
+                    "documents": [list(d) for d in s.documents],
+                    "n_chunks": s.n_chunks,
+                }
+                for s in new.sources
+            ]
+            for batch in _chunks(sources):
+                conn.execute(insert(dataset_sources), batch)
+        wanted = {row.chunk_id: row for row in new.lineage}
+        present: set[str] = set()
+        for batch in _chunks(list(wanted)):
+            present |= set(
+                conn.scalars(select(chunk_lineage.c.chunk_id).where(chunk_lineage.c.chunk_id.in_(batch)))
+            )
+        rows = [_lineage_row(row) for cid, row in wanted.items() if cid not in present]
+        for batch in _chunks(rows):
+            conn.execute(insert(chunk_lineage), batch)
+
+    def collect(self, name: str, keep: int) -> Collected:
+        """Forget all but the newest ``keep`` versions (tagged ones always stay) and chunks only they held.
+
+        Returns the chunk ids whose vectors the caller must delete. Chunk ids also in a kept version, or
+        in no version but written by an ingest (its lineage is forgotten with it), are handled here.
+        """
+        if keep < 0:
+            raise InvalidRequestError(f"--keep must be >= 0, got {keep}", param="keep")
+        with self._store.begin() as conn:
+            versions = self._versions(conn, check_dataset_name(name))
+            doomed = [v for i, v in enumerate(versions) if i >= keep and not v.tags]
+            kept_ids = {v.version_id for v in versions if v not in doomed}
+            for v in doomed:
+                conn.execute(delete(dataset_versions).where(
+                    dataset_versions.c.dataset == name, dataset_versions.c.seq == v.seq
+                ))  # fmt: skip
+            for version_id in {v.version_id for v in doomed} - kept_ids:
+                conn.execute(delete(dataset_members).where(dataset_members.c.version_id == version_id))
+                conn.execute(delete(dataset_sources).where(dataset_sources.c.version_id == version_id))
+            live = set(conn.scalars(
+                select(dataset_members.c.chunk_id).where(dataset_members.c.version_id.in_(kept_ids))
+            )) if kept_ids else set()  # fmt: skip
+            known = set(conn.scalars(select(chunk_lineage.c.chunk_id).where(chunk_lineage.c.dataset == name)))
+            dead = sorted(known - live)
+            for batch in _chunks(dead):
+                conn.execute(delete(chunk_lineage).where(chunk_lineage.c.chunk_id.in_(batch)))
+        return Collected(dataset=name, versions=sorted(v.seq for v in doomed), chunk_ids=dead)
+
+
+def _pick(versions: list[DatasetVersion], which: str) -> DatasetVersion | None:
+    """The version ``which`` names among ``versions`` (newest first)."""
+    if not which:
+        return versions[0]
+    if which.isdigit():
+        found = next((v for v in versions if v.seq == int(which)), None)
+        if found is not None:
+            return found
+    tagged = next((v for v in versions if which in v.tags), None)
+    if tagged is not None:
+        return tagged
+    if _HEX.fullmatch(which.lower()):
+        matches = {v.version_id: v for v in reversed(versions) if v.version_id.startswith(which.lower())}
+        if len(matches) > 1:
+            raise InvalidRequestError(f"version id prefix {which!r} is ambiguous; give more digits")
+        if matches:
+            return next(iter(matches.values()))
+    return None
+
+
+def _lineage_row(row: ChunkLineage) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in _LINEAGE_COLUMNS}

@@ -1,0 +1,113 @@
+"""``lamina data`` commands through Typer, and an ingest killed with SIGKILL in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lamina.cli._data import data_app
+from lamina.data import LanceDBStore
+from lamina.data._datasets import DatasetCatalog
+from lamina.store import Store
+
+runner = CliRunner()
+
+
+def prose(seed: int, n: int = 150) -> str:
+    words = ["alpha", "beta", "gamma", "delta", "river", "cloud", "vector", "lamina", "index", "query"]
+    return " ".join(
+        f"{words[(seed * 3 + i * (seed + 1)) % len(words)]}{(seed * 17 + i) % 89}" for i in range(n)
+    )
+
+
+def cli(*args: str, state: Path) -> dict:  # type: ignore[type-arg]
+    result = runner.invoke(data_app, [*args, "--state-dir", str(state), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_ingest_log_show_diff_tag_lineage_gc(tmp_path: Path) -> None:
+    state, corpus = tmp_path / "state", tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.md").write_text(prose(i))
+    (corpus / "rows.csv").write_text("body,lang\n" + prose(7, 30) + ",en\n")
+    first = cli("ingest", str(corpus), "--dataset", "docs", "--text-field", "body", "--meta-field", "lang",
+                "--chunk-size", "40", "--overlap", "5", state=state)  # fmt: skip
+    assert first["state"] == "completed" and first["version"]["seq"] == 1
+    (corpus / "f0.md").write_text(prose(10))
+    second = cli("ingest", str(corpus), "--dataset", "docs", "--text-field", "body", "--meta-field", "lang",
+                 "--chunk-size", "40", "--overlap", "5", state=state)  # fmt: skip
+    assert second["version"]["seq"] == 2 and second["counts"]["files_reused"] == 3
+
+    assert [d["dataset"] for d in cli("list", state=state)] == ["docs"]
+    assert [v["seq"] for v in cli("log", "docs", state=state)] == [2, 1]
+    diff = cli("diff", "docs@1", "docs@2", state=state)
+    assert [Path(u).name for u in diff["changed"]] == ["f0.md"] and diff["added"] == diff["removed"] == []
+    assert runner.invoke(data_app, ["tag", "docs@1", "prod", "--state-dir", str(state)]).exit_code == 0
+    shown = cli("show", "docs@prod", state=state)
+    assert shown["seq"] == 1 and shown["tags"] == ["prod"]
+    prefix = shown["version_id"][:8]
+    assert cli("show", f"docs@{prefix}", state=state)["seq"] == 1
+
+    chunk = cli("show", "docs", state=state)["chunk_ids"][0]
+    row = cli("lineage", chunk, state=state)
+    assert row["chunk_id"] == chunk and row["embedding_model"].startswith("minilm-l6-v2@")
+    text = runner.invoke(data_app, ["lineage", chunk, "--state-dir", str(state)]).stdout
+    assert "pipeline version" in text and "model sha256" in text
+
+    assert cli("gc", "docs", "--keep", "1", state=state)["versions"] == []  # v1 is tagged
+    missing = runner.invoke(data_app, ["show", "docs@9", "--state-dir", str(state)])
+    assert missing.exit_code == 1 and "data log docs" in missing.output
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_mid_ingest_leaves_previous_version_and_next_ingest_completes(tmp_path: Path) -> None:
+    state, corpus = tmp_path / "state", tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "first.txt").write_text(prose(1))
+    config = tmp_path / "lamina.yaml"
+    config.write_text("data:\n  embed_batch_size: 8\n  chunk_size: 32\n  chunk_overlap: 4\n")
+    base = ["ingest", str(corpus), "--dataset", "docs", "--config", str(config)]
+    cli(*base, state=state)
+    lance = LanceDBStore(state / "vectors")
+    before = lance.count("docs")
+    for i in range(16):
+        (corpus / f"more{i:02d}.txt").write_text(prose(i + 2, 200))
+    command = [
+        sys.executable,
+        "-c",
+        "from lamina.cli._data import main; main()",
+        *base,
+        "--state-dir",
+        str(state),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while lance.count("docs") <= before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a real process, not waiting on a policy
+    assert proc.poll() is None, "the ingest finished before it could be killed; give it more files"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    meta = Store(f"sqlite:///{state / 'lamina.db'}")
+    catalog = DatasetCatalog(meta)
+    assert [v.seq for v in catalog.log("docs")] == [1]
+    assert catalog.runs("docs")[0].state == "running"
+    ids = catalog.members(catalog.resolve("docs"))
+    hits = lance.search("docs", query_text=prose(1).split()[0], mode="keyword", k=5, chunk_ids=ids)
+    assert hits and all(h.chunk.chunk_id in ids for h in hits)
+
+    after = cli(*base, state=state)
+    assert after["state"] == "completed" and after["version"]["seq"] == 2
+    assert after["counts"]["abandoned_runs"] == 1 and after["counts"]["chunks_reused"] > 0
+    assert catalog.runs("docs")[1].state == "abandoned"
+    meta.close()

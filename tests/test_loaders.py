@@ -1,0 +1,105 @@
+"""Loaders and cleaning: documents per format, skip reasons, and byte spans that point into the source."""
+
+from __future__ import annotations
+
+import pytest
+
+from lamina.data._clean import clean_text
+from lamina.data._loaders import LoadOptions, Unloadable, load_source
+
+
+def make_pdf(pages: list[str]) -> bytes:
+    """A small valid PDF with one line of Helvetica text per page (offsets in the xref are exact)."""
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", ""]
+    kids = []
+    for text in pages:
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET"
+        content = len(objects) + 2
+        kids.append(f"{len(objects) + 1} 0 R")
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content} 0 R "
+            f"/Resources << /Font << /F1 {len(pages) * 2 + 3} 0 R >> >> >>"
+        )
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>"
+    objects.append("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for n, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{n} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
+def test_text_spans_point_into_the_file_bytes() -> None:
+    raw = "\ufeff  Café  déjà\r\n\r\n\r\nvu\u00a0ok ﬁn\x07e  ".encode()
+    doc = load_source("file:///t.txt", ".txt", raw).documents[0]
+    assert doc.text == "Café déjà\n\nvu ok fine"
+    for word in ("Café", "déjà", "vu", "fine"):
+        start = doc.text.index(word)
+        a, b = doc.clean.byte_span(start, start + len(word))
+        source = raw[a:b].decode()
+        assert source.replace("\x07", "").replace("ﬁ", "fi") == word
+
+
+def test_nfkc_and_combining_sequences_map_back() -> None:
+    clean = clean_text("e\u0301te\u0301 \uff21\uff22")
+    assert clean.text == "été AB"
+    assert clean.byte_span(0, 1) == (0, 3) and clean.byte_span(4, 6) == (8, 14)
+
+
+def test_html_keeps_visible_text_only() -> None:
+    html = b"<html><head><title>x</title><style>p{}</style></head><body><h1>Title</h1><p>One &amp; two</p>"
+    html += b"<script>var a = 1;</script><div>three</div></body></html>"
+    assert load_source("u", ".html", html).documents[0].text == "Title\n\nOne & two\n\nthree"
+
+
+def test_jsonl_records_with_metadata_and_skipped_lines() -> None:
+    raw = b'{"body": "first", "lang": "en", "n": 3}\nnot json\n{"other": 1}\n\n[1]\n{"body": "second"}\n'
+    loaded = load_source("file:///r.jsonl", ".jsonl", raw, LoadOptions("body", ("lang", "n")))
+    assert [(d.uri, d.text, d.metadata) for d in loaded.documents] == [
+        ("file:///r.jsonl#line=1", "first", {"lang": "en", "n": 3}),
+        ("file:///r.jsonl#line=6", "second", {}),
+    ]
+    assert [where.rsplit("#", 1)[1] for where, _ in loaded.skipped] == ["line=2", "line=3", "line=5"]
+
+
+def test_csv_rows_and_a_missing_column() -> None:
+    raw = b'text,src\n"hello, world",a\n"multi\nline",b\n'
+    loaded = load_source("f", ".csv", raw, LoadOptions(meta_fields=("src",)))
+    assert [(d.uri, d.text, d.metadata) for d in loaded.documents] == [
+        ("f#row=1", "hello, world", {"src": "a"}),
+        ("f#row=2", "multi\nline", {"src": "b"}),
+    ]
+    with pytest.raises(Unloadable, match="no column 'body'"):
+        load_source("f", ".csv", raw, LoadOptions(text_field="body"))
+
+
+def test_pdf_one_document_per_page() -> None:
+    docs = load_source("file:///d.pdf", ".pdf", make_pdf(["Hello page one", "Second page here"])).documents
+    assert [(d.uri, d.text) for d in docs] == [
+        ("file:///d.pdf#page=1", "Hello page one"),
+        ("file:///d.pdf#page=2", "Second page here"),
+    ]
+    assert docs[1].clean.byte_span(0, 6) == (0, 6)  # spans refer to the page's extracted text
+
+
+@pytest.mark.parametrize(
+    ("suffix", "raw", "reason"),
+    [
+        (".txt", b"", "empty"),
+        (".txt", b" \n\t ", "no text"),
+        (".txt", b"abc\x00def", "binary"),
+        (".md", "caf\xe9".encode("latin-1"), "UTF-8"),
+        (".pdf", b"%PDF-1.4 truncated garbage", "unreadable PDF"),
+        (".pdf", b"plain text", "not a PDF"),
+        (".docx", b"x", "unsupported"),
+    ],
+)
+def test_unloadable_files_say_why(suffix: str, raw: bytes, reason: str) -> None:
+    with pytest.raises(Unloadable, match=reason):
+        load_source("f", suffix, raw)
