@@ -15,7 +15,7 @@ LAYERS = {"compute": 1, "orchestration": 2, "data": 3, "models": 4, "application
 #: importable from every layer; they import no layer themselves
 FOUNDATION = {"config", "errors", "store", "observability"}
 #: the composition root and the CLI wire everything: they may import any layer
-TOP = {"stack", "cli", "__init__", "__main__"}
+TOP = {"stack", "_data_stack", "cli", "__init__", "__main__"}
 
 
 def _package_of(module: str) -> str | None:
@@ -95,16 +95,28 @@ PUBLIC = {
     ],
     "models": [
         "BUNDLED", "ENGINE_CAPABILITIES", "BundledModel", "Capability", "Catalog", "ChatCompletionRequest",
-        "ChatMessage", "CompletionRequest", "Delta", "EmbeddingBatch", "EmbeddingRequest", "Engine",
-        "EngineInfo", "LoadSpec", "ModelCard", "ModelList", "ModelVersion", "Registry", "Route",
-        "SamplingParams", "ServedModel", "Usage", "detect_format", "engine_names", "load_engine",
-        "read_metadata", "register_bundled", "worker_workload",
+        "ChatMessage", "CompletionRequest", "Delta", "DispatchQueryEmbedder", "EmbeddingBatch",
+        "EmbeddingRequest", "Engine", "EngineEmbedder", "EngineInfo", "HTTPEmbedder", "LoadSpec",
+        "ModelCard", "ModelList", "ModelVersion", "Registry", "Route", "SamplingParams", "ServedModel",
+        "ThreadQueryEmbedder", "Usage", "detect_format", "engine_names", "load_engine", "read_metadata",
+        "register_bundled", "worker_workload",
     ],
     "application": [
         "DispatchResult", "Dispatcher", "GatewayDeps", "ModelCatalog", "Readiness", "Route", "create_app",
     ],
     "observability": [
-        "LAYER", "GatewayMetrics", "Layer", "SpanRow", "StoreSpanExporter", "Telemetry", "read_trace",
+        "LAYER", "DriftMetrics", "GatewayMetrics", "Layer", "SpanRow", "StoreSpanExporter", "Telemetry",
+        "read_trace",
+    ],
+    "data": [
+        "BM25_B", "BM25_K1", "HYBRID_DEPTH", "MIN_INDEX_ROWS", "RRF_K", "AsyncEmbedder", "Chunk",
+        "ChunkLineage", "ChunkTokenizer", "Citation", "DatasetCatalog", "DatasetVersion", "DriftChecker",
+        "DriftRecorder", "DriftReport", "DriftReports", "DriftSettings", "DriftWindow", "Embedder",
+        "EnglishAnalyzer", "ExactIndex", "Fused", "Hit", "HnswIndex", "IndexParams", "IngestOptions",
+        "IngestPipeline", "IngestProgress", "IngestReport", "IvfHnswSqIndex", "IvfPqIndex", "LanceDBStore",
+        "LineageEmitter", "LoadOptions", "PgVectorStore", "PinnedVersion", "Retrieval", "Retriever",
+        "Scalar", "SearchMode", "SourceRecord", "VectorStore", "VersionDiff", "VersionResolver",
+        "WindowPolicy", "collect_garbage", "publish_drift_metrics", "reciprocal_rank_fusion",
     ],
 }  # fmt: skip
 

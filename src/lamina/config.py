@@ -199,6 +199,20 @@ def _default_deployments() -> list[DeploymentConfig]:
         DeploymentConfig(name=BUNDLED_EMBEDDING_MODEL, engine="onnx"),
     ]
 
+    @model_validator(mode="after")
+    def _pgvector_needs_url(self) -> DataConfig:
+        if self.vector_backend == "pgvector" and not self.pgvector_url:
+            raise ValueError("vector_backend is pgvector but pgvector_url is empty: set pgvector_url")
+        return self
+
+
+class RagAliasConfig(_Strict):
+    name: str = Field(description="The model name clients ask for to get answers grounded in `dataset`.")
+    model: str = Field(description="The deployment that writes the answer.")
+    dataset: str = Field(description="The dataset version to retrieve from: NAME, NAME@SEQ or NAME@TAG.")
+    k: int = Field(4, ge=1, le=50, description="Passages put in the context.")
+    mode: Literal["vector", "keyword", "hybrid"] = Field("hybrid", description="How to search.")
+
 
 class LaminaConfig(_Strict):
     state_dir: Path | None = Field(
@@ -223,6 +237,10 @@ class LaminaConfig(_Strict):
     data: DataConfig = Field(
         default_factory=DataConfig, description="Ingestion: chunking, de-duplication, embedding, vectors."
     )
+    rag: list[RagAliasConfig] = Field(
+        default_factory=list,
+        description="Model names that answer with retrieval-augmented generation over a dataset.",
+    )
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> LaminaConfig:
@@ -230,6 +248,12 @@ class LaminaConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"deployment names must be unique; repeated: {', '.join(dupes)}")
+        clash = sorted({a.name for a in self.rag} & set(names))
+        if clash:
+            raise ValueError(f"RAG alias names must differ from deployment names; both: {', '.join(clash)}")
+        missing = sorted({a.model for a in self.rag} - set(names))
+        if missing:
+            raise ValueError(f"RAG aliases name models that are not deployed: {', '.join(missing)}")
         return self
 
     def database_url(self, state_dir: Path) -> str:

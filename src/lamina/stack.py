@@ -18,11 +18,29 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from lamina._data_stack import DataStack, open_data_stack
 from lamina.application import GatewayDeps, create_app
+from lamina.application._rag import RagOptions
 from lamina.config import DeploymentConfig, LaminaConfig
-from lamina.errors import ConfigError
-from lamina.models import Catalog, Registry, ServedModel, register_bundled, worker_workload
-from lamina.observability import Telemetry
+from lamina.data import (
+    AsyncEmbedder,
+    DriftRecorder,
+    DriftReports,
+    DriftWindow,
+    Retriever,
+    publish_drift_metrics,
+)
+from lamina.errors import ConfigError, LaminaError
+from lamina.models import (
+    Catalog,
+    DispatchQueryEmbedder,
+    Registry,
+    ServedModel,
+    ThreadQueryEmbedder,
+    register_bundled,
+    worker_workload,
+)
+from lamina.observability import DriftMetrics, Telemetry
 from lamina.orchestration import Controller, Dispatcher, LocalProcessBackend, WorkloadSpec
 from lamina.store import Store
 
@@ -43,13 +61,23 @@ class Stack:
     dispatcher: Dispatcher
     catalog: Catalog
     workloads: list[WorkloadSpec]
+    data: DataStack
+    retriever: Retriever
+    drift: DriftRecorder
+    drift_metrics: DriftMetrics
 
     def readiness(self) -> dict[str, bool]:
         return {d.name: d.ready > 0 for d in self.controller.status()}
 
+    def publish_drift(self) -> None:
+        """Export the newest stored drift report of each dataset as gauges."""
+        publish_drift_metrics(DriftReports(self.store).latest(), self.drift_metrics)
+
     async def aclose(self) -> None:
         await self.controller.shutdown()
         await self.http.aclose()
+        self.drift.close()
+        self.data.close()
         self.telemetry.shutdown()
         self.store.close()
 
@@ -115,13 +143,38 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         restart_backoff_max_s=orch.restart_backoff_max_s,
     )
     dispatcher = Dispatcher(controller, http, retry_deadline_s=orch.retry_deadline_s)
+    served = [s for s, _ in pairs]
+    data = open_data_stack(config, state_dir, store=store)
+    retriever = Retriever(
+        data.catalog, data.vectors, _query_embedder(config, registry, served, dispatcher, data)
+    )
     stack = Stack(
         config=config, state_dir=state_dir, store=store, registry=registry, telemetry=telemetry,
         http=http, controller=controller, dispatcher=dispatcher, catalog=Catalog([]), workloads=[],
+        data=data, retriever=retriever, drift=DriftRecorder(DriftWindow(store)),
+        drift_metrics=DriftMetrics(telemetry.metrics.registry),
     )  # fmt: skip
-    stack.catalog = Catalog([s for s, _ in pairs], readiness=stack.readiness)
+    stack.catalog = Catalog(served, readiness=stack.readiness)
     stack.workloads = [w for _, w in pairs]
     return stack
+
+
+def _query_embedder(
+    config: LaminaConfig,
+    registry: Registry,
+    served: list[ServedModel],
+    dispatcher: Dispatcher,
+    data: DataStack,
+) -> AsyncEmbedder:
+    """Queries are embedded by a replica serving the datasets' embedding model, else in-process."""
+    try:
+        ref = registry.get(config.data.embedding_model).ref
+    except LaminaError:
+        ref = None
+    deployment = next((s.deployment for s in served if ref is not None and s.model_ref == ref), None)
+    if deployment is not None:
+        return DispatchQueryEmbedder(dispatcher, deployment)
+    return ThreadQueryEmbedder(data.embedder)
 
 
 def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> FastAPI:
@@ -133,10 +186,12 @@ def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> 
         stack.controller.apply(stack.workloads)
         loop_task = asyncio.create_task(stack.controller.run(stop), name="lamina-control-loop")
         ready_task = asyncio.create_task(_announce_ready(stack, on_ready))
+        drift_task = asyncio.create_task(_publish_drift_forever(stack), name="lamina-drift-metrics")
         try:
             yield
         finally:
             ready_task.cancel()
+            drift_task.cancel()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
@@ -148,8 +203,23 @@ def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> 
         readiness=stack.readiness,
         telemetry=stack.telemetry,
         api_keys=stack.config.server.api_keys,
+        retriever=stack.retriever,
+        rag_aliases={
+            a.name: (a.model, RagOptions(dataset=a.dataset, k=a.k, mode=a.mode)) for a in stack.config.rag
+        },
+        query_sink=stack.drift,
     )
     return create_app(deps, lifespan=lifespan)
+
+
+async def _publish_drift_forever(stack: Stack, every_s: float = 30.0) -> None:
+    """Drift reports are written by `lamina data drift` (any process); the gauges follow them."""
+    while True:
+        try:
+            await asyncio.to_thread(stack.publish_drift)
+        except LaminaError as exc:
+            log.warning("could not export drift metrics: %s", exc)
+        await asyncio.sleep(every_s)
 
 
 async def _announce_ready(stack: Stack, on_ready: Callable[[], None] | None) -> None:

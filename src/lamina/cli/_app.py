@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 
 from lamina.cli._common import ConfigOption, StateDirOption, err_console, fail, load, out_console
+from lamina.cli._data import data_app
+from lamina.cli._drift import drift
 from lamina.cli._models import models_app
 from lamina.config import LaminaConfig
 from lamina.errors import LaminaError
@@ -23,6 +25,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show the effective config or its JSON schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+data_app.command("drift")(drift)
 
 
 def _example(base: str, config: LaminaConfig) -> str:

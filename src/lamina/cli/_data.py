@@ -9,12 +9,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Annotated
 
+import anyio
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from lamina._data_stack import DataStack, open_data_stack
 from lamina.cli._common import (
     ConfigOption,
     JsonOption,
@@ -25,18 +28,26 @@ from lamina.cli._common import (
     out_console,
     print_json,
 )
-from lamina.cli._data_wiring import DataStack, open_data_stack
+from lamina.data import Retriever
 from lamina.data._dataset_records import DatasetVersion
 from lamina.data._ingest import IngestOptions, IngestReport
 from lamina.data._lineage import lineage_chain
 from lamina.data._loaders import LoadOptions
 from lamina.data._writer import collect_garbage
 from lamina.errors import LaminaError
+from lamina.models import ThreadQueryEmbedder
 
 data_app = typer.Typer(
     help="Datasets: ingest files into immutable versions, inspect, diff, tag, collect, trace chunks.",
     no_args_is_help=True,
 )
+
+
+class SearchModeOption(StrEnum):
+    vector = "vector"
+    keyword = "keyword"
+    hybrid = "hybrid"
+
 
 RefArgument = Annotated[str, typer.Argument(help="NAME (newest), NAME@SEQ, NAME@TAG or NAME@ID-PREFIX.")]
 
@@ -298,5 +309,34 @@ def lineage(
     out_console.print(table)
 
 
-def main() -> None:  # pragma: no cover - for `python -m lamina.cli._data` until the lead wires it
+@data_app.command("search")
+def search(
+    ref: RefArgument,
+    query: Annotated[str, typer.Argument(help="What to search for.")],
+    k: Annotated[int, typer.Option("-k", min=1, max=200, help="How many chunks.")] = 10,
+    mode: Annotated[SearchModeOption, typer.Option(help="vector, keyword (BM25) or hybrid (RRF).")] = (
+        SearchModeOption.hybrid
+    ),
+    json_output: JsonOption = False,
+    state_dir: StateDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Search one dataset version; every hit names its chunk id, source and byte span."""
+    with _data(config, state_dir) as stack:
+        retriever = Retriever(stack.catalog, stack.vectors, ThreadQueryEmbedder(stack.embedder))
+        result = anyio.run(lambda: retriever.retrieve(ref, query, k=k, mode=mode.value))
+    if json_output:
+        print_json(result.to_json())
+        return
+    out_console.print(
+        f"{result.version.ref} ({result.version.version_id[:12]}), {mode.value} search", highlight=False
+    )
+    table = Table("#", "score", Column("source", overflow="fold"), "bytes", Column("text", overflow="fold"))
+    for c in result.citations:
+        snippet = c.text if len(c.text) <= 160 else c.text[:157] + "..."
+        table.add_row(str(c.index), f"{c.score:.3f}", c.source_uri, f"{c.byte_start}-{c.byte_end}", snippet)
+    out_console.print(table)
+
+
+def main() -> None:  # pragma: no cover - for `python -m lamina.cli._data`
     data_app(prog_name="lamina data", args=sys.argv[1:])

@@ -18,8 +18,8 @@ from typing import Annotated
 
 import typer
 
+from lamina._data_stack import open_data_stack
 from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
-from lamina.cli._data_wiring import open_data_stack
 from lamina.config import LaminaConfig
 from lamina.data._drift_report import CatalogResolver, DriftChecker, DriftReports
 from lamina.data._drift_window import DriftWindow

@@ -10,7 +10,7 @@ from lamina.data._drift_report import (
     DriftSettings,
     publish_drift_metrics,
 )
-from lamina.data._drift_window import DriftWindow, WindowPolicy
+from lamina.data._drift_window import DriftRecorder, DriftWindow, WindowPolicy
 from lamina.data._fusion import RRF_K, Fused, reciprocal_rank_fusion
 from lamina.data._ingest import IngestOptions, IngestPipeline, IngestProgress, IngestReport
 from lamina.data._lancedb import LanceDBStore
@@ -57,6 +57,7 @@ __all__ = [
     "DatasetCatalog",
     "DatasetVersion",
     "DriftChecker",
+    "DriftRecorder",
     "DriftReport",
     "DriftReports",
     "DriftSettings",

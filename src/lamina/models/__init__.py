@@ -3,6 +3,7 @@
 from lamina.models._bundled import BUNDLED, BundledModel, register_bundled
 from lamina.models._catalog import ENGINE_CAPABILITIES, Catalog, Route, ServedModel
 from lamina.models._deploy import worker_workload
+from lamina.models._embedder import EngineEmbedder, HTTPEmbedder
 from lamina.models._engine import (
     Capability,
     ChatMessage,
@@ -24,6 +25,7 @@ from lamina.models._openai import (
     ModelCard,
     ModelList,
 )
+from lamina.models._query_embedder import DispatchQueryEmbedder, ThreadQueryEmbedder
 from lamina.models._registry import ModelVersion, Registry
 
 __all__ = [
@@ -36,10 +38,13 @@ __all__ = [
     "ChatMessage",
     "CompletionRequest",
     "Delta",
+    "DispatchQueryEmbedder",
     "EmbeddingBatch",
     "EmbeddingRequest",
     "Engine",
+    "EngineEmbedder",
     "EngineInfo",
+    "HTTPEmbedder",
     "LoadSpec",
     "ModelCard",
     "ModelList",
@@ -48,6 +53,7 @@ __all__ = [
     "Route",
     "SamplingParams",
     "ServedModel",
+    "ThreadQueryEmbedder",
     "Usage",
     "detect_format",
     "engine_names",

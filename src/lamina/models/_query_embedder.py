@@ -7,10 +7,17 @@ own replica process, not again inside the gateway.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import anyio
 
 from lamina.errors import EngineError, from_body
 from lamina.orchestration import Dispatcher
+
+
+class SyncEmbedder(Protocol):
+    def embed(self, texts: Sequence[str]) -> Sequence[Sequence[float]]: ...
 
 
 class DispatchQueryEmbedder:
@@ -35,3 +42,22 @@ class DispatchQueryEmbedder:
             )
         ordered = sorted(data, key=lambda d: int(d["index"]))
         return [[float(x) for x in d["embedding"]] for d in ordered]
+
+
+class ThreadQueryEmbedder:
+    """The AsyncEmbedder port on an in-process embedder (when no deployment serves the dataset's model).
+
+    The embedder is made on first use (loading the model), and runs in a worker thread.
+    """
+
+    def __init__(self, make: Callable[[], SyncEmbedder]) -> None:
+        self._make = make
+        self._embedder: SyncEmbedder | None = None
+
+    async def embed_queries(self, texts: Sequence[str]) -> list[list[float]]:
+        return await anyio.to_thread.run_sync(self._embed, list(texts))
+
+    def _embed(self, texts: list[str]) -> list[list[float]]:
+        if self._embedder is None:
+            self._embedder = self._make()
+        return [list(map(float, v)) for v in self._embedder.embed(texts)]

@@ -1,7 +1,7 @@
 """Config + state directory to the data layer's objects: catalog, vector store, embedder, pipeline.
 
-The one place that composes them for ``lamina data`` (the CLI may wire layers). It belongs with the
-composition root (``lamina.stack``) and can move there unchanged.
+Part of the composition root: ``lamina data`` builds it alone (no stack needs to run), and
+``lamina.stack`` builds it beside the gateway on the gateway's own metadata store.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class DataStack:
     vectors: VectorStore
     lineage: LineageEmitter
     gateway_url: str | None = None
+    #: False when the store was handed in (the caller closes it)
+    owns_store: bool = True
     _embedder: EngineEmbedder | HTTPEmbedder | None = field(default=None, repr=False)
 
     def embedder(self) -> EmbeddingTokenizer:
@@ -77,17 +79,23 @@ class DataStack:
         if isinstance(self.vectors, PgVectorStore):
             self.vectors.close()
         self.lineage.close()
-        self.store.close()
+        if self.owns_store:
+            self.store.close()
 
 
-def open_data_stack(config: LaminaConfig, state_dir: Path, *, gateway_url: str | None = None) -> DataStack:
+def open_data_stack(
+    config: LaminaConfig, state_dir: Path, *, gateway_url: str | None = None, store: Store | None = None
+) -> DataStack:
     """The migrated metadata store, registry, dataset catalog, vector store and lineage log of a state dir."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(config.database_url(state_dir))
-    store.migrate()
+    owns_store = store is None
+    if store is None:
+        store = Store(config.database_url(state_dir))
+        store.migrate()
     cfg = config.data
     vectors: VectorStore
-    if cfg.vector_backend == "pgvector" and cfg.pgvector_url:
+    if cfg.vector_backend == "pgvector":
+        assert cfg.pgvector_url is not None  # DataConfig refuses pgvector without a URL
         vectors = PgVectorStore(cfg.pgvector_url)
     else:
         vectors = LanceDBStore(state_dir / "vectors")
@@ -99,4 +107,5 @@ def open_data_stack(config: LaminaConfig, state_dir: Path, *, gateway_url: str |
     return DataStack(
         config=config, state_dir=state_dir, store=store, registry=Registry(store, state_dir / "blobs"),
         catalog=DatasetCatalog(store), vectors=vectors, lineage=lineage, gateway_url=gateway_url,
+        owns_store=owns_store,
     )  # fmt: skip

