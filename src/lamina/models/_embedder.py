@@ -48,33 +48,12 @@ class _Tokens:
         return [[(int(a), int(b)) for a, b in enc.offsets] for enc in encodings]
 
 
-class EngineEmbedder:
-    """A registered ONNX embedding model run in this process."""
+class _RegisteredEmbedder:
+    """What both embedders take from the registered model: its identity and its tokenizer."""
 
-    def __init__(self, mv: ModelVersion, options: ONNXOptions | None = None) -> None:
-        if mv.format != "onnx":
-            raise ConfigError(
-                f"model {mv.ref} is {mv.format}, not an ONNX embedding model; set data.embedding_model to "
-                "one (the bundled one is minilm-l6-v2)"
-            )
-        self._options = options or ONNXOptions()
+    def __init__(self, mv: ModelVersion, max_length: int) -> None:
         self._mv = mv
-        spec = LoadSpec(
-            name=mv.ref, path=mv.path, extra_files=mv.extra_files, options=self._options.model_dump()
-        )
-        self._engine = ONNXEngine(spec)
-        self._dim = self._engine.info().embedding_dim or 0
-        self._tokens = _Tokens(mv, self._options.max_length)
-
-    @classmethod
-    def from_registry(
-        cls, registry: Registry, ref: str, options: ONNXOptions | None = None
-    ) -> EngineEmbedder:
-        return cls(registry.get(ref), options)
-
-    @property
-    def dim(self) -> int:
-        return self._dim
+        self._tokens = _Tokens(mv, max_length)
 
     @property
     def name(self) -> str:
@@ -88,12 +67,6 @@ class EngineEmbedder:
     def max_tokens(self) -> int:
         return self._tokens.max_tokens
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Unit vectors, batched by the engine (``ONNXOptions.batch_size`` texts per forward pass)."""
-        if not texts:
-            return []
-        return self._engine.embed(texts).vectors
-
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` including special tokens, not truncated."""
         return self._tokens.count(text)
@@ -101,11 +74,45 @@ class EngineEmbedder:
     def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         return self._tokens.offsets(texts)
 
+
+class EngineEmbedder(_RegisteredEmbedder):
+    """A registered ONNX embedding model run in this process."""
+
+    def __init__(self, mv: ModelVersion, options: ONNXOptions | None = None) -> None:
+        if mv.format != "onnx":
+            raise ConfigError(
+                f"model {mv.ref} is {mv.format}, not an ONNX embedding model; set data.embedding_model to "
+                "one (the bundled one is minilm-l6-v2)"
+            )
+        self._options = options or ONNXOptions()
+        super().__init__(mv, self._options.max_length)
+        spec = LoadSpec(
+            name=mv.ref, path=mv.path, extra_files=mv.extra_files, options=self._options.model_dump()
+        )
+        self._engine = ONNXEngine(spec)
+        self._dim = self._engine.info().embedding_dim or 0
+
+    @classmethod
+    def from_registry(
+        cls, registry: Registry, ref: str, options: ONNXOptions | None = None
+    ) -> EngineEmbedder:
+        return cls(registry.get(ref), options)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Unit vectors, batched by the engine (``ONNXOptions.batch_size`` texts per forward pass)."""
+        if not texts:
+            return []
+        return self._engine.embed(texts).vectors
+
     def close(self) -> None:
         self._engine.close()
 
 
-class HTTPEmbedder:
+class HTTPEmbedder(_RegisteredEmbedder):
     """A running stack's ``/v1/embeddings``; ``served_name`` is the deployment serving ``mv``."""
 
     def __init__(
@@ -118,12 +125,11 @@ class HTTPEmbedder:
         api_key: str | None = None,
         max_length: int = ONNXOptions().max_length,
     ) -> None:
+        super().__init__(mv, max_length)
         self._url = base_url.rstrip("/") + "/embeddings"
         self._served = served_name
-        self._mv = mv
         self._client = client or httpx.Client(timeout=httpx.Timeout(300.0, connect=5.0))
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._tokens = _Tokens(mv, max_length)
         self._dim: int | None = None
 
     @property
@@ -131,18 +137,6 @@ class HTTPEmbedder:
         if self._dim is None:
             self._dim = len(self.embed(["probe"])[0])
         return self._dim
-
-    @property
-    def name(self) -> str:
-        return self._mv.ref
-
-    @property
-    def sha256(self) -> str:
-        return self._mv.sha256
-
-    @property
-    def max_tokens(self) -> int:
-        return self._tokens.max_tokens
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
@@ -162,12 +156,6 @@ class HTTPEmbedder:
         if len(vectors) != len(texts):
             raise EngineError(f"{self._url} returned {len(vectors)} embeddings for {len(texts)} texts")
         return vectors
-
-    def count_tokens(self, text: str) -> int:
-        return self._tokens.count(text)
-
-    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-        return self._tokens.offsets(texts)
 
     def close(self) -> None:
         self._client.close()
