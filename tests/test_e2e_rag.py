@@ -154,3 +154,12 @@ def test_unknown_dataset_is_a_clear_404(client: openai.OpenAI) -> None:
             model=CHAT, messages=[{"role": "user", "content": "hi"}], extra_body={"rag": {"dataset": "nope"}}
         )
     assert "nope" in str(info.value)
+
+
+def test_admin_ingest_is_off_until_roots_are_configured(stack: RunningStack) -> None:
+    r = httpx.post(f"{stack.base_url}/admin/v1/datasets/docs/ingest", json={"paths": ["*.md"]}, timeout=30)
+    assert r.status_code == 403
+    assert "data.ingest_roots" in r.json()["error"]["message"]
+    listed = httpx.get(f"{stack.base_url}/admin/v1/datasets", timeout=30)
+    assert listed.status_code == 200
+    assert "docs" in listed.text

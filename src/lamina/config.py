@@ -181,6 +181,13 @@ class DataConfig(_Strict):
         "state directory.",
     )
     openlineage_namespace: str = Field("lamina", description="OpenLineage namespace of ingest jobs.")
+    ingest_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories the admin API may ingest from (POST /admin/v1/datasets/NAME/ingest reads "
+        "the gateway machine's own files; relative request paths are under the first). Relative roots are "
+        "resolved against the gateway's working directory. Empty: ingestion through the admin API is off "
+        "(403); `lamina data ingest` is unaffected.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
@@ -198,12 +205,6 @@ def _default_deployments() -> list[DeploymentConfig]:
         DeploymentConfig(name=BUNDLED_CHAT_MODEL, engine="gguf"),
         DeploymentConfig(name=BUNDLED_EMBEDDING_MODEL, engine="onnx"),
     ]
-
-    @model_validator(mode="after")
-    def _pgvector_needs_url(self) -> DataConfig:
-        if self.vector_backend == "pgvector" and not self.pgvector_url:
-            raise ValueError("vector_backend is pgvector but pgvector_url is empty: set pgvector_url")
-        return self
 
 
 class RagAliasConfig(_Strict):

@@ -6,6 +6,7 @@
     │   ├── ContextLengthError         context_length_exceeded 400
     │   └── UnsupportedCapabilityError unsupported_capability  400
     ├── AuthenticationError            invalid_api_key     401
+    ├── PermissionDeniedError          permission_denied   403
     ├── NotFoundError                  not_found           404
     │   └── ModelNotFoundError         model_not_found     404
     ├── ConflictError                  conflict            409
@@ -80,6 +81,12 @@ class AuthenticationError(LaminaError):
     code = "invalid_api_key"
     status = 401
     kind = "authentication_error"
+
+
+class PermissionDeniedError(LaminaError):
+    code = "permission_denied"
+    status = 403
+    kind = "permission_error"
 
 
 class NotFoundError(LaminaError):
@@ -163,6 +170,7 @@ ERRORS_BY_CODE: dict[str, type[LaminaError]] = {
         ContextLengthError,
         UnsupportedCapabilityError,
         AuthenticationError,
+        PermissionDeniedError,
         NotFoundError,
         ModelNotFoundError,
         ConflictError,

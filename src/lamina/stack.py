@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from lamina._data_stack import DataStack, open_data_stack
 from lamina.application import GatewayDeps, create_app
+from lamina.application._admin import ThreadedIngestService
 from lamina.application._rag import RagOptions
 from lamina.config import DeploymentConfig, LaminaConfig
 from lamina.data import (
@@ -65,6 +66,7 @@ class Stack:
     retriever: Retriever
     drift: DriftRecorder
     drift_metrics: DriftMetrics
+    ingest: ThreadedIngestService
 
     def readiness(self) -> dict[str, bool]:
         return {d.name: d.ready > 0 for d in self.controller.status()}
@@ -74,6 +76,7 @@ class Stack:
         publish_drift_metrics(DriftReports(self.store).latest(), self.drift_metrics)
 
     async def aclose(self) -> None:
+        await asyncio.to_thread(self.ingest.close)  # running ingests stop before committing
         await self.controller.shutdown()
         await self.http.aclose()
         self.drift.close()
@@ -153,6 +156,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         http=http, controller=controller, dispatcher=dispatcher, catalog=Catalog([]), workloads=[],
         data=data, retriever=retriever, drift=DriftRecorder(DriftWindow(store)),
         drift_metrics=DriftMetrics(telemetry.metrics.registry),
+        ingest=ThreadedIngestService(data.pipeline, data.catalog, config.data, config.data.ingest_roots),
     )  # fmt: skip
     stack.catalog = Catalog(served, readiness=stack.readiness)
     stack.workloads = [w for _, w in pairs]
@@ -208,6 +212,7 @@ def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> 
             a.name: (a.model, RagOptions(dataset=a.dataset, k=a.k, mode=a.mode)) for a in stack.config.rag
         },
         query_sink=stack.drift,
+        ingest=stack.ingest,
     )
     return create_app(deps, lifespan=lifespan)
 

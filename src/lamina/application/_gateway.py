@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Lifespan
 
+from lamina.application._admin import IngestService, admin_router
 from lamina.application._errors import install_error_handlers
 from lamina.application._ports import Dispatcher, ModelCatalog, Readiness, Route
 from lamina.application._rag import (
@@ -68,6 +69,8 @@ class GatewayDeps:
     rag_aliases: Mapping[str, tuple[str, RagOptions]] = field(default_factory=dict)
     #: told about every retrieval (the drift window samples the queries)
     query_sink: QuerySink | None = None
+    #: ingestion through the admin API (/admin/v1); None: no admin routes
+    ingest: IngestService | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ def create_app(deps: GatewayDeps, *, lifespan: Lifespan[FastAPI] | None = None) 
     install_error_handlers(app)
     app.include_router(_api_router(deps))
     app.include_router(_probe_router(deps))
+    if deps.ingest is not None:
+        app.include_router(admin_router(deps.ingest, _authenticator(deps.api_keys)))
     return app
 
 
