@@ -19,7 +19,7 @@ import pytest
 from lamina.application import GatewayDeps, create_app
 from lamina.application._rag import RagOptions
 from lamina.data import Chunk, LanceDBStore, PinnedVersion, Retrieval, Retriever
-from lamina.errors import NotFoundError
+from lamina.errors import ConflictError, NotFoundError
 from lamina.models import load_engine
 from lamina.models._onnx import ONNXEngine
 from lamina.observability import Telemetry, read_trace
@@ -228,3 +228,19 @@ async def test_without_a_retriever_rag_is_a_clear_400(tmp_path: Path) -> None:
     assert "lamina data ingest" in r.json()["error"]["message"]
     telemetry.shutdown()
     store.close()
+
+
+async def test_a_version_embedded_by_another_model_is_refused_for_vector_search(
+    tmp_path: Path, engine: ONNXEngine
+) -> None:
+    @dataclass
+    class OtherModel:
+        def pin(self, ref: str) -> PinnedVersion:
+            return PinnedVersion("docs", "v9", 9, frozenset({"a"}), embedding_model="e5-small@1")
+
+    retriever = Retriever(OtherModel(), LanceDBStore(tmp_path / "v"), EngineQueries(engine), "minilm-l6-v2@1")
+    with pytest.raises(ConflictError) as info:
+        await retriever.retrieve("docs@9", "tea", mode="hybrid")
+    assert "e5-small@1" in info.value.message and "mode=keyword" in info.value.message
+    with pytest.raises(NotFoundError):  # keyword search needs no vectors: past the check, to the empty store
+        await retriever.retrieve("docs@9", "tea", mode="keyword")

@@ -148,9 +148,8 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     dispatcher = Dispatcher(controller, http, retry_deadline_s=orch.retry_deadline_s)
     served = [s for s, _ in pairs]
     data = open_data_stack(config, state_dir, store=store)
-    retriever = Retriever(
-        data.catalog, data.vectors, _query_embedder(config, registry, served, dispatcher, data)
-    )
+    queries, query_model = _query_embedder(config, registry, served, dispatcher, data)
+    retriever = Retriever(data.catalog, data.vectors, queries, query_model)
     stack = Stack(
         config=config, state_dir=state_dir, store=store, registry=registry, telemetry=telemetry,
         http=http, controller=controller, dispatcher=dispatcher, catalog=Catalog([]), workloads=[],
@@ -169,16 +168,17 @@ def _query_embedder(
     served: list[ServedModel],
     dispatcher: Dispatcher,
     data: DataStack,
-) -> AsyncEmbedder:
-    """Queries are embedded by a replica serving the datasets' embedding model, else in-process."""
+) -> tuple[AsyncEmbedder, str | None]:
+    """Queries are embedded by a replica serving the datasets' embedding model, else in-process; with the
+    ``name@version`` of that model."""
     try:
         ref = registry.get(config.data.embedding_model).ref
     except LaminaError:
         ref = None
     deployment = next((s.deployment for s in served if ref is not None and s.model_ref == ref), None)
     if deployment is not None:
-        return DispatchQueryEmbedder(dispatcher, deployment)
-    return ThreadQueryEmbedder(data.embedder)
+        return DispatchQueryEmbedder(dispatcher, deployment), ref
+    return ThreadQueryEmbedder(data.embedder), ref
 
 
 def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> FastAPI:

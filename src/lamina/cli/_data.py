@@ -17,7 +17,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from lamina._data_stack import DataStack, open_data_stack
+from lamina._data_stack import DataStack, embedding_model, open_data_stack
 from lamina.cli._common import (
     ConfigOption,
     JsonOption,
@@ -323,7 +323,9 @@ def search(
 ) -> None:
     """Search one dataset version; every hit names its chunk id, source and byte span."""
     with _data(config, state_dir) as stack:
-        retriever = Retriever(stack.catalog, stack.vectors, ThreadQueryEmbedder(stack.embedder))
+        query_model = embedding_model(stack.registry, stack.config.data.embedding_model).ref
+        queries = ThreadQueryEmbedder(stack.embedder)  # loads the model only for vector and hybrid search
+        retriever = Retriever(stack.catalog, stack.vectors, queries, query_model)
         result = anyio.run(lambda: retriever.retrieve(ref, query, k=k, mode=mode.value))
     if json_output:
         print_json(result.to_json())

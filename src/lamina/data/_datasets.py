@@ -130,7 +130,11 @@ class DatasetCatalog:
         """``ref`` resolved to its version and chunk ids: what retrieval searches (its VersionResolver)."""
         version = self.resolve(ref)
         return PinnedVersion(
-            version.dataset, version.version_id, version.seq, frozenset(self.members(version))
+            version.dataset,
+            version.version_id,
+            version.seq,
+            frozenset(self.members(version)),
+            embedding_model=version.embedding_model,
         )
 
     def members(self, version: DatasetVersion) -> list[str]:

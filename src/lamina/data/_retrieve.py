@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import anyio
 
 from lamina.data._vectors import Hit, Scalar, SearchMode, VectorStore
-from lamina.errors import InvalidRequestError
+from lamina.errors import ConflictError, InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class PinnedVersion:
     version_id: str
     seq: int
     chunk_ids: frozenset[str]
+    #: ``name@version`` of the model that embedded its chunks (None: unknown)
+    embedding_model: str | None = None
 
     @property
     def ref(self) -> str:
@@ -114,10 +116,19 @@ def citations(hits: Sequence[Hit], version: PinnedVersion) -> list[Citation]:
 class Retriever:
     """Searches pinned dataset versions; the gateway's ``/v1/retrieve`` and RAG use it."""
 
-    def __init__(self, versions: VersionResolver, store: VectorStore, embedder: AsyncEmbedder) -> None:
+    def __init__(
+        self,
+        versions: VersionResolver,
+        store: VectorStore,
+        embedder: AsyncEmbedder,
+        query_model: str | None = None,
+    ) -> None:
+        """``query_model``: ``name@version`` of the model ``embedder`` runs; versions embedded with another
+        model are refused for vector and hybrid search (their vectors live in another space)."""
         self._versions = versions
         self._store = store
         self._embedder = embedder
+        self._query_model = query_model
 
     async def retrieve(
         self,
@@ -131,11 +142,23 @@ class Retriever:
         if not query.strip():
             raise InvalidRequestError("the query is empty; send the text to search for", param="query")
         version = await anyio.to_thread.run_sync(self._versions.pin, ref)
+        if mode != "keyword":
+            self._check_model(version)
         vector = None if mode == "keyword" else (await self._embedder.embed_queries([query]))[0]
         hits = await anyio.to_thread.run_sync(
             lambda: self._search(version, query, vector, k, mode, filters, version.chunk_ids)
         )
         return Retrieval(query, mode, version, citations(hits, version), query_vector=vector)
+
+    def _check_model(self, version: PinnedVersion) -> None:
+        model, query_model = version.embedding_model, self._query_model
+        if model is None or query_model is None or model == query_model:
+            return
+        raise ConflictError(
+            f"{version.ref} was embedded with {model}, but queries here are embedded with {query_model}: "
+            f"search it with mode=keyword, or ingest it again with data.embedding_model: {query_model}",
+            param="dataset",
+        )
 
     def _search(
         self,
