@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from lamina.models._bundled import register_bundled
+from lamina.models._embedder import EngineEmbedder
 from lamina.models._registry import ModelVersion, Registry
 from lamina.store import Store
 
@@ -141,3 +142,11 @@ def bundled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Mode
     s.migrate()
     yield {mv.name: mv for mv in register_bundled(Registry(s, root / "blobs"))}
     s.close()
+
+
+@pytest.fixture(scope="module")
+def real_embedder(bundled: dict[str, ModelVersion]) -> Iterator[EngineEmbedder]:
+    """The bundled MiniLM as the data layer's in-process embedder, loaded once per test module."""
+    embedder = EngineEmbedder(bundled["minilm-l6-v2"])
+    yield embedder
+    embedder.close()

@@ -30,7 +30,6 @@ from lamina.data import IngestPipeline, Retriever
 from lamina.errors import EngineCrashedError
 from lamina.models import ThreadQueryEmbedder
 from lamina.models._embedder import EngineEmbedder
-from lamina.models._registry import ModelVersion
 from lamina.observability import Telemetry
 
 WORDS = ["river", "mountain", "cloud", "vector", "lamina", "store", "token", "graph", "index", "query"]
@@ -70,13 +69,6 @@ class Wrapped:
 
     def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         return self.inner.token_offsets(texts)
-
-
-@pytest.fixture(scope="module")
-def real_embedder(bundled: dict[str, ModelVersion]) -> Iterator[EngineEmbedder]:
-    embedder = EngineEmbedder(bundled["minilm-l6-v2"])
-    yield embedder
-    embedder.close()
 
 
 @dataclass

@@ -23,7 +23,6 @@ from lamina.data._pgvector import _psycopg_url
 from lamina.data._writer import collect_garbage, dataset_lock
 from lamina.errors import ConflictError, EngineCrashedError
 from lamina.models._embedder import EngineEmbedder
-from lamina.models._registry import ModelVersion
 from lamina.store import Store
 
 WORDS = ["river", "mountain", "cloud", "vector", "lamina", "store", "token"]
@@ -61,13 +60,6 @@ class Counting:
 
     def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         return self.inner.token_offsets(texts)
-
-
-@pytest.fixture(scope="module")
-def real_embedder(bundled: dict[str, ModelVersion]) -> Iterator[EngineEmbedder]:
-    embedder = EngineEmbedder(bundled["minilm-l6-v2"])
-    yield embedder
-    embedder.close()
 
 
 @pytest.fixture(params=["lancedb", "pgvector"])

@@ -84,7 +84,12 @@ class DataStack:
 
 
 def open_data_stack(
-    config: LaminaConfig, state_dir: Path, *, gateway_url: str | None = None, store: Store | None = None
+    config: LaminaConfig,
+    state_dir: Path,
+    *,
+    gateway_url: str | None = None,
+    store: Store | None = None,
+    registry: Registry | None = None,
 ) -> DataStack:
     """The migrated metadata store, registry, dataset catalog, vector store and lineage log of a state dir."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +110,8 @@ def open_data_stack(
         url=cfg.openlineage_url,
     )
     return DataStack(
-        config=config, state_dir=state_dir, store=store, registry=Registry(store, state_dir / "blobs"),
+        config=config, state_dir=state_dir, store=store,
+        registry=registry or Registry(store, state_dir / "blobs"),
         catalog=DatasetCatalog(store), vectors=vectors, lineage=lineage, gateway_url=gateway_url,
         owns_store=owns_store,
     )  # fmt: skip

@@ -147,7 +147,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     )
     dispatcher = Dispatcher(controller, http, retry_deadline_s=orch.retry_deadline_s)
     served = [s for s, _ in pairs]
-    data = open_data_stack(config, state_dir, store=store)
+    data = open_data_stack(config, state_dir, store=store, registry=registry)
     queries, query_model = _query_embedder(config, registry, served, dispatcher, data)
     retriever = Retriever(data.catalog, data.vectors, queries, query_model)
     stack = Stack(

@@ -11,7 +11,7 @@ the vector store is synchronous and runs in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -145,9 +145,7 @@ class Retriever:
         if mode != "keyword":
             self._check_model(version)
         vector = None if mode == "keyword" else (await self._embedder.embed_queries([query]))[0]
-        hits = await anyio.to_thread.run_sync(
-            lambda: self._search(version, query, vector, k, mode, filters, version.chunk_ids)
-        )
+        hits = await anyio.to_thread.run_sync(lambda: self._search(version, query, vector, k, mode, filters))
         return Retrieval(query, mode, version, citations(hits, version), query_vector=vector)
 
     def _check_model(self, version: PinnedVersion) -> None:
@@ -168,9 +166,8 @@ class Retriever:
         k: int,
         mode: SearchMode,
         filters: Mapping[str, Scalar] | None,
-        chunk_ids: Collection[str],
     ) -> list[Hit]:
-        if not chunk_ids:
+        if not version.chunk_ids:
             return []
         return self._store.search(
             version.dataset,
@@ -179,5 +176,5 @@ class Retriever:
             k=k,
             mode=mode,
             filters=filters,
-            chunk_ids=chunk_ids,
+            chunk_ids=version.chunk_ids,
         )
