@@ -79,6 +79,11 @@ def test_refs_tags_diff_lineage_and_gc(store: Store) -> None:
     pinned = catalog.pin("docs@prod")
     assert (pinned.ref, pinned.version_id) == ("docs@2", v2.version_id)
     assert sorted(pinned.chunk_ids) == ["c1", "c2", "c4", "c5"]
+    # a version is immutable: pinning it again hands out the same id set, which the stores resolve once
+    assert catalog.pin(f"docs@{v2.version_id[:8]}").chunk_ids is pinned.chunk_ids
+    catalog.tag("docs@3", "prod")
+    assert catalog.pin("docs@prod").version_id == v3.version_id  # a moved tag is followed, not cached
+    catalog.tag("docs@2", "prod")
     assert catalog.chunks_by_file(v2) == {"a": ["c1", "c2"], "b": ["c4"], "n": ["c5"]}
     assert catalog.lineage("c1").versions == (1, 2, 3)
 

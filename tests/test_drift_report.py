@@ -1,4 +1,6 @@
-"""Drift checks end to end: the real MiniLM embedder, LanceDB, the drift window, stored reports, the CLI.
+"""Drift checks end to end: the real MiniLM embedder, both vector backends (LanceDB with the metadata in
+SQLite; pgvector with the metadata in the same PostgreSQL database), the drift window, stored reports,
+the CLI.
 
 Reference: a "recipes" dataset of cooking questions. Current: other cooking questions from the same
 generator (no drift), or astronomy questions (drift, with astronomy as the uncovered examples).
@@ -24,7 +26,7 @@ from typer.testing import CliRunner
 
 from lamina.cli._drift import drift, make_drift_command
 from lamina.config import LaminaConfig
-from lamina.data import Chunk, LanceDBStore, VectorStore
+from lamina.data import Chunk, LanceDBStore, PgVectorStore, VectorStore
 from lamina.data._drift_report import (
     DriftChecker,
     DriftReport,
@@ -41,7 +43,7 @@ from lamina.store import Store
 
 Corpus = dict[str, list[float]]
 Split = tuple[list[str], list[str], list[str]]
-World = tuple[Store, LanceDBStore, VersionResolver]
+World = tuple[Store, VectorStore, VersionResolver]
 
 NOW = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
 #: Room for all of a test's traffic in one hour's bucket.
@@ -153,14 +155,21 @@ def ingest(vectors: VectorStore, reference: list[str], corpus: Corpus) -> list[s
     return [c.chunk_id for c in chunks]
 
 
-@pytest.fixture
-def world(tmp_path: Path, corpus: Corpus, split: Split) -> Iterator[World]:
-    store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
+@pytest.fixture(params=["lancedb", "pgvector"])
+def world(request: pytest.FixtureRequest, tmp_path: Path, corpus: Corpus, split: Split) -> Iterator[World]:
+    vectors: LanceDBStore | PgVectorStore
+    if request.param == "lancedb":
+        store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
+        vectors = LanceDBStore(tmp_path / "vectors")
+    else:
+        url = request.getfixturevalue("pg_database")
+        store, vectors = Store(url), PgVectorStore(url)
     store.migrate()
-    vectors = LanceDBStore(tmp_path / "vectors")
     ids = ingest(vectors, split[0], corpus)
     yield store, vectors, OneVersion("recipes", ids)
     store.close()
+    if isinstance(vectors, PgVectorStore):
+        vectors.close()
 
 
 def record(store: Store, current: list[str], corpus: Corpus) -> None:

@@ -127,6 +127,44 @@ def test_retrieve_endpoint_and_cli_search_agree(stack: RunningStack) -> None:
     assert r.json()["data"][0]["source_uri"].endswith("/docs/drums.md")
 
 
+def test_ingest_through_the_gateway_embeds_with_the_served_model(stack: RunningStack, tmp_path: Path) -> None:
+    """``lamina data ingest --gateway``: the CLI embeds through the running stack's replica, and the
+    gateway then finds those chunks by meaning (its query vectors live in the same space)."""
+    (tmp_path / "garden").mkdir()
+    (tmp_path / "garden" / "roses.md").write_text("Prune roses in late winter, just above an outward bud.\n")
+    (tmp_path / "garden" / "tomatoes.md").write_text("Tomato seedlings need sixteen hours of light a day.\n")
+    before = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+    ingest = lamina(
+        stack.state_dir, "data", "ingest", str(tmp_path / "garden"), "--dataset", "garden",
+        "--gateway", f"{stack.base_url}/v1", "--json",
+    )  # fmt: skip
+    assert ingest.returncode == 0, ingest.stderr
+    assert json.loads(ingest.stdout)["counts"]["chunks_embedded"] == 2
+    after = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+    assert _embedding_requests(after) > _embedding_requests(before)  # the replica embedded them
+    r = httpx.post(
+        f"{stack.base_url}/v1/retrieve",
+        json={
+            "dataset": "garden",
+            "query": "when should I cut back my rose bushes",
+            "k": 1,
+            "mode": "vector",
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["source_uri"].endswith("/garden/roses.md")
+
+
+def _embedding_requests(metrics: str) -> float:
+    """Requests the gateway served on /v1/embeddings, from its Prometheus text."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("lamina_requests_total{") and "embeddings" in line
+    )
+
+
 def test_queries_feed_the_drift_window_and_drift_reports_on_them(stack: RunningStack) -> None:
     questions = [f"question {i} about brewing green tea and baking bread" for i in range(35)]
     for q in questions:

@@ -174,6 +174,24 @@ def test_engine_crash_leaves_previous_version_and_next_run_completes(env: Env) -
     assert events == ["START", "COMPLETE", "START", "FAIL", "START", "COMPLETE"]
 
 
+def test_gc_deletes_the_vectors_an_interrupted_ingest_left(env: Env) -> None:
+    for i in range(3):
+        env.write(f"f{i}.txt", prose(i))
+    env.ingest()
+    kept = env.catalog.members(env.catalog.resolve("docs"))
+    for i in range(3, 8):
+        env.write(f"g{i}.txt", prose(i, 200))
+    with pytest.raises(EngineCrashedError):
+        env.ingest(fail_after=2)  # two batches reached the store; no version lists them
+    assert len(env.vectors.chunk_ids("docs")) > len(kept)
+    collected = collect_garbage(env.catalog, env.vectors, env.locks, "docs", keep=5)
+    assert collected.versions == [] and collected.orphans == len(collected.chunk_ids) > 0
+    assert env.vectors.chunk_ids("docs") == sorted(kept)
+    assert env.search("docs", prose(1)) == sorted((env.root / f"f{i}.txt").as_uri() for i in range(3))
+    again = collect_garbage(env.catalog, env.vectors, env.locks, "docs", keep=5)
+    assert (again.chunk_ids, again.orphans) == ([], 0)
+
+
 def test_every_chunk_records_its_lineage(env: Env) -> None:
     text = "Ünïcode  prose\u00a0here. " + prose(5)
     path = env.write("u.txt", "\ufeff" + text)

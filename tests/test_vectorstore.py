@@ -28,6 +28,7 @@ from lamina.data import (
     Chunk,
     EnglishAnalyzer,
     ExactIndex,
+    GraphIndex,
     HnswIndex,
     IndexParams,
     IvfHnswSqIndex,
@@ -57,7 +58,7 @@ def open_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
         return
     pg_url = request.getfixturevalue("pg_url")
     schema = f"test_{uuid.uuid4().hex[:12]}"
-    store = PgVectorStore(pg_url, schema=schema)
+    store = PgVectorStore(pg_url, schema=schema, graph_dir=tmp_path / f"graphs-{schema}")
     yield store
     store.close()
     with psycopg.connect(_psycopg_url(pg_url), autocommit=True) as conn:
@@ -462,8 +463,9 @@ INDEXES: dict[str, list[IndexParams]] = {
     "lancedb": [
         IvfPqIndex(num_partitions=8, num_sub_vectors=8, nprobes=4, refine_factor=10),
         IvfHnswSqIndex(),
+        GraphIndex(m=16, ef_construction=100, ef_search=64),
     ],
-    "pgvector": [HnswIndex(m=16, ef_construction=64, ef_search=100)],
+    "pgvector": [HnswIndex(m=16, ef_construction=64, ef_search=100), GraphIndex()],
 }
 
 

@@ -6,6 +6,7 @@ Part of the composition root: ``lamina data`` builds it alone (no stack needs to
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def open_data_stack(
     vectors: VectorStore
     if cfg.vector_backend == "pgvector":
         assert cfg.pgvector_url is not None  # DataConfig refuses pgvector without a URL
-        vectors = PgVectorStore(cfg.pgvector_url)
+        # graphs built from this server's tables, apart from those of any other server or schema
+        server = hashlib.sha256(cfg.pgvector_url.encode()).hexdigest()[:12]
+        vectors = PgVectorStore(cfg.pgvector_url, graph_dir=state_dir / "graphs" / f"pgvector-{server}")
     else:
         vectors = LanceDBStore(state_dir / "vectors")
     lineage = LineageEmitter(

@@ -284,10 +284,18 @@ def gc(
     with _data(config, state_dir) as stack:
         collected = collect_garbage(stack.catalog, stack.vectors, stack.state_dir / "locks", name, keep)
     if json_output:
-        print_json({"dataset": name, "versions": collected.versions, "chunks": len(collected.chunk_ids)})
+        print_json(
+            {
+                "dataset": name,
+                "versions": collected.versions,
+                "chunks": len(collected.chunk_ids),
+                "orphans": collected.orphans,
+            }
+        )
         return
     removed = ", ".join(f"{name}@{s}" for s in collected.versions) or "nothing"
-    out_console.print(f"removed {removed}; {len(collected.chunk_ids)} chunks deleted", highlight=False)
+    left = f" ({collected.orphans} left by interrupted ingests)" if collected.orphans else ""
+    out_console.print(f"removed {removed}; {len(collected.chunk_ids)} chunks deleted{left}", highlight=False)
 
 
 @data_app.command("lineage")

@@ -139,3 +139,5 @@ class Collected:
     dataset: str
     versions: list[int]
     chunk_ids: list[str]
+    #: how many of ``chunk_ids`` no version ever listed: vectors an interrupted ingest wrote
+    orphans: int = 0

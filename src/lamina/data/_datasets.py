@@ -15,6 +15,8 @@ here too, so an interrupted one stays visible (``abandoned``) instead of vanishi
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -64,12 +66,20 @@ def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
         yield items[start : start + _BATCH]
 
 
+#: Pinned versions (their chunk-id sets) kept in memory by each catalog.
+_PINS_KEPT = 8
+
+
 class DatasetCatalog:
     """Datasets, their versions, tags, sources, chunk lineage and ingest runs in a metadata ``store``."""
 
     def __init__(self, store: Store, *, clock: Callable[[], datetime] = utcnow) -> None:
         self._store = store
         self._clock = clock
+        # versions are immutable, so a pinned version's members can be kept; retrieval then passes the
+        # same frozenset every time and the vector store resolves it once (see VectorStore.search)
+        self._pins: OrderedDict[str, PinnedVersion] = OrderedDict()
+        self._pins_lock = threading.Lock()
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -129,13 +139,23 @@ class DatasetCatalog:
     def pin(self, ref: str) -> PinnedVersion:
         """``ref`` resolved to its version and chunk ids: what retrieval searches (its VersionResolver)."""
         version = self.resolve(ref)
-        return PinnedVersion(
+        with self._pins_lock:
+            pinned = self._pins.get(version.version_id)
+            if pinned is not None:
+                self._pins.move_to_end(version.version_id)
+                return pinned
+        pinned = PinnedVersion(
             version.dataset,
             version.version_id,
             version.seq,
             frozenset(self.members(version)),
             embedding_model=version.embedding_model,
         )
+        with self._pins_lock:
+            self._pins[version.version_id] = pinned
+            while len(self._pins) > _PINS_KEPT:
+                self._pins.popitem(last=False)
+        return pinned
 
     def members(self, version: DatasetVersion) -> list[str]:
         with self._store.begin() as conn:
@@ -354,6 +374,16 @@ class DatasetCatalog:
         rows = [_lineage_row(row) for cid, row in wanted.items() if cid not in present]
         for batch in _chunks(rows):
             conn.execute(insert(chunk_lineage), batch)
+
+    def live_chunk_ids(self, name: str) -> set[str]:
+        """Every chunk id some version of dataset ``name`` holds."""
+        with self._store.begin() as conn:
+            query = (
+                select(dataset_members.c.chunk_id)
+                .join(dataset_versions, dataset_versions.c.version_id == dataset_members.c.version_id)
+                .where(dataset_versions.c.dataset == check_dataset_name(name))
+            )
+            return set(conn.scalars(query))
 
     def collect(self, name: str, keep: int) -> Collected:
         """Forget all but the newest ``keep`` versions (tagged ones always stay) and chunks only they held.

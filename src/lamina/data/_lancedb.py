@@ -40,12 +40,14 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 from lancedb.index import BTree, HnswSq, IvfPq, LabelList
 
+from lamina.data._graph import ROW_SCHEMA, GraphFiles
 from lamina.data._text import bm25_scores
 from lamina.data._vectors import (
     CHUNK_FIELDS,
     MIN_INDEX_ROWS,
     Chunk,
     ExactIndex,
+    GraphIndex,
     IndexParams,
     IvfHnswSqIndex,
     IvfPqIndex,
@@ -166,7 +168,7 @@ class _Snapshot:
         pos = np.minimum(np.searchsorted(self.docs, docs), max(len(self.docs) - 1, 0))
         return pos, (self.docs[pos] == docs) if len(self.docs) else np.zeros(len(docs), dtype=bool)
 
-    def inside(self, scope: set[str] | None) -> npt.NDArray[np.bool_]:
+    def inside(self, scope: frozenset[str] | None) -> npt.NDArray[np.bool_]:
         if scope is None:
             return np.ones(len(self.docs), dtype=bool)
         value_set = pa.array(list(scope), pa.string())
@@ -203,6 +205,7 @@ class LanceDBStore(SearchingStore):
         self._open: dict[str, Any] = {}
         self._snapshots: dict[str, _Snapshot] = {}
         self._metas: dict[str, tuple[int, int, IndexParams]] = {}
+        self.graphs = GraphFiles(path / "_graphs")
 
     def _table(self, name: str) -> Any | None:
         table = self._open.get(name)
@@ -239,12 +242,14 @@ class LanceDBStore(SearchingStore):
         rows, posting_rows = _tables(prepared, docs, dim)
         postings.add(posting_rows)
         table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+        self.graphs.write_token(dataset, str(table.version))
 
     def delete(self, dataset: str, chunk_ids: Collection[str]) -> None:
         pair = self._pair(dataset)
         if pair is None or not chunk_ids:
             return
         pair[0].delete(_in("chunk_id", set(chunk_ids)))  # the postings become unreachable at once
+        self.graphs.write_token(dataset, str(pair[0].version))
 
     def get(self, dataset: str, chunk_ids: Sequence[str], *, with_vectors: bool = False) -> list[Chunk]:
         pair = self._pair(dataset)
@@ -260,6 +265,15 @@ class LanceDBStore(SearchingStore):
         pair = self._pair(dataset)
         return 0 if pair is None else int(pair[0].count_rows())
 
+    def chunk_ids(self, dataset: str) -> list[str]:
+        pair = self._pair(dataset)
+        if pair is None:
+            return []
+        ids: list[str] = (
+            pair[0].search().select(["chunk_id"]).limit(None).to_arrow().column("chunk_id").to_pylist()
+        )
+        return sorted(ids)
+
     def drop(self, dataset: str) -> None:
         for name in (check_dataset_name(dataset), f"_postings_{dataset}"):
             self._open.pop(name, None)
@@ -267,15 +281,19 @@ class LanceDBStore(SearchingStore):
             with contextlib.suppress(ValueError):  # LanceDB's "Table ... was not found": nothing to drop
                 self._db.drop_table(name)
         self._snapshots.pop(dataset, None)
+        self.graphs.drop(dataset)
 
     def build_index(self, dataset: str, params: IndexParams) -> IndexParams:
         """Compact both tables, drop unreachable postings, (re)build the scalar indexes and the vector index.
 
         Below ``MIN_INDEX_ROWS`` chunks, or with ``ExactIndex``, any vector index is dropped: queries scan.
+        A ``GraphIndex`` lives beside the table (``_graphs/``); LanceDB's own vector index is then dropped,
+        so a query the graph cannot answer scans exactly until the next build.
         """
-        if not isinstance(params, ExactIndex | IvfPqIndex | IvfHnswSqIndex):
+        if not isinstance(params, ExactIndex | IvfPqIndex | IvfHnswSqIndex | GraphIndex):
             raise UnsupportedCapabilityError(
-                f"LanceDB has no {params.kind} index; use IvfPqIndex, IvfHnswSqIndex or ExactIndex"
+                f"LanceDB has no {params.kind} index; "
+                "use GraphIndex, IvfPqIndex, IvfHnswSqIndex or ExactIndex"
             )
         table, postings = self._require(dataset)
         term, docs, tfs = _flatten(postings.search().limit(None).to_arrow())
@@ -292,8 +310,9 @@ class LanceDBStore(SearchingStore):
             target.create_index(column, config=config, replace=True)
         table.optimize()
         postings.optimize()
-        if isinstance(params, ExactIndex) or table.count_rows() < MIN_INDEX_ROWS:
+        if table.count_rows() < MIN_INDEX_ROWS:
             params = ExactIndex()
+        if isinstance(params, ExactIndex | GraphIndex):
             if any(index.name == _VECTOR_INDEX for index in table.list_indices()):
                 table.drop_index(_VECTOR_INDEX)
         else:
@@ -302,7 +321,37 @@ class LanceDBStore(SearchingStore):
         table.update_field_metadata(
             {"path": "vector", "metadata": {_INDEX_KEY: index_params_to_json(params)}}
         )
+        token = str(table.version)
+        if isinstance(params, GraphIndex):
+            columns = [name for name in ROW_SCHEMA.names]
+            rows = table.search().select([*columns, "vector"]).limit(None).to_arrow()
+            vectors = rows.column("vector").combine_chunks().flatten().to_numpy()
+            self.graphs.build(
+                dataset, token, params, [(rows.select(columns), vectors.reshape(len(rows), -1))]
+            )
+        else:
+            self.graphs.drop(dataset)
+        self.graphs.write_token(dataset, token)
         return params
+
+    def _graph_ranking(
+        self,
+        dataset: str,
+        vector: npt.NDArray[np.float32],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
+        ef_search: int | None,
+    ) -> list[Scored] | None:
+        return self.graphs.rank(
+            check_dataset_name(dataset),
+            vector,
+            k,
+            tags,
+            scope,
+            ef_search,
+            lambda: self.graphs.read_token(dataset),
+        )
 
     def _meta(self, dataset: str, table: Any) -> tuple[int, IndexParams]:
         """The dataset's vector width and index parameters, read once per table version."""
@@ -332,7 +381,13 @@ class LanceDBStore(SearchingStore):
         return snapshot
 
     def _vector_ranking(
-        self, dataset: str, vector: npt.NDArray[np.float32], k: int, tags: list[str], scope: set[str] | None
+        self,
+        dataset: str,
+        vector: npt.NDArray[np.float32],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
+        ef_search: int | None,
     ) -> list[Scored]:
         table, _ = self._require(dataset)
         dim, params = self._meta(dataset, table)
@@ -355,7 +410,7 @@ class LanceDBStore(SearchingStore):
                 query.minimum_nprobes(params.nprobes).maximum_nprobes(0).refine_factor(params.refine_factor)
             )
         if isinstance(params, IvfHnswSqIndex):
-            query = query.ef(max(params.ef, k))
+            query = query.ef(max(ef_search or params.ef, k))
         rows = query.to_arrow().to_pylist()
         if where is not None and len(rows) < k and not isinstance(params, ExactIndex):
             rows = query.bypass_vector_index().to_arrow().to_pylist()
@@ -363,7 +418,13 @@ class LanceDBStore(SearchingStore):
         return [Scored(_chunk(dataset, row), 1.0 - float(row["_distance"])) for row in rows]
 
     def _keyword_ranking(
-        self, dataset: str, terms: list[str], qtfs: list[int], k: int, tags: list[str], scope: set[str] | None
+        self,
+        dataset: str,
+        terms: list[str],
+        qtfs: list[int],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
     ) -> list[Scored]:
         table, postings = self._require(dataset)
         snapshot = self._snapshot(dataset, table)

@@ -12,8 +12,13 @@ Each dataset gets its own pair of tables in the store's schema (``lamina_vectors
   (``lamina.data._text``), so rankings match LanceDB's. Only the best-scored rows are joined back to
   their chunks.
 - ``_lamina_datasets``: one row per dataset with its corpus statistics (chunk count, total length: BM25's N
-  and average length), kept in step by every write, and its index parameters. A pinned version's
+  and average length), kept in step by every write, its index parameters, and ``generation``, a counter
+  every write raises (the content token a graph index is checked against). A pinned version's
   statistics are computed over its chunks instead.
+
+A ``GraphIndex`` (``lamina.data._graph``) needs a local directory (``graph_dir``): the graph and a copy of
+the rows are built there from the table, next to a pgvector HNSW index with default parameters, which
+answers whatever the graph cannot (another host without the files, writes since the build).
 
 Every upsert and delete is one transaction. Vector queries use the HNSW index when one is built, with
 pgvector's iterative scan so that filters are applied during the scan; if a filtered query still comes
@@ -26,6 +31,7 @@ import json
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,12 +42,14 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from lamina.data._graph import ROW_SCHEMA, GraphFiles
 from lamina.data._text import BM25_B, BM25_K1
 from lamina.data._vectors import (
     CHUNK_FIELDS,
     MIN_INDEX_ROWS,
     Chunk,
     ExactIndex,
+    GraphIndex,
     HnswIndex,
     IndexParams,
     PreparedChunk,
@@ -124,15 +132,17 @@ def _chunk(dataset: str, row: dict[str, Any]) -> Chunk:
 class PgVectorStore(SearchingStore):
     """Chunks in PostgreSQL with pgvector, under ``schema`` of the database at ``url``.
 
-    One connection, used by one thread at a time; ``close()`` (or ``with``) releases it.
+    One connection, used by one thread at a time; ``close()`` (or ``with``) releases it. ``graph_dir``: where
+    graph indexes are kept (None: ``GraphIndex`` is refused).
     """
 
-    def __init__(self, url: str, *, schema: str = "lamina_vectors") -> None:
+    def __init__(self, url: str, *, schema: str = "lamina_vectors", graph_dir: Path | None = None) -> None:
         super().__init__()
         self._url = _psycopg_url(url)
         self._schema = schema
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self.graphs = None if graph_dir is None else GraphFiles(graph_dir)
 
     def close(self) -> None:
         with self._lock:
@@ -155,6 +165,11 @@ class PgVectorStore(SearchingStore):
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} (dataset text PRIMARY KEY, n_docs bigint NOT NULL, "
                     "total_len bigint NOT NULL, index_params jsonb)"
+                ).format(self._name(_DATASETS))
+            )
+            conn.execute(
+                sql.SQL(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0"
                 ).format(self._name(_DATASETS))
             )
             register_vector(conn)
@@ -220,7 +235,8 @@ class PgVectorStore(SearchingStore):
     def _add_stats(self, cur: Cursor, dataset: str, n_docs: int, total_len: int) -> None:
         cur.execute(
             sql.SQL(
-                "UPDATE {} SET n_docs = n_docs + %s, total_len = total_len + %s WHERE dataset = %s"
+                "UPDATE {} SET n_docs = n_docs + %s, total_len = total_len + %s, generation = generation + 1 "
+                "WHERE dataset = %s"
             ).format(self._name(_DATASETS)),
             (n_docs, total_len, dataset),
         )
@@ -272,6 +288,14 @@ class PgVectorStore(SearchingStore):
         with self._session() as cur:
             return self._count(cur, dataset)
 
+    def chunk_ids(self, dataset: str) -> list[str]:
+        chunk_table, _ = self._tables(dataset)
+        with self._session() as cur:
+            if self._dim(cur, dataset) is None:
+                return []
+            query = sql.SQL("SELECT chunk_id FROM {} ORDER BY chunk_id").format(chunk_table)
+            return [row["chunk_id"] for row in cur.execute(query)]
+
     def drop(self, dataset: str) -> None:
         chunk_table, postings = self._tables(dataset)
         with self._session() as cur:
@@ -279,33 +303,86 @@ class PgVectorStore(SearchingStore):
             cur.execute(
                 sql.SQL("DELETE FROM {} WHERE dataset = %s").format(self._name(_DATASETS)), (dataset,)
             )
+        if self.graphs is not None:
+            self.graphs.drop(dataset)
 
     def build_index(self, dataset: str, params: IndexParams) -> IndexParams:
         """Build (or drop) the HNSW index, record its parameters, and refresh the planner's statistics.
 
         Below ``MIN_INDEX_ROWS`` chunks, or with ``ExactIndex``, any vector index is dropped: queries scan.
+        ``GraphIndex`` builds pgvector's HNSW index with default parameters and the graph beside it.
         """
-        if not isinstance(params, ExactIndex | HnswIndex):
+        if not isinstance(params, ExactIndex | HnswIndex | GraphIndex):
             raise UnsupportedCapabilityError(
-                f"pgvector has no {params.kind} index; use HnswIndex or ExactIndex"
+                f"pgvector has no {params.kind} index; use GraphIndex, HnswIndex or ExactIndex"
+            )
+        if isinstance(params, GraphIndex) and self.graphs is None:
+            raise UnsupportedCapabilityError(
+                "a graph index needs a local directory: open the store with PgVectorStore(url, graph_dir=...)"
             )
         chunk_table, postings = self._tables(dataset)
         with self._session() as cur:
             self._require(cur, dataset)
-            if isinstance(params, HnswIndex) and self._count(cur, dataset) < MIN_INDEX_ROWS:
+            if self._count(cur, dataset) < MIN_INDEX_ROWS:
                 params = ExactIndex()
+            native = _native(params)
             cur.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self._name(f"h_{dataset}")))
-            if isinstance(params, HnswIndex):
+            if isinstance(native, HnswIndex):
                 cur.execute("SET LOCAL maintenance_work_mem = '1GB'")
-                settings = (sql.Literal(params.m), sql.Literal(params.ef_construction))
+                settings = (sql.Literal(native.m), sql.Literal(native.ef_construction))
                 cur.execute(sql.SQL(_HNSW).format(sql.Identifier(f"h_{dataset}"), chunk_table, *settings))
             cur.execute(
                 sql.SQL("UPDATE {} SET index_params = %s WHERE dataset = %s").format(self._name(_DATASETS)),
                 (index_params_to_json(params), dataset),
             )
+            token = self._generation(cur, dataset)
+            if self.graphs is not None:
+                if isinstance(params, GraphIndex):
+                    self.graphs.build(dataset, token, params, self._graph_rows(cur, chunk_table))
+                else:
+                    self.graphs.drop(dataset)
         with self._session(transaction=False) as cur:
             cur.execute(sql.SQL("VACUUM (ANALYZE) {}, {}").format(chunk_table, postings))
         return params
+
+    def _generation(self, cur: Cursor, dataset: str) -> str:
+        query = sql.SQL("SELECT generation FROM {} WHERE dataset = %s").format(self._name(_DATASETS))
+        row = cur.execute(query, (dataset,)).fetchone()
+        return "" if row is None else str(row["generation"])
+
+    def _graph_rows(self, cur: Cursor, chunk_table: sql.Identifier) -> Iterator[tuple[Any, Any]]:
+        """The table's rows and vectors in batches, for a graph build (inside the build's transaction)."""
+        import pyarrow as pa  # type: ignore[import-untyped]
+
+        names = list(ROW_SCHEMA.names)
+        columns = ", ".join(f"c.{n}" for n in names if n != "metadata")
+        query = sql.SQL(
+            "SELECT " + columns + ", c.metadata::text AS metadata, c.embedding FROM {} c ORDER BY c.id"
+        ).format(chunk_table)
+        cur.execute(query)
+        while batch := cur.fetchmany(20_000):
+            rows = pa.Table.from_pylist([{n: r[n] for n in names} for r in batch], schema=ROW_SCHEMA)
+            vectors = np.stack([r["embedding"].to_numpy() for r in batch]).astype(np.float32)
+            yield rows, vectors
+
+    def _graph_ranking(
+        self,
+        dataset: str,
+        vector: npt.NDArray[np.float32],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
+        ef_search: int | None,
+    ) -> list[Scored] | None:
+        if self.graphs is None:
+            return None
+        check_dataset_name(dataset)
+
+        def token() -> str | None:
+            with self._session() as cur:
+                return self._generation(cur, dataset)
+
+        return self.graphs.rank(dataset, vector, k, tags, scope, ef_search, token)
 
     def _count(self, cur: Cursor, dataset: str) -> int:
         row = cur.execute(
@@ -321,7 +398,13 @@ class PgVectorStore(SearchingStore):
         return index_params_from_json(json.dumps(row["index_params"]))
 
     def _vector_ranking(
-        self, dataset: str, vector: npt.NDArray[np.float32], k: int, tags: list[str], scope: set[str] | None
+        self,
+        dataset: str,
+        vector: npt.NDArray[np.float32],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
+        ef_search: int | None,
     ) -> list[Scored]:
         chunk_table, _ = self._tables(dataset)
         clauses = [sql.SQL("true")]
@@ -336,11 +419,10 @@ class PgVectorStore(SearchingStore):
         args = {"q": vector, "k": k, "tags": tags, "scope": list(scope or ())}
         with self._session() as cur:
             check_dim(dataset, self._require(cur, dataset), vector.shape[0])
-            params = self._index_params(cur, dataset)
+            params = _native(self._index_params(cur, dataset))
             if isinstance(params, HnswIndex):
-                cur.execute(
-                    sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(max(params.ef_search, k)))
-                )
+                ef = max(ef_search or params.ef_search, k)
+                cur.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
                 cur.execute("SET LOCAL hnsw.iterative_scan = strict_order")
             rows = cur.execute(query, args).fetchall()
             if len(clauses) > 1 and len(rows) < k and isinstance(params, HnswIndex):
@@ -350,7 +432,13 @@ class PgVectorStore(SearchingStore):
         return [Scored(_chunk(dataset, row), 1.0 - float(row["distance"])) for row in rows]
 
     def _keyword_ranking(
-        self, dataset: str, terms: list[str], qtfs: list[int], k: int, tags: list[str], scope: set[str] | None
+        self,
+        dataset: str,
+        terms: list[str],
+        qtfs: list[int],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
     ) -> list[Scored]:
         chunk_table, postings = self._tables(dataset)
         in_scope = "chunk_id = ANY(%(scope)s)"
@@ -382,6 +470,11 @@ class PgVectorStore(SearchingStore):
             self._require(cur, dataset)
             rows = cur.execute(query, args).fetchall()
         return [Scored(_chunk(dataset, row), float(row["score"])) for row in rows]
+
+
+def _native(params: IndexParams) -> IndexParams:
+    """The index pgvector itself holds: a graph index keeps an HNSW index with defaults beside it."""
+    return HnswIndex() if isinstance(params, GraphIndex) else params
 
 
 def _copy_chunks(cur: Cursor, table: sql.Identifier, ids: list[int], prepared: list[PreparedChunk]) -> None:

@@ -175,12 +175,32 @@ class HnswIndex:
     kind: Literal["hnsw"] = "hnsw"
 
 
-IndexParams = ExactIndex | IvfPqIndex | IvfHnswSqIndex | HnswIndex
+@dataclass(frozen=True, slots=True)
+class GraphIndex:
+    """Lamina's graph index, both backends: an in-process HNSW graph (FAISS) beside the table.
+
+    The fast path: ids come from the graph and rows from a memory-mapped copy, so a query never waits on
+    the store (see ``lamina.data._graph``). The table stays the source of truth; until the next build,
+    queries the graph cannot answer exactly go to the backend (pgvector builds its HNSW index too).
+    Memory: the vectors (4 bytes per dimension) plus about ``8 * m`` bytes of links per row.
+    """
+
+    #: HNSW neighbours per node (twice that on the bottom layer).
+    m: int = 32
+    #: Candidate list while building.
+    ef_construction: int = 200
+    #: Query time: candidate list (>= k); a search may ask for another with ``ef_search=``.
+    ef_search: int = 64
+    kind: Literal["graph"] = "graph"
+
+
+IndexParams = ExactIndex | IvfPqIndex | IvfHnswSqIndex | HnswIndex | GraphIndex
 _INDEX_TYPES: dict[str, type[IndexParams]] = {
     "exact": ExactIndex,
     "ivf_pq": IvfPqIndex,
     "ivf_hnsw_sq": IvfHnswSqIndex,
     "hnsw": HnswIndex,
+    "graph": GraphIndex,
 }
 
 
@@ -215,6 +235,10 @@ class VectorStore(Protocol):
         """Chunks stored for ``dataset`` (0 when it has none)."""
         ...
 
+    def chunk_ids(self, dataset: str) -> list[str]:
+        """Every chunk id stored for ``dataset``, sorted (what garbage collection checks against)."""
+        ...
+
     def drop(self, dataset: str) -> None:
         """Remove a dataset's chunks and indexes; nothing happens if it has none."""
         ...
@@ -233,8 +257,14 @@ class VectorStore(Protocol):
         mode: SearchMode = "vector",
         filters: Mapping[str, Scalar] | None = None,
         chunk_ids: Collection[str] | None = None,
+        ef_search: int | None = None,
     ) -> list[Hit]:
-        """The best ``k`` chunks, filters and the ``chunk_ids`` scope applied before ranking."""
+        """The best ``k`` chunks, filters and the ``chunk_ids`` scope applied before ranking.
+
+        ``chunk_ids``: pass the same ``frozenset`` object for repeated searches of one version, and the
+        backend resolves it once. ``ef_search``: the HNSW candidate list for this query (graph and pgvector
+        HNSW indexes; None: the one the index was built with): higher is slower and more exact.
+        """
         ...
 
 
@@ -348,15 +378,39 @@ class SearchingStore(ABC):
     def __init__(self) -> None:
         self.analyzer = EnglishAnalyzer()
 
+    def _graph_ranking(
+        self,
+        dataset: str,
+        vector: npt.NDArray[np.float32],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
+        ef_search: int | None,
+    ) -> list[Scored] | None:
+        """The ranking from the dataset's graph index, or None when it has none that can answer exactly."""
+        return None
+
     @abstractmethod
     def _vector_ranking(
-        self, dataset: str, vector: npt.NDArray[np.float32], k: int, tags: list[str], scope: set[str] | None
+        self,
+        dataset: str,
+        vector: npt.NDArray[np.float32],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
+        ef_search: int | None,
     ) -> list[Scored]:
         """Best-first by cosine similarity, ties by chunk id; filters and scope applied before top-k."""
 
     @abstractmethod
     def _keyword_ranking(
-        self, dataset: str, terms: list[str], qtfs: list[int], k: int, tags: list[str], scope: set[str] | None
+        self,
+        dataset: str,
+        terms: list[str],
+        qtfs: list[int],
+        k: int,
+        tags: list[str],
+        scope: frozenset[str] | None,
     ) -> list[Scored]:
         """Best-first by BM25, ties by chunk id; statistics over ``scope``, filters before top-k."""
 
@@ -370,6 +424,7 @@ class SearchingStore(ABC):
         mode: SearchMode = "vector",
         filters: Mapping[str, Scalar] | None = None,
         chunk_ids: Collection[str] | None = None,
+        ef_search: int | None = None,
     ) -> list[Hit]:
         check_dataset_name(dataset)
         if k < 0:
@@ -380,14 +435,19 @@ class SearchingStore(ABC):
             raise InvalidRequestError(f"{mode} search needs query_vector: embed the query first")
         if mode != "vector" and query_text is None:
             raise InvalidRequestError(f"{mode} search needs query_text")
+        if ef_search is not None and ef_search < 1:
+            raise InvalidRequestError(f"ef_search must be >= 1, got {ef_search}", param="ef_search")
         tags = filter_tags(filters)
-        scope = None if chunk_ids is None else set(chunk_ids)
+        scope = None if chunk_ids is None else _frozen(chunk_ids)
         depth = k if mode != "hybrid" else max(k, HYBRID_DEPTH)
         by_vector: list[Scored] = []
         by_keyword: list[Scored] = []
         if mode != "keyword" and k > 0:
             vector = np.asarray(query_vector, dtype=np.float32)
-            by_vector = self._vector_ranking(dataset, vector, depth, tags, scope)
+            ranked = self._graph_ranking(dataset, vector, depth, tags, scope, ef_search)
+            if ranked is None:
+                ranked = self._vector_ranking(dataset, vector, depth, tags, scope, ef_search)
+            by_vector = ranked
         if mode != "vector" and k > 0:
             terms, qtfs = self.analyzer.query(query_text or "")
             if terms:
@@ -397,6 +457,11 @@ class SearchingStore(ABC):
         if mode == "keyword":
             return [Hit(s.chunk, s.score, i, keyword_rank=i) for i, s in enumerate(by_keyword, start=1)]
         return _fuse(by_vector, by_keyword, k)
+
+
+def _frozen(chunk_ids: Collection[str]) -> frozenset[str]:
+    """The scope as a frozenset: the caller's own object when it is one, so per-scope caches can hit."""
+    return chunk_ids if isinstance(chunk_ids, frozenset) else frozenset(chunk_ids)
 
 
 def _fuse(by_vector: list[Scored], by_keyword: list[Scored], k: int) -> list[Hit]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from lamina.data._dataset_records import Collected
@@ -13,9 +14,9 @@ from lamina.data._pgvector import PgVectorStore
 from lamina.data._vectors import (
     MIN_INDEX_ROWS,
     ExactIndex,
+    GraphIndex,
     HnswIndex,
     IndexParams,
-    IvfHnswSqIndex,
     VectorStore,
     check_dataset_name,
 )
@@ -35,13 +36,14 @@ def present_ids(store: VectorStore, dataset: str, chunk_ids: Sequence[str]) -> s
 
 
 def default_index(store: VectorStore, rows: int) -> IndexParams:
-    """Exact search below ``MIN_INDEX_ROWS`` chunks; above, each backend's HNSW-based index."""
+    """Exact search below ``MIN_INDEX_ROWS`` chunks; above, the graph index (pgvector's own HNSW index when
+    the store has no graph directory)."""
     if rows < MIN_INDEX_ROWS:
         return ExactIndex()
     if isinstance(store, LanceDBStore):
-        return IvfHnswSqIndex()
+        return GraphIndex()
     if isinstance(store, PgVectorStore):
-        return HnswIndex()
+        return HnswIndex() if store.graphs is None else GraphIndex()
     return ExactIndex()
 
 
@@ -74,12 +76,17 @@ def collect_garbage(
 ) -> Collected:
     """Forget old versions and delete the vectors only they held, under the dataset's lock.
 
-    The metadata goes first: a crash between the two steps leaves vectors nobody lists (wasted space),
-    never a version whose vectors are gone.
+    Also deletes vectors no version lists at all: those an interrupted ingest wrote (and the next ingest
+    did not reuse), and those a crash between this function's two steps left behind. The metadata goes
+    first, so a crash leaves such vectors, never a version whose vectors are gone. The lock keeps any
+    ingest out, so no run's not-yet-committed chunks are taken for orphans.
     """
     with dataset_lock(lock_dir, check_dataset_name(dataset)):
         collected = catalog.collect(dataset, keep)
-        if collected.chunk_ids:
-            vectors.delete(dataset, collected.chunk_ids)
+        listed = catalog.live_chunk_ids(dataset) | set(collected.chunk_ids)
+        orphans = sorted(set(vectors.chunk_ids(dataset)) - listed)
+        doomed = [*collected.chunk_ids, *orphans]
+        if doomed:
+            vectors.delete(dataset, doomed)
             build_index(vectors, dataset)
-    return collected
+    return replace(collected, chunk_ids=doomed, orphans=len(orphans))
