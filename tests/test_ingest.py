@@ -174,6 +174,20 @@ def test_engine_crash_leaves_previous_version_and_next_run_completes(env: Env) -
     assert events == ["START", "COMPLETE", "START", "FAIL", "START", "COMPLETE"]
 
 
+def test_a_failed_index_build_does_not_fail_the_ingest(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    env.write("a.txt", prose(1))
+
+    def broken(dataset: str, params: object) -> object:
+        raise MemoryError("simulated: the index build ran out of memory")
+
+    monkeypatch.setattr(env.vectors, "build_index", broken)
+    _, report = env.ingest()
+    assert report.state == "completed" and report.version is not None
+    assert "index build failed (MemoryError" in report.warnings[0]
+    assert report.to_json()["warnings"] == report.warnings
+    assert env.search("docs", prose(1)) == [(env.root / "a.txt").as_uri()]  # the store's own search
+
+
 def test_gc_deletes_the_vectors_an_interrupted_ingest_left(env: Env) -> None:
     for i in range(3):
         env.write(f"f{i}.txt", prose(i))

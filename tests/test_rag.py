@@ -1,7 +1,8 @@
 """Retrieval and RAG in the gateway: answers cite the exact dataset version and source bytes they used.
 
-A real Retriever over a real LanceDB store with real MiniLM vectors; the replica is the gateway tests'
-ReplayDispatcher (the end-to-end path with a real worker is covered by the e2e tests).
+A real Retriever over a real vector store (each test runs on LanceDB and on pgvector) with real MiniLM
+vectors; the replica is the gateway tests' ReplayDispatcher (the end-to-end path with a real worker is
+covered by the e2e tests).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from lamina.application import GatewayDeps, create_app
 from lamina.application._rag import RagOptions
-from lamina.data import Chunk, LanceDBStore, PinnedVersion, Retrieval, Retriever
+from lamina.data import Chunk, LanceDBStore, PgVectorStore, PinnedVersion, Retrieval, Retriever
 from lamina.errors import ConflictError, NotFoundError
 from lamina.models import load_engine
 from lamina.models._onnx import ONNXEngine
@@ -95,9 +96,13 @@ class Rig:
     store: Store
 
 
-@pytest.fixture
-async def rig(tmp_path: Path, engine: ONNXEngine) -> AsyncIterator[Rig]:
-    vectors = LanceDBStore(tmp_path / "vectors")
+@pytest.fixture(params=["lancedb", "pgvector"])
+async def rig(request: pytest.FixtureRequest, tmp_path: Path, engine: ONNXEngine) -> AsyncIterator[Rig]:
+    vectors: LanceDBStore | PgVectorStore
+    if request.param == "lancedb":
+        vectors = LanceDBStore(tmp_path / "vectors")
+    else:
+        vectors = PgVectorStore(request.getfixturevalue("pg_database"), graph_dir=tmp_path / "graphs")
     texts = list(DOCS.values())
     embedded = engine.embed(texts).vectors
     chunks, ids = [], {}
@@ -124,6 +129,8 @@ async def rig(tmp_path: Path, engine: ONNXEngine) -> AsyncIterator[Rig]:
         yield Rig(client, dispatcher, versions, sink, telemetry, store)
     telemetry.shutdown()
     store.close()
+    if isinstance(vectors, PgVectorStore):
+        vectors.close()
 
 
 def ask(question: str, **extra: Any) -> dict[str, Any]:

@@ -151,6 +151,8 @@ def _print_report(report: IngestReport) -> None:
         )
     for where, reason in report.skipped:
         err_console.print(f"  skipped {where}: {reason}", highlight=False, soft_wrap=True)
+    for warning in report.warnings:
+        err_console.print(f"  warning: {warning}", highlight=False, soft_wrap=True)
 
 
 @data_app.command("list")

@@ -17,6 +17,7 @@ dataset at a time: a lock file in the state directory (released by the OS if the
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -54,6 +55,9 @@ class _Silent:
 
     def chunks(self, done: int, total: int) -> None:
         pass
+
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,8 @@ class IngestReport:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: problems that did not stop the run (an index build that failed: searches fall back to the store)
+    warnings: list[str] = field(default_factory=list)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -105,6 +111,7 @@ class IngestReport:
             "run_id": self.run_id, "dataset": self.dataset, "state": self.state,
             "version": None if self.version is None else self.version.to_json(),
             "counts": self.counts, "skipped": [list(s) for s in self.skipped], "seconds": self.seconds,
+            "warnings": self.warnings,
         }  # fmt: skip
 
 
@@ -221,10 +228,23 @@ class IngestPipeline:
             run_id=report.run_id, chunk_ids=chunk_ids, sources=plan.sources,
             lineage=[self._lineage_row(dataset, p, pipeline, report.run_id) for p in plan.planned],
         )  # fmt: skip
+        if written:
+            self._index(dataset, report)
         report.version = self._catalog.commit(new, counts=report.counts, skipped=report.skipped)
         report.state = "completed"
-        if written:
+
+    def _index(self, dataset: str, report: IngestReport) -> None:
+        """Rebuild the indexes before the commit, so the new version is fast from its first query.
+
+        A failed build does not fail the run: the chunks are written, and searches the index cannot answer
+        go to the store's own search until the next build (the next ingest, or ``data gc``).
+        """
+        try:
             build_index(self._vectors, dataset)
+        except Exception as exc:
+            message = f"index build failed ({type(exc).__name__}: {exc}); searches use the store's own search"
+            _log.warning("dataset %s: %s", dataset, message)
+            report.warnings.append(message)
 
     def _manifest(
         self, dataset: str, pipeline: str, options: IngestOptions, chunk_ids: list[str],

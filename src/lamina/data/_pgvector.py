@@ -379,7 +379,7 @@ class PgVectorStore(SearchingStore):
         check_dataset_name(dataset)
 
         def token() -> str | None:
-            with self._session() as cur:
+            with self._session(transaction=False) as cur:  # one statement: one round trip, not three
                 return self._generation(cur, dataset)
 
         return self.graphs.rank(dataset, vector, k, tags, scope, ef_search, token)
