@@ -3,6 +3,7 @@ that either way the answer is the same one the backend would give."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,7 @@ def _backend_refuses(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the backend was asked; the graph should have answered")
 
     monkeypatch.setattr(store, "_vector_ranking", refuse)
+    monkeypatch.setattr(store, "_keyword_ranking", refuse)
 
 
 def test_graph_answers_with_cosine_scores_and_ties_by_id(
@@ -92,6 +94,72 @@ def test_graph_answers_with_cosine_scores_and_ties_by_id(
     # hybrid takes its vector half from the graph too
     hybrid = store.search("docs", query_text="row", query_vector=queries[2], k=5, mode="hybrid")
     assert len(hybrid) == 5
+
+
+WORDS = (
+    "river",
+    "mountain",
+    "policy",
+    "report",
+    "running",
+    "dogs",
+    "cat",
+    "cats",
+    "forest",
+    "storm",
+    "harbour",
+    "engine",
+    "budget",
+    "clinic",
+    "vaccine",
+    "protein",
+    "galaxy",
+    "orbit",
+    "ferment",
+    "bread",
+    "tea",
+    "steep",
+    "drum",
+    "cymbal",
+    "snare",
+    "garden",
+    "rose",
+    "prune",
+)
+
+
+def test_keyword_and_hybrid_from_the_graph_equal_the_stores_own(
+    gstore: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(8)
+    vectors = unit_vectors(N, DIM, seed=11)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 14)))) + f" item{i}" for i in range(N)]
+    chunks = [chunk(t, vectors[i], source=f"k{i}", part=i % 3) for i, t in enumerate(texts)]
+    gstore.upsert("docs", chunks)
+    version = frozenset(c.chunk_id for c in chunks[: N // 2])
+    q = unit_vectors(1, DIM, seed=12)[0]
+    cases: list[dict[str, Any]] = [
+        {"mode": "keyword", "query_text": "running dogs in the storm"},
+        {"mode": "keyword", "query_text": "cats and cat", "chunk_ids": version},
+        {"mode": "keyword", "query_text": "galaxy orbit", "filters": {"part": 1}},
+        {"mode": "keyword", "query_text": "tea steep bread", "chunk_ids": version, "filters": {"part": 2}},
+        {"mode": "keyword", "query_text": "item7 unknownword"},
+        {"mode": "keyword", "query_text": "unknownword"},
+        {"mode": "hybrid", "query_text": "rose garden prune", "query_vector": q},
+        {"mode": "hybrid", "query_text": "drum snare", "query_vector": q, "chunk_ids": version},
+    ]
+    own = [gstore.search("docs", k=10, **case) for case in cases]  # no graph yet: the store answers
+    gstore.build_index("docs", GraphIndex(m=16, ef_construction=200, ef_search=400))
+    with monkeypatch.context() as patch:
+        _backend_refuses(gstore, patch)
+        from_graph = [gstore.search("docs", k=10, **case) for case in cases]
+    for case, mine, theirs in zip(cases, from_graph, own, strict=True):
+        assert ids(mine) == ids(theirs), case
+        assert [h.score for h in mine] == pytest.approx([h.score for h in theirs], rel=1e-9), case
+        assert [(h.vector_rank, h.keyword_rank) for h in mine] == [
+            (h.vector_rank, h.keyword_rank) for h in theirs
+        ], case
+    assert own[0] and own[1] and own[5] == []
 
 
 def test_ef_search_is_a_query_time_knob(indexed: tuple[Store, list[Any], Any]) -> None:
@@ -200,3 +268,54 @@ def test_pgvector_without_a_graph_dir_refuses_graph_indexes(pg_url: str) -> None
             store.build_index("docs", GraphIndex())
     finally:
         store.close()
+
+
+def test_a_build_after_a_few_writes_extends_the_graph_and_answers_as_the_store(
+    gstore: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(5)
+    vectors = unit_vectors(N + 40, DIM, seed=13)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) + f" row{i}" for i in range(N + 40)]
+    chunks = [chunk(t, vectors[i], source=f"x{i}", part=i % 3) for i, t in enumerate(texts)]
+    params = GraphIndex(m=16, ef_construction=200, ef_search=400)
+    gstore.upsert("docs", chunks[:N])
+    gstore.build_index("docs", params)
+    current = _graphs(gstore).root / "docs" / "current.json"
+    first = json.loads(current.read_text())["build"]
+    gone = [c.chunk_id for c in chunks[:25]]
+    gstore.upsert("docs", chunks[N:])  # 40 new rows
+    gstore.delete("docs", gone)
+    gstore.build_index("docs", params)
+    manifest = json.loads(current.read_text())
+    assert (manifest["extends"], manifest["deleted"]) == (first, 25)
+
+    live = list(range(25, N + 40))
+    version = frozenset(chunks[i].chunk_id for i in live[::2])
+    cases: list[dict[str, Any]] = [
+        {"mode": "keyword", "query_text": "river mountain row3"},
+        {"mode": "keyword", "query_text": "cats cat", "chunk_ids": version},
+        {"mode": "keyword", "query_text": "galaxy", "filters": {"part": 2}},
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(gstore, "_graph_view", lambda *args: None)
+        own = [gstore.search("docs", k=10, **case) for case in cases]
+    with monkeypatch.context() as patch:
+        _backend_refuses(gstore, patch)
+        for case, theirs in zip(cases, own, strict=True):
+            mine = gstore.search("docs", k=10, **case)
+            assert ids(mine) == ids(theirs), case
+            assert [h.score for h in mine] == pytest.approx([h.score for h in theirs], rel=1e-9), case
+        for i in (0, 3, N + 5, N + 30):  # deleted rows never come back; new rows are found
+            found = ids(gstore.search("docs", query_vector=vectors[i], k=10))
+            assert found == cosine_top(chunks, vectors, vectors[i], 10, live)
+        scoped = ids(gstore.search("docs", query_vector=vectors[40], k=5, chunk_ids=version))
+        assert scoped == cosine_top(chunks, vectors, vectors[40], 5, live[::2])
+    # past MAX_DELETED of the rows deleted, the next build starts afresh
+    gstore.delete("docs", [c.chunk_id for c in chunks[25:500]])
+    gstore.build_index("docs", params)
+    manifest = json.loads(current.read_text())
+    assert (manifest["extends"], manifest["deleted"]) == (None, 0)
+    with monkeypatch.context() as patch:
+        _backend_refuses(gstore, patch)
+        found = ids(gstore.search("docs", query_vector=vectors[600], k=10))
+    assert found == cosine_top(chunks, vectors, vectors[600], 10, list(range(500, N + 40)))

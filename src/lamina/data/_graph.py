@@ -7,10 +7,18 @@ graph index keeps the store as the source of truth and adds a read-optimised cop
 
 - ``graph.faiss``: a FAISS ``IndexHNSWFlat`` on inner product over unit-normalised vectors (so the score
   is the cosine similarity the backends report), labels = row positions;
-- ``rows.arrow``: the rows' chunk fields and filter tags as an Arrow IPC file, memory-mapped, so a hit
-  costs a ``take`` of k rows (tens of microseconds), never a store query.
+- ``rows.arrow``: the rows' chunk fields and filter tags as an Arrow IPC file, read into memory, so a hit
+  costs a few slices of k rows (tens of microseconds), never a store query;
+- ``keywords.npz`` and ``terms.json``: the rows' BM25 postings (compressed sparse rows: per term, the
+  rows holding it and their term frequencies) and row lengths, built with the analyser the store uses,
+  so keyword search, and the keyword half of hybrid search, is a few array operations too. Scores and
+  ties equal the store's BM25 (statistics over the searched scope, filters after them).
 
-A build writes a fresh directory ``<graphs>/<dataset>/<build id>/`` and then replaces
+A build extends the published one when its parameters are the same and at most ``MAX_DELETED`` of the
+rows would be deleted: the table's new rows are added to a copy of the graph and the postings, and rows
+no longer in the table are listed in ``deleted.npy`` (masked out of every search and statistic). So an
+ingest that changes a few files of a large dataset costs a few inserts, not a rebuild. Otherwise it
+starts afresh. A build writes a fresh directory ``<graphs>/<dataset>/<build id>/`` and then replaces
 ``<dataset>/current.json``, which names the build and the *token* of the table content it was built from
 (LanceDB: the table version; pgvector: a write counter). Readers in any process load a build once and
 keep it while ``current.json`` is unchanged (one ``stat`` per query). Old build directories are removed;
@@ -21,6 +29,8 @@ came since, when the query is scoped to a dataset version whose chunks are all i
 are content hashes, so such a version's rows in the graph are exactly its rows in the table: an ingest
 in progress (its chunks already written, its version not yet committed) does not slow retrieval down.
 Otherwise the backend's own search answers, correctly but slower, until the next ``build_index``.
+
+The same rule holds for keyword search, whose statistics then come from the same rows as the store's.
 
 Filters and version scopes become a row mask, cached per (filter, scope) and per build. A mask holding
 few rows is searched exactly (a dot product over those rows); a larger one is passed to the HNSW search
@@ -47,6 +57,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.ipc as ipc  # type: ignore[import-untyped]
 
+from lamina.data._text import EnglishAnalyzer, bm25_scores
 from lamina.data._vectors import (
     Chunk,
     GraphIndex,
@@ -101,6 +112,10 @@ class _Mask:
     covers_scope: bool
     #: every row passes: the search needs no selector (a pinned version holding the whole graph)
     every: bool
+    #: rows in the scope alone (filters aside), their count and total length: BM25's statistics
+    in_scope: npt.NDArray[np.bool_]
+    scope_rows: int
+    scope_length: int
 
 
 class Graph:
@@ -125,16 +140,32 @@ class Graph:
             reader = ipc.open_file(f.read_buffer())
         rows = pa.Table.from_batches([reader.get_batch(i) for i in range(reader.num_record_batches)])
         rows = rows.combine_chunks().to_batches()[0]
+        self.directory = directory
+        self.batch: pa.RecordBatch = rows
         self.tags: pa.Array = rows.column("tags")
         self.chunk_ids: pa.Array = rows.column("chunk_id")
         self._columns = [_Column(rows.column(name)) for name in _PAYLOAD]
+        keywords = np.load(directory / "keywords.npz")
+        self.offsets: npt.NDArray[np.int64] = keywords["offsets"]
+        self.posting_rows: npt.NDArray[np.int64] = keywords["rows"]
+        self.posting_tfs: npt.NDArray[np.int64] = keywords["tfs"]
+        self.doc_len: npt.NDArray[np.int64] = keywords["doc_len"]
+        self.terms: list[str] = json.loads((directory / "terms.json").read_text(encoding="utf-8"))
+        self._vocabulary: dict[str, int] = {term: i for i, term in enumerate(self.terms)}
+        # rows an incremental build left behind (deleted or replaced since): never answered, never counted
+        self.live = np.ones(self.size, dtype=bool)
+        deleted = directory / "deleted.npy"
+        if deleted.exists():
+            self.live[np.load(deleted)] = False
+        self.all_live = bool(self.live.all())
+        self._total_length = int(self.doc_len[self.live].sum())
         self._masks: OrderedDict[tuple[tuple[str, ...], frozenset[str] | None], _Mask] = OrderedDict()
         self._ef_params: dict[int, Any] = {}
         self._lock = threading.Lock()
 
     def mask(self, tags: list[str], scope: frozenset[str] | None) -> _Mask | None:
-        """The rows passing ``tags`` and inside ``scope``; None when that is every row."""
-        if not tags and scope is None:
+        """The live rows passing ``tags`` and inside ``scope``; None when that is every row."""
+        if not tags and scope is None and self.all_live:
             return None
         key = (tuple(tags), scope)
         with self._lock:
@@ -142,23 +173,27 @@ class Graph:
             if found is not None:
                 self._masks.move_to_end(key)
                 return found
-        allowed = np.ones(self.size, dtype=bool)
+        allowed = self.live.copy()
         covers = True
         if scope is not None:
             value_set = pa.array(list(scope), pa.large_string())
             allowed &= pc.is_in(self.chunk_ids, value_set=value_set).to_numpy(zero_copy_only=False)
             covers = int(allowed.sum()) == len(scope)
+        in_scope = allowed.copy()
         for tag in tags:
             allowed &= self._rows_with(tag)
         bits = np.packbits(allowed, bitorder="little")
         faiss = _faiss()
         mask = _Mask(
-            allowed,
-            np.flatnonzero(allowed),
-            bits,
-            faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bits)),
-            covers,
-            bool(allowed.all()),
+            allowed=allowed,
+            positions=np.flatnonzero(allowed),
+            bits=bits,
+            selector=faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bits)),
+            covers_scope=covers,
+            every=bool(allowed.all()),
+            in_scope=in_scope,
+            scope_rows=int(in_scope.sum()),
+            scope_length=int(self.doc_len[in_scope].sum()),
         )
         with self._lock:
             self._masks[key] = mask
@@ -195,6 +230,32 @@ class Graph:
         if mask is not None and found < k:
             return self._exact(dataset, query, k, mask.positions)
         return self._scored(dataset, labels[0, :found], scores[0, :found], k)
+
+    def keyword(
+        self, dataset: str, terms: list[str], qtfs: list[int], k: int, mask: _Mask | None
+    ) -> list[Scored]:
+        """BM25 over the rows in scope (its statistics), then filters, then the best ``k``, ties by id."""
+        found = [(j, self._vocabulary[t]) for j, t in enumerate(terms) if t in self._vocabulary]
+        if not found:
+            return []
+        spans = [(j, int(self.offsets[i]), int(self.offsets[i + 1])) for j, i in found]
+        rows = np.concatenate([self.posting_rows[a:b] for _, a, b in spans])
+        tfs = np.concatenate([self.posting_tfs[a:b] for _, a, b in spans])
+        term_idx = np.concatenate([np.full(b - a, j, dtype=np.int64) for j, a, b in spans])
+        n_docs, total = self.size, self._total_length  # mask None: every row is live
+        if mask is not None:
+            inside = mask.in_scope[rows]
+            rows, tfs, term_idx = rows[inside], tfs[inside], term_idx[inside]
+            n_docs, total = mask.scope_rows, mask.scope_length
+        positions, scores = bm25_scores(
+            term_idx=term_idx, doc=rows, tf=tfs, doc_len=self.doc_len[rows], qtfs=qtfs,
+            n_docs=n_docs, avgdl=total / n_docs if n_docs else 0.0,
+        )  # fmt: skip
+        if mask is not None:
+            keep = mask.allowed[positions]
+            positions, scores = positions[keep], scores[keep]
+        top = top_with_ties(scores, k)
+        return self._scored(dataset, positions[top], scores[top], k)
 
     def _knn(
         self, query: npt.NDArray[np.float32], k: int, params: Any
@@ -249,7 +310,7 @@ class _Column:
                 self._codes = encoded.indices.to_numpy()
                 return
             _, offsets, data = array.buffers()
-            self._offsets = np.frombuffer(offsets, dtype=np.int64)[
+            self.offsets = np.frombuffer(offsets, dtype=np.int64)[
                 array.offset : array.offset + len(array) + 1
             ]
             self._data = memoryview(data) if data is not None else memoryview(b"")
@@ -265,8 +326,99 @@ class _Column:
             distinct = self._distinct
             return [distinct[code] for code in self._codes[at].tolist()]
         data = self._data
-        starts, ends = self._offsets[at].tolist(), self._offsets[after].tolist()
+        starts, ends = self.offsets[at].tolist(), self.offsets[after].tolist()
         return [str(data[a:b], "utf-8") for a, b in zip(starts, ends, strict=True)]
+
+
+#: An extending build starts afresh once this fraction of its rows is deleted (they cost search time).
+MAX_DELETED = 0.2
+
+
+def _write_fresh(
+    table: pa.Table,
+    matrix: npt.NDArray[np.float32],
+    params: GraphIndex,
+    target: Path,
+    analyzer: EnglishAnalyzer,
+) -> None:
+    faiss = _faiss()
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    index = faiss.IndexHNSWFlat(matrix.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = params.ef_construction
+    index.add(matrix)
+    vocabulary: dict[str, int] = {}
+    postings = _analyze(table.column("text").to_pylist(), analyzer, vocabulary, first_row=0)
+    _save(target, table, index, vocabulary, *postings)
+
+
+def _extend(
+    previous: Graph, table: pa.Table, matrix: npt.NDArray[np.float32], target: Path, analyzer: EnglishAnalyzer
+) -> int | None:
+    """Write ``previous`` plus the table's new rows, rows gone from the table marked deleted; returns how
+    many are deleted, or None (nothing written) when too many would be."""
+    live_ids = previous.chunk_ids.filter(pa.array(previous.live))
+    added = ~pc.is_in(table.column("chunk_id"), value_set=live_ids).to_numpy(zero_copy_only=False)
+    kept = pc.is_in(previous.chunk_ids, value_set=table.column("chunk_id").combine_chunks())
+    dead = ~(previous.live & kept.to_numpy(zero_copy_only=False))
+    size = previous.size + int(added.sum())
+    if int(dead.sum()) > MAX_DELETED * size:
+        return None
+    faiss = _faiss()
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    index = faiss.read_index(str(previous.directory / "graph.faiss"))  # a copy: the published one stays
+    new_rows = table.filter(pa.array(added))
+    if len(new_rows):
+        index.add(np.ascontiguousarray(matrix[added]))
+    vocabulary = {term: i for i, term in enumerate(previous.terms)}
+    term_ids, rows, tfs, doc_len = _analyze(
+        new_rows.column("text").to_pylist(), analyzer, vocabulary, first_row=previous.size
+    )
+    old_terms = np.repeat(np.arange(len(previous.terms), dtype=np.int64), np.diff(previous.offsets))
+    merged = pa.concat_tables([pa.Table.from_batches([previous.batch]), new_rows]).combine_chunks()
+    _save(
+        target, merged, index, vocabulary,
+        np.concatenate([old_terms, term_ids]),
+        np.concatenate([previous.posting_rows, rows]),
+        np.concatenate([previous.posting_tfs, tfs]),
+        np.concatenate([previous.doc_len, doc_len]),
+    )  # fmt: skip
+    np.save(target / "deleted.npy", np.flatnonzero(dead))
+    return int(dead.sum())
+
+
+def _analyze(
+    texts: list[str], analyzer: EnglishAnalyzer, vocabulary: dict[str, int], first_row: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Postings (term id, row, tf) and lengths of ``texts``, rows numbered from ``first_row``; new terms
+    are added to ``vocabulary``."""
+    term_ids: list[int] = []
+    tfs: list[int] = []
+    rows: list[int] = []
+    doc_len = np.zeros(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        indexed = analyzer.index(text)
+        doc_len[i] = indexed.length
+        term_ids.extend(vocabulary.setdefault(term, len(vocabulary)) for term in indexed.terms)
+        tfs.extend(indexed.tfs)
+        rows.extend([first_row + i] * len(indexed.terms))
+    as_array = [np.asarray(values, dtype=np.int64) for values in (term_ids, rows, tfs)]
+    return as_array[0], as_array[1], as_array[2], doc_len
+
+
+def _save(
+    target: Path, table: pa.Table, index: Any, vocabulary: dict[str, int],
+    term_ids: npt.NDArray[np.int64], rows: npt.NDArray[np.int64], tfs: npt.NDArray[np.int64],
+    doc_len: npt.NDArray[np.int64],
+) -> None:  # fmt: skip
+    """Write a build: the graph, the rows, and the postings as compressed sparse rows by term."""
+    order = np.argsort(term_ids, kind="stable")
+    offsets = np.zeros(len(vocabulary) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(term_ids, minlength=len(vocabulary)), out=offsets[1:])
+    np.savez(target / "keywords.npz", offsets=offsets, rows=rows[order], tfs=tfs[order], doc_len=doc_len)
+    (target / "terms.json").write_text(json.dumps(list(vocabulary)), encoding="utf-8")
+    with ipc.new_file(str(target / "rows.arrow"), ROW_SCHEMA) as writer:
+        writer.write_batch(table.combine_chunks().to_batches()[0])
+    _faiss().write_index(index, str(target / "graph.faiss"))
 
 
 def _chunk(dataset: str, row: tuple[Any, ...]) -> Chunk:
@@ -275,6 +427,26 @@ def _chunk(dataset: str, row: tuple[Any, ...]) -> Chunk:
         chunk_id, dataset, version, text, source_uri, byte_start, byte_end, content_sha256,
         {} if metadata == "{}" else json.loads(metadata),
     )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class GraphView:
+    """One query's access to a graph: its rows, already narrowed by the query's filters and scope."""
+
+    dataset: str
+    graph: Graph
+    mask: _Mask | None
+
+    @property
+    def dim(self) -> int:
+        return self.graph.dim
+
+    def vector(self, vector: npt.NDArray[np.float32], k: int, ef_search: int | None) -> list[Scored]:
+        mask = None if self.mask is not None and self.mask.every else self.mask
+        return self.graph.search(self.dataset, vector, k, mask, ef_search or self.graph.params.ef_search)
+
+    def keyword(self, terms: list[str], qtfs: list[int], k: int) -> list[Scored]:
+        return self.graph.keyword(self.dataset, terms, qtfs, k, self.mask)
 
 
 class GraphFiles:
@@ -304,31 +476,38 @@ class GraphFiles:
         token: str,
         params: GraphIndex,
         batches: Iterable[tuple[pa.Table, npt.NDArray[Any]]],
+        analyzer: EnglishAnalyzer,
     ) -> None:
-        """Build the graph over ``batches`` (rows in ``ROW_SCHEMA`` order, their vectors), then publish it."""
-        faiss = _faiss()
+        """Build the graph over ``batches`` (rows in ``ROW_SCHEMA`` order, their vectors), then publish it.
+
+        When the published graph has the same parameters and most of its rows are still in the table, the
+        build extends it instead: the new rows are added to a copy of its graph and postings, and rows gone
+        from the table are marked deleted. Past ``MAX_DELETED`` of the rows deleted, it starts afresh.
+        """
+        parts, matrices = [], []
+        for rows, vectors in batches:
+            parts.append(rows.cast(ROW_SCHEMA))
+            matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+            matrices.append((matrix / np.where(norms > 0, norms, 1.0)).astype(np.float32))
+        if not parts or sum(len(p) for p in parts) == 0:
+            raise ValueError(f"dataset {dataset!r} has no rows to build a graph index from")
+        table, matrix = pa.concat_tables(parts).combine_chunks(), np.concatenate(matrices)
+        previous = self.current(dataset)
         build_id = uuid.uuid4().hex[:16]
         target = self._dir(dataset) / build_id
         target.mkdir(parents=True)
         try:
-            index: Any = None
-            parts: list[pa.Table] = []
-            for rows, vectors in batches:
-                matrix = np.ascontiguousarray(vectors, dtype=np.float32)
-                norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-                matrix = (matrix / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-                if index is None:
-                    index = faiss.IndexHNSWFlat(matrix.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
-                    index.hnsw.efConstruction = params.ef_construction
-                    faiss.omp_set_num_threads(os.cpu_count() or 1)
-                parts.append(rows.cast(ROW_SCHEMA))
-                index.add(matrix)
-            if index is None:
-                raise ValueError(f"dataset {dataset!r} has no rows to build a graph index from")
-            with ipc.new_file(str(target / "rows.arrow"), ROW_SCHEMA) as writer:
-                writer.write_batch(pa.concat_tables(parts).combine_chunks().to_batches()[0])
-            faiss.write_index(index, str(target / "graph.faiss"))
-            manifest = {"build": build_id, "token": token, "params": json.loads(index_params_to_json(params))}
+            deleted = None
+            if previous is not None and previous.params == params and previous.dim == matrix.shape[1]:
+                deleted = _extend(previous, table, matrix, target, analyzer)
+            if deleted is None:
+                _write_fresh(table, matrix, params, target, analyzer)
+            manifest = {
+                "build": build_id, "token": token, "params": json.loads(index_params_to_json(params)),
+                "extends": previous.build_id if deleted is not None and previous is not None else None,
+                "deleted": 0 if deleted is None else deleted,
+            }  # fmt: skip
             current = self._dir(dataset) / "current.json"
             staged = current.with_suffix(f".{build_id}.tmp")
             staged.write_text(json.dumps(manifest))
@@ -369,30 +548,21 @@ class GraphFiles:
             self._loaded[dataset] = (stamp, graph)
             return graph
 
-    def rank(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
-        token: Callable[[], str | None],
-    ) -> list[Scored] | None:
-        """The graph's ranking, or None when the graph cannot answer exactly (see the module's docstring).
+    def view(
+        self, dataset: str, tags: list[str], scope: frozenset[str] | None, token: Callable[[], str | None]
+    ) -> GraphView | None:
+        """The dataset's graph for one query, or None when it cannot answer exactly (see the module).
 
         ``token``: the table's current content token, asked only when the scope alone does not decide.
         """
         graph = self.current(dataset)
-        if graph is None or graph.dim != vector.shape[0]:
+        if graph is None:
             return None
         mask = graph.mask(tags, scope)
         scoped = scope is not None and mask is not None and mask.covers_scope
         if not scoped and token() != graph.token:
             return None
-        if mask is not None and mask.every:
-            mask = None
-        return graph.search(dataset, vector, k, mask, ef_search or graph.params.ef_search)
+        return GraphView(dataset, graph, mask)
 
     def write_token(self, dataset: str, token: str) -> None:
         """Record the table's content token after a write: a graph built from another is then stale."""

@@ -40,7 +40,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 from lancedb.index import BTree, HnswSq, IvfPq, LabelList
 
-from lamina.data._graph import ROW_SCHEMA, GraphFiles
+from lamina.data._graph import ROW_SCHEMA, GraphFiles, GraphView
 from lamina.data._text import bm25_scores
 from lamina.data._vectors import (
     CHUNK_FIELDS,
@@ -323,35 +323,18 @@ class LanceDBStore(SearchingStore):
         )
         token = str(table.version)
         if isinstance(params, GraphIndex):
-            columns = [name for name in ROW_SCHEMA.names]
+            columns = list(ROW_SCHEMA.names)
             rows = table.search().select([*columns, "vector"]).limit(None).to_arrow()
             vectors = rows.column("vector").combine_chunks().flatten().to_numpy()
-            self.graphs.build(
-                dataset, token, params, [(rows.select(columns), vectors.reshape(len(rows), -1))]
-            )
+            batches = [(rows.select(columns), vectors.reshape(len(rows), -1))]
+            self.graphs.build(dataset, token, params, batches, self.analyzer)
         else:
             self.graphs.drop(dataset)
         self.graphs.write_token(dataset, token)
         return params
 
-    def _graph_ranking(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
-    ) -> list[Scored] | None:
-        return self.graphs.rank(
-            check_dataset_name(dataset),
-            vector,
-            k,
-            tags,
-            scope,
-            ef_search,
-            lambda: self.graphs.read_token(dataset),
-        )
+    def _graph_view(self, dataset: str, tags: list[str], scope: frozenset[str] | None) -> GraphView | None:
+        return self.graphs.view(dataset, tags, scope, lambda: self.graphs.read_token(dataset))
 
     def _meta(self, dataset: str, table: Any) -> tuple[int, IndexParams]:
         """The dataset's vector width and index parameters, read once per table version."""

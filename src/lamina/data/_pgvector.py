@@ -42,7 +42,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from lamina.data._graph import ROW_SCHEMA, GraphFiles
+from lamina.data._graph import ROW_SCHEMA, GraphFiles, GraphView
 from lamina.data._text import BM25_B, BM25_K1
 from lamina.data._vectors import (
     CHUNK_FIELDS,
@@ -338,7 +338,9 @@ class PgVectorStore(SearchingStore):
             token = self._generation(cur, dataset)
             if self.graphs is not None:
                 if isinstance(params, GraphIndex):
-                    self.graphs.build(dataset, token, params, self._graph_rows(cur, chunk_table))
+                    self.graphs.build(
+                        dataset, token, params, self._graph_rows(cur, chunk_table), self.analyzer
+                    )
                 else:
                     self.graphs.drop(dataset)
         with self._session(transaction=False) as cur:
@@ -365,24 +367,15 @@ class PgVectorStore(SearchingStore):
             vectors = np.stack([r["embedding"].to_numpy() for r in batch]).astype(np.float32)
             yield rows, vectors
 
-    def _graph_ranking(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
-    ) -> list[Scored] | None:
+    def _graph_view(self, dataset: str, tags: list[str], scope: frozenset[str] | None) -> GraphView | None:
         if self.graphs is None:
             return None
-        check_dataset_name(dataset)
 
         def token() -> str | None:
             with self._session(transaction=False) as cur:  # one statement: one round trip, not three
                 return self._generation(cur, dataset)
 
-        return self.graphs.rank(dataset, vector, k, tags, scope, ef_search, token)
+        return self.graphs.view(dataset, tags, scope, token)
 
     def _count(self, cur: Cursor, dataset: str) -> int:
         row = cur.execute(

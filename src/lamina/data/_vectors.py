@@ -369,6 +369,15 @@ class Scored:
     score: float
 
 
+class IndexView(Protocol):
+    """An in-process index answering one query for a backend (``lamina.data._graph.GraphView``)."""
+
+    @property
+    def dim(self) -> int: ...
+    def vector(self, vector: npt.NDArray[np.float32], k: int, ef_search: int | None) -> list[Scored]: ...
+    def keyword(self, terms: list[str], qtfs: list[int], k: int) -> list[Scored]: ...
+
+
 class SearchingStore(ABC):
     """What every backend shares: argument checks and the vector/keyword/hybrid dispatch.
 
@@ -378,16 +387,8 @@ class SearchingStore(ABC):
     def __init__(self) -> None:
         self.analyzer = EnglishAnalyzer()
 
-    def _graph_ranking(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
-    ) -> list[Scored] | None:
-        """The ranking from the dataset's graph index, or None when it has none that can answer exactly."""
+    def _graph_view(self, dataset: str, tags: list[str], scope: frozenset[str] | None) -> IndexView | None:
+        """The dataset's graph index narrowed to this query, or None when it cannot answer exactly."""
         return None
 
     @abstractmethod
@@ -442,16 +443,21 @@ class SearchingStore(ABC):
         depth = k if mode != "hybrid" else max(k, HYBRID_DEPTH)
         by_vector: list[Scored] = []
         by_keyword: list[Scored] = []
+        view = self._graph_view(dataset, tags, scope) if k > 0 else None
         if mode != "keyword" and k > 0:
             vector = np.asarray(query_vector, dtype=np.float32)
-            ranked = self._graph_ranking(dataset, vector, depth, tags, scope, ef_search)
-            if ranked is None:
-                ranked = self._vector_ranking(dataset, vector, depth, tags, scope, ef_search)
-            by_vector = ranked
+            if view is not None and view.dim == vector.shape[0]:
+                by_vector = view.vector(vector, depth, ef_search)
+            else:
+                by_vector = self._vector_ranking(dataset, vector, depth, tags, scope, ef_search)
         if mode != "vector" and k > 0:
             terms, qtfs = self.analyzer.query(query_text or "")
             if terms:
-                by_keyword = self._keyword_ranking(dataset, terms, qtfs, depth, tags, scope)
+                by_keyword = (
+                    view.keyword(terms, qtfs, depth)
+                    if view is not None
+                    else self._keyword_ranking(dataset, terms, qtfs, depth, tags, scope)
+                )
         if mode == "vector":
             return [Hit(s.chunk, s.score, i, vector_rank=i) for i, s in enumerate(by_vector, start=1)]
         if mode == "keyword":
