@@ -111,3 +111,27 @@ def test_sigkill_mid_ingest_leaves_previous_version_and_next_ingest_completes(tm
     assert after["counts"]["abandoned_runs"] == 1 and after["counts"]["chunks_reused"] > 0
     assert catalog.runs("docs")[1].state == "abandoned"
     meta.close()
+
+
+def test_the_progress_bar_shows_files_chunks_and_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from lamina.cli import _data
+
+    out = io.StringIO()
+    monkeypatch.setattr(_data, "err_console", Console(file=out, force_terminal=True, width=120))
+    with _data._Bar(enabled=True) as bar:
+        bar.files(2, 2)
+        bar.chunks(0, 10)
+        time.sleep(0.05)
+        bar.chunks(5, 10)
+    text = out.getvalue()
+    assert "files" in text and "2/2" in text
+    assert "chunks embedded" in text and "5/10" in text and "chunks/s" in text
+    quiet = io.StringIO()
+    monkeypatch.setattr(_data, "err_console", Console(file=quiet, force_terminal=True, width=120))
+    with _data._Bar(enabled=False) as bar:  # --json, or stderr not a terminal
+        bar.files(1, 1)
+    assert quiet.getvalue() == ""

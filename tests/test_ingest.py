@@ -282,3 +282,32 @@ def test_gc_keeps_tagged_versions_and_deletes_unreferenced_vectors(
     assert env.vectors.get("docs", sorted(only_v2)) == []
     assert env.search("docs@prod", prose(20)) == [(env.root / "f.txt").as_uri()]
     env.meta.close()
+
+
+class Recording:
+    """An IngestProgress that keeps every update."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[str, int, int]] = []
+
+    def files(self, done: int, total: int) -> None:
+        self.updates.append(("files", done, total))
+
+    def chunks(self, done: int, total: int) -> None:
+        self.updates.append(("chunks", done, total))
+
+
+def test_progress_reports_files_then_chunks_up_to_their_totals(env: Env) -> None:
+    for i in range(3):
+        env.write(f"f{i}.txt", prose(i))
+    progress = Recording()
+    counting = Counting(env.real)
+    report = env.pipeline(counting).ingest([str(env.root)], "docs", OPTIONS, progress=progress)
+    files = [(d, t) for kind, d, t in progress.updates if kind == "files"]
+    chunks = [(d, t) for kind, d, t in progress.updates if kind == "chunks"]
+    assert files[-1] == (3, 3) and [d for d, _ in files] == sorted(d for d, _ in files)
+    embedded = report.counts["chunks_embedded"]
+    assert chunks[0] == (0, embedded) and chunks[-1] == (embedded, embedded)
+    assert len(chunks) == 1 + -(-embedded // OPTIONS.embed_batch_size)  # one update per batch
+    last_file = max(i for i, u in enumerate(progress.updates) if u[0] == "files")
+    assert last_file < min(i for i, u in enumerate(progress.updates) if u[0] == "chunks")
