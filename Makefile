@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # compile of llama-cpp-python (pip caches the wheel it builds).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: up test lint typecheck unit install dev bench clean
+.PHONY: up test lint typecheck unit install dev bench bench-data clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("Lamina needs Python 3.11+, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -44,6 +44,13 @@ unit: dev
 ## make bench: gateway streaming tokens/s next to llama-cpp-python in-process (not a test)
 bench: dev
 	$(BIN)/python bench/stream_tokens.py
+
+## make bench-data: the data layer's targets in one run (about 20 minutes on 2 cores; needs ../shared/data)
+bench-data: dev
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/ingest_throughput.py --docs 600
+	$(BIN)/python bench/ann_recall.py
+	$(BIN)/python bench/retrieval_scifact.py --backend both
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

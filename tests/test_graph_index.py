@@ -200,6 +200,29 @@ def test_writes_after_the_build_go_to_the_backend_unless_the_scope_is_in_the_gra
     assert late.chunk_id not in ids(store.search("docs", query_vector=vectors[0], k=2))
 
 
+def test_a_writer_that_dies_after_its_commit_never_leaves_the_graph_trusted(
+    indexed: tuple[Store, list[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _, vectors = indexed
+    if not isinstance(store, LanceDBStore):
+        pytest.skip("pgvector raises its generation inside the write's own transaction")
+    late = chunk("committed by a writer that then died", vectors[9], source="died")
+    graphs = _graphs(store)
+    real_write = graphs.write_token
+
+    def die_after_commit(dataset: str, token: str) -> None:
+        if token.isdigit():  # recording the committed version: the process dies first
+            raise KeyboardInterrupt
+        real_write(dataset, token)
+
+    monkeypatch.setattr(graphs, "write_token", die_after_commit)
+    with pytest.raises(KeyboardInterrupt):
+        store.upsert("docs", [late])
+    monkeypatch.setattr(graphs, "write_token", real_write)
+    reader = LanceDBStore(graphs.root.parent)  # a fresh process reading the same directory
+    assert late.chunk_id in ids(reader.search("docs", query_vector=vectors[9], k=2))
+
+
 def test_another_store_on_the_same_files_uses_the_new_build(
     indexed: tuple[Store, list[Any], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,6 +64,8 @@ from lamina.data._vectors import (
 from lamina.errors import NotFoundError, UnsupportedCapabilityError
 
 _INDEX_KEY = "lamina.index"
+#: The table token while a write is in flight: matches no graph.
+_WRITING = "writing"
 _VECTOR_INDEX = "vector_idx"
 _FIELDS = list(CHUNK_FIELDS)
 _POSTINGS = pa.schema([("term", pa.string()), ("docs", pa.list_(pa.int64())), ("tfs", pa.list_(pa.int32()))])
@@ -241,13 +243,16 @@ class LanceDBStore(SearchingStore):
         docs = np.random.default_rng().integers(1, 2**62, size=len(prepared), dtype=np.int64)
         rows, posting_rows = _tables(prepared, docs, dim)
         postings.add(posting_rows)
+        # a crash between the commit and the token leaves "writing": the graph is not trusted unscoped
+        self.graphs.write_token(dataset, _WRITING)
         table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
-        self.graphs.write_token(dataset, str(table.version))
+        self.graphs.write_token(dataset, str(table.version))  # the latest version, other writers' too
 
     def delete(self, dataset: str, chunk_ids: Collection[str]) -> None:
         pair = self._pair(dataset)
         if pair is None or not chunk_ids:
             return
+        self.graphs.write_token(dataset, _WRITING)
         pair[0].delete(_in("chunk_id", set(chunk_ids)))  # the postings become unreachable at once
         self.graphs.write_token(dataset, str(pair[0].version))
 
