@@ -342,3 +342,29 @@ def test_a_build_after_a_few_writes_extends_the_graph_and_answers_as_the_store(
         _backend_refuses(gstore, patch)
         found = ids(gstore.search("docs", query_vector=vectors[600], k=10))
     assert found == cosine_top(chunks, vectors, vectors[600], 10, list(range(500, N + 40)))
+
+
+def test_warming_loads_the_index_before_the_first_search(indexed: tuple[Store, list[Any], Any]) -> None:
+    from lamina.data import PinnedVersion, Retriever
+    from lamina.errors import NotFoundError
+
+    store, chunks, _ = indexed
+    fresh: Store
+    if isinstance(store, LanceDBStore):
+        fresh = LanceDBStore(_graphs(store).root.parent)
+    else:
+        fresh = PgVectorStore(store._url, schema=store._schema, graph_dir=_graphs(store).root)
+
+    class Versions:
+        def pin(self, ref: str) -> PinnedVersion:
+            if not ref.startswith("docs"):
+                raise NotFoundError(f"dataset {ref!r} has no versions")
+            return PinnedVersion("docs", "v1", 1, frozenset(c.chunk_id for c in chunks))
+
+    retriever = Retriever(Versions(), fresh, embedder=None)  # type: ignore[arg-type]
+    assert _graphs(fresh)._loaded == {}
+    assert retriever.warm(["docs@1", "nope"]) == ["nope"]
+    assert "docs" in _graphs(fresh)._loaded
+    assert fresh.warm("docs") and not fresh.warm("empty")
+    if isinstance(fresh, PgVectorStore):
+        fresh.close()

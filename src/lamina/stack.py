@@ -71,6 +71,15 @@ class Stack:
     def readiness(self) -> dict[str, bool]:
         return {d.name: d.ready > 0 for d in self.controller.status()}
 
+    def warm_search(self) -> None:
+        """Load the search index of every dataset's newest version and of every RAG alias's version, so
+        the first retrievals after a start do not wait for it."""
+        try:
+            refs = [*self.data.catalog.names(), *(a.dataset for a in self.config.rag)]
+            self.retriever.warm(list(dict.fromkeys(refs)))
+        except LaminaError as exc:
+            log.warning("could not warm the search indexes: %s", exc)
+
     def publish_drift(self) -> None:
         """Export the newest stored drift report of each dataset as gauges."""
         publish_drift_metrics(DriftReports(self.store).latest(), self.drift_metrics)
@@ -191,11 +200,13 @@ def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> 
         loop_task = asyncio.create_task(stack.controller.run(stop), name="lamina-control-loop")
         ready_task = asyncio.create_task(_announce_ready(stack, on_ready))
         drift_task = asyncio.create_task(_publish_drift_forever(stack), name="lamina-drift-metrics")
+        warm_task = asyncio.create_task(asyncio.to_thread(stack.warm_search), name="lamina-warm-search")
         try:
             yield
         finally:
             ready_task.cancel()
             drift_task.cancel()
+            warm_task.cancel()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task

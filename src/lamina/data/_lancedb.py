@@ -338,6 +338,9 @@ class LanceDBStore(SearchingStore):
         self.graphs.write_token(dataset, token)
         return params
 
+    def warm(self, dataset: str) -> bool:
+        return self.graphs.current(check_dataset_name(dataset)) is not None
+
     def _graph_view(self, dataset: str, tags: list[str], scope: frozenset[str] | None) -> GraphView | None:
         return self.graphs.view(dataset, tags, scope, lambda: self.graphs.read_token(dataset))
 

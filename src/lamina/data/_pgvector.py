@@ -367,6 +367,9 @@ class PgVectorStore(SearchingStore):
             vectors = np.stack([r["embedding"].to_numpy() for r in batch]).astype(np.float32)
             yield rows, vectors
 
+    def warm(self, dataset: str) -> bool:
+        return self.graphs is not None and self.graphs.current(check_dataset_name(dataset)) is not None
+
     def _graph_view(self, dataset: str, tags: list[str], scope: frozenset[str] | None) -> GraphView | None:
         if self.graphs is None:
             return None

@@ -11,6 +11,7 @@ the vector store is synchronous and runs in a worker thread.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -18,7 +19,9 @@ from typing import Any, Protocol
 import anyio
 
 from lamina.data._vectors import Hit, Scalar, SearchMode, VectorStore
-from lamina.errors import ConflictError, InvalidRequestError
+from lamina.errors import ConflictError, InvalidRequestError, LaminaError
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,18 @@ class Retriever:
         vector = None if mode == "keyword" else (await self._embedder.embed_queries([query]))[0]
         hits = await anyio.to_thread.run_sync(lambda: self._search(version, query, vector, k, mode, filters))
         return Retrieval(query, mode, version, citations(hits, version), query_vector=vector)
+
+    def warm(self, refs: Sequence[str]) -> list[str]:
+        """Pin each of ``refs`` and load its dataset's index, so the first requests do not pay for it
+        (a 100k-chunk graph takes about a second to load). Returns the refs that failed, logged."""
+        failed = []
+        for ref in refs:
+            try:
+                self._store.warm(self._versions.pin(ref).dataset)
+            except LaminaError as exc:
+                _log.warning("could not warm %s: %s", ref, exc)
+                failed.append(ref)
+        return failed
 
     def _check_model(self, version: PinnedVersion) -> None:
         model, query_model = version.embedding_model, self._query_model

@@ -239,6 +239,10 @@ class VectorStore(Protocol):
         """Every chunk id stored for ``dataset``, sorted (what garbage collection checks against)."""
         ...
 
+    def warm(self, dataset: str) -> bool:
+        """Load the dataset's in-process index now rather than on its first search; True if it has one."""
+        ...
+
     def drop(self, dataset: str) -> None:
         """Remove a dataset's chunks and indexes; nothing happens if it has none."""
         ...
@@ -386,6 +390,9 @@ class SearchingStore(ABC):
 
     def __init__(self) -> None:
         self.analyzer = EnglishAnalyzer()
+
+    def warm(self, dataset: str) -> bool:
+        return False
 
     def _graph_view(self, dataset: str, tags: list[str], scope: frozenset[str] | None) -> IndexView | None:
         """The dataset's graph index narrowed to this query, or None when it cannot answer exactly."""
