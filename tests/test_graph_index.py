@@ -31,9 +31,9 @@ def indexed(gstore: Store) -> tuple[Store, list[Any], np.ndarray[Any, Any]]:
     vectors = unit_vectors(N, DIM, seed=3)
     chunks = [chunk(f"row {i}", vectors[i] * (1 + i % 3), source=f"s{i}", part=i % 5) for i in range(N)]
     gstore.upsert("docs", chunks)
-    assert gstore.build_index("docs", GraphIndex(m=16, ef_construction=80, ef_search=64)) == GraphIndex(
-        m=16, ef_construction=80, ef_search=64
-    )
+    # float32: these tests compare orders with an exact float32 ranking (float16 is tested on its own)
+    params = GraphIndex(m=16, ef_construction=80, ef_search=64, vectors="float32")
+    assert gstore.build_index("docs", params) == params
     return gstore, chunks, vectors
 
 
@@ -75,7 +75,7 @@ def test_graph_answers_with_cosine_scores_and_ties_by_id(
     assert recall >= 0.9
     hits = store.search("docs", query_vector=vectors[7] * 5, k=3)  # stored vectors are not unit length
     assert hits[0].chunk.chunk_id == chunks[7].chunk_id
-    assert hits[0].score == pytest.approx(1.0, abs=1e-5)  # cosine, whatever the lengths
+    assert hits[0].score == pytest.approx(1.0, abs=1e-3)  # cosine (float16 vectors), whatever the lengths
     assert hits[0].chunk.text == "row 7" and hits[0].chunk.metadata == {"part": 2}
     assert hits[0].chunk.source_uri == "file:///corpus/s7" and hits[0].chunk.vector is None
     assert [h.rank for h in hits] == [1, 2, 3]
@@ -149,7 +149,7 @@ def test_keyword_and_hybrid_from_the_graph_equal_the_stores_own(
         {"mode": "hybrid", "query_text": "drum snare", "query_vector": q, "chunk_ids": version},
     ]
     own = [gstore.search("docs", k=10, **case) for case in cases]  # no graph yet: the store answers
-    gstore.build_index("docs", GraphIndex(m=16, ef_construction=200, ef_search=400))
+    gstore.build_index("docs", GraphIndex(m=16, ef_construction=200, ef_search=400, vectors="float32"))
     with monkeypatch.context() as patch:
         _backend_refuses(gstore, patch)
         from_graph = [gstore.search("docs", k=10, **case) for case in cases]
@@ -160,6 +160,22 @@ def test_keyword_and_hybrid_from_the_graph_equal_the_stores_own(
             (h.vector_rank, h.keyword_rank) for h in theirs
         ], case
     assert own[0] and own[1] and own[5] == []
+
+
+def test_float16_graphs_keep_recall_and_scores_to_three_digits(gstore: Store) -> None:
+    vectors = unit_vectors(N, DIM, seed=17)
+    chunks = [chunk(f"half {i}", vectors[i], source=f"h{i}") for i in range(N)]
+    gstore.upsert("docs", chunks)
+    assert gstore.build_index("docs", GraphIndex(m=16, ef_construction=100)).vectors == "float16"
+    queries = unit_vectors(20, DIM, seed=18)
+    recall = []
+    for q in queries:
+        hits = gstore.search("docs", query_vector=q, k=10, ef_search=200)
+        truth = cosine_top(chunks, vectors, q, 10)
+        recall.append(len(set(ids(hits)) & set(truth)) / 10)
+        exact = {c.chunk_id: float(vectors[i] @ q) for i, c in enumerate(chunks)}
+        assert all(abs(h.score - exact[h.chunk.chunk_id]) < 2e-3 for h in hits)
+    assert np.mean(recall) >= 0.95
 
 
 def test_ef_search_is_a_query_time_knob(indexed: tuple[Store, list[Any], Any]) -> None:
@@ -191,7 +207,7 @@ def test_writes_after_the_build_go_to_the_backend_unless_the_scope_is_in_the_gra
     newer = version | {late.chunk_id}
     assert late.chunk_id in ids(store.search("docs", query_vector=vectors[0], k=2, chunk_ids=newer))
     # after the next build the graph answers everything again
-    store.build_index("docs", GraphIndex(m=16, ef_construction=80))
+    store.build_index("docs", GraphIndex(m=16, ef_construction=80, vectors="float32"))
     with monkeypatch.context() as patch:
         _backend_refuses(store, patch)
         assert late.chunk_id in ids(store.search("docs", query_vector=vectors[0], k=2))
@@ -238,7 +254,7 @@ def test_another_store_on_the_same_files_uses_the_new_build(
     moved = chunk("row 3 moved", vectors[3], source="moved")
     store.upsert("docs", [moved])
     store.delete("docs", [chunks[3].chunk_id])
-    store.build_index("docs", GraphIndex(m=16, ef_construction=80))
+    store.build_index("docs", GraphIndex(m=16, ef_construction=80, vectors="float32"))
     assert ids(other.search("docs", query_vector=vectors[3], k=1)) == [moved.chunk_id]
     if isinstance(other, PgVectorStore):
         other.close()
@@ -265,10 +281,10 @@ def test_broken_or_missing_graph_files_fall_back_to_the_backend(
     original = graphs.build
     graphs.build = explode  # type: ignore[method-assign]
     with pytest.raises(MemoryError):
-        store.build_index("docs", GraphIndex(m=16, ef_construction=80))
+        store.build_index("docs", GraphIndex(m=16, ef_construction=80, vectors="float32"))
     assert ids(store.search("docs", query_vector=vectors[5], k=1)) == [chunks[5].chunk_id]
     graphs.build = original  # type: ignore[method-assign]
-    store.build_index("docs", GraphIndex(m=16, ef_construction=80))
+    store.build_index("docs", GraphIndex(m=16, ef_construction=80, vectors="float32"))
     assert ids(fresh.search("docs", query_vector=vectors[5], k=1)) == [chunks[5].chunk_id]
     assert [p.name for p in (graphs.root / "docs").iterdir() if p.is_dir()] != [build.name]
     if isinstance(fresh, PgVectorStore):
@@ -300,7 +316,7 @@ def test_a_build_after_a_few_writes_extends_the_graph_and_answers_as_the_store(
     vectors = unit_vectors(N + 40, DIM, seed=13)
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) + f" row{i}" for i in range(N + 40)]
     chunks = [chunk(t, vectors[i], source=f"x{i}", part=i % 3) for i, t in enumerate(texts)]
-    params = GraphIndex(m=16, ef_construction=200, ef_search=400)
+    params = GraphIndex(m=16, ef_construction=200, ef_search=400, vectors="float32")
     gstore.upsert("docs", chunks[:N])
     gstore.build_index("docs", params)
     current = _graphs(gstore).root / "docs" / "current.json"

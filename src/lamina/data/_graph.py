@@ -5,8 +5,10 @@ whatever its index settings, and one through pgvector about 3 ms (a server round
 while FAISS's HNSW answers in about 0.2 ms. Both costs are fixed per query, so no index setting helps. The
 graph index keeps the store as the source of truth and adds a read-optimised copy next to it:
 
-- ``graph.faiss``: a FAISS ``IndexHNSWFlat`` on inner product over unit-normalised vectors (so the score
-  is the cosine similarity the backends report), labels = row positions;
+- ``graph.faiss``: a FAISS HNSW index on inner product over unit-normalised vectors (so the score is the
+  cosine similarity the backends report), labels = row positions. Vectors are kept as float16 by default
+  (``IndexHNSWSQ``, ``QT_fp16``): half the memory of float32 and about 25% faster on 100k MiniLM vectors,
+  with the same recall@10 there; scores then carry about three significant digits;
 - ``rows.arrow``: the rows' chunk fields and filter tags as an Arrow IPC file, read into memory, so a hit
   costs a few slices of k rows (tens of microseconds), never a store query;
 - ``keywords.npz`` and ``terms.json``: the rows' BM25 postings (compressed sparse rows: per term, the
@@ -134,7 +136,13 @@ class Graph:
         self.dim: int = self.index.d
         self.size: int = self.index.ntotal
         storage = faiss.downcast_index(self.index.storage)
-        self.vectors = faiss.rev_swig_ptr(storage.get_xb(), self.size * self.dim).reshape(self.size, self.dim)
+        if isinstance(storage, faiss.IndexScalarQuantizer):  # float16 codes, read in place
+            codes = faiss.rev_swig_ptr(storage.codes.data(), self.size * self.dim * 2)
+            self.vectors = np.asarray(codes).view(np.float16).reshape(self.size, self.dim)
+        else:
+            self.vectors = faiss.rev_swig_ptr(storage.get_xb(), self.size * self.dim).reshape(
+                self.size, self.dim
+            )
         # read into memory, not mapped: a hit then never waits on a page fault
         with pa.OSFile(str(directory / "rows.arrow")) as f:
             reader = ipc.open_file(f.read_buffer())
@@ -276,7 +284,7 @@ class Graph:
     def _exact(
         self, dataset: str, query: npt.NDArray[np.float32], k: int, positions: npt.NDArray[np.intp]
     ) -> list[Scored]:
-        scores = (self.vectors[positions] @ query).astype(np.float64)
+        scores = (self.vectors[positions].astype(np.float32) @ query).astype(np.float64)
         top = top_with_ties(scores, k)
         return self._scored(dataset, positions[top], scores[top], k)
 
@@ -343,7 +351,13 @@ def _write_fresh(
 ) -> None:
     faiss = _faiss()
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    index = faiss.IndexHNSWFlat(matrix.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
+    if params.vectors == "float16":
+        index = faiss.IndexHNSWSQ(
+            matrix.shape[1], faiss.ScalarQuantizer.QT_fp16, params.m, faiss.METRIC_INNER_PRODUCT
+        )
+        index.train(matrix)  # float16 needs no statistics; FAISS asks for the call
+    else:
+        index = faiss.IndexHNSWFlat(matrix.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = params.ef_construction
     index.add(matrix)
     vocabulary: dict[str, int] = {}

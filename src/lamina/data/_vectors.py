@@ -182,7 +182,8 @@ class GraphIndex:
     The fast path: ids come from the graph and rows from a memory-mapped copy, so a query never waits on
     the store (see ``lamina.data._graph``). The table stays the source of truth; until the next build,
     queries the graph cannot answer exactly go to the backend (pgvector builds its HNSW index too).
-    Memory: the vectors (4 bytes per dimension) plus about ``8 * m`` bytes of links per row.
+    Memory: the vectors (2 bytes per dimension as float16) plus about ``8 * m`` bytes of links per row,
+    and the rows' text.
     """
 
     #: HNSW neighbours per node (twice that on the bottom layer).
@@ -191,6 +192,8 @@ class GraphIndex:
     ef_construction: int = 200
     #: Query time: candidate list (>= k); a search may ask for another with ``ef_search=``.
     ef_search: int = 64
+    #: How the graph keeps vectors: float16 (half the memory, faster, scores to about 3 digits) or float32.
+    vectors: Literal["float16", "float32"] = "float16"
     kind: Literal["graph"] = "graph"
 
 
