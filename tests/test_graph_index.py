@@ -217,11 +217,13 @@ def test_writes_after_the_build_go_to_the_backend_unless_the_scope_is_in_the_gra
 
 
 def test_a_writer_that_dies_after_its_commit_never_leaves_the_graph_trusted(
-    indexed: tuple[Store, list[Any], Any], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, _, vectors = indexed
-    if not isinstance(store, LanceDBStore):
-        pytest.skip("pgvector raises its generation inside the write's own transaction")
+    """LanceDB only: pgvector raises its generation inside the write's own transaction."""
+    store = LanceDBStore(tmp_path / "vectors")
+    vectors = unit_vectors(N, DIM, seed=3)
+    store.upsert("docs", [chunk(f"row {i}", vectors[i], source=f"s{i}") for i in range(N)])
+    store.build_index("docs", GraphIndex(m=16, ef_construction=80, vectors="float32"))
     late = chunk("committed by a writer that then died", vectors[9], source="died")
     graphs = _graphs(store)
     real_write = graphs.write_token
