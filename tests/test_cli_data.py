@@ -135,3 +135,30 @@ def test_the_progress_bar_shows_files_chunks_and_throughput(monkeypatch: pytest.
     with _data._Bar(enabled=False) as bar:  # --json, or stderr not a terminal
         bar.files(1, 1)
     assert quiet.getvalue() == ""
+
+
+def test_the_cli_ingests_into_and_searches_pgvector_when_configured(tmp_path: Path, pg_database: str) -> None:
+    from lamina._data_stack import open_data_stack
+    from lamina.config import load_config
+    from lamina.data import PgVectorStore
+
+    state, corpus = tmp_path / "state", tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.md").write_text(prose(i))
+    config = tmp_path / "lamina.yaml"
+    config.write_text(f"data: {{vector_backend: pgvector, pgvector_url: '{pg_database}'}}\n")
+    where = ["--config", str(config), "--state-dir", str(state), "--json"]
+    ingest = runner.invoke(data_app, ["ingest", str(corpus), "--dataset", "docs", *where])
+    assert ingest.exit_code == 0, ingest.output
+    assert json.loads(ingest.stdout)["version"]["seq"] == 1
+    found = runner.invoke(data_app, ["search", "docs", prose(1)[:80], "-k", "1", *where])
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.stdout)["data"][0]["source_uri"].endswith("/f1.md")
+    stack = open_data_stack(load_config(config), state)  # the chunks are in PostgreSQL
+    try:
+        assert isinstance(stack.vectors, PgVectorStore) and stack.vectors.count("docs") > 0
+        assert stack.vectors.graphs is not None
+        assert stack.vectors.graphs.root.parent == state / "graphs"
+    finally:
+        stack.close()
