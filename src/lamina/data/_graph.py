@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -79,6 +80,8 @@ ROW_SCHEMA = pa.schema(
         ("tags", pa.list_(pa.large_string())),
     ]
 )
+_log = logging.getLogger(__name__)
+
 #: The columns a hit is built from, in ``_chunk``'s order.
 _PAYLOAD = (
     "chunk_id",
@@ -468,7 +471,7 @@ class GraphFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._loaded: dict[str, tuple[tuple[int, int, int], Graph]] = {}
+        self._loaded: dict[str, tuple[tuple[int, int, int], Graph | None]] = {}
         self._tokens: dict[str, tuple[tuple[int, int, int], str]] = {}
         self._paths: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
@@ -554,11 +557,15 @@ class GraphFiles:
             cached = self._loaded.get(dataset)
             if cached is not None and cached[0] == stamp:
                 return cached[1]
+            graph: Graph | None
             try:
                 manifest = json.loads(Path(path).read_text())
                 graph = Graph(self._dir(dataset) / manifest["build"], manifest)
-            except (FileNotFoundError, RuntimeError):
-                return None  # a build replaced it meanwhile (FAISS raises RuntimeError): retry next query
+            except FileNotFoundError:
+                return None  # a build replaced it meanwhile: retry on the next query
+            except Exception as exc:  # unreadable or corrupt files: the store answers until the next build
+                _log.warning("graph index of %s unusable, searching the store instead: %s", dataset, exc)
+                graph = None
             self._loaded[dataset] = (stamp, graph)
             return graph
 
