@@ -134,7 +134,8 @@ class Graph:
         if not isinstance(params, GraphIndex):
             raise RuntimeError(f"{directory} holds a {params.kind} index, not a graph")
         self.params: GraphIndex = params
-        self.index = faiss.read_index(str(directory / "graph.faiss"))
+        # the vectors are memory-mapped: processes on one machine share them through the page cache
+        self.index = faiss.read_index(str(directory / "graph.faiss"), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
         self.index.hnsw.efSearch = self.params.ef_search
         self.dim: int = self.index.d
         self.size: int = self.index.ntotal
