@@ -49,6 +49,13 @@ def _graphs(store: Store) -> GraphFiles:
     return store.graphs
 
 
+def reopen(store: Store) -> Store:
+    """Another store on the same files and database: what another process opening them would see."""
+    if isinstance(store, LanceDBStore):
+        return LanceDBStore(_graphs(store).root.parent)
+    return PgVectorStore(store._url, schema=store._schema, graph_dir=_graphs(store).root)
+
+
 def _backend_refuses(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the backend was asked; the graph should have answered")
@@ -245,11 +252,7 @@ def test_another_store_on_the_same_files_uses_the_new_build(
     indexed: tuple[Store, list[Any], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, chunks, vectors = indexed
-    other: Store
-    if isinstance(store, LanceDBStore):
-        other = LanceDBStore(_graphs(store).root.parent)
-    else:
-        other = PgVectorStore(store._url, schema=store._schema, graph_dir=_graphs(store).root)
+    other = reopen(store)
     _backend_refuses(other, monkeypatch)
     first = ids(other.search("docs", query_vector=vectors[3], k=1))
     assert first == [chunks[3].chunk_id]
@@ -269,11 +272,7 @@ def test_broken_or_missing_graph_files_fall_back_to_the_backend(
     graphs = _graphs(store)
     build = next(p for p in (graphs.root / "docs").iterdir() if p.is_dir())
     shutil.rmtree(build)  # the published build vanished (disk cleanup, a half-copied state dir)
-    fresh: Store
-    if isinstance(store, LanceDBStore):
-        fresh = LanceDBStore(graphs.root.parent)
-    else:
-        fresh = PgVectorStore(store._url, schema=store._schema, graph_dir=graphs.root)
+    fresh = reopen(store)
     assert ids(fresh.search("docs", query_vector=vectors[5], k=1)) == [chunks[5].chunk_id]
 
     # a failing build leaves the store searchable and the next build publishes a working graph
@@ -367,11 +366,7 @@ def test_warming_loads_the_index_before_the_first_search(indexed: tuple[Store, l
     from lamina.errors import NotFoundError
 
     store, chunks, _ = indexed
-    fresh: Store
-    if isinstance(store, LanceDBStore):
-        fresh = LanceDBStore(_graphs(store).root.parent)
-    else:
-        fresh = PgVectorStore(store._url, schema=store._schema, graph_dir=_graphs(store).root)
+    fresh = reopen(store)
 
     class Versions:
         def pin(self, ref: str) -> PinnedVersion:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import psycopg
+import pyarrow as pa  # type: ignore[import-untyped]
 from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg import sql
@@ -335,14 +336,15 @@ class PgVectorStore(SearchingStore):
                 sql.SQL("UPDATE {} SET index_params = %s WHERE dataset = %s").format(self._name(_DATASETS)),
                 (index_params_to_json(params), dataset),
             )
-            token = self._generation(cur, dataset)
-            if self.graphs is not None:
-                if isinstance(params, GraphIndex):
-                    self.graphs.build(
-                        dataset, token, params, self._graph_rows(cur, chunk_table), self.analyzer
-                    )
-                else:
-                    self.graphs.drop(dataset)
+        if self.graphs is not None and isinstance(params, GraphIndex):
+            # read in one snapshot, then build outside any transaction: writers wait only for the read
+            with self._session() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                token = self._generation(cur, dataset)
+                batches = list(self._graph_rows(cur, chunk_table))
+            self.graphs.build(dataset, token, params, batches, self.analyzer)
+        elif self.graphs is not None:
+            self.graphs.drop(dataset)
         with self._session(transaction=False) as cur:
             cur.execute(sql.SQL("VACUUM (ANALYZE) {}, {}").format(chunk_table, postings))
         return params
@@ -353,9 +355,7 @@ class PgVectorStore(SearchingStore):
         return "" if row is None else str(row["generation"])
 
     def _graph_rows(self, cur: Cursor, chunk_table: sql.Identifier) -> Iterator[tuple[Any, Any]]:
-        """The table's rows and vectors in batches, for a graph build (inside the build's transaction)."""
-        import pyarrow as pa  # type: ignore[import-untyped]
-
+        """The table's rows and vectors in batches, for a graph build."""
         names = list(ROW_SCHEMA.names)
         columns = ", ".join(f"c.{n}" for n in names if n != "metadata")
         query = sql.SQL(

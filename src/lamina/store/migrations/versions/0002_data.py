@@ -16,6 +16,14 @@ _TZ = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    _create_versions()
+    _create_contents()
+    _create_lineage()
+    _create_runs()
+
+
+def _create_versions() -> None:
+    """Datasets, their immutable versions and the tags that point at them."""
     op.create_table(
         "datasets",
         sa.Column("name", sa.String(48), primary_key=True),
@@ -38,6 +46,10 @@ def upgrade() -> None:
         sa.Column("tag", sa.String(100), primary_key=True),
         sa.Column("seq", sa.Integer, nullable=False),
     )
+
+
+def _create_contents() -> None:
+    """What each version holds: its chunk ids and its source files."""
     op.create_table(
         "dataset_members",
         sa.Column("version_id", sa.String(64), primary_key=True),
@@ -53,6 +65,10 @@ def upgrade() -> None:
         sa.Column("documents", sa.JSON, nullable=False),
         sa.Column("n_chunks", sa.Integer, nullable=False),
     )
+
+
+def _create_lineage() -> None:
+    """Where each chunk came from and what embedded it."""
     op.create_table(
         "chunk_lineage",
         sa.Column("chunk_id", sa.String(64), primary_key=True),
@@ -70,6 +86,10 @@ def upgrade() -> None:
         sa.Column("created_at", _TZ, nullable=False),
     )
     op.create_index("ix_chunk_lineage_dataset_file", "chunk_lineage", ["dataset", "source_file"])
+
+
+def _create_runs() -> None:
+    """Ingest runs, with their state, counts and skipped files."""
     op.create_table(
         "ingest_runs",
         sa.Column("run_id", sa.String(36), primary_key=True),
