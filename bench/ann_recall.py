@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_engine_onnx import minilm_spec
 
 from lamina.data import Chunk, GraphIndex, IvfHnswSqIndex, IvfPqIndex, LanceDBStore, PgVectorStore
-from lamina.data._vectors import IndexParams
+from lamina.data.vectors._types import IndexParams
 from lamina.models import load_engine
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "retrieval" / "scifact"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lamina._data_stack import open_data_stack
+from lamina.stack import open_data_stack
 from lamina.config import LaminaConfig
 from lamina.data import IngestOptions
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_engine_onnx import minilm_spec
 
 from lamina.data import Chunk, LanceDBStore, PgVectorStore, VectorStore
-from lamina.data._writer import build_index
+from lamina.data.versions._gc import build_index
 from lamina.models import load_engine
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "retrieval" / "scifact"

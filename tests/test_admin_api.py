@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from lamina._data_stack import DataStack, open_data_stack
+from lamina.stack import DataStack, open_data_stack
 from lamina.application._admin import ThreadedIngestService, admin_router
 from lamina.application._errors import install_error_handlers
 from lamina.application._gateway import _authenticator
@@ -119,7 +119,7 @@ def make_admin(tmp_path: Path, real_embedder: EngineEmbedder) -> Iterator[Any]:
     cleanups: list[Any] = []
 
     def pipeline() -> IngestPipeline:
-        return IngestPipeline(data.catalog, data.vectors, embedder, data.lineage, data.state_dir / "locks")
+        return IngestPipeline(data.catalog, data.vectors, embedder, data.lineage)
 
     def make(roots: Sequence[Path] = (root,), keys: Sequence[str] = ()) -> Admin:
         service = ThreadedIngestService(pipeline, data.catalog, DATA, roots)
@@ -228,7 +228,7 @@ def test_a_crashing_embedder_fails_the_run_and_keeps_the_previous_version(make_a
     assert failed["state"] == "failed" and "crashed" in failed["error"] and failed["version"] is None
     newest = admin.data.catalog.resolve("docs")
     assert (newest.seq, newest.version_id) == (1, first["version"]["version_id"])
-    assert admin.data.catalog.runs("docs")[0].state == "failed"
+    assert admin.data.catalog.runs.of("docs")[0].state == "failed"
 
 
 def test_admin_routes_need_a_key_when_keys_are_set(make_admin: Any) -> None:

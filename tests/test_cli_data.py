@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from lamina.cli._data import data_app
 from lamina.data import LanceDBStore
-from lamina.data._datasets import DatasetCatalog
+from lamina.data.versions._catalog import DatasetCatalog
 from lamina.store import Store
 
 runner = CliRunner()
@@ -101,7 +101,7 @@ def test_sigkill_mid_ingest_leaves_previous_version_and_next_ingest_completes(tm
     meta = Store(f"sqlite:///{state / 'lamina.db'}")
     catalog = DatasetCatalog(meta)
     assert [v.seq for v in catalog.log("docs")] == [1]
-    assert catalog.runs("docs")[0].state == "running"
+    assert catalog.runs.of("docs")[0].state == "running"
     ids = catalog.members(catalog.resolve("docs"))
     hits = lance.search("docs", query_text=prose(1).split()[0], mode="keyword", k=5, chunk_ids=ids)
     assert hits and all(h.chunk.chunk_id in ids for h in hits)
@@ -109,7 +109,7 @@ def test_sigkill_mid_ingest_leaves_previous_version_and_next_ingest_completes(tm
     after = cli(*base, state=state)
     assert after["state"] == "completed" and after["version"]["seq"] == 2
     assert after["counts"]["abandoned_runs"] == 1 and after["counts"]["chunks_reused"] > 0
-    assert catalog.runs("docs")[1].state == "abandoned"
+    assert catalog.runs.of("docs")[1].state == "abandoned"
     meta.close()
 
 
@@ -138,7 +138,7 @@ def test_the_progress_bar_shows_files_chunks_and_throughput(monkeypatch: pytest.
 
 
 def test_the_cli_ingests_into_and_searches_pgvector_when_configured(tmp_path: Path, pg_database: str) -> None:
-    from lamina._data_stack import open_data_stack
+    from lamina.stack import open_data_stack
     from lamina.config import load_config
     from lamina.data import PgVectorStore
 

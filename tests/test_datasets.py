@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from lamina.data._dataset_records import ChunkLineage, NewVersion, SourceRecord
-from lamina.data._datasets import DatasetCatalog
-from lamina.data._lineage import manifest_id
+from lamina.data.versions._records import ChunkLineage, NewVersion, SourceRecord
+from lamina.data.versions._catalog import DatasetCatalog
+from lamina.data.versions._lineage import manifest_id
 from lamina.errors import InvalidRequestError, NotFoundError
 from lamina.store import Store
 
@@ -23,8 +23,8 @@ def clock() -> object:
 
 def commit(catalog: DatasetCatalog, chunks: dict[str, list[str]], sources: dict[str, str]) -> str:
     """Commit a version whose files (uri -> sha) hold ``chunks`` (uri -> chunk ids); returns the run id."""
-    run = f"run-{len(catalog.runs('docs')) if catalog.names() else 0}"
-    catalog.start_run("docs", run, pid=1)
+    run = f"run-{len(catalog.runs.of('docs')) if catalog.names() else 0}"
+    catalog.runs.start("docs", run, pid=1)
     ids = sorted(c for cs in chunks.values() for c in cs)
     manifest = {"dataset": "docs", "chunks": len(ids), "ids": ids, "sources": sorted(sources.items()),
                 "embedding_model": {"ref": "m@1", "sha256": "f" * 64}}  # fmt: skip
@@ -107,10 +107,10 @@ def test_same_content_again_is_a_new_sequence_sharing_rows(store: Store) -> None
 
 def test_a_run_left_running_is_abandoned_by_the_next(store: Store) -> None:
     catalog = DatasetCatalog(store)
-    catalog.start_run("docs", "r1", pid=123)
-    assert catalog.start_run("docs", "r2", pid=124) == 1
-    runs = {r.run_id: r for r in catalog.runs("docs")}
+    catalog.runs.start("docs", "r1", pid=123)
+    assert catalog.runs.start("docs", "r2", pid=124) == 1
+    runs = {r.run_id: r for r in catalog.runs.of("docs")}
     assert runs["r1"].state == "abandoned" and runs["r2"].state == "running"
-    catalog.finish_run("r2", "failed", counts={"chunks": 3}, skipped=[("x", "why")], error="boom")
-    r2 = next(r for r in catalog.runs("docs") if r.run_id == "r2")
+    catalog.runs.finish("r2", "failed", counts={"chunks": 3}, skipped=[("x", "why")], error="boom")
+    r2 = next(r for r in catalog.runs.of("docs") if r.run_id == "r2")
     assert (r2.state, r2.counts, r2.skipped, r2.error) == ("failed", {"chunks": 3}, [("x", "why")], "boom")

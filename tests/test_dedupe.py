@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lamina.data._dedupe import Deduplicator, content_sha256, hamming, simhash
+from lamina.data.ingest._dedupe import Deduplicator, content_sha256, hamming, simhash
 
 BASE = " ".join(f"word{i % 37} token{i % 11} item{i}" for i in range(200))
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from lamina.data import _drift as stats
-from lamina.data._drift_coverage import coverage, top_terms
+from lamina.data.drift import _stats as stats
+from lamina.data.drift._coverage import coverage, top_terms
 from lamina.errors import InvalidRequestError
 
 

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from lamina.cli._drift import drift, make_drift_command
 from lamina.config import LaminaConfig
 from lamina.data import Chunk, LanceDBStore, PgVectorStore, VectorStore
-from lamina.data._drift_report import (
+from lamina.data.drift._report import (
     DriftChecker,
     DriftReport,
     DriftReports,
@@ -35,7 +35,7 @@ from lamina.data._drift_report import (
     VersionResolver,
     publish_drift_metrics,
 )
-from lamina.data._drift_window import DriftWindow, WindowPolicy
+from lamina.data.drift._window import DriftWindow, WindowPolicy
 from lamina.errors import NotFoundError
 from lamina.models._engine import LoadSpec, load_engine
 from lamina.observability._metrics import DriftMetrics

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from lamina.data._drift_window import MAX_SAMPLE_CHARS, DriftWindow, WindowPolicy, parse_window
+from lamina.data.drift._window import MAX_SAMPLE_CHARS, DriftWindow, WindowPolicy, parse_window
 from lamina.errors import InvalidRequestError
 from lamina.store import Store
 

@@ -1,4 +1,4 @@
-"""The graph index (lamina.data._graph) on both backends: when it answers, when the backend does, and
+"""The graph index (lamina.data.vectors.graph) on both backends: when it answers, when the backend does, and
 that either way the answer is the same one the backend would give."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lamina.data import GraphIndex, LanceDBStore, PgVectorStore
-from lamina.data._graph import GraphFiles
+from lamina.data.vectors.graph import GraphFiles
 from lamina.errors import InvalidRequestError, UnsupportedCapabilityError
 from tests.test_vectorstore import chunk, exact_top, ids, open_store, unit_vectors
 
@@ -53,7 +53,7 @@ def reopen(store: Store) -> Store:
     """Another store on the same files and database: what another process opening them would see."""
     if isinstance(store, LanceDBStore):
         return LanceDBStore(_graphs(store).root.parent)
-    return PgVectorStore(store._url, schema=store._schema, graph_dir=_graphs(store).root)
+    return PgVectorStore(store.url, schema=store.schema, graph_dir=_graphs(store).root)
 
 
 def _backend_refuses(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

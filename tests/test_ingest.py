@@ -16,11 +16,10 @@ import pytest
 from psycopg import sql
 
 from lamina.data import LanceDBStore, PgVectorStore, VectorStore
-from lamina.data._datasets import DatasetCatalog
-from lamina.data._ingest import IngestOptions, IngestPipeline, IngestReport
-from lamina.data._openlineage import LineageEmitter
-from lamina.data._pgvector import _psycopg_url
-from lamina.data._writer import collect_garbage, dataset_lock
+from lamina.data.versions._catalog import DatasetCatalog
+from lamina.data.ingest._pipeline import IngestOptions, IngestPipeline, IngestReport
+from lamina.data.ingest._openlineage import LineageEmitter
+from lamina.data import collect_garbage
 from lamina.errors import ConflictError, EngineCrashedError
 from lamina.models._embedder import EngineEmbedder
 from lamina.store import Store
@@ -72,7 +71,7 @@ def vectors(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorSt
     store = PgVectorStore(pg_url, schema=schema)
     yield store
     store.close()
-    with psycopg.connect(_psycopg_url(pg_url), autocommit=True) as conn:
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
@@ -95,7 +94,7 @@ class Env:
 
     def pipeline(self, embedder: Counting) -> IngestPipeline:
         lineage = LineageEmitter(self.log)
-        return IngestPipeline(self.catalog, self.vectors, embedder, lineage, self.locks)
+        return IngestPipeline(self.catalog, self.vectors, embedder, lineage)
 
     def write(self, name: str, text: str) -> Path:
         path = self.root / name
@@ -162,7 +161,7 @@ def test_engine_crash_leaves_previous_version_and_next_run_completes(env: Env) -
         env.ingest(fail_after=2)
     assert env.catalog.resolve("docs") == v1
     assert env.search("docs", prose(1)) == env.search("docs@1", prose(1))
-    failed = env.catalog.runs("docs")[0]
+    failed = env.catalog.runs.of("docs")[0]
     assert failed.state == "failed" and "crashed" in (failed.error or "")
 
     resumed, report = env.ingest()
@@ -198,11 +197,11 @@ def test_gc_deletes_the_vectors_an_interrupted_ingest_left(env: Env) -> None:
     with pytest.raises(EngineCrashedError):
         env.ingest(fail_after=2)  # two batches reached the store; no version lists them
     assert len(env.vectors.chunk_ids("docs")) > len(kept)
-    collected = collect_garbage(env.catalog, env.vectors, env.locks, "docs", keep=5)
+    collected = collect_garbage(env.catalog, env.vectors, "docs", keep=5)
     assert collected.versions == [] and collected.orphans == len(collected.chunk_ids) > 0
     assert env.vectors.chunk_ids("docs") == sorted(kept)
     assert env.search("docs", prose(1)) == sorted((env.root / f"f{i}.txt").as_uri() for i in range(3))
-    again = collect_garbage(env.catalog, env.vectors, env.locks, "docs", keep=5)
+    again = collect_garbage(env.catalog, env.vectors, "docs", keep=5)
     assert (again.chunk_ids, again.orphans) == ([], 0)
 
 
@@ -262,7 +261,7 @@ def test_duplicates_are_dropped_and_a_second_ingest_waits_for_the_lock(
     skipped = dict(report.skipped)
     assert "exact duplicate" in skipped[(env.root / "b.txt").as_uri()]
     assert "near duplicate" in skipped[(env.root / "c.txt").as_uri()]
-    with dataset_lock(env.locks, "docs"), pytest.raises(ConflictError):
+    with env.catalog.lock("docs"), pytest.raises(ConflictError):
         env.ingest()
     env.meta.close()
 
@@ -276,7 +275,7 @@ def test_gc_keeps_tagged_versions_and_deletes_unreferenced_vectors(
         env.ingest()
     env.catalog.tag("docs@1", "prod")
     only_v2 = set(env.catalog.members(env.catalog.resolve("docs@2")))
-    collected = collect_garbage(env.catalog, env.vectors, env.locks, "docs", keep=1)
+    collected = collect_garbage(env.catalog, env.vectors, "docs", keep=1)
     assert collected.versions == [2]
     assert [v.seq for v in env.catalog.log("docs")] == [3, 1]
     assert env.vectors.get("docs", sorted(only_v2)) == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lamina.data._clean import clean_text
-from lamina.data._loaders import LoadOptions, Unloadable, load_source
+from lamina.data.ingest._clean import clean_text
+from lamina.data.ingest._loaders import LoadOptions, Unloadable, load_source
 
 
 def make_pdf(pages: list[str]) -> bytes:

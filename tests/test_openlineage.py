@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from lamina.data._openlineage import LineageEmitter
+from lamina.data.ingest._openlineage import LineageEmitter
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -38,7 +38,6 @@ from lamina.data import (
     VectorStore,
     reciprocal_rank_fusion,
 )
-from lamina.data._pgvector import _psycopg_url
 from lamina.errors import InvalidRequestError, NotFoundError, UnsupportedCapabilityError
 from lamina.models._engine import LoadSpec
 from lamina.models._onnx import ONNXEngine
@@ -61,7 +60,7 @@ def open_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
     store = PgVectorStore(pg_url, schema=schema, graph_dir=tmp_path / f"graphs-{schema}")
     yield store
     store.close()
-    with psycopg.connect(_psycopg_url(pg_url), autocommit=True) as conn:
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
@@ -189,9 +188,9 @@ def interrupt_the_commit(vstore: Store, monkeypatch: pytest.MonkeyPatch) -> None
         raise KeyboardInterrupt
 
     if isinstance(vstore, PgVectorStore):
-        from lamina.data import _pgvector
+        from lamina.data.vectors import _pgvector
 
-        monkeypatch.setattr(_pgvector, "_copy_postings", interrupted)  # inside the transaction
+        monkeypatch.setattr(_pgvector, "copy_postings", interrupted)  # inside the transaction
     else:
         from lancedb.table import LanceTable
 

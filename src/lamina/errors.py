@@ -8,19 +8,19 @@
     ├── AuthenticationError            invalid_api_key     401
     ├── PermissionDeniedError          permission_denied   403
     ├── NotFoundError                  not_found           404
-    │   └── ModelNotFoundError         model_not_found     404
+    │   ├── ModelNotFoundError         model_not_found     404
+    │   └── SourceNotFoundError        source_not_found    404
     ├── ConflictError                  conflict            409
     ├── RegistryError                  registry_error      400
-    │   ├── SourceNotFoundError        source_not_found    404
     │   ├── UnsafeFormatError          unsafe_format       400
     │   ├── UnknownFormatError         unknown_format      400
     │   ├── CorruptFileError           corrupt_file        400
-    │   ├── ChecksumMismatchError      checksum_mismatch   409
-    │   └── OfflineError               offline             503
+    │   └── ChecksumMismatchError      checksum_mismatch   409
     ├── EngineError                    engine_error        500
     │   └── EngineCrashedError         engine_crashed      502
     ├── UnavailableError               unavailable         503
-    │   └── NoReadyReplicaError        no_ready_replica    503
+    │   ├── NoReadyReplicaError        no_ready_replica    503
+    │   └── OfflineError               offline             503
     └── StoreError                     store_error         500
 
 Every error message says what to do next. Foreign exceptions are mapped to this tree by type at the
@@ -99,6 +99,12 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
+class SourceNotFoundError(NotFoundError):
+    """A model source (a path, a file in a package, a file on the hub) does not exist."""
+
+    code = "source_not_found"
+
+
 class ConflictError(LaminaError):
     code = "conflict"
     status = 409
@@ -111,9 +117,6 @@ class RegistryError(LaminaError):
     kind = "invalid_request_error"
 
 
-class SourceNotFoundError(RegistryError):
-    code = "source_not_found"
-    status = 404
 
 
 class UnsafeFormatError(RegistryError):
@@ -133,9 +136,6 @@ class ChecksumMismatchError(RegistryError):
     status = 409
 
 
-class OfflineError(RegistryError):
-    code = "offline"
-    status = 503
 
 
 class EngineError(LaminaError):
@@ -156,38 +156,23 @@ class NoReadyReplicaError(UnavailableError):
     code = "no_ready_replica"
 
 
+class OfflineError(UnavailableError):
+    """A download was needed and the network is not there."""
+
+    code = "offline"
+
+
 class StoreError(LaminaError):
     code = "store_error"
 
 
-#: Every error class by its stable code, so a body received over HTTP maps back to its type.
-ERRORS_BY_CODE: dict[str, type[LaminaError]] = {
-    cls.code: cls
-    for cls in (
-        LaminaError,
-        ConfigError,
-        InvalidRequestError,
-        ContextLengthError,
-        UnsupportedCapabilityError,
-        AuthenticationError,
-        PermissionDeniedError,
-        NotFoundError,
-        ModelNotFoundError,
-        ConflictError,
-        RegistryError,
-        SourceNotFoundError,
-        UnsafeFormatError,
-        UnknownFormatError,
-        CorruptFileError,
-        ChecksumMismatchError,
-        OfflineError,
-        EngineError,
-        EngineCrashedError,
-        UnavailableError,
-        NoReadyReplicaError,
-        StoreError,
-    )
-}
+def _tree(cls: type[LaminaError]) -> list[type[LaminaError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _tree(child))]
+
+
+#: Every error class by its stable code, so a body received over HTTP maps back to its type; built from
+#: the classes themselves, so a new error cannot be forgotten (codes are unique: a test checks).
+ERRORS_BY_CODE: dict[str, type[LaminaError]] = {cls.code: cls for cls in _tree(LaminaError)}
 
 
 def from_body(status: int, body: dict[str, Any]) -> LaminaError:

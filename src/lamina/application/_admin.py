@@ -34,11 +34,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lamina.application._requests import parse_body
+from lamina.clock import Clock, utcnow
 from lamina.config import DataConfig
-from lamina.data import DatasetCatalog, IngestOptions, IngestPipeline, IngestReport, LoadOptions
-from lamina.data._dataset_records import IngestRun
-from lamina.data._datasets import utcnow
-from lamina.data._vectors import check_dataset_name
+from lamina.data import (
+    DatasetCatalog,
+    IngestOptions,
+    IngestPipeline,
+    IngestReport,
+    IngestRun,
+    LoadOptions,
+    check_dataset_name,
+)
 from lamina.errors import (
     ConflictError,
     InvalidRequestError,
@@ -185,7 +191,7 @@ class ThreadedIngestService:
         *,
         max_workers: int = 2,
         keep_runs: int = 256,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = utcnow,
     ) -> None:
         self._make_pipeline = pipeline
         self._catalog = catalog
@@ -271,7 +277,7 @@ class ThreadedIngestService:
             run = self._runs.get(run_id)
             if run is not None:
                 return run.to_json()
-        stored = self._stored_run(run_id)
+        stored = self._catalog.runs.get(run_id)
         if stored is None:
             raise NotFoundError(
                 f"no ingest run {run_id!r}; run ids come from POST /admin/v1/datasets/NAME/ingest or "
@@ -279,13 +285,6 @@ class ThreadedIngestService:
                 param="run_id",
             )
         return self._stored_json(stored)
-
-    def _stored_run(self, run_id: str) -> IngestRun | None:
-        for name in self._catalog.names():
-            for stored in self._catalog.runs(name):
-                if stored.run_id == run_id:
-                    return stored
-        return None
 
     def _stored_json(self, run: IngestRun) -> dict[str, Any]:
         version: dict[str, Any] | None = None

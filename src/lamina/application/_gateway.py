@@ -46,8 +46,7 @@ from lamina.errors import (
     ModelNotFoundError,
     UnsupportedCapabilityError,
 )
-from lamina.models._engine import Capability
-from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelList
+from lamina.models import Capability, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelList
 from lamina.observability import Layer, Telemetry
 
 Parsed = ChatCompletionRequest | CompletionRequest | EmbeddingRequest

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from lamina.models._openai import ModelCard
+from lamina.models import ModelCard
 
 
 class Route(Protocol):

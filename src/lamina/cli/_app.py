@@ -48,7 +48,7 @@ def up(
     port: Annotated[int | None, typer.Option(help="Port (default: server.port, 8000).")] = None,
 ) -> None:
     """Start the whole stack in the foreground; Ctrl-C or SIGTERM stops it and every process it started."""
-    from lamina.stack import build_stack, serve  # heavy imports only for this command
+    from lamina.stack.gateway import build_stack, serve  # the web stack, only for this command
 
     cfg, sdir = load(config, state_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

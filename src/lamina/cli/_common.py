@@ -12,7 +12,6 @@ from rich.markup import escape
 
 from lamina.config import LaminaConfig, load_config, resolve_state_dir
 from lamina.errors import LaminaError
-from lamina.store import Store
 
 StateDirOption = Annotated[
     Path | None,
@@ -42,14 +41,6 @@ def load(config: Path | None, state_dir: Path | None) -> tuple[LaminaConfig, Pat
     except LaminaError as exc:
         fail(exc, exit_code=2)
     return cfg, resolve_state_dir(state_dir, cfg)
-
-
-def open_store(cfg: LaminaConfig, state_dir: Path) -> Store:
-    """The migrated metadata store of this state directory."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(cfg.database_url(state_dir))
-    store.migrate()
-    return store
 
 
 def print_json(data: Any) -> None:

@@ -17,7 +17,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from lamina._data_stack import DataStack, embedding_model, open_data_stack
 from lamina.cli._common import (
     ConfigOption,
     JsonOption,
@@ -28,14 +27,16 @@ from lamina.cli._common import (
     out_console,
     print_json,
 )
-from lamina.data import Retriever
-from lamina.data._dataset_records import DatasetVersion
-from lamina.data._ingest import IngestOptions, IngestReport
-from lamina.data._lineage import lineage_chain
-from lamina.data._loaders import LoadOptions
-from lamina.data._writer import collect_garbage
+from lamina.data import (
+    DatasetVersion,
+    IngestOptions,
+    IngestReport,
+    LoadOptions,
+    collect_garbage,
+    lineage_chain,
+)
 from lamina.errors import LaminaError
-from lamina.models import ThreadQueryEmbedder
+from lamina.stack import DataStack, open_data_stack
 
 data_app = typer.Typer(
     help="Datasets: ingest files into immutable versions, inspect, diff, tag, collect, trace chunks.",
@@ -284,7 +285,7 @@ def gc(
 ) -> None:
     """Remove old versions, and the vectors of chunks no kept version holds."""
     with _data(config, state_dir) as stack:
-        collected = collect_garbage(stack.catalog, stack.vectors, stack.state_dir / "locks", name, keep)
+        collected = collect_garbage(stack.catalog, stack.vectors, name, keep)
     if json_output:
         print_json(
             {
@@ -333,9 +334,7 @@ def search(
 ) -> None:
     """Search one dataset version; every hit names its chunk id, source and byte span."""
     with _data(config, state_dir) as stack:
-        query_model = embedding_model(stack.registry, stack.config.data.embedding_model).ref
-        queries = ThreadQueryEmbedder(stack.embedder)  # loads the model only for vector and hybrid search
-        retriever = Retriever(stack.catalog, stack.vectors, queries, query_model)
+        retriever = stack.retriever()  # loads the model only for vector and hybrid search
         result = anyio.run(lambda: retriever.retrieve(ref, query, k=k, mode=mode.value))
     if json_output:
         print_json(result.to_json())

@@ -18,12 +18,11 @@ from typing import Annotated
 
 import typer
 
-from lamina._data_stack import open_data_stack
 from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
 from lamina.config import LaminaConfig
-from lamina.data._drift_report import CatalogResolver, DriftChecker, DriftReports
-from lamina.data._drift_window import DriftWindow
+from lamina.data import DriftChecker
 from lamina.errors import LaminaError
+from lamina.stack import open_data_stack
 
 #: (config, state directory) -> a drift checker over that state directory, open while the block runs.
 OpenChecker = Callable[[LaminaConfig, Path], AbstractContextManager[DriftChecker]]
@@ -36,12 +35,7 @@ def open_checker(cfg: LaminaConfig, state_dir: Path) -> Iterator[DriftChecker]:
     """The state directory's dataset catalog, vector store, drift window and stored reports."""
     data = open_data_stack(cfg, state_dir)
     try:
-        yield DriftChecker(
-            resolver=CatalogResolver(data.catalog),
-            vectors=data.vectors,
-            window=DriftWindow(data.store),
-            reports=DriftReports(data.store),
-        )
+        yield data.drift_checker()
     finally:
         data.close()
 

@@ -15,12 +15,12 @@ from lamina.cli._common import (
     StateDirOption,
     fail,
     load,
-    open_store,
     out_console,
     print_json,
 )
 from lamina.errors import LaminaError
-from lamina.models._registry import ModelVersion, Registry
+from lamina.models import ModelVersion, Registry
+from lamina.stack import open_registry
 
 models_app = typer.Typer(
     help="The model registry: add GGUF and ONNX files, list, show, alias, verify and remove versions.",
@@ -35,11 +35,11 @@ def _registry(config: ConfigOption, state_dir: StateDirOption) -> Iterator[Regis
     """The registry of the state directory; any Lamina error becomes one line on stderr and exit 1."""
     cfg, root = load(config, state_dir)
     try:
-        store = open_store(cfg, root)
+        store, registry = open_registry(cfg, root)
     except LaminaError as exc:
         fail(exc)
     try:
-        yield Registry(store, root / "blobs")
+        yield registry
     except LaminaError as exc:
         fail(exc)
     finally:

@@ -1,48 +1,70 @@
-"""Layer: data. Datasets of chunks with vectors, and retrieval over them (vector, BM25 and hybrid search)."""
+"""Layer: data. Datasets of chunks with vectors, their versions and lineage, ingestion, drift, retrieval.
 
-from lamina.data._chunking import ChunkTokenizer
-from lamina.data._dataset_records import ChunkLineage, DatasetVersion, SourceRecord, VersionDiff
-from lamina.data._datasets import DatasetCatalog
-from lamina.data._drift_report import (
+Sub-packages, lowest first (each imports only those before it; ``tests/unit/test_layers.py`` checks):
+``vectors`` (the vector store and its indexes), ``versions`` (the catalog of versions, lineage, gc),
+``ingest`` and ``drift``; retrieval (``_retrieve``, ``_recorder``) sits on top of them all.
+"""
+
+from lamina.data._recorder import DriftRecorder
+from lamina.data._retrieve import AsyncEmbedder, Citation, Retrieval, Retriever, VersionResolver
+from lamina.data.drift import (
+    CatalogResolver,
     DriftChecker,
     DriftReport,
     DriftReports,
     DriftSettings,
+    DriftWindow,
+    WindowPolicy,
     publish_drift_metrics,
 )
-from lamina.data._drift_window import DriftRecorder, DriftWindow, WindowPolicy
-from lamina.data._fusion import RRF_K, Fused, reciprocal_rank_fusion
-from lamina.data._ingest import IngestOptions, IngestPipeline, IngestProgress, IngestReport
-from lamina.data._lancedb import LanceDBStore
-from lamina.data._loaders import LoadOptions
-from lamina.data._openlineage import LineageEmitter
-from lamina.data._pgvector import PgVectorStore
-from lamina.data._retrieve import (
-    AsyncEmbedder,
-    Citation,
-    PinnedVersion,
-    Retrieval,
-    Retriever,
-    VersionResolver,
+from lamina.data.ingest import (
+    ChunkTokenizer,
+    EmbeddingTokenizer,
+    IngestOptions,
+    IngestPipeline,
+    IngestProgress,
+    IngestReport,
+    LineageEmitter,
+    LoadOptions,
 )
-from lamina.data._text import BM25_B, BM25_K1, EnglishAnalyzer
-from lamina.data._vectors import (
+from lamina.data.vectors import (
+    BM25_B,
+    BM25_K1,
     HYBRID_DEPTH,
     MIN_INDEX_ROWS,
+    RRF_K,
     Chunk,
     Embedder,
+    EnglishAnalyzer,
     ExactIndex,
+    Fused,
     GraphIndex,
     Hit,
     HnswIndex,
     IndexParams,
     IvfHnswSqIndex,
     IvfPqIndex,
+    LanceDBStore,
+    PgVectorStore,
     Scalar,
     SearchMode,
     VectorStore,
+    VectorStoreBase,
+    check_dataset_name,
+    reciprocal_rank_fusion,
 )
-from lamina.data._writer import collect_garbage
+from lamina.data.versions import (
+    ChunkLineage,
+    DatasetCatalog,
+    DatasetVersion,
+    IngestRun,
+    IngestRuns,
+    PinnedVersion,
+    SourceRecord,
+    VersionDiff,
+    collect_garbage,
+    lineage_chain,
+)
 
 __all__ = [
     "BM25_B",
@@ -51,6 +73,7 @@ __all__ = [
     "MIN_INDEX_ROWS",
     "RRF_K",
     "AsyncEmbedder",
+    "CatalogResolver",
     "Chunk",
     "ChunkLineage",
     "ChunkTokenizer",
@@ -64,6 +87,7 @@ __all__ = [
     "DriftSettings",
     "DriftWindow",
     "Embedder",
+    "EmbeddingTokenizer",
     "EnglishAnalyzer",
     "ExactIndex",
     "Fused",
@@ -75,6 +99,8 @@ __all__ = [
     "IngestPipeline",
     "IngestProgress",
     "IngestReport",
+    "IngestRun",
+    "IngestRuns",
     "IvfHnswSqIndex",
     "IvfPqIndex",
     "LanceDBStore",
@@ -88,10 +114,13 @@ __all__ = [
     "SearchMode",
     "SourceRecord",
     "VectorStore",
+    "VectorStoreBase",
     "VersionDiff",
     "VersionResolver",
     "WindowPolicy",
+    "check_dataset_name",
     "collect_garbage",
+    "lineage_chain",
     "publish_drift_metrics",
     "reciprocal_rank_fusion",
 ]

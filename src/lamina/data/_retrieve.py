@@ -18,26 +18,11 @@ from typing import Any, Protocol
 
 import anyio
 
-from lamina.data._vectors import Hit, Scalar, SearchMode, VectorStore
+from lamina.data.vectors import Hit, Scalar, SearchMode, VectorStore
+from lamina.data.versions import PinnedVersion
 from lamina.errors import ConflictError, InvalidRequestError, LaminaError
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PinnedVersion:
-    """One dataset version as retrieval needs it."""
-
-    dataset: str
-    version_id: str
-    seq: int
-    chunk_ids: frozenset[str]
-    #: ``name@version`` of the model that embedded its chunks (None: unknown)
-    embedding_model: str | None = None
-
-    @property
-    def ref(self) -> str:
-        return f"{self.dataset}@{self.seq}"
 
 
 class VersionResolver(Protocol):

@@ -1,8 +1,8 @@
 """Layer 4, models: the registry, engines per format, the replica worker and the catalog of served names."""
 
-from lamina.models._bundled import BUNDLED, BundledModel, register_bundled
+from lamina.models._bundled import BUNDLED, BundledModel, register_bundled, registered_or_bundled
 from lamina.models._catalog import ENGINE_CAPABILITIES, Catalog, Route, ServedModel
-from lamina.models._deploy import worker_workload
+from lamina.models._deploy import deploy, worker_workload
 from lamina.models._embedder import EngineEmbedder, HTTPEmbedder
 from lamina.models._engine import (
     Capability,
@@ -55,10 +55,12 @@ __all__ = [
     "ServedModel",
     "ThreadQueryEmbedder",
     "Usage",
+    "deploy",
     "detect_format",
     "engine_names",
     "load_engine",
     "read_metadata",
     "register_bundled",
+    "registered_or_bundled",
     "worker_workload",
 ]

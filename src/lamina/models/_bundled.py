@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lamina.config import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL
+from lamina.errors import ModelNotFoundError
 from lamina.models._registry import ModelVersion, Registry
 
 
@@ -40,3 +41,18 @@ def register_bundled(registry: Registry) -> list[ModelVersion]:
     """Register every bundled model, or find it already registered (the registry's add is idempotent by
     content, so this costs one hash of each file on every start)."""
     return [registry.add(spec.source, spec.name, extra=spec.extra) for spec in BUNDLED]
+
+
+def registered_or_bundled(registry: Registry, ref: str) -> ModelVersion:
+    """The registered model ``ref``; a bundled one not yet registered is registered now.
+
+    Raises ModelNotFoundError for a name that is neither registered nor bundled.
+    """
+    try:
+        return registry.get(ref)
+    except ModelNotFoundError:
+        bundled = next((b for b in BUNDLED if b.name == ref.partition("@")[0]), None)
+        if bundled is None:
+            raise
+        registry.add(bundled.source, bundled.name, extra=bundled.extra)
+        return registry.get(ref)

@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError
+from lamina.models._catalog import ServedModel
 from lamina.models._engine import LoadSpec
-from lamina.orchestration._workload import Resources, WorkloadSpec
+from lamina.models._registry import Registry
+from lamina.orchestration import Resources, WorkloadSpec
 
 _MIB = 1 << 20
 #: what a worker process needs before its model: Python, the HTTP server, the engine library
@@ -118,3 +120,49 @@ def worker_workload(
         health_path="/health",
         ready_timeout_s=ready_timeout_s,
     )
+
+
+def deploy(
+    deployment: DeploymentConfig, registry: Registry, run_dir: Path, ready_timeout_s: float
+) -> tuple[ServedModel, WorkloadSpec]:
+    """What ``deployment`` serves (the catalog's entry) and the replica processes that serve it.
+
+    The engine defaults to the registered file's format; asking for another one is a ConfigError.
+    """
+    if deployment.engine == "fake":
+        spec = worker_workload(
+            deployment=deployment,
+            engine="fake",
+            path=None,
+            sha256=None,
+            extra_files={},
+            model_version=None,
+            run_dir=run_dir,
+            ready_timeout_s=ready_timeout_s,
+        )
+        return ServedModel(deployment=deployment.name, engine="fake", model_ref=None), spec
+    mv = registry.get(deployment.model_ref)
+    engine = deployment.engine or mv.format
+    if engine != mv.format:
+        raise ConfigError(
+            f"deployment {deployment.name!r} asks for engine {engine!r} but {mv.ref} is a {mv.format} file; "
+            f"set `engine: {mv.format}` or leave it out"
+        )
+    spec = worker_workload(
+        deployment=deployment,
+        engine=engine,
+        path=mv.path,
+        sha256=mv.sha256,
+        extra_files=mv.extra_files,
+        model_version=mv.ref,
+        run_dir=run_dir,
+        ready_timeout_s=ready_timeout_s,
+    )
+    served = ServedModel(
+        deployment=deployment.name,
+        engine=engine,
+        model_ref=mv.ref,
+        aliases=tuple(n for n in (mv.ref, deployment.model_ref) if n != deployment.name),
+        created=int(mv.created_at.timestamp()),
+    )
+    return served, spec

@@ -1,6 +1,39 @@
 """The metadata store shared by every layer (a foundation, like config and errors)."""
 
-from lamina.store._schema import metadata, model_aliases, model_versions, spans
+from lamina.store._columns import UTCDateTime
+from lamina.store._schema import (
+    chunk_lineage,
+    dataset_members,
+    dataset_sources,
+    dataset_tags,
+    dataset_versions,
+    datasets,
+    drift_buckets,
+    drift_reports,
+    drift_samples,
+    ingest_runs,
+    metadata,
+    model_aliases,
+    model_versions,
+    spans,
+)
 from lamina.store._store import Store
 
-__all__ = ["Store", "metadata", "model_aliases", "model_versions", "spans"]
+__all__ = [
+    "Store",
+    "UTCDateTime",
+    "chunk_lineage",
+    "dataset_members",
+    "dataset_sources",
+    "dataset_tags",
+    "dataset_versions",
+    "datasets",
+    "drift_buckets",
+    "drift_reports",
+    "drift_samples",
+    "ingest_runs",
+    "metadata",
+    "model_aliases",
+    "model_versions",
+    "spans",
+]

@@ -7,7 +7,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
-    DateTime,
     Index,
     Integer,
     LargeBinary,
@@ -17,6 +16,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+
+from lamina.store._columns import UTCDateTime
 
 metadata = MetaData()
 
@@ -33,7 +34,7 @@ model_versions = Table(
     Column("path", Text, nullable=False, comment="the content-addressed file in the state directory"),
     Column("extra_files", JSON, nullable=False, comment="companion files by role, e.g. tokenizer"),
     Column("meta", JSON, nullable=False, comment="what the file says about itself"),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     UniqueConstraint("name", "version", name="uq_model_versions_name_version"),
 )
 
@@ -67,7 +68,7 @@ datasets = Table(
     "datasets",
     metadata,
     Column("name", String(48), primary_key=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
 )
 
 dataset_versions = Table(
@@ -79,7 +80,7 @@ dataset_versions = Table(
     Column("manifest", JSON, nullable=False, comment="the canonical manifest the id hashes"),
     Column("pipeline_version", String(64), nullable=False),
     Column("run_id", String(36), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     Index("ix_dataset_versions_version_id", "dataset", "version_id"),
 )
 
@@ -105,7 +106,7 @@ dataset_sources = Table(
     Column("uri", Text, primary_key=True),
     Column("sha256", String(64), nullable=False, comment="of the file's bytes"),
     Column("size_bytes", BigInteger, nullable=False),
-    Column("mtime", DateTime(timezone=True), nullable=False),
+    Column("mtime", UTCDateTime(), nullable=False),
     Column("documents", JSON, nullable=False, comment="kept documents: [uri, text sha256, simhash hex]"),
     Column("n_chunks", Integer, nullable=False),
 )
@@ -125,7 +126,7 @@ chunk_lineage = Table(
     Column("embedding_model", String(300), nullable=False, comment="name@version"),
     Column("embedding_sha256", String(64), nullable=False),
     Column("run_id", String(36), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     Index("ix_chunk_lineage_dataset_file", "dataset", "source_file"),
 )
 
@@ -136,8 +137,8 @@ ingest_runs = Table(
     Column("dataset", String(48), nullable=False),
     Column("state", String(20), nullable=False, comment="running, completed, unchanged, failed, abandoned"),
     Column("pid", Integer, nullable=False),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
     Column("counts", JSON, nullable=False),
     Column("skipped", JSON, nullable=False, comment="[[path, reason], ...]"),
     Column("error", Text, nullable=True),
@@ -154,7 +155,7 @@ drift_samples = Table(
     Column("dataset", String(48), primary_key=True),
     Column("bucket", BigInteger, primary_key=True, comment="start of its time bucket, epoch seconds"),
     Column("slot", Integer, primary_key=True, comment="position in the bucket's reservoir"),
-    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("ts", UTCDateTime(), nullable=False),
     Column("text", Text, nullable=False, comment="the prompt, truncated"),
     Column("length", Integer, nullable=False, comment="the whole prompt's length in characters"),
     Column("vector", LargeBinary, nullable=False, comment="float32 little-endian embedding"),
@@ -176,7 +177,7 @@ drift_reports = Table(
     Column("dataset", String(48), nullable=False),
     Column("version", String(100), nullable=False),
     Column("window", String(20), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     Column("verdict", String(20), nullable=False, comment="drift, no_drift or insufficient_data"),
     Column("drifted", Boolean, nullable=False),
     Column("metrics", JSON, nullable=False),

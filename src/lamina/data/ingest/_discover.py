@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lamina.data._loaders import SUFFIXES
+from lamina.data.ingest._loaders import SUFFIXES
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The records the dataset catalog hands out: versions, sources, chunk lineage, diffs, runs, gc results."""
+"""The records the dataset catalog hands out: versions, pinned versions, sources, lineage, diffs, runs, gc."""
 
 from __future__ import annotations
 
@@ -141,3 +141,19 @@ class Collected:
     chunk_ids: list[str]
     #: how many of ``chunk_ids`` no version ever listed: vectors an interrupted ingest wrote
     orphans: int = 0
+
+
+@dataclass(frozen=True)
+class PinnedVersion:
+    """One dataset version as retrieval needs it."""
+
+    dataset: str
+    version_id: str
+    seq: int
+    chunk_ids: frozenset[str]
+    #: ``name@version`` of the model that embedded its chunks (None: unknown)
+    embedding_model: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.dataset}@{self.seq}"

@@ -3,7 +3,7 @@
 Incremental by content. Every file is hashed before it is parsed; a file whose hash the newest version
 already holds (under the same pipeline version and embedding model) reuses that version's chunks without
 being read again. Every other document is chunked, and a chunk id is a hash of everything that shapes the
-chunk (``lamina.data._lineage``), so chunks already in the vector store (from any version, or from an
+chunk (``lamina.data.versions._lineage``), so chunks already in the vector store (from any version, or from an
 interrupted run) are reused rather than embedded again. Only new chunks reach the embedder, in batches.
 
 Safe against interruption. Nothing a reader sees changes until the last step: new vectors are added under
@@ -21,25 +21,42 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
-from pathlib import Path
 from typing import Any, Protocol
 
+from lamina.clock import Clock, utcnow
 from lamina.config import DataConfig
-from lamina.data._chunking import ChunkTokenizer, chunk_spans
-from lamina.data._dataset_records import ChunkLineage, DatasetVersion, NewVersion, SourceRecord
-from lamina.data._datasets import DatasetCatalog, utcnow
-from lamina.data._dedupe import Deduplicator, content_sha256, simhash
-from lamina.data._discover import SourceFile, discover
-from lamina.data._lineage import chunk_id, chunks_digest, manifest_id, pipeline_version
-from lamina.data._loaders import Document, LoadOptions, Unloadable, load_source
-from lamina.data._openlineage import LineageEmitter
-from lamina.data._vectors import Chunk, Embedder, VectorStore, check_dataset_name
-from lamina.data._writer import build_index, dataset_lock, present_ids
+from lamina.data.ingest._chunking import ChunkTokenizer, chunk_spans
+from lamina.data.ingest._dedupe import Deduplicator, content_sha256, simhash
+from lamina.data.ingest._discover import SourceFile, discover
+from lamina.data.ingest._loaders import Document, LoadOptions, Unloadable, load_source
+from lamina.data.ingest._openlineage import LineageEmitter
+from lamina.data.vectors import Chunk, Embedder, VectorStore, check_dataset_name
+from lamina.data.versions import (
+    ChunkLineage,
+    DatasetCatalog,
+    DatasetVersion,
+    NewVersion,
+    SourceRecord,
+    chunk_id,
+    chunks_digest,
+    manifest_id,
+    pipeline_version,
+)
 
 _TOKENIZE_BATCH = 256
+_LOOKUP_BATCH = 2000
+
+
+def present_ids(store: VectorStore, dataset: str, chunk_ids: Sequence[str]) -> set[str]:
+    """The ids among ``chunk_ids`` whose chunks ``store`` holds for ``dataset``."""
+    found: set[str] = set()
+    if store.count(dataset) == 0:
+        return found
+    for start in range(0, len(chunk_ids), _LOOKUP_BATCH):
+        found |= {c.chunk_id for c in store.get(dataset, chunk_ids[start : start + _LOOKUP_BATCH])}
+    return found
 
 
 class IngestProgress(Protocol):
@@ -152,15 +169,13 @@ class IngestPipeline:
         vectors: VectorStore,
         embedder: EmbeddingTokenizer,
         lineage: LineageEmitter,
-        lock_dir: Path,
         *,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = utcnow,
     ) -> None:
         self._catalog = catalog
         self._vectors = vectors
         self._embedder = embedder
         self._lineage = lineage
-        self._lock_dir = lock_dir
         self._clock = clock
 
     def ingest(
@@ -174,8 +189,8 @@ class IngestPipeline:
         check_dataset_name(dataset)
         report = IngestReport(run_id=str(uuid.uuid4()), dataset=dataset)
         started = time.perf_counter()
-        with dataset_lock(self._lock_dir, dataset):
-            report.count("abandoned_runs", self._catalog.start_run(dataset, report.run_id, os.getpid()))
+        with self._catalog.lock(dataset):
+            report.count("abandoned_runs", self._catalog.runs.start(dataset, report.run_id, os.getpid()))
             found = discover(patterns)
             self._lineage.event("START", report.run_id, dataset, inputs=found.roots)
             try:
@@ -196,7 +211,7 @@ class IngestPipeline:
         )
         report.state = "failed"
         try:
-            self._catalog.finish_run(
+            self._catalog.runs.finish(
                 report.run_id, "failed", counts=report.counts, skipped=report.skipped, error=error
             )
         finally:
@@ -217,7 +232,7 @@ class IngestPipeline:
         report.count("chunks", len(set(chunk_ids)))
         if previous and previous[0].version_id == version_id:
             report.state, report.version = "unchanged", previous[0]
-            self._catalog.finish_run(
+            self._catalog.runs.finish(
                 report.run_id, "unchanged", counts=report.counts, skipped=report.skipped,
                 version_seq=previous[0].seq,
             )  # fmt: skip
@@ -240,7 +255,7 @@ class IngestPipeline:
         go to the store's own search until the next build (the next ingest, or ``data gc``).
         """
         try:
-            build_index(self._vectors, dataset)
+            self._vectors.reindex(dataset)
         except Exception as exc:
             message = f"index build failed ({type(exc).__name__}: {exc}); searches use the store's own search"
             _log.warning("dataset %s: %s", dataset, message)

@@ -16,7 +16,7 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from lamina.data._dataset_records import ChunkLineage
+from lamina.data.versions._records import ChunkLineage
 
 #: Bump when the pipeline's code changes what it produces from the same input and config.
 PIPELINE_FORMAT = 1

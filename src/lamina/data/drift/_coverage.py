@@ -16,8 +16,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from lamina.data import _drift as stats
-from lamina.data._text import ENGLISH_STOPWORDS
+from lamina.data.drift import _stats as stats
+from lamina.data.vectors import ENGLISH_STOPWORDS
 
 #: (chunk id, source URI, cosine similarity) of the version's nearest chunk, or None.
 NearestChunk = Callable[[Any], "tuple[str, str, float] | None"]

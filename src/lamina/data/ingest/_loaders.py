@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
-from lamina.data._clean import CleanText, clean_text
-from lamina.data._vectors import Scalar
+from lamina.data.ingest._clean import CleanText, clean_text
+from lamina.data.vectors import Scalar
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".jsonl", ".csv")
 _SNIFF_BYTES = 8192

@@ -1,8 +1,7 @@
-"""The composition root: reads the config once, builds each layer and wires them together.
+"""The whole stack around the gateway: ``build_stack`` makes every object, ``serve`` runs them.
 
-Nothing else in Lamina reads the environment or builds layers from global state. ``build_stack`` makes
-the objects; ``serve`` runs the gateway and the control loop until SIGINT/SIGTERM, then stops every
-replica process it started.
+``serve`` runs the gateway and the control loop until SIGINT/SIGTERM, then stops every replica process it
+started. This module imports the web stack; ``lamina data`` never imports it.
 """
 
 from __future__ import annotations
@@ -18,11 +17,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from lamina._data_stack import DataStack, open_data_stack
-from lamina.application import GatewayDeps, create_app
-from lamina.application._admin import ThreadedIngestService
-from lamina.application._rag import RagOptions
-from lamina.config import DeploymentConfig, LaminaConfig
+from lamina.application import GatewayDeps, RagOptions, ThreadedIngestService, create_app
+from lamina.config import LaminaConfig
 from lamina.data import (
     AsyncEmbedder,
     DriftRecorder,
@@ -31,18 +27,19 @@ from lamina.data import (
     Retriever,
     publish_drift_metrics,
 )
-from lamina.errors import ConfigError, LaminaError
+from lamina.errors import LaminaError
 from lamina.models import (
     Catalog,
     DispatchQueryEmbedder,
     Registry,
     ServedModel,
     ThreadQueryEmbedder,
+    deploy,
     register_bundled,
-    worker_workload,
 )
 from lamina.observability import DriftMetrics, Telemetry
 from lamina.orchestration import Controller, Dispatcher, LocalProcessBackend, WorkloadSpec
+from lamina.stack._data import DataStack, open_data_stack, open_registry
 from lamina.store import Store
 
 log = logging.getLogger("lamina")
@@ -69,7 +66,7 @@ class Stack:
     ingest: ThreadedIngestService
 
     def readiness(self) -> dict[str, bool]:
-        return {d.name: d.ready > 0 for d in self.controller.status()}
+        return _readiness(self.controller)
 
     def warm_search(self) -> None:
         """Load the search index of every dataset's newest version and of every RAG alias's version, so
@@ -94,51 +91,14 @@ class Stack:
         self.store.close()
 
 
-def open_registry(config: LaminaConfig, state_dir: Path) -> tuple[Store, Registry]:
-    """The migrated metadata store and the model registry of a state directory."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(config.database_url(state_dir))
-    store.migrate()
-    return store, Registry(store, state_dir / "blobs")
-
-
-def _served_model(
-    dep: DeploymentConfig, registry: Registry, run_dir: Path, ready_timeout_s: float
-) -> tuple[ServedModel, WorkloadSpec]:
-    if dep.engine == "fake":
-        spec = worker_workload(
-            deployment=dep, engine="fake", path=None, sha256=None, extra_files={},
-            model_version=None, run_dir=run_dir, ready_timeout_s=ready_timeout_s,
-        )  # fmt: skip
-        return ServedModel(deployment=dep.name, engine="fake", model_ref=None), spec
-    mv = registry.get(dep.model_ref)
-    engine = dep.engine or mv.format
-    if engine != mv.format:
-        raise ConfigError(
-            f"deployment {dep.name!r} asks for engine {engine!r} but {mv.ref} is a {mv.format} file; "
-            f"set `engine: {mv.format}` or leave it out"
-        )
-    spec = worker_workload(
-        deployment=dep, engine=engine, path=mv.path, sha256=mv.sha256, extra_files=mv.extra_files,
-        model_version=mv.ref, run_dir=run_dir, ready_timeout_s=ready_timeout_s,
-    )  # fmt: skip
-    aliases = tuple(n for n in (mv.ref, dep.model_ref) if n != dep.name)
-    served = ServedModel(
-        deployment=dep.name, engine=engine, model_ref=mv.ref, aliases=aliases,
-        created=int(mv.created_at.timestamp()),
-    )  # fmt: skip
-    return served, spec
-
-
 def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
-    """Build every layer on ``config``; starts no process yet."""
+    """Build every layer on ``config``, whole; starts no process yet."""
     store, registry = open_registry(config, state_dir)
     if config.register_bundled:
         register_bundled(registry)
-    run_dir = state_dir / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
     orch = config.orchestration
-    pairs = [_served_model(d, registry, run_dir, orch.ready_timeout_s) for d in config.deployments]
+    run_dir = state_dir / "run"
+    deployed = [deploy(d, registry, run_dir, orch.ready_timeout_s) for d in config.deployments]
     telemetry = Telemetry(
         service_name=config.observability.service_name,
         store=store if config.observability.store_spans else None,
@@ -155,20 +115,30 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         restart_backoff_max_s=orch.restart_backoff_max_s,
     )
     dispatcher = Dispatcher(controller, http, retry_deadline_s=orch.retry_deadline_s)
-    served = [s for s, _ in pairs]
+    served = [s for s, _ in deployed]
     data = open_data_stack(config, state_dir, store=store, registry=registry)
     queries, query_model = _query_embedder(config, registry, served, dispatcher, data)
-    retriever = Retriever(data.catalog, data.vectors, queries, query_model)
-    stack = Stack(
-        config=config, state_dir=state_dir, store=store, registry=registry, telemetry=telemetry,
-        http=http, controller=controller, dispatcher=dispatcher, catalog=Catalog([]), workloads=[],
-        data=data, retriever=retriever, drift=DriftRecorder(DriftWindow(store)),
+    return Stack(
+        config=config,
+        state_dir=state_dir,
+        store=store,
+        registry=registry,
+        telemetry=telemetry,
+        http=http,
+        controller=controller,
+        dispatcher=dispatcher,
+        catalog=Catalog(served, readiness=lambda: _readiness(controller)),
+        workloads=[w for _, w in deployed],
+        data=data,
+        retriever=Retriever(data.catalog, data.vectors, queries, query_model),
+        drift=DriftRecorder(DriftWindow(store)),
         drift_metrics=DriftMetrics(telemetry.metrics.registry),
         ingest=ThreadedIngestService(data.pipeline, data.catalog, config.data, config.data.ingest_roots),
-    )  # fmt: skip
-    stack.catalog = Catalog(served, readiness=stack.readiness)
-    stack.workloads = [w for _, w in pairs]
-    return stack
+    )
+
+
+def _readiness(controller: Controller) -> dict[str, bool]:
+    return {d.name: d.ready > 0 for d in controller.status()}
 
 
 def _query_embedder(

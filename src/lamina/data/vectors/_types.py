@@ -8,10 +8,10 @@ its new chunks, and garbage collection deletes the chunks no kept version lists.
 version column on one row per (version, chunk) membership, would either duplicate vectors or need a join
 on every query; the caller already holds the id set, so a filter is the smaller design.
 
-Keyword scores (BM25, see ``lamina.data._text``) use corpus statistics of the searched scope: the whole
-dataset, or the pinned version when ``chunk_ids`` is given. Metadata filters narrow the results, not the
-statistics, as a filter does in Lucene. So a pinned version ranks the same however many later versions
-share its table.
+Keyword scores (BM25, see ``_text``) use corpus statistics of the searched scope: the whole dataset, or
+the pinned version when ``chunk_ids`` is given. Metadata filters narrow the results, not the statistics,
+as a filter does in Lucene. So a pinned version ranks the same however many later versions share its
+table.
 
 Metadata filters are equality on metadata keys (and on ``source_uri``), combined with AND. Each chunk
 stores its metadata also as a list of tags, one JSON ``[key, value]`` per entry, and a filter becomes "the
@@ -22,9 +22,7 @@ chunk's tags contain all of these": an inverted-index lookup in both backends, t
 from __future__ import annotations
 
 import json
-import math
 import re
-from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -32,8 +30,6 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from lamina.data._fusion import reciprocal_rank_fusion
-from lamina.data._text import EnglishAnalyzer, IndexedText
 from lamina.errors import InvalidRequestError
 
 Scalar = str | int | float | bool
@@ -180,7 +176,7 @@ class GraphIndex:
     """Lamina's graph index, both backends: an in-process HNSW graph (FAISS) beside the table.
 
     The fast path: ids come from the graph and rows from a memory-mapped copy, so a query never waits on
-    the store (see ``lamina.data._graph``). The table stays the source of truth; until the next build,
+    the store (see ``lamina.data.vectors.graph``). The table stays the source of truth; until the next build,
     queries the graph cannot answer exactly go to the backend (pgvector builds its HNSW index too).
     Memory: the vectors (2 bytes per dimension as float16) plus about ``8 * m`` bytes of links per row,
     and the rows' text.
@@ -246,6 +242,18 @@ class VectorStore(Protocol):
         """Load the dataset's in-process index now rather than on its first search; True if it has one."""
         ...
 
+    def default_index(self, rows: int) -> IndexParams:
+        """The index this store builds for a dataset of ``rows`` chunks (the index policy)."""
+        ...
+
+    def reindex(self, dataset: str) -> IndexParams:
+        """Rebuild the dataset's indexes after a write, with ``default_index`` for its current size."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and open files; the store is not used afterwards."""
+        ...
+
     def drop(self, dataset: str) -> None:
         """Remove a dataset's chunks and indexes; nothing happens if it has none."""
         ...
@@ -283,209 +291,3 @@ def check_dataset_name(dataset: str) -> str:
             param="dataset",
         )
     return dataset
-
-
-def tag(key: str, value: Scalar) -> str:
-    """The filterable form of one metadata entry: JSON ``[key, value]``, integral floats as ints."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, str | int | float) or (isinstance(value, float) and not math.isfinite(value)):
-        raise InvalidRequestError(
-            f"metadata/filter value for {key!r} must be a string, integer, finite float or boolean, "
-            f"got {value!r}",
-            param="metadata",
-        )
-    return json.dumps([key, value], ensure_ascii=False, separators=(",", ":"))
-
-
-def filter_tags(filters: Mapping[str, Scalar] | None) -> list[str]:
-    return sorted(tag(key, value) for key, value in (filters or {}).items())
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedChunk:
-    """A validated chunk with everything a backend writes besides its fields."""
-
-    chunk: Chunk
-    vector: npt.NDArray[np.float32]
-    indexed: IndexedText
-    tags: list[str]
-    metadata_json: str
-
-
-def prepare_chunks(dataset: str, chunks: Sequence[Chunk], analyzer: EnglishAnalyzer) -> list[PreparedChunk]:
-    """Validate chunks for ``dataset`` and index their text; a repeated chunk id keeps its last copy."""
-    latest = {chunk.chunk_id: chunk for chunk in chunks}
-    prepared = [_prepare(dataset, chunk, analyzer) for chunk in latest.values()]
-    dims = {p.vector.shape[0] for p in prepared}
-    if len(dims) > 1:
-        raise InvalidRequestError(f"chunks for {dataset!r} have vectors of different lengths {sorted(dims)}")
-    return prepared
-
-
-def _prepare(dataset: str, chunk: Chunk, analyzer: EnglishAnalyzer) -> PreparedChunk:
-    where = f"chunk {chunk.chunk_id!r}"
-    if chunk.dataset != dataset:
-        raise InvalidRequestError(f"{where} belongs to dataset {chunk.dataset!r}, not {dataset!r}")
-    if not chunk.chunk_id:
-        raise InvalidRequestError("a chunk has an empty chunk_id; derive it from the chunk's content")
-    if chunk.vector is None or len(chunk.vector) == 0:
-        raise InvalidRequestError(f"{where} has no vector; embed it before writing it to the store")
-    vector = np.asarray(chunk.vector, dtype=np.float32)
-    if not np.all(np.isfinite(vector)):
-        raise InvalidRequestError(f"{where} has a vector with NaN or infinite values; check the embedder")
-    if SOURCE_URI_KEY in chunk.metadata:
-        raise InvalidRequestError(f"{where}: metadata key {SOURCE_URI_KEY!r} is reserved; rename it")
-    tags = [tag(key, value) for key, value in chunk.metadata.items()]
-    tags.append(tag(SOURCE_URI_KEY, chunk.source_uri))
-    return PreparedChunk(
-        chunk=chunk,
-        vector=vector,
-        indexed=analyzer.index(chunk.text),
-        tags=sorted(tags),
-        metadata_json=json.dumps(chunk.metadata, ensure_ascii=False, sort_keys=True),
-    )
-
-
-def check_dim(dataset: str, expected: int, got: int) -> None:
-    if expected != got:
-        raise InvalidRequestError(
-            f"dataset {dataset!r} holds {expected}-d vectors, got {got}-d; embed with the dataset's model "
-            "or ingest into a new dataset",
-        )
-
-
-def top_with_ties(scores: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.intp]:
-    """Indices of the ``k`` best scores and of every score tied with the k-th, in no order.
-
-    The caller breaks the ties (by chunk id), so the result does not depend on the input order.
-    """
-    if k <= 0 or len(scores) == 0:
-        return np.empty(0, dtype=np.intp)
-    if len(scores) <= k:
-        return np.arange(len(scores))
-    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
-    return np.flatnonzero(scores >= threshold)
-
-
-@dataclass(frozen=True, slots=True)
-class Scored:
-    """A backend's ranked result before it becomes a Hit."""
-
-    chunk: Chunk
-    score: float
-
-
-class IndexView(Protocol):
-    """An in-process index answering one query for a backend (``lamina.data._graph.GraphView``)."""
-
-    @property
-    def dim(self) -> int: ...
-    def vector(self, vector: npt.NDArray[np.float32], k: int, ef_search: int | None) -> list[Scored]: ...
-    def keyword(self, terms: list[str], qtfs: list[int], k: int) -> list[Scored]: ...
-
-
-class SearchingStore(ABC):
-    """What every backend shares: argument checks and the vector/keyword/hybrid dispatch.
-
-    A backend implements the two ranked retrievals; hybrid search is RRF over both, ``HYBRID_DEPTH`` deep.
-    """
-
-    def __init__(self) -> None:
-        self.analyzer = EnglishAnalyzer()
-
-    def warm(self, dataset: str) -> bool:
-        return False
-
-    def _graph_view(self, dataset: str, tags: list[str], scope: frozenset[str] | None) -> IndexView | None:
-        """The dataset's graph index narrowed to this query, or None when it cannot answer exactly."""
-        return None
-
-    @abstractmethod
-    def _vector_ranking(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
-    ) -> list[Scored]:
-        """Best-first by cosine similarity, ties by chunk id; filters and scope applied before top-k."""
-
-    @abstractmethod
-    def _keyword_ranking(
-        self,
-        dataset: str,
-        terms: list[str],
-        qtfs: list[int],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-    ) -> list[Scored]:
-        """Best-first by BM25, ties by chunk id; statistics over ``scope``, filters before top-k."""
-
-    def search(
-        self,
-        dataset: str,
-        *,
-        query_text: str | None = None,
-        query_vector: VectorLike | None = None,
-        k: int = 10,
-        mode: SearchMode = "vector",
-        filters: Mapping[str, Scalar] | None = None,
-        chunk_ids: Collection[str] | None = None,
-        ef_search: int | None = None,
-    ) -> list[Hit]:
-        check_dataset_name(dataset)
-        if k < 0:
-            raise InvalidRequestError(f"k must be >= 0, got {k}", param="k")
-        if mode not in ("vector", "keyword", "hybrid"):
-            raise InvalidRequestError(f"unknown search mode {mode!r}; use vector, keyword or hybrid")
-        if mode != "keyword" and query_vector is None:
-            raise InvalidRequestError(f"{mode} search needs query_vector: embed the query first")
-        if mode != "vector" and query_text is None:
-            raise InvalidRequestError(f"{mode} search needs query_text")
-        if ef_search is not None and ef_search < 1:
-            raise InvalidRequestError(f"ef_search must be >= 1, got {ef_search}", param="ef_search")
-        tags = filter_tags(filters)
-        scope = None if chunk_ids is None else _frozen(chunk_ids)
-        depth = k if mode != "hybrid" else max(k, HYBRID_DEPTH)
-        by_vector: list[Scored] = []
-        by_keyword: list[Scored] = []
-        view = self._graph_view(dataset, tags, scope) if k > 0 else None
-        if mode != "keyword" and k > 0:
-            vector = np.asarray(query_vector, dtype=np.float32)
-            if view is not None and view.dim == vector.shape[0]:
-                by_vector = view.vector(vector, depth, ef_search)
-            else:
-                by_vector = self._vector_ranking(dataset, vector, depth, tags, scope, ef_search)
-        if mode != "vector" and k > 0:
-            terms, qtfs = self.analyzer.query(query_text or "")
-            if terms:
-                by_keyword = (
-                    view.keyword(terms, qtfs, depth)
-                    if view is not None
-                    else self._keyword_ranking(dataset, terms, qtfs, depth, tags, scope)
-                )
-        if mode == "vector":
-            return [Hit(s.chunk, s.score, i, vector_rank=i) for i, s in enumerate(by_vector, start=1)]
-        if mode == "keyword":
-            return [Hit(s.chunk, s.score, i, keyword_rank=i) for i, s in enumerate(by_keyword, start=1)]
-        return _fuse(by_vector, by_keyword, k)
-
-
-def _frozen(chunk_ids: Collection[str]) -> frozenset[str]:
-    """The scope as a frozenset: the caller's own object when it is one, so per-scope caches can hit."""
-    return chunk_ids if isinstance(chunk_ids, frozenset) else frozenset(chunk_ids)
-
-
-def _fuse(by_vector: list[Scored], by_keyword: list[Scored], k: int) -> list[Hit]:
-    chunks = {s.chunk.chunk_id: s.chunk for s in (*by_keyword, *by_vector)}
-    fused = reciprocal_rank_fusion(
-        [[s.chunk.chunk_id for s in by_vector], [s.chunk.chunk_id for s in by_keyword]], limit=k
-    )
-    return [
-        Hit(chunks[f.key], f.score, i, vector_rank=f.ranks[0], keyword_rank=f.ranks[1])
-        for i, f in enumerate(fused, start=1)
-    ]

@@ -20,17 +20,16 @@ from typing import Any, Literal, Protocol, TypedDict, cast
 import numpy as np
 from sqlalchemy import insert, select
 
-from lamina.data import _drift as stats
-from lamina.data._datasets import DatasetCatalog
-from lamina.data._drift_coverage import CoverageResult, coverage
-from lamina.data._drift_explain import explain
-from lamina.data._drift_window import Clock, DriftWindow, Sample, aware, parse_window, utc_now
-from lamina.data._text import EnglishAnalyzer
-from lamina.data._vectors import Chunk, VectorStore
+from lamina.clock import Clock, utcnow
+from lamina.data.drift import _stats as stats
+from lamina.data.drift._coverage import CoverageResult, coverage
+from lamina.data.drift._explain import explain
+from lamina.data.drift._window import DriftWindow, Sample, parse_window
+from lamina.data.vectors import Chunk, EnglishAnalyzer, VectorStore
+from lamina.data.versions import DatasetCatalog
 from lamina.errors import NotFoundError
-from lamina.observability._metrics import DriftMetrics
-from lamina.store import Store
-from lamina.store._schema import drift_reports
+from lamina.observability import DriftMetrics
+from lamina.store import Store, drift_reports
 
 #: drift: both embedding tests fired; possible_drift: one did (each fires on 5% of same-distribution
 #: windows by design, so one alone is a reason to look, not an alarm); no_drift; insufficient_data.
@@ -192,7 +191,7 @@ def _from_row(row: Any) -> DriftReport:
         dataset=row.dataset,
         version=row.version,
         window=row.window,
-        created_at=aware(row.created_at),
+        created_at=row.created_at,
         verdict=cast(Verdict, row.verdict),
         metrics=cast(DriftMetricsJSON, row.metrics),
         explanation=row.explanation,
@@ -268,7 +267,7 @@ class DriftChecker:
         window: DriftWindow,
         reports: DriftReports | None = None,
         settings: DriftSettings | None = None,
-        clock: Clock = utc_now,
+        clock: Clock = utcnow,
     ) -> None:
         self.resolver = resolver
         self.vectors = vectors

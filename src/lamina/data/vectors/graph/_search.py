@@ -1,6 +1,6 @@
 """A loaded build of the graph index: its HNSW graph, BM25 postings and rows, and how one query searches them.
 
-See ``lamina.data._graph`` for what the index is and when it answers; this module is the read side.
+See ``lamina.data.vectors.graph`` for what the index is and when it answers; this module is the read side.
 """
 
 from __future__ import annotations
@@ -18,15 +18,9 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.ipc as ipc  # type: ignore[import-untyped]
 
-from lamina.data._text import bm25_scores
-from lamina.data._vectors import (
-    CHUNK_FIELDS,
-    Chunk,
-    GraphIndex,
-    Scored,
-    index_params_from_json,
-    top_with_ties,
-)
+from lamina.data.vectors._rows import Scored, top_with_ties
+from lamina.data.vectors._text import bm25_scores
+from lamina.data.vectors._types import CHUNK_FIELDS, Chunk, GraphIndex, index_params_from_json
 
 #: The columns of ``rows.arrow``: every chunk field (``metadata`` as JSON text) and the filter tags.
 ROW_SCHEMA = pa.schema(

@@ -1,10 +1,10 @@
 """The embedded vector store: LanceDB tables in a directory, two per dataset.
 
 - ``<dataset>``: one row per chunk with its vector (fixed-size float32 list, cosine distance), its filter
-  tags (see ``lamina.data._vectors``), its BM25 length, and ``doc``, a random 62-bit key drawn afresh each
-  time the row is written.
-- ``_postings_<dataset>``: the inverted index for BM25 (``lamina.data._text``): rows of (term, docs, tfs),
-  a term's postings as two parallel lists. Each upsert appends one row per term it holds; ``build_index``
+  tags (see ``_types``), its BM25 length, and ``doc``, a random 62-bit key drawn afresh each time the row
+  is written.
+- ``_postings_<dataset>``: the inverted index for BM25 (``_text``): rows of (term, docs, tfs), a term's
+  postings as two parallel lists. Each upsert appends one row per term it holds; ``build_index``
   merges them into one row per term. A query reads only its terms' rows (a BTREE lookup), never the
   chunks' texts, and they are few and contiguous, which matters: one row per posting made LanceDB fetch
   tens of thousands of scattered rows per query. We do not use Lance's own full-text index: its
@@ -26,9 +26,7 @@ the directory queries with the settings the index was built for.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,10 +38,23 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 from lancedb.index import BTree, HnswSq, IvfPq, LabelList
 
-from lamina.data._graph import ROW_SCHEMA, GraphFiles, GraphView
-from lamina.data._text import bm25_scores
-from lamina.data._vectors import (
-    CHUNK_FIELDS,
+from lamina.data.vectors._base import GraphRows, VectorStoreBase
+from lamina.data.vectors._lancetables import (
+    FIELDS,
+    POSTINGS,
+    Snapshot,
+    chunk_from_row,
+    chunk_schema,
+    flatten,
+    inverted,
+    sql_and,
+    sql_in,
+    tag_filter,
+    upsert_tables,
+)
+from lamina.data.vectors._rows import Scored, check_dim, prepare_chunks, top_with_ties
+from lamina.data.vectors._text import bm25_scores
+from lamina.data.vectors._types import (
     MIN_INDEX_ROWS,
     Chunk,
     ExactIndex,
@@ -51,147 +62,20 @@ from lamina.data._vectors import (
     IndexParams,
     IvfHnswSqIndex,
     IvfPqIndex,
-    PreparedChunk,
-    Scored,
-    SearchingStore,
     check_dataset_name,
-    check_dim,
     index_params_from_json,
     index_params_to_json,
-    prepare_chunks,
-    top_with_ties,
 )
+from lamina.data.vectors.graph import ROW_SCHEMA, GraphFiles
 from lamina.errors import NotFoundError, UnsupportedCapabilityError
 
 _INDEX_KEY = "lamina.index"
 #: The table token while a write is in flight: matches no graph.
 _WRITING = "writing"
 _VECTOR_INDEX = "vector_idx"
-_FIELDS = list(CHUNK_FIELDS)
-_POSTINGS = pa.schema([("term", pa.string()), ("docs", pa.list_(pa.int64())), ("tfs", pa.list_(pa.int32()))])
 
 
-def _chunk_schema(dim: int) -> pa.Schema:
-    text, i64 = pa.string(), pa.int64()
-    return pa.schema(
-        [
-            *((name, text) for name in ("chunk_id", "version", "text", "metadata", "source_uri")),
-            ("byte_start", i64),
-            ("byte_end", i64),
-            ("content_sha256", text),
-            ("vector", pa.list_(pa.float32(), dim)),
-            ("doc", i64),
-            ("doc_len", pa.int32()),
-            ("tags", pa.list_(text)),
-        ]
-    )
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _in(column: str, values: Collection[str] | Collection[int], *, negate: bool = False) -> str:
-    """``column [NOT] IN (...)``: a BTREE lookup once ``build_index`` ran."""
-    if not values:
-        return "true" if negate else "false"
-    literals = ",".join(_quote(v) if isinstance(v, str) else str(int(v)) for v in values)
-    return f"{column} {'NOT ' if negate else ''}IN ({literals})"
-
-
-def _tag_filter(tags: list[str]) -> str | None:
-    return "array_has_all(tags, [" + ",".join(map(_quote, tags)) + "])" if tags else None
-
-
-def _and(*clauses: str | None) -> str | None:
-    present = [f"({c})" for c in clauses if c]
-    return " AND ".join(present) if present else None
-
-
-def _chunk(dataset: str, row: dict[str, Any]) -> Chunk:
-    vector = row.get("vector")
-    fields = {name: row[name] for name in CHUNK_FIELDS} | {"metadata": json.loads(row["metadata"])}
-    return Chunk(dataset=dataset, **fields, vector=None if vector is None else [float(x) for x in vector])
-
-
-def _tables(
-    prepared: list[PreparedChunk], docs: npt.NDArray[np.int64], dim: int
-) -> tuple[pa.Table, pa.Table]:
-    """The chunk rows and the postings rows of one upsert."""
-    chunks = [p.chunk for p in prepared]
-    columns: dict[str, Any] = {
-        name: [getattr(c, name) for c in chunks] for name in _FIELDS if name != "metadata"
-    }
-    columns["metadata"] = [p.metadata_json for p in prepared]
-    columns["vector"] = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.stack([p.vector for p in prepared]).ravel(), pa.float32()), dim
-    )
-    columns |= {
-        "doc": docs,
-        "doc_len": [p.indexed.length for p in prepared],
-        "tags": [p.tags for p in prepared],
-    }
-    counts = [len(p.indexed.terms) for p in prepared]
-    postings = _inverted(
-        pa.array([t for p in prepared for t in p.indexed.terms], pa.string()),
-        np.repeat(docs, counts),
-        np.asarray([tf for p in prepared for tf in p.indexed.tfs], dtype=np.int32),
-    )
-    return pa.table(columns, schema=_chunk_schema(dim)), postings
-
-
-def _inverted(terms: pa.Array, docs: npt.NDArray[np.int64], tfs: npt.NDArray[np.int32]) -> pa.Table:
-    """One row per term with its documents and frequencies, from one entry per posting."""
-    flat = pa.table({"term": terms, "doc": docs, "tf": pa.array(tfs, pa.int32())})
-    grouped = flat.group_by("term", use_threads=False).aggregate([("doc", "list"), ("tf", "list")])
-    columns = [grouped.column("term"), grouped.column("doc_list"), grouped.column("tf_list")]
-    return pa.Table.from_arrays(columns, schema=_POSTINGS)
-
-
-def _flatten(rows: pa.Table) -> tuple[pa.Array, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """One entry per posting (term, doc, tf) from rows of the postings table."""
-    docs = rows.column("docs").combine_chunks()
-    term = rows.column("term").combine_chunks().take(pc.list_parent_indices(docs))
-    tfs = pc.list_flatten(rows.column("tfs").combine_chunks()).to_numpy().astype(np.int64)
-    return term, pc.list_flatten(docs).to_numpy().astype(np.int64), tfs
-
-
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    """One version of a chunk table's keys and lengths, sorted by ``doc``: what BM25 and scopes need."""
-
-    version: int
-    docs: npt.NDArray[np.int64]
-    doc_len: npt.NDArray[np.int64]
-    chunk_ids: pa.Array
-
-    def locate(self, docs: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
-        """Positions of ``docs`` in the snapshot, and which of them are there at all."""
-        pos = np.minimum(np.searchsorted(self.docs, docs), max(len(self.docs) - 1, 0))
-        return pos, (self.docs[pos] == docs) if len(self.docs) else np.zeros(len(docs), dtype=bool)
-
-    def inside(self, scope: frozenset[str] | None) -> npt.NDArray[np.bool_]:
-        if scope is None:
-            return np.ones(len(self.docs), dtype=bool)
-        value_set = pa.array(list(scope), pa.string())
-        inside: npt.NDArray[np.bool_] = pc.is_in(self.chunk_ids, value_set=value_set).to_numpy(
-            zero_copy_only=False
-        )
-        return inside
-
-    def where(self, inside: npt.NDArray[np.bool_]) -> str | None:
-        """The scope as a predicate on ``doc``: the shorter of the members and the others."""
-        members, others = self.docs[inside], self.docs[~inside]
-        if len(others) == 0:
-            return None
-        return (
-            _in("doc", members.tolist())
-            if len(members) <= len(others)
-            else _in("doc", others.tolist(), negate=True)
-        )
-
-
-class LanceDBStore(SearchingStore):
+class LanceDBStore(VectorStoreBase):
     """The embedded default: LanceDB tables under ``path``.
 
     Several stores, in one process or several, may share a directory: every read sees the latest commit.
@@ -199,15 +83,23 @@ class LanceDBStore(SearchingStore):
     until it is reopened.
     """
 
+    backend = "LanceDB"
+    index_kinds = (GraphIndex, IvfPqIndex, IvfHnswSqIndex, ExactIndex)
+
     def __init__(self, path: Path) -> None:
-        super().__init__()
+        self._graphs = GraphFiles(path / "_graphs")
+        super().__init__(self._graphs)
         path.mkdir(parents=True, exist_ok=True)
         # read_consistency_interval=0: every read sees the latest commit, also one made by another process.
         self._db = lancedb.connect(path, read_consistency_interval=timedelta(0))
         self._open: dict[str, Any] = {}
-        self._snapshots: dict[str, _Snapshot] = {}
+        self._snapshots: dict[str, Snapshot] = {}
         self._metas: dict[str, tuple[int, int, IndexParams]] = {}
-        self.graphs = GraphFiles(path / "_graphs")
+
+    def close(self) -> None:
+        self._open.clear()
+        self._snapshots.clear()
+        self._metas.clear()
 
     def _table(self, name: str) -> Any | None:
         table = self._open.get(name)
@@ -236,34 +128,36 @@ class LanceDBStore(SearchingStore):
         dim = prepared[0].vector.shape[0]
         if self._pair(dataset) is None:
             # the postings table first: a chunk table never exists without one
-            self._db.create_table(f"_postings_{dataset}", schema=_POSTINGS, exist_ok=True)
-            self._db.create_table(dataset, schema=_chunk_schema(dim), exist_ok=True)
+            self._db.create_table(f"_postings_{dataset}", schema=POSTINGS, exist_ok=True)
+            self._db.create_table(dataset, schema=chunk_schema(dim), exist_ok=True)
         table, postings = self._require(dataset)
         check_dim(dataset, table.schema.field("vector").type.list_size, dim)
         docs = np.random.default_rng().integers(1, 2**62, size=len(prepared), dtype=np.int64)
-        rows, posting_rows = _tables(prepared, docs, dim)
+        rows, posting_rows = upsert_tables(prepared, docs, dim)
         postings.add(posting_rows)
         # a crash between the commit and the token leaves "writing": the graph is not trusted unscoped
-        self.graphs.write_token(dataset, _WRITING)
+        self._graphs.write_token(dataset, _WRITING)
         table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
-        self.graphs.write_token(dataset, str(table.version))  # the latest version, other writers' too
+        self._graphs.write_token(dataset, str(table.version))  # the latest version, other writers' too
 
     def delete(self, dataset: str, chunk_ids: Collection[str]) -> None:
         pair = self._pair(dataset)
         if pair is None or not chunk_ids:
             return
-        self.graphs.write_token(dataset, _WRITING)
-        pair[0].delete(_in("chunk_id", set(chunk_ids)))  # the postings become unreachable at once
-        self.graphs.write_token(dataset, str(pair[0].version))
+        self._graphs.write_token(dataset, _WRITING)
+        pair[0].delete(sql_in("chunk_id", set(chunk_ids)))  # the postings become unreachable at once
+        self._graphs.write_token(dataset, str(pair[0].version))
 
     def get(self, dataset: str, chunk_ids: Sequence[str], *, with_vectors: bool = False) -> list[Chunk]:
         pair = self._pair(dataset)
         if pair is None or not chunk_ids:
             return []
         wanted = set(chunk_ids)
-        columns = [*_FIELDS, "vector"] if with_vectors else _FIELDS
-        found = pair[0].search().where(_in("chunk_id", wanted)).select(columns).limit(len(wanted)).to_arrow()
-        by_id = {row["chunk_id"]: _chunk(dataset, row) for row in found.to_pylist()}
+        columns = [*FIELDS, "vector"] if with_vectors else FIELDS
+        found = (
+            pair[0].search().where(sql_in("chunk_id", wanted)).select(columns).limit(len(wanted)).to_arrow()
+        )
+        by_id = {row["chunk_id"]: chunk_from_row(dataset, row) for row in found.to_pylist()}
         return [by_id[i] for i in dict.fromkeys(chunk_ids) if i in by_id]
 
     def count(self, dataset: str) -> int:
@@ -279,32 +173,26 @@ class LanceDBStore(SearchingStore):
         )
         return sorted(ids)
 
-    def drop(self, dataset: str) -> None:
-        for name in (check_dataset_name(dataset), f"_postings_{dataset}"):
+    def _drop_tables(self, dataset: str) -> None:
+        for name in (dataset, f"_postings_{dataset}"):
             self._open.pop(name, None)
             self._metas.pop(name, None)
             with contextlib.suppress(ValueError):  # LanceDB's "Table ... was not found": nothing to drop
                 self._db.drop_table(name)
         self._snapshots.pop(dataset, None)
-        self.graphs.drop(dataset)
 
-    def build_index(self, dataset: str, params: IndexParams) -> IndexParams:
+    def _build_native(self, dataset: str, params: IndexParams) -> IndexParams:
         """Compact both tables, drop unreachable postings, (re)build the scalar indexes and the vector index.
 
         Below ``MIN_INDEX_ROWS`` chunks, or with ``ExactIndex``, any vector index is dropped: queries scan.
-        A ``GraphIndex`` lives beside the table (``_graphs/``); LanceDB's own vector index is then dropped,
-        so a query the graph cannot answer scans exactly until the next build.
+        With a ``GraphIndex`` (built beside the table, in ``_graphs/``) LanceDB's own vector index is
+        dropped too, so a query the graph cannot answer scans exactly until the next build.
         """
-        if not isinstance(params, ExactIndex | IvfPqIndex | IvfHnswSqIndex | GraphIndex):
-            raise UnsupportedCapabilityError(
-                f"LanceDB has no {params.kind} index; "
-                "use GraphIndex, IvfPqIndex, IvfHnswSqIndex or ExactIndex"
-            )
         table, postings = self._require(dataset)
-        term, docs, tfs = _flatten(postings.search().limit(None).to_arrow())
+        term, docs, tfs = flatten(postings.search().limit(None).to_arrow())
         live = np.isin(docs, self._snapshot(dataset, table).docs)
         # one commit: readers see the appended rows or the merged ones, never neither
-        merged = _inverted(term.filter(pa.array(live)), docs[live], tfs[live].astype(np.int32))
+        merged = inverted(term.filter(pa.array(live)), docs[live], tfs[live].astype(np.int32))
         postings.add(merged, mode="overwrite")
         for target, column, config in (
             (table, "chunk_id", BTree()),
@@ -321,28 +209,25 @@ class LanceDBStore(SearchingStore):
             if any(index.name == _VECTOR_INDEX for index in table.list_indices()):
                 table.drop_index(_VECTOR_INDEX)
         else:
+            assert isinstance(params, IvfPqIndex | IvfHnswSqIndex)  # index_kinds admits nothing else
             dim = table.schema.field("vector").type.list_size
             table.create_index("vector", config=_lance_index(params, dim), name=_VECTOR_INDEX, replace=True)
         table.update_field_metadata(
             {"path": "vector", "metadata": {_INDEX_KEY: index_params_to_json(params)}}
         )
-        token = str(table.version)
-        if isinstance(params, GraphIndex):
-            columns = list(ROW_SCHEMA.names)
-            rows = table.search().select([*columns, "vector"]).limit(None).to_arrow()
-            vectors = rows.column("vector").combine_chunks().flatten().to_numpy()
-            batches = [(rows.select(columns), vectors.reshape(len(rows), -1))]
-            self.graphs.build(dataset, token, params, batches, self.analyzer)
-        else:
-            self.graphs.drop(dataset)
-        self.graphs.write_token(dataset, token)
+        self._graphs.write_token(dataset, str(table.version))  # the last commit of this build
         return params
 
-    def warm(self, dataset: str) -> bool:
-        return self.graphs.current(check_dataset_name(dataset)) is not None
+    def _graph_source(self, dataset: str) -> tuple[str, GraphRows]:
+        table, _ = self._require(dataset)
+        columns = list(ROW_SCHEMA.names)
+        rows = table.search().select([*columns, "vector"]).limit(None).to_arrow()
+        version = str(table.version)  # the version the rows were read at: nothing writes during a build
+        vectors = rows.column("vector").combine_chunks().flatten().to_numpy()
+        return version, [(rows.select(columns), vectors.reshape(len(rows), -1))]
 
-    def _graph_view(self, dataset: str, tags: list[str], scope: frozenset[str] | None) -> GraphView | None:
-        return self.graphs.view(dataset, tags, scope, lambda: self.graphs.read_token(dataset))
+    def _content_token(self, dataset: str) -> str | None:
+        return self._graphs.read_token(dataset)
 
     def _meta(self, dataset: str, table: Any) -> tuple[int, IndexParams]:
         """The dataset's vector width and index parameters, read once per table version."""
@@ -355,14 +240,14 @@ class LanceDBStore(SearchingStore):
             cached = self._metas[dataset] = (version, field.type.list_size, params)
         return cached[1], cached[2]
 
-    def _snapshot(self, dataset: str, table: Any) -> _Snapshot:
+    def _snapshot(self, dataset: str, table: Any) -> Snapshot:
         version = table.version
         snapshot = self._snapshots.get(dataset)
         if snapshot is None or snapshot.version != version:
             columns = table.search().select(["doc", "doc_len", "chunk_id"]).limit(None).to_arrow()
             docs = columns.column("doc").to_numpy()
             order = np.argsort(docs)
-            snapshot = _Snapshot(
+            snapshot = Snapshot(
                 version=version,
                 docs=docs[order],
                 doc_len=columns.column("doc_len").to_numpy().astype(np.int64)[order],
@@ -379,7 +264,9 @@ class LanceDBStore(SearchingStore):
         tags: list[str],
         scope: frozenset[str] | None,
         ef_search: int | None,
-    ) -> list[Scored]:
+        *,
+        exact: bool,
+    ) -> tuple[list[Scored], bool]:
         table, _ = self._require(dataset)
         dim, params = self._meta(dataset, table)
         check_dim(dataset, dim, vector.shape[0])
@@ -388,11 +275,11 @@ class LanceDBStore(SearchingStore):
             snapshot = self._snapshot(dataset, table)
             inside = snapshot.inside(scope)
             if not inside.any():
-                return []
+                return [], False
             scope_where = snapshot.where(inside)
-        where = _and(scope_where, _tag_filter(tags))
+        where = sql_and(scope_where, tag_filter(tags))
         query = table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
-        query = query.select([*_FIELDS, "_distance"])
+        query = query.select([*FIELDS, "_distance"])
         if where is not None:
             query = query.where(where, prefilter=True)
         if isinstance(params, IvfPqIndex | IvfHnswSqIndex):
@@ -402,11 +289,12 @@ class LanceDBStore(SearchingStore):
             )
         if isinstance(params, IvfHnswSqIndex):
             query = query.ef(max(ef_search or params.ef, k))
-        rows = query.to_arrow().to_pylist()
-        if where is not None and len(rows) < k and not isinstance(params, ExactIndex):
-            rows = query.bypass_vector_index().to_arrow().to_pylist()
+        approximate = isinstance(params, IvfPqIndex | IvfHnswSqIndex) and not exact
+        rows = (query if approximate else query.bypass_vector_index()).to_arrow().to_pylist()
         rows.sort(key=lambda row: (row["_distance"], row["chunk_id"]))
-        return [Scored(_chunk(dataset, row), 1.0 - float(row["_distance"])) for row in rows]
+        return [
+            Scored(chunk_from_row(dataset, row), 1.0 - float(row["_distance"])) for row in rows
+        ], approximate
 
     def _keyword_ranking(
         self,
@@ -420,7 +308,7 @@ class LanceDBStore(SearchingStore):
         table, postings = self._require(dataset)
         snapshot = self._snapshot(dataset, table)
         inside = snapshot.inside(scope)
-        term, docs, tfs = _flatten(postings.search().where(_in("term", terms)).limit(None).to_arrow())
+        term, docs, tfs = flatten(postings.search().where(sql_in("term", terms)).limit(None).to_arrow())
         pos, live = snapshot.locate(docs)
         live &= inside[pos]
         term_idx = pc.index_in(term, value_set=pa.array(terms, pa.string())).to_numpy(zero_copy_only=False)
@@ -434,9 +322,9 @@ class LanceDBStore(SearchingStore):
             n_docs=n_docs,
             avgdl=float(snapshot.doc_len[inside].sum()) / n_docs if n_docs else 0.0,
         )
-        tag_filter = _tag_filter(tags)
-        if tag_filter is not None and len(positions):
-            passing = table.search().where(tag_filter).select(["doc"]).limit(None).to_arrow()
+        where = tag_filter(tags)
+        if where is not None and len(positions):
+            passing = table.search().where(where).select(["doc"]).limit(None).to_arrow()
             keep = np.isin(snapshot.docs[positions], passing.column("doc").to_numpy())
             positions, scores = positions[keep], scores[keep]
         top = top_with_ties(scores, k)

@@ -19,26 +19,20 @@ sample of one request change in one transaction.
 
 from __future__ import annotations
 
-import concurrent.futures
-import logging
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import and_, delete, func, insert, select, update
 
-from lamina.data._retrieve import Retrieval
-from lamina.data._vectors import check_dataset_name
+from lamina.clock import Clock, utcnow
+from lamina.data.vectors import check_dataset_name
 from lamina.errors import InvalidRequestError
-from lamina.store import Store
-from lamina.store._schema import drift_buckets, drift_samples
-
-Clock = Callable[[], datetime]
+from lamina.store import Store, drift_buckets, drift_samples
 
 #: Characters of a prompt kept with its sample (enough to show it as an example; lengths are kept whole).
 MAX_SAMPLE_CHARS = 1000
@@ -59,10 +53,6 @@ def parse_window(text: str) -> timedelta:
     if seconds <= 0:
         raise InvalidRequestError(f"the window must be longer than zero, got {text!r}", param="window")
     return timedelta(seconds=seconds)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +98,6 @@ class Sample:
     weight: float
 
 
-def aware(ts: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every timestamp here is UTC."""
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-
-
 class DriftWindow:
     """Record requests per dataset (the gateway) and read the window back (a drift check)."""
 
@@ -121,7 +106,7 @@ class DriftWindow:
         store: Store,
         *,
         policy: WindowPolicy | None = None,
-        clock: Clock = utc_now,
+        clock: Clock = utcnow,
         rng: np.random.Generator | None = None,
     ) -> None:
         self.store = store
@@ -198,10 +183,10 @@ class DriftWindow:
         result = []
         for r in rows:
             offered = max(int(seen.get(r.bucket, 1)), 1)
-            if aware(r.ts) <= now:
+            if r.ts <= now:
                 vector = np.frombuffer(r.vector, dtype="<f4")
                 weight = offered / min(offered, kept)
-                result.append(Sample(aware(r.ts), r.text, r.length, vector, weight))
+                result.append(Sample(r.ts, r.text, r.length, vector, weight))
         return result
 
     def count(self, dataset: str) -> int:
@@ -209,32 +194,3 @@ class DriftWindow:
         query = select(func.count()).select_from(drift_samples).where(drift_samples.c.dataset == dataset)
         with self.store.begin() as conn:
             return int(conn.execute(query).scalar_one())
-
-
-class DriftRecorder:
-    """The gateway's query sink: offers each retrieval's query to the drift window, off the request path.
-
-    Recording is a small synchronous transaction, so it runs on one background thread; a failure is
-    logged and never reaches the request that triggered it.
-    """
-
-    def __init__(self, window: DriftWindow) -> None:
-        self._window = window
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lamina-drift")
-
-    def record(self, retrieval: Retrieval) -> None:
-        if retrieval.query_vector is None:  # keyword-only search: no embedding to sample
-            return
-        future = self._pool.submit(
-            self._window.record, retrieval.version.dataset, retrieval.query, retrieval.query_vector
-        )
-        future.add_done_callback(_log_failure)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-def _log_failure(future: concurrent.futures.Future[bool]) -> None:
-    exc = future.exception()
-    if exc is not None:
-        logging.getLogger(__name__).warning("could not record a query in the drift window: %s", exc)

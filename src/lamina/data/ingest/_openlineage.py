@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
-from lamina.data._datasets import utcnow
-from lamina.data._lineage import code_version
+from lamina.clock import Clock, utcnow
+from lamina.data.versions import code_version
 
 log = logging.getLogger("lamina.data")
 
@@ -56,7 +55,7 @@ class LineageEmitter:
         namespace: str = "lamina",
         url: str | None = None,
         client: httpx.Client | None = None,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = utcnow,
     ) -> None:
         self._path = log_path
         self._namespace = namespace

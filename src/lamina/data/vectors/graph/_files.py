@@ -57,16 +57,11 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa  # type: ignore[import-untyped]
 
-from lamina.data._graph_build import extend_build, write_fresh_build
-from lamina.data._graph_search import ROW_SCHEMA, Graph, RowMask
-from lamina.data._text import EnglishAnalyzer
-from lamina.data._vectors import (
-    GraphIndex,
-    Scored,
-    index_params_to_json,
-)
-
-__all__ = ["ROW_SCHEMA", "Graph", "GraphFiles", "GraphView"]
+from lamina.data.vectors._rows import Scored
+from lamina.data.vectors._text import EnglishAnalyzer
+from lamina.data.vectors._types import GraphIndex, index_params_to_json
+from lamina.data.vectors.graph._build import extend_build, write_fresh_build
+from lamina.data.vectors.graph._search import ROW_SCHEMA, Graph, RowMask
 
 _log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Writing a build of the graph index: afresh, or extending the published build with the table's new rows.
 
-See ``lamina.data._graph`` for the files a build holds and how it is published.
+See ``lamina.data.vectors.graph`` for the files a build holds and how it is published.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.ipc as ipc  # type: ignore[import-untyped]
 
-from lamina.data._graph_search import ROW_SCHEMA, Graph, faiss_module
-from lamina.data._text import EnglishAnalyzer
-from lamina.data._vectors import (
-    GraphIndex,
-)
+from lamina.data.vectors._text import EnglishAnalyzer
+from lamina.data.vectors._types import GraphIndex
+from lamina.data.vectors.graph._search import ROW_SCHEMA, Graph, faiss_module
 
 #: An extending build starts afresh once this fraction of its rows is deleted (they cost search time).
 MAX_DELETED = 0.2

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lamina.data._drift_coverage import CoverageResult
-    from lamina.data._drift_report import DriftMetricsJSON, DriftReport
+    from lamina.data.drift._coverage import CoverageResult
+    from lamina.data.drift._report import DriftMetricsJSON, DriftReport
 
 _EXAMPLE_CHARS = 160
 _HEADLINES = {

@@ -17,48 +17,41 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select
 
-from lamina.data._dataset_records import (
+from lamina.clock import Clock, utcnow
+from lamina.data.vectors import check_dataset_name
+from lamina.data.versions._records import (
     ChunkLineage,
     Collected,
     DatasetVersion,
-    IngestRun,
     NewVersion,
+    PinnedVersion,
     SourceRecord,
     VersionDiff,
 )
-from lamina.data._retrieve import PinnedVersion
-from lamina.data._vectors import check_dataset_name
-from lamina.errors import InvalidRequestError, NotFoundError
-from lamina.store import Store
-from lamina.store._schema import (
+from lamina.data.versions._runs import IngestRuns
+from lamina.errors import ConflictError, InvalidRequestError, NotFoundError
+from lamina.store import (
+    Store,
     chunk_lineage,
     dataset_members,
     dataset_sources,
     dataset_tags,
     dataset_versions,
     datasets,
-    ingest_runs,
 )
 
 _TAG = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,99}")
 _HEX = re.compile(r"[0-9a-f]{6,64}")
 _BATCH = 5000
+#: How often a commit that lost a race for its sequence number is tried again.
+_COMMIT_ATTEMPTS = 5
 _LINEAGE_COLUMNS = [column.name for column in chunk_lineage.columns]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every one we store is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
@@ -73,13 +66,26 @@ _PINS_KEPT = 8
 class DatasetCatalog:
     """Datasets, their versions, tags, sources, chunk lineage and ingest runs in a metadata ``store``."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, store: Store, *, clock: Clock = utcnow) -> None:
         self._store = store
         self._clock = clock
+        #: the ingest runs of every dataset
+        self.runs = IngestRuns(store, clock=clock)
         # versions are immutable, so a pinned version's members can be kept; retrieval then passes the
         # same frozenset every time and the vector store resolves it once (see VectorStore.search)
         self._pins: OrderedDict[str, PinnedVersion] = OrderedDict()
         self._pins_lock = threading.Lock()
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold dataset ``name``'s lock (ingest and gc take it), or raise ConflictError at once.
+
+        The lock lives with the metadata store: a file lock on SQLite, an advisory lock on PostgreSQL, so
+        processes on several hosts sharing one store exclude each other too.
+        """
+        busy = f"another ingest or gc of dataset {name!r} is running; wait for it to finish"
+        with self._store.lock(f"dataset:{check_dataset_name(name)}", busy=busy):
+            yield
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -109,7 +115,7 @@ class DatasetCatalog:
                 manifest=row.manifest,
                 pipeline_version=row.pipeline_version,
                 run_id=row.run_id,
-                created_at=_aware(row.created_at),
+                created_at=row.created_at,
                 tags=tuple(sorted(tags.get(row.seq, []))),
             )
             for row in rows
@@ -179,7 +185,7 @@ class DatasetCatalog:
                     uri=r.uri,
                     sha256=r.sha256,
                     size_bytes=r.size_bytes,
-                    mtime=_aware(r.mtime),
+                    mtime=r.mtime,
                     documents=[tuple(d) for d in r.documents],
                     n_chunks=r.n_chunks,
                 )
@@ -226,32 +232,8 @@ class DatasetCatalog:
             )
             fields = {name: getattr(row, name) for name in _LINEAGE_COLUMNS}
             return ChunkLineage(
-                **fields | {"created_at": _aware(row.created_at)}, versions=tuple(dict.fromkeys(seqs))
+                **fields | {"created_at": row.created_at}, versions=tuple(dict.fromkeys(seqs))
             )
-
-    def runs(self, name: str) -> list[IngestRun]:
-        """Ingest runs of ``name``, newest first."""
-        with self._store.begin() as conn:
-            rows = conn.execute(
-                select(ingest_runs)
-                .where(ingest_runs.c.dataset == check_dataset_name(name))
-                .order_by(ingest_runs.c.started_at.desc())
-            )
-            return [
-                IngestRun(
-                    run_id=r.run_id,
-                    dataset=r.dataset,
-                    state=r.state,
-                    pid=r.pid,
-                    started_at=_aware(r.started_at),
-                    finished_at=None if r.finished_at is None else _aware(r.finished_at),
-                    counts=dict(r.counts),
-                    skipped=[tuple(s) for s in r.skipped],
-                    error=r.error,
-                    version_seq=r.version_seq,
-                )
-                for r in rows
-            ]
 
     # -- writing ------------------------------------------------------------------------------------------
 
@@ -269,63 +251,30 @@ class DatasetCatalog:
             conn.execute(insert(dataset_tags).values(dataset=version.dataset, tag=tag, seq=version.seq))
         return self.resolve(f"{version.dataset}@{version.seq}")
 
-    def start_run(self, dataset: str, run_id: str, pid: int) -> int:
-        """Record a running ingest; runs still marked running are abandoned (the caller holds the lock)."""
-        now = self._clock()
-        with self._store.begin() as conn:
-            if conn.scalar(select(datasets.c.name).where(datasets.c.name == dataset)) is None:
-                conn.execute(insert(datasets).values(name=dataset, created_at=now))
-            abandoned = conn.execute(
-                update(ingest_runs)
-                .where(ingest_runs.c.dataset == dataset, ingest_runs.c.state == "running")
-                .values(state="abandoned", finished_at=now, error="interrupted (process ended mid-run)")
-            ).rowcount
-            conn.execute(
-                insert(ingest_runs).values(
-                    run_id=run_id,
-                    dataset=dataset,
-                    state="running",
-                    pid=pid,
-                    started_at=now,
-                    counts={},
-                    skipped=[],
-                )
-            )
-        return int(abandoned or 0)
-
-    def finish_run(
-        self,
-        run_id: str,
-        state: str,
-        *,
-        counts: Mapping[str, int],
-        skipped: Sequence[tuple[str, str]],
-        error: str | None = None,
-        version_seq: int | None = None,
-        conn: Connection | None = None,
-    ) -> None:
-        values = {
-            "state": state, "finished_at": self._clock(), "counts": dict(counts),
-            "skipped": [list(s) for s in skipped], "error": error, "version_seq": version_seq,
-        }  # fmt: skip
-        statement = update(ingest_runs).where(ingest_runs.c.run_id == run_id).values(**values)
-        if conn is not None:
-            conn.execute(statement)
-            return
-        with self._store.begin() as own:
-            own.execute(statement)
-
     def commit(
         self, new: NewVersion, *, counts: Mapping[str, int], skipped: Sequence[tuple[str, str]]
     ) -> DatasetVersion:
-        """Commit ``new`` and finish its run, in one transaction."""
+        """Commit ``new`` and finish its run, in one transaction.
+
+        The next sequence number is read in that transaction; the key (dataset, seq) is unique, so a commit
+        racing another for the same number fails whole and is retried with the next one.
+        """
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                seq = self._commit_once(new, counts, skipped)
+            except ConflictError:
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    raise
+                continue
+            return self.resolve(f"{new.dataset}@{seq}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _commit_once(
+        self, new: NewVersion, counts: Mapping[str, int], skipped: Sequence[tuple[str, str]]
+    ) -> int:
         with self._store.begin() as conn:
-            seq = 1 + (
-                conn.scalar(
-                    select(func.max(dataset_versions.c.seq)).where(dataset_versions.c.dataset == new.dataset)
-                )
-                or 0
-            )
+            latest = select(func.max(dataset_versions.c.seq)).where(dataset_versions.c.dataset == new.dataset)
+            seq = 1 + (conn.scalar(latest) or 0)
             conn.execute(
                 insert(dataset_versions).values(
                     dataset=new.dataset,
@@ -338,10 +287,10 @@ class DatasetCatalog:
                 )
             )
             self._write_rows(conn, new)
-            self.finish_run(
+            self.runs.finish(
                 new.run_id, "completed", counts=counts, skipped=skipped, version_seq=seq, conn=conn
             )
-        return self.resolve(f"{new.dataset}@{seq}")
+        return seq
 
     def _write_rows(self, conn: Connection, new: NewVersion) -> None:
         has_rows = conn.scalar(
