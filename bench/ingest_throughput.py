@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lamina.stack import open_data_stack
 from lamina.config import LaminaConfig
 from lamina.data import IngestOptions
+from lamina.stack import open_data_stack
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "retrieval" / "scifact"
 

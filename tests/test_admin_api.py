@@ -20,7 +20,6 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from lamina.stack import DataStack, open_data_stack
 from lamina.application._admin import ThreadedIngestService, admin_router
 from lamina.application._errors import install_error_handlers
 from lamina.application._gateway import _authenticator
@@ -31,6 +30,7 @@ from lamina.errors import EngineCrashedError
 from lamina.models import ThreadQueryEmbedder
 from lamina.models._embedder import EngineEmbedder
 from lamina.observability import Telemetry
+from lamina.stack import DataStack, open_data_stack
 
 WORDS = ["river", "mountain", "cloud", "vector", "lamina", "store", "token", "graph", "index", "query"]
 DATA = DataConfig(chunk_size=48, chunk_overlap=8, embed_batch_size=4)

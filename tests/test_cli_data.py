@@ -138,9 +138,9 @@ def test_the_progress_bar_shows_files_chunks_and_throughput(monkeypatch: pytest.
 
 
 def test_the_cli_ingests_into_and_searches_pgvector_when_configured(tmp_path: Path, pg_database: str) -> None:
-    from lamina.stack import open_data_stack
     from lamina.config import load_config
     from lamina.data import PgVectorStore
+    from lamina.stack import open_data_stack
 
     state, corpus = tmp_path / "state", tmp_path / "corpus"
     corpus.mkdir()

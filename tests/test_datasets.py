@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from lamina.data.versions._records import ChunkLineage, NewVersion, SourceRecord
 from lamina.data.versions._catalog import DatasetCatalog
 from lamina.data.versions._lineage import manifest_id
+from lamina.data.versions._records import ChunkLineage, NewVersion, SourceRecord
 from lamina.errors import InvalidRequestError, NotFoundError
 from lamina.store import Store
 

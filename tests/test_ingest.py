@@ -15,11 +15,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from lamina.data import LanceDBStore, PgVectorStore, VectorStore
-from lamina.data.versions._catalog import DatasetCatalog
-from lamina.data.ingest._pipeline import IngestOptions, IngestPipeline, IngestReport
+from lamina.data import LanceDBStore, PgVectorStore, VectorStore, collect_garbage
 from lamina.data.ingest._openlineage import LineageEmitter
-from lamina.data import collect_garbage
+from lamina.data.ingest._pipeline import IngestOptions, IngestPipeline, IngestReport
+from lamina.data.versions._catalog import DatasetCatalog
 from lamina.errors import ConflictError, EngineCrashedError
 from lamina.models._embedder import EngineEmbedder
 from lamina.store import Store

@@ -117,8 +117,6 @@ class RegistryError(LaminaError):
     kind = "invalid_request_error"
 
 
-
-
 class UnsafeFormatError(RegistryError):
     code = "unsafe_format"
 
@@ -134,8 +132,6 @@ class CorruptFileError(RegistryError):
 class ChecksumMismatchError(RegistryError):
     code = "checksum_mismatch"
     status = 409
-
-
 
 
 class EngineError(LaminaError):
