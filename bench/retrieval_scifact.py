@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_engine_onnx import minilm_spec
 
 from lamina.data import Chunk, LanceDBStore, PgVectorStore, VectorStore
-from lamina.data.versions._gc import build_index
 from lamina.models import load_engine
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "retrieval" / "scifact"
@@ -115,7 +114,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store, server = _open(backend, Path(tmp))
             store.upsert("scifact", chunks)
-            index = build_index(store, "scifact")  # what an ingest builds: the graph index above 1,024 rows
+            index = store.reindex("scifact")  # what an ingest builds: the graph index above 1,024 rows
             print(f"{backend:<10} index: {index.kind}")
             for mode, (ndcg, recall, qps) in evaluate(store, qvecs, queries, qrels).items():
                 print(f"{backend:<10} {mode:<8} {ndcg:>8.3f} {recall:>11.3f} {qps:>7.1f}")

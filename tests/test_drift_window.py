@@ -7,22 +7,12 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from lamina.data.drift._window import MAX_SAMPLE_CHARS, DriftWindow, WindowPolicy, parse_window
+from lamina.data.drift import MAX_SAMPLE_CHARS, DriftWindow, WindowPolicy, parse_window
 from lamina.errors import InvalidRequestError
 from lamina.store import Store
+from tests.support import FakeClock
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
-
-
-class FakeClock:
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **kwargs: float) -> None:
-        self.now += timedelta(**kwargs)
 
 
 # 4 buckets of one hour, 3 samples each
@@ -53,7 +43,7 @@ def test_policy_splits_the_capacity_over_buckets() -> None:
 
 
 def test_records_until_full_then_samples(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     window = DriftWindow(store, policy=SMALL, clock=clock, rng=np.random.default_rng(0))
     kept = [window.record("docs", f"prompt {i}", [float(i), 1.0]) for i in range(50)]
     assert kept[:3] == [True, True, True]
@@ -66,7 +56,7 @@ def test_records_until_full_then_samples(store: Store) -> None:
 
 def test_reservoir_is_uniform_over_the_bucket(store: Store) -> None:
     policy = WindowPolicy(capacity=20, bucket=timedelta(hours=1), retention=timedelta(hours=2))
-    window = DriftWindow(store, policy=policy, clock=FakeClock(), rng=np.random.default_rng(1))
+    window = DriftWindow(store, policy=policy, clock=FakeClock(T0), rng=np.random.default_rng(1))
     for i in range(200):
         window.record("docs", str(i), [float(i)])
     kept = sorted(int(s.text) for s in window.samples("docs", timedelta(hours=1)))
@@ -75,7 +65,7 @@ def test_reservoir_is_uniform_over_the_bucket(store: Store) -> None:
 
 
 def test_window_queries_by_time_and_expires_old_buckets(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     window = DriftWindow(store, policy=SMALL, clock=clock, rng=np.random.default_rng(2))
     for hour in range(6):
         window.record("docs", f"hour {hour}", [1.0])
@@ -89,7 +79,7 @@ def test_window_queries_by_time_and_expires_old_buckets(store: Store) -> None:
 
 
 def test_datasets_are_separate_and_texts_truncated(store: Store) -> None:
-    window = DriftWindow(store, policy=SMALL, clock=FakeClock())
+    window = DriftWindow(store, policy=SMALL, clock=FakeClock(T0))
     long = "x" * (MAX_SAMPLE_CHARS + 500)
     window.record("docs", long, [0.5, 0.5])
     window.record("other", "short", [0.1, 0.2])
@@ -101,7 +91,7 @@ def test_datasets_are_separate_and_texts_truncated(store: Store) -> None:
 
 
 def test_samples_survive_a_restart(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     DriftWindow(store, policy=SMALL, clock=clock).record("docs", "kept", [0.25, -1.5])
     reopened = Store(store.url)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .stackproc import RunningStack, start_stack, stop_stack
+from tests.support import RunningStack, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 

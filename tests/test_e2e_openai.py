@@ -16,8 +16,7 @@ import pytest
 
 from lamina.observability import read_trace
 from lamina.store import Store
-
-from .stackproc import RunningStack, start_stack, stop_stack
+from tests.support import RunningStack, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lamina.errors import ConfigError
-from lamina.models._engine import Capability, ChatMessage, LoadSpec, SamplingParams, load_engine
+from lamina.models import Capability, ChatMessage, LoadSpec, SamplingParams, load_engine
 from lamina.models._fake import FakeEngine, StopScanner, split_words
 
 

@@ -12,7 +12,7 @@ import llama_cpp.llama
 import pytest
 
 from lamina.errors import ConfigError, UnsupportedCapabilityError
-from lamina.models._engine import Capability, ChatMessage, LoadSpec, SamplingParams, load_engine
+from lamina.models import Capability, ChatMessage, LoadSpec, SamplingParams, load_engine
 from lamina.models._gguf import GGUFEngine, context_window, model_params_with_extra_bufts
 
 pytestmark = pytest.mark.slow

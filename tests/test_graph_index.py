@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +14,21 @@ import pytest
 from lamina.data import GraphIndex, LanceDBStore, PgVectorStore
 from lamina.data.vectors.graph import GraphFiles
 from lamina.errors import InvalidRequestError, UnsupportedCapabilityError
-from tests.test_vectorstore import chunk, exact_top, ids, open_store, unit_vectors
+from tests.support import VectorBackend, chunk, exact_top, ids, unit_vectors
 
-Store = LanceDBStore | PgVectorStore
+Store = VectorBackend
 N, DIM = 1500, 24
 
 
-@pytest.fixture(params=["lancedb", "pgvector"])
-def gstore(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    yield from open_store(str(request.param), tmp_path, request)
-
-
 @pytest.fixture
-def indexed(gstore: Store) -> tuple[Store, list[Any], np.ndarray[Any, Any]]:
+def indexed(vstore: Store) -> tuple[Store, list[Any], np.ndarray[Any, Any]]:
     vectors = unit_vectors(N, DIM, seed=3)
     chunks = [chunk(f"row {i}", vectors[i] * (1 + i % 3), source=f"s{i}", part=i % 5) for i in range(N)]
-    gstore.upsert("docs", chunks)
+    vstore.upsert("docs", chunks)
     # float32: these tests compare orders with an exact float32 ranking (float16 is tested on its own)
     params = GraphIndex(m=16, ef_construction=80, ef_search=64, vectors="float32")
-    assert gstore.build_index("docs", params) == params
-    return gstore, chunks, vectors
+    assert vstore.build_index("docs", params) == params
+    return vstore, chunks, vectors
 
 
 def cosine_top(chunks: list[Any], vectors: Any, query: Any, k: int, rows: Any = None) -> list[str]:
@@ -136,13 +130,13 @@ WORDS = (
 
 
 def test_keyword_and_hybrid_from_the_graph_equal_the_stores_own(
-    gstore: Store, monkeypatch: pytest.MonkeyPatch
+    vstore: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = np.random.default_rng(8)
     vectors = unit_vectors(N, DIM, seed=11)
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 14)))) + f" item{i}" for i in range(N)]
     chunks = [chunk(t, vectors[i], source=f"k{i}", part=i % 3) for i, t in enumerate(texts)]
-    gstore.upsert("docs", chunks)
+    vstore.upsert("docs", chunks)
     version = frozenset(c.chunk_id for c in chunks[: N // 2])
     q = unit_vectors(1, DIM, seed=12)[0]
     cases: list[dict[str, Any]] = [
@@ -155,11 +149,11 @@ def test_keyword_and_hybrid_from_the_graph_equal_the_stores_own(
         {"mode": "hybrid", "query_text": "rose garden prune", "query_vector": q},
         {"mode": "hybrid", "query_text": "drum snare", "query_vector": q, "chunk_ids": version},
     ]
-    own = [gstore.search("docs", k=10, **case) for case in cases]  # no graph yet: the store answers
-    gstore.build_index("docs", GraphIndex(m=16, ef_construction=200, ef_search=400, vectors="float32"))
+    own = [vstore.search("docs", k=10, **case) for case in cases]  # no graph yet: the store answers
+    vstore.build_index("docs", GraphIndex(m=16, ef_construction=200, ef_search=400, vectors="float32"))
     with monkeypatch.context() as patch:
-        _backend_refuses(gstore, patch)
-        from_graph = [gstore.search("docs", k=10, **case) for case in cases]
+        _backend_refuses(vstore, patch)
+        from_graph = [vstore.search("docs", k=10, **case) for case in cases]
     for case, mine, theirs in zip(cases, from_graph, own, strict=True):
         assert ids(mine) == ids(theirs), case
         assert [h.score for h in mine] == pytest.approx([h.score for h in theirs], rel=1e-9), case
@@ -169,15 +163,16 @@ def test_keyword_and_hybrid_from_the_graph_equal_the_stores_own(
     assert own[0] and own[1] and own[5] == []
 
 
-def test_float16_graphs_keep_recall_and_scores_to_three_digits(gstore: Store) -> None:
+def test_float16_graphs_keep_recall_and_scores_to_three_digits(vstore: Store) -> None:
     vectors = unit_vectors(N, DIM, seed=17)
     chunks = [chunk(f"half {i}", vectors[i], source=f"h{i}") for i in range(N)]
-    gstore.upsert("docs", chunks)
-    assert gstore.build_index("docs", GraphIndex(m=16, ef_construction=100)).vectors == "float16"
+    vstore.upsert("docs", chunks)
+    built = vstore.build_index("docs", GraphIndex(m=16, ef_construction=100))
+    assert isinstance(built, GraphIndex) and built.vectors == "float16"
     queries = unit_vectors(20, DIM, seed=18)
     recall = []
     for q in queries:
-        hits = gstore.search("docs", query_vector=q, k=10, ef_search=200)
+        hits = vstore.search("docs", query_vector=q, k=10, ef_search=200)
         truth = cosine_top(chunks, vectors, q, 10)
         recall.append(len(set(ids(hits)) & set(truth)) / 10)
         exact = {c.chunk_id: float(vectors[i] @ q) for i, c in enumerate(chunks)}
@@ -311,21 +306,21 @@ def test_pgvector_without_a_graph_dir_refuses_graph_indexes(pg_url: str) -> None
 
 
 def test_a_build_after_a_few_writes_extends_the_graph_and_answers_as_the_store(
-    gstore: Store, monkeypatch: pytest.MonkeyPatch
+    vstore: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = np.random.default_rng(5)
     vectors = unit_vectors(N + 40, DIM, seed=13)
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) + f" row{i}" for i in range(N + 40)]
     chunks = [chunk(t, vectors[i], source=f"x{i}", part=i % 3) for i, t in enumerate(texts)]
     params = GraphIndex(m=16, ef_construction=200, ef_search=400, vectors="float32")
-    gstore.upsert("docs", chunks[:N])
-    gstore.build_index("docs", params)
-    current = _graphs(gstore).root / "docs" / "current.json"
+    vstore.upsert("docs", chunks[:N])
+    vstore.build_index("docs", params)
+    current = _graphs(vstore).root / "docs" / "current.json"
     first = json.loads(current.read_text())["build"]
     gone = [c.chunk_id for c in chunks[:25]]
-    gstore.upsert("docs", chunks[N:])  # 40 new rows
-    gstore.delete("docs", gone)
-    gstore.build_index("docs", params)
+    vstore.upsert("docs", chunks[N:])  # 40 new rows
+    vstore.delete("docs", gone)
+    vstore.build_index("docs", params)
     manifest = json.loads(current.read_text())
     assert (manifest["extends"], manifest["deleted"]) == (first, 25)
 
@@ -337,27 +332,27 @@ def test_a_build_after_a_few_writes_extends_the_graph_and_answers_as_the_store(
         {"mode": "keyword", "query_text": "galaxy", "filters": {"part": 2}},
     ]
     with monkeypatch.context() as patch:
-        patch.setattr(gstore, "_graph_view", lambda *args: None)
-        own = [gstore.search("docs", k=10, **case) for case in cases]
+        patch.setattr(vstore, "_graph_view", lambda *args: None)
+        own = [vstore.search("docs", k=10, **case) for case in cases]
     with monkeypatch.context() as patch:
-        _backend_refuses(gstore, patch)
+        _backend_refuses(vstore, patch)
         for case, theirs in zip(cases, own, strict=True):
-            mine = gstore.search("docs", k=10, **case)
+            mine = vstore.search("docs", k=10, **case)
             assert ids(mine) == ids(theirs), case
             assert [h.score for h in mine] == pytest.approx([h.score for h in theirs], rel=1e-9), case
         for i in (0, 3, N + 5, N + 30):  # deleted rows never come back; new rows are found
-            found = ids(gstore.search("docs", query_vector=vectors[i], k=10))
+            found = ids(vstore.search("docs", query_vector=vectors[i], k=10))
             assert found == cosine_top(chunks, vectors, vectors[i], 10, live)
-        scoped = ids(gstore.search("docs", query_vector=vectors[40], k=5, chunk_ids=version))
+        scoped = ids(vstore.search("docs", query_vector=vectors[40], k=5, chunk_ids=version))
         assert scoped == cosine_top(chunks, vectors, vectors[40], 5, live[::2])
     # past MAX_DELETED of the rows deleted, the next build starts afresh
-    gstore.delete("docs", [c.chunk_id for c in chunks[25:500]])
-    gstore.build_index("docs", params)
+    vstore.delete("docs", [c.chunk_id for c in chunks[25:500]])
+    vstore.build_index("docs", params)
     manifest = json.loads(current.read_text())
     assert (manifest["extends"], manifest["deleted"]) == (None, 0)
     with monkeypatch.context() as patch:
-        _backend_refuses(gstore, patch)
-        found = ids(gstore.search("docs", query_vector=vectors[600], k=10))
+        _backend_refuses(vstore, patch)
+        found = ids(vstore.search("docs", query_vector=vectors[600], k=10))
     assert found == cosine_top(chunks, vectors, vectors[600], 10, list(range(500, N + 40)))
 
 

@@ -29,6 +29,7 @@ from lamina.orchestration import (
     ReplicaStatus,
     WorkloadSpec,
 )
+from tests.support import FakeClock
 
 ECHO = Path(__file__).parent / "workloads" / "echo_server.py"
 #: bound on waiting for real processes; generous because the machine is shared
@@ -45,17 +46,6 @@ def echo_spec(
 ) -> WorkloadSpec:
     argv = (sys.executable, str(ECHO), "--port", "{port}")
     return WorkloadSpec(name=name, argv=argv, replicas=replicas, env=env or {}, **kw)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _gone(pid: int) -> bool:
@@ -246,7 +236,9 @@ async def test_scaling_down_stops_the_extras_and_removal_forgets_the_deployment(
 @pytest.mark.anyio
 async def test_a_crashing_workload_backs_off_and_the_other_keeps_serving(tmp_path: Path) -> None:
     clock = FakeClock()
-    async with _controller(tmp_path, clock=clock, restart_backoff_s=1.0, restart_backoff_max_s=8.0) as c:
+    async with _controller(
+        tmp_path, clock=clock.monotonic, restart_backoff_s=1.0, restart_backoff_max_s=8.0
+    ) as c:
         c.apply([echo_spec("good"), echo_spec("crash", env={"ECHO_CRASH_EXIT": "3"})])
 
         def crash_dead(restarts: int) -> Callable[[], bool]:
@@ -284,7 +276,7 @@ async def test_a_crashing_workload_backs_off_and_the_other_keeps_serving(tmp_pat
 async def test_a_replica_that_never_gets_ready_is_restarted_after_its_timeout(tmp_path: Path) -> None:
     clock = FakeClock()
     spec = echo_spec(env={"ECHO_READY_DELAY_S": "1000"}, ready_timeout_s=5.0)
-    async with _controller(tmp_path, clock=clock, restart_backoff_s=1.0) as c:
+    async with _controller(tmp_path, clock=clock.monotonic, restart_backoff_s=1.0) as c:
         c.apply([spec])
         await c.step()
         first = _replica(c, "echo-0")

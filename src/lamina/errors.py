@@ -1,6 +1,7 @@
 """One exception tree for all of Lamina, with stable codes and HTTP statuses.
 
-    LaminaError                        code               status
+    class                              code               status
+    LaminaError                        lamina_error        500
     ├── ConfigError                    config_invalid      500  (CLI exit 2)
     ├── InvalidRequestError            invalid_request     400
     │   ├── ContextLengthError         context_length_exceeded 400

