@@ -143,11 +143,14 @@ def verify(
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Hash the version's files again and compare with the sha256 recorded when it was added."""
+    """Hash the version's files again (the model file and its companions: tokenizer, external data) and
+    compare with the sha256 recorded when it was added."""
     with _registry(config, state_dir) as registry:
         mv = registry.get(ref)
         registry.verify(mv)
-    out_console.print(f"{mv.ref}: intact (sha256 {mv.sha256[:12]})", highlight=False)
+    n = len(mv.extra_files)
+    companions = f"; {n} companion file{'s' if n != 1 else ''} intact too" if n else ""
+    out_console.print(f"{mv.ref}: intact (sha256 {mv.sha256[:12]}{companions})", highlight=False)
 
 
 @models_app.command("rm")
@@ -176,9 +179,14 @@ def _details(mv: ModelVersion) -> list[tuple[str, str]]:
         ("path", str(mv.path)),
         ("created", mv.created_at.isoformat(timespec="seconds")),
     ]
-    rows += [(f"file: {role}", str(path)) for role, path in mv.extra_files.items()]
+    rows += [(f"file: {role}", _companion(mv, role)) for role in mv.extra_files]
     rows += [(key, _describe(value)) for key, value in mv.meta.items()]
     return rows
+
+
+def _companion(mv: ModelVersion, role: str) -> str:
+    sha = mv.extra_sha256.get(role)
+    return f"{mv.extra_files[role]} (sha256 {sha[:12]})" if sha else str(mv.extra_files[role])
 
 
 def _describe(value: Any) -> str:

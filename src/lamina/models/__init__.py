@@ -18,6 +18,7 @@ from lamina.models._engine import (
     load_engine,
 )
 from lamina.models._formats import detect_format, read_metadata
+from lamina.models._model_version import ModelVersion
 from lamina.models._openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,7 +27,7 @@ from lamina.models._openai import (
     ModelList,
 )
 from lamina.models._query_embedder import DispatchQueryEmbedder, ThreadQueryEmbedder
-from lamina.models._registry import ModelVersion, Registry
+from lamina.models._registry import Registry
 
 __all__ = [
     "BUNDLED",

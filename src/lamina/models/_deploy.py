@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError
 from lamina.models._catalog import ServedModel
+from lamina.models._checksums import MODEL_ROLE, RecordedFile
 from lamina.models._engine import LoadSpec
 from lamina.models._registry import Registry
 from lamina.orchestration import Resources, WorkloadSpec
@@ -40,6 +42,10 @@ class WorkerSpec(BaseModel):
     path: str | None = Field(None, description="The model file. Empty for engines that need none.")
     sha256: str | None = Field(None, description="Expected sha256 of `path`; a mismatch refuses to load.")
     extra_files: dict[str, str] = Field(default_factory=dict, description="Companion files by role.")
+    extra_sha256: dict[str, str] = Field(
+        default_factory=dict,
+        description="Expected sha256 of companion files by role; a mismatch refuses to load.",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="The engine's options.")
 
     @classmethod
@@ -48,6 +54,15 @@ class WorkerSpec(BaseModel):
             return cls.model_validate_json(path.read_text(encoding="utf-8"))
         except (OSError, ValidationError) as exc:
             raise ConfigError(f"worker spec {path} is unreadable or invalid ({exc}); rewrite it") from exc
+
+    def recorded_files(self) -> list[RecordedFile]:
+        """The files to check before loading: those whose sha256 this spec records."""
+        files = [RecordedFile(MODEL_ROLE, Path(self.path), self.sha256)] if self.path and self.sha256 else []
+        return files + [
+            RecordedFile(role, Path(path), self.extra_sha256[role])
+            for role, path in self.extra_files.items()
+            if role in self.extra_sha256
+        ]
 
     def load_spec(self) -> LoadSpec:
         return LoadSpec(
@@ -58,24 +73,28 @@ class WorkerSpec(BaseModel):
         )
 
 
-def _file_mb(path: Path | None) -> int:
-    return math.ceil(path.stat().st_size / _MIB) if path is not None and path.is_file() else 0
+def _files_mb(paths: Iterable[Path | None]) -> int:
+    return math.ceil(sum(p.stat().st_size for p in paths if p is not None and p.is_file()) / _MIB)
 
 
-def worker_resources(deployment: DeploymentConfig, engine: str, path: Path | None) -> Resources:
-    """What one replica asks for: GGUF its threads and ~1.5x its file; ONNX one core; fake next to nothing."""
+def worker_resources(
+    deployment: DeploymentConfig, engine: str, path: Path | None, extra_files: Iterable[Path] = ()
+) -> Resources:
+    """What one replica asks for: GGUF its threads and ~1.5x its files; ONNX one core and ~1.5x its files
+    (an ONNX model's external data included); fake next to nothing."""
+    files_mb = _files_mb([path, *extra_files])
     if engine == "gguf":
         opts = deployment.gguf
         return Resources(
             cpus=float(opts.n_threads or psutil.cpu_count(logical=False) or 1),
-            memory_mb=max(_BASE_MEMORY_MB, math.ceil(_file_mb(path) * 1.5)),
+            memory_mb=max(_BASE_MEMORY_MB, math.ceil(files_mb * 1.5)),
             gpus=1 if opts.n_gpu_layers != 0 else 0,
         )
     if engine == "onnx":
         providers = set(deployment.onnx.providers or ())
         return Resources(
             cpus=1.0,
-            memory_mb=max(_BASE_MEMORY_MB, math.ceil(_file_mb(path) * 1.5)),
+            memory_mb=max(_BASE_MEMORY_MB, math.ceil(files_mb * 1.5)),
             gpus=1 if providers & _GPU_PROVIDERS else 0,
         )
     return Resources(cpus=0.1, memory_mb=128, gpus=0)
@@ -96,8 +115,11 @@ def worker_workload(
     model_version: str | None,
     run_dir: Path,
     ready_timeout_s: float,
+    extra_sha256: Mapping[str, str] | None = None,
 ) -> WorkloadSpec:
-    """Write the deployment's WorkerSpec into ``run_dir`` and describe the replica processes to run."""
+    """Write the deployment's WorkerSpec into ``run_dir`` and describe the replica processes to run.
+
+    ``sha256`` and ``extra_sha256`` are what the worker checks the files against before it loads them."""
     options = getattr(deployment, engine).model_dump() if engine in ("gguf", "onnx", "fake") else {}
     spec = WorkerSpec(
         served_name=deployment.name,
@@ -106,6 +128,7 @@ def worker_workload(
         path=str(path) if path is not None else None,
         sha256=sha256,
         extra_files={role: str(p) for role, p in extra_files.items()},
+        extra_sha256=dict(extra_sha256 or {}),
         options=options,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +139,7 @@ def worker_workload(
         name=deployment.name,
         argv=(*argv, "--spec", str(spec_path)),
         replicas=deployment.replicas,
-        resources=worker_resources(deployment, engine, path),
+        resources=worker_resources(deployment, engine, path, extra_files.values()),
         health_path="/health",
         ready_timeout_s=ready_timeout_s,
     )
@@ -154,6 +177,7 @@ def deploy(
         path=mv.path,
         sha256=mv.sha256,
         extra_files=mv.extra_files,
+        extra_sha256=mv.extra_sha256,
         model_version=mv.ref,
         run_dir=run_dir,
         ready_timeout_s=ready_timeout_s,

@@ -5,6 +5,9 @@ and ``ChunkTokenizer`` (token offsets for chunking), with the model's own tokeni
 registry. The tokenizer for chunking is a second copy without truncation or padding: chunking must see
 every token of a document, while the engine truncates to what the model accepts.
 
+Files are hashed again before they are loaded, as the replica worker does: a tokenizer, model file or
+external-data file whose sha256 no longer matches the registry's record is a ChecksumMismatchError.
+
 ``EngineEmbedder`` runs the ONNX engine in this process: what every ``lamina data`` command uses, so
 ingestion works whether or not a stack is up. ``HTTPEmbedder`` sends texts to a running stack's
 ``/v1/embeddings`` instead, where a replica already holds the model.
@@ -19,9 +22,11 @@ from tokenizers import Tokenizer
 
 from lamina.config import ONNXOptions
 from lamina.errors import ConfigError, EngineError, UnavailableError, from_body
+from lamina.models._checksums import check_files, remedy_for
 from lamina.models._engine import LoadSpec
+from lamina.models._model_version import ModelVersion
 from lamina.models._onnx import ONNXEngine
-from lamina.models._registry import ModelVersion, Registry
+from lamina.models._registry import Registry
 
 
 class _Tokens:
@@ -33,6 +38,7 @@ class _Tokens:
             raise ConfigError(
                 f"model {mv.ref} has no tokenizer file; register it with --tokenizer PATH/tokenizer.json"
             )
+        check_files([mv.companion("tokenizer")], mv.ref, remedy_for(mv.ref))
         self._tokenizer = Tokenizer.from_file(str(path))
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
@@ -85,7 +91,8 @@ class EngineEmbedder(_RegisteredEmbedder):
                 "one (the bundled one is minilm-l6-v2)"
             )
         self._options = options or ONNXOptions()
-        super().__init__(mv, self._options.max_length)
+        super().__init__(mv, self._options.max_length)  # checks the tokenizer
+        check_files([f for f in mv.files() if f.role != "tokenizer"], mv.ref, remedy_for(mv.ref))
         spec = LoadSpec(
             name=mv.ref, path=mv.path, extra_files=mv.extra_files, options=self._options.model_dump()
         )

@@ -10,7 +10,7 @@ refused as unsafe if either its bytes or its extension say pickle.
 from __future__ import annotations
 
 import json
-import struct
+import os
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -20,12 +20,12 @@ import onnx
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]  # onnx's parse error
 
 from lamina.errors import (
-    CorruptFileError,
     RegistryError,
     SourceNotFoundError,
     UnknownFormatError,
     UnsafeFormatError,
 )
+from lamina.models._gguf_header import GGUF_MAGIC, HEADER_BYTES, gguf_byte_order, read_gguf_header
 
 ModelFormat = Literal["gguf", "onnx"]
 
@@ -37,13 +37,9 @@ CONVERT_HINT = (
 #: Extensions of formats whose loaders unpickle.
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib"})
 
-_GGUF_MAGIC = b"GGUF"
-_GGUF_VERSIONS = (2, 3)  # what gguf.GGUFReader reads
 _ONNX_FIRST_BYTE = 0x08  # protobuf field 1 (ModelProto.ir_version), varint
 _PICKLE_PROTO = 0x80
-_HEAD_BYTES = 24
-# what GGUFReader raises on a damaged file (it indexes numpy views of the raw bytes)
-_GGUF_READ_ERRORS = (ValueError, IndexError, KeyError, OverflowError, TypeError, struct.error)
+_HEAD_BYTES = HEADER_BYTES
 
 
 def detect_format(path: Path, *, label: str | None = None) -> ModelFormat:
@@ -53,8 +49,8 @@ def detect_format(path: Path, *, label: str | None = None) -> ModelFormat:
     """
     label = label or str(path)
     head = _read_head(path, label)
-    if head.startswith(_GGUF_MAGIC):
-        _check_gguf_header(head, label)
+    if head.startswith(GGUF_MAGIC):
+        gguf_byte_order(head, label)  # a cheap check of the version; read_metadata parses the rest
         return "gguf"
     onnx_problem = None
     if head[:1] == bytes([_ONNX_FIRST_BYTE]):
@@ -111,19 +107,6 @@ def _read_head(path: Path, label: str) -> bytes:
         raise SourceNotFoundError(f"{label}: cannot be read ({exc.strerror}); check its permissions") from exc
 
 
-def _check_gguf_header(head: bytes, label: str) -> None:
-    """Magic, length and version: a cheap check before the full parse in :func:`read_metadata`."""
-    if len(head) < _HEAD_BYTES:
-        raise _corrupt(label, f"its header is cut off after {len(head)} bytes")
-    versions = [struct.unpack(f"{order}I", head[4:8])[0] for order in "<>"]  # either byte order
-    if not any(v in _GGUF_VERSIONS for v in versions):
-        raise _corrupt(label, f"its header names GGUF version {versions[0]}, which does not exist")
-
-
-def _corrupt(label: str, why: str) -> CorruptFileError:
-    return CorruptFileError(f"{label} is damaged: it starts like a GGUF file but {why}; download it again")
-
-
 def _onnx_problem(path: Path) -> str | None:
     """None when ``path`` parses as an ONNX model with a graph; else what is wrong."""
     try:
@@ -159,39 +142,19 @@ def _pickled_members(path: Path) -> str | None:
 
 
 def _gguf_metadata(path: Path, label: str) -> dict[str, Any]:
-    try:
-        reader = gguf.GGUFReader(path)
-    except _GGUF_READ_ERRORS as exc:
-        raise _corrupt(
-            label, f"its header and metadata cannot be read ({type(exc).__name__}: {exc})"
-        ) from exc
-    try:
-        return _gguf_fields(reader, path, label)
-    except _GGUF_READ_ERRORS as exc:
-        raise _corrupt(label, f"its metadata cannot be read ({type(exc).__name__}: {exc})") from exc
-    finally:
-        del reader  # drop the memory map now, not at some later collection
-
-
-def _gguf_fields(reader: Any, path: Path, label: str) -> dict[str, Any]:
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    size = path.stat().st_size
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size:
-        raise _corrupt(label, f"it is truncated: its tensors need {end} bytes and the file has {size}")
-    arch = field("general.architecture")
-    file_type = field("general.file_type")
+    with path.open("rb") as f:
+        header = read_gguf_header(f, os.fstat(f.fileno()).st_size, label)
+    values = header.values
+    arch = values.get("general.architecture")
+    file_type = values.get("general.file_type")
     return {
         "architecture": arch,
-        "name": field("general.name"),
-        "parameter_count": sum(int(t.n_elements) for t in reader.tensors),
-        "quantization": None if file_type is None else _file_type_name(int(file_type)),
-        "context_length": field(f"{arch}.context_length") if arch else None,
-        "chat_template": field("tokenizer.chat_template"),
-        "gguf_version": field("GGUF.version"),
+        "name": values.get("general.name"),
+        "parameter_count": header.parameter_count,
+        "quantization": _file_type_name(file_type) if isinstance(file_type, int) else None,
+        "context_length": values.get(f"{arch}.context_length") if arch else None,
+        "chat_template": values.get("tokenizer.chat_template"),
+        "gguf_version": header.version,
     }
 
 

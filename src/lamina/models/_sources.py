@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import tempfile
 from collections.abc import Iterator
@@ -67,6 +68,15 @@ def fetch(source: str, scratch_dir: Path, *, client: httpx.Client | None = None)
         raise RegistryError(
             f"unsupported source {source!r}: {scheme}: is not a source form; give {SOURCE_FORMS}"
         )
+
+
+def sibling_source(source: str, name: str) -> str:
+    """The source of the file ``name`` (a relative POSIX path, already checked to stay inside) that lies in
+    the same directory as ``source``, in the same form: how an ONNX model's external data is found."""
+    scheme, rest = _split_scheme(source)
+    if scheme is None:
+        return str(Path(source).expanduser().parent / name)
+    return f"{scheme}:{posixpath.join(posixpath.dirname(rest), name)}"
 
 
 def _split_scheme(source: str) -> tuple[str | None, str]:

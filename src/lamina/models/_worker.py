@@ -3,16 +3,15 @@
     python -m lamina.models._worker --host 127.0.0.1 --port PORT --spec SPEC.json
 
 Orchestration starts it from a generic workload spec (see ``lamina.models._deploy``) and only knows that
-``GET /health`` answers 200 once it is ready. The process checks its model file against the registry's
-sha256 (exit 3 on a mismatch), starts the HTTP server, then loads the engine on the engine thread, so that
-health answers 503 "loading" meanwhile. A failed load exits non-zero and the controller restarts it;
-SIGTERM stops it cleanly with exit 0.
+``GET /health`` answers 200 once it is ready. The process checks its model file and its companion files
+(tokenizer, external data) against the registry's sha256 (exit 3 on a mismatch), starts the HTTP server,
+then loads the engine on the engine thread, so that health answers 503 "loading" meanwhile. A failed load
+exits non-zero and the controller restarts it; SIGTERM stops it cleanly with exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ from types import FrameType
 import uvicorn
 
 from lamina.errors import ConfigError
+from lamina.models._checksums import file_problem, remedy_for
 from lamina.models._deploy import WorkerSpec
 from lamina.models._engine import load_engine
 from lamina.models._worker_app import Replica, WorkerApp
@@ -30,7 +30,7 @@ from lamina.models._worker_stream import EngineRunner
 
 log = logging.getLogger("lamina.models.worker")
 
-#: exit status for a model file whose bytes no longer match the registry's checksum
+#: exit status for a model or companion file whose bytes no longer match the registry's checksum
 EXIT_CHECKSUM_MISMATCH = 3
 EXIT_LOAD_FAILED = 1
 EXIT_BAD_SPEC = 2
@@ -38,27 +38,15 @@ EXIT_BAD_SPEC = 2
 STOP_GRACE_S = 5.0
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checksum_problem(spec: WorkerSpec) -> str | None:
-    """Why the model file must not be loaded, or None: a file whose sha256 no longer matches is refused."""
-    if spec.sha256 is None or spec.path is None:
-        return None
-    path = Path(spec.path)
-    if not path.is_file():
-        return f"model file {path} of {spec.served_name!r} is missing; register the model again"
-    actual = file_sha256(path)
-    if actual != spec.sha256.lower():
-        return (
-            f"model file {path} of {spec.served_name!r} has sha256 {actual} but its registry record says "
-            f"{spec.sha256}: the file changed after registration; register it again (or restore it)"
-        )
+    """Why the files must not be loaded, or None: a model or companion file whose sha256 no longer matches
+    the registry's record (or that went missing) is refused."""
+    owner = repr(spec.model_version or spec.served_name)
+    remedy = remedy_for(spec.model_version) if spec.model_version else "register the model again"
+    for file in spec.recorded_files():
+        problem = file_problem(file, owner, remedy)
+        if problem is not None:
+            return problem
     return None
 
 
