@@ -7,6 +7,7 @@ the file or the environment; :func:`load_config` is the one place that does.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,28 @@ BUNDLED_EMBEDDING_MODEL = "minilm-l6-v2"
 
 EngineName = Literal["gguf", "onnx", "fake"]
 
+#: What ``lamina config show`` (and error messages) print in place of a secret. A field is marked secret
+#: with ``json_schema_extra={"secret": True}``.
+REDACTED = "***"
+#: ``scheme://user:password@``: the password of a URL's userinfo, taken up to the last ``@`` so that one
+#: written unencoded never shows in part (a URL with an ``@`` in its query loses more, never less).
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):\S*@")
+#: A secret passed as a query parameter (libpq's ``?password=``, a token in an endpoint URL).
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&](?:password|passwd|pwd|sslpassword|secret|token|access_token|api[_-]?key|"
+    r"access[_-]?key|key)=)[^&#\s]*",
+    re.IGNORECASE,
+)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it, and secret query parameters, shown as ``***``.
+
+    The user name, host, port and path stay visible: they say which server is meant.
+    """
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -34,6 +57,7 @@ class ServerConfig(_Strict):
     api_keys: list[str] = Field(
         default_factory=list,
         description="Bearer keys the gateway accepts. Empty: any key (or none) is accepted, for local use.",
+        json_schema_extra={"secret": True},
     )
 
 
@@ -259,6 +283,41 @@ class LaminaConfig(_Strict):
 
     def database_url(self, state_dir: Path) -> str:
         return self.store.url or f"sqlite:///{state_dir / 'lamina.db'}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data with its secrets shown as ``***``: what ``lamina config show`` prints.
+
+        Fields marked secret are replaced whole (a list item by item, so their number shows), and
+        every string has the passwords of the URLs in it replaced (see ``redact_url``).
+        """
+        data = _mask_secrets(self, self.model_dump(mode="json"))
+        return {key: _scrub(value) for key, value in data.items()}
+
+
+def _mask_secrets(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (``model`` dumped) with the values of fields marked secret replaced, recursively."""
+    for name, info in type(model).model_fields.items():
+        value, dumped = getattr(model, name), data.get(name)
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("secret") is True:
+            data[name] = [REDACTED] * len(dumped) if isinstance(dumped, list) else REDACTED
+        elif isinstance(value, BaseModel) and isinstance(dumped, dict):
+            _mask_secrets(value, dumped)
+        elif isinstance(value, list) and isinstance(dumped, list):
+            for item, item_dumped in zip(value, dumped, strict=True):
+                if isinstance(item, BaseModel) and isinstance(item_dumped, dict):
+                    _mask_secrets(item, item_dumped)
+    return data
+
+
+def _scrub(data: Any) -> Any:
+    """Every string in ``data`` (dicts and lists, recursively) through ``redact_url``."""
+    if isinstance(data, str):
+        return redact_url(data)
+    if isinstance(data, dict):
+        return {key: _scrub(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_scrub(item) for item in data]
+    return data
 
 
 def resolve_state_dir(flag: Path | None, config: LaminaConfig | None = None) -> Path:

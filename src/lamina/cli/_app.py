@@ -73,11 +73,11 @@ def up(
 
 @config_app.command("show")
 def config_show(config: ConfigOption = None, state_dir: StateDirOption = None) -> None:
-    """Print the effective config (file + defaults) as YAML."""
+    """Print the effective config (file + defaults) as YAML, with keys and passwords shown as ***."""
     import yaml
 
     cfg, sdir = load(config, state_dir)
-    data = cfg.model_dump(mode="json")
+    data = cfg.redacted()
     data["state_dir"] = str(sdir)
     typer.echo(yaml.safe_dump(data, sort_keys=False))
 

@@ -17,9 +17,10 @@ from lamina.store._schema import (
     model_versions,
     spans,
 )
-from lamina.store._store import Store
+from lamina.store._store import HeldLock, Store
 
 __all__ = [
+    "HeldLock",
     "Store",
     "UTCDateTime",
     "chunk_lineage",

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_url, text
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from lamina.config import redact_url
 from lamina.errors import ConflictError, StoreError
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 #: The advisory lock key that serialises migrations on PostgreSQL (any fixed 64-bit number of our own).
 _MIGRATION_LOCK = 0x4C414D494E4100  # "LAMINA\0"
+_log = logging.getLogger(__name__)
 
 
 def _lock_key(name: str) -> int:
@@ -45,6 +48,17 @@ def _transactional_ddl(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for another database or an in-memory one."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None  # create_engine will say what is wrong with it
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return None if parsed.database.startswith("file:") else Path(parsed.database)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (CLI beside a running stack)
@@ -53,16 +67,33 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+class HeldLock:
+    """A lock ``Store.lock`` holds. ``check()`` raises ConflictError if it has been lost: on PostgreSQL,
+    when the connection holding it died (the server then released it, and another host may hold it now).
+    Check before a step that is only safe under the lock, such as a commit."""
+
+    def __init__(self, name: str, probe: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self._probe = probe
+
+    def check(self) -> None:
+        if self._probe is not None:
+            self._probe()
+
+
 class Store:
     """One database: ``Store(url).migrate()`` brings the schema to the newest migration."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._file = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+        #: the URL with its password hidden, for messages
+        self.safe_url = redact_url(url)
+        self._file = _sqlite_file(url)
         try:
             if self._file is not None:
                 self._file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                # the metadata holds key hashes and prompts: readable by its owner only
+                # the metadata holds key hashes and prompts: readable by its owner only (SQLite gives its
+                # -wal and -shm files the database file's mode)
                 os.close(os.open(self._file, os.O_CREAT | os.O_RDWR, 0o600))
             self.engine: Engine = create_engine(url, pool_pre_ping=True, future=True)
         except (SQLAlchemyError, ImportError, OSError) as exc:
@@ -71,23 +102,23 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._local_locks: dict[str, threading.Lock] = {}
 
-    @property
-    def safe_url(self) -> str:
-        """The URL with any password hidden, for messages."""
-        return self.engine.url.render_as_string(hide_password=True) if hasattr(self, "engine") else self.url
-
     def migrate(self) -> None:
-        """Apply every migration not yet applied. Safe to call at every start."""
+        """Apply every migration not yet applied, all in one transaction. Safe to call at every start.
+
+        SQLite: on an engine of its own that runs DDL inside the transaction, so a failing migration leaves
+        the schema as it was. PostgreSQL (transactional DDL by nature): under an advisory lock, so hosts
+        starting together migrate one at a time and the later ones find nothing left to do.
+        """
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         engine = self.engine
-        if engine.dialect.name == "sqlite":
+        if self._file is not None:  # an in-memory database exists only on self.engine's connection
             engine = create_engine(self.url, poolclass=NullPool)
             event.listen(engine, "connect", _sqlite_pragmas)
             _transactional_ddl(engine)
         try:
             with engine.begin() as conn:
-                if engine.dialect.name == "postgresql":  # hosts starting together migrate one at a time
+                if engine.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
@@ -115,9 +146,9 @@ class Store:
             raise StoreError(f"metadata store error ({self.safe_url}): {exc}") from exc
 
     @contextmanager
-    def lock(self, name: str, *, busy: str | None = None) -> Iterator[None]:
+    def lock(self, name: str, *, busy: str | None = None) -> Iterator[HeldLock]:
         """Hold the lock ``name`` among every process using this store, or raise ConflictError at once
-        (with the message ``busy``).
+        (with the message ``busy``). Yields a ``HeldLock`` to check that it is still held.
 
         PostgreSQL: a session advisory lock on a connection of its own, so processes on other hosts are
         excluded too. SQLite: ``flock`` on ``locks/<name>.lock`` beside the database file (one host by
@@ -125,40 +156,54 @@ class Store:
         """
         busy = busy or f"the lock {name!r} is held by another process; try again when it has finished"
         if self.engine.dialect.name == "postgresql":
-            with self._advisory_lock(name, busy):
-                yield
+            with self._advisory_lock(name, busy) as held:
+                yield held
         elif self._file is not None:
             with self._file_lock(self._file.parent / "locks" / f"{name.replace(':', '-')}.lock", busy):
-                yield
+                yield HeldLock(name)
         else:  # an in-memory database lives in this process only
             lock = self._local_locks.setdefault(name, threading.Lock())
             if not lock.acquire(blocking=False):
                 raise ConflictError(busy)
             try:
-                yield
+                yield HeldLock(name)
             finally:
                 lock.release()
 
     @contextmanager
-    def _advisory_lock(self, name: str, busy: str) -> Iterator[None]:
+    def _advisory_lock(self, name: str, busy: str) -> Iterator[HeldLock]:
         key = _lock_key(name)
         try:
             conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         except SQLAlchemyError as exc:
             raise StoreError(f"metadata store error ({self.safe_url}): {exc}") from exc
+
+        def probe() -> None:  # the session that holds the lock is alive, so the lock is still ours
+            try:
+                conn.execute(text("SELECT 1"))
+            except SQLAlchemyError as exc:
+                raise ConflictError(
+                    f"lost the lock {name!r}: the database connection holding it closed (a server restart, "
+                    "a network failure or an administrator ended it), so another process may hold it now; "
+                    "stopped before the step that needed it: run the command again"
+                ) from exc
+
         with conn:
             if not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
                 raise ConflictError(busy)
             try:
-                yield
+                yield HeldLock(name, probe)
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                except SQLAlchemyError as exc:  # the session ended, and the server released the lock with it
+                    _log.warning("lock %r: its connection was lost before release (%s)", name, exc)
 
     @staticmethod
     @contextmanager
     def _file_lock(path: Path, busy: str) -> Iterator[None]:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with path.open("a+") as f:
+        with os.fdopen(os.open(path, os.O_CREAT | os.O_RDWR, 0o600), "r+b") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

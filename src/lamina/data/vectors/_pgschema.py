@@ -102,37 +102,47 @@ def psycopg_url(url: str) -> str:
 
 
 def migrate(conn: psycopg.Connection[dict[str, Any]], schema: str) -> list[int]:
-    """Apply the steps of ``MIGRATIONS`` not yet applied to ``schema``; returns the versions applied."""
+    """Apply the steps of ``MIGRATIONS`` not yet applied to ``schema``; returns the versions applied.
+
+    All in one transaction: a step that fails leaves the schema and the log as they were.
+    """
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            return _apply(cur, schema)
+    except psycopg.Error as exc:
+        raise StoreError(
+            f"cannot migrate the vector schema {schema!r}: {exc}; check that the database user may create "
+            "tables in it, and the extension `vector` (or that an administrator has created it)"
+        ) from exc
+
+
+def _apply(cur: Cursor, schema: str) -> list[int]:
     names = {"schema": sql.Identifier(schema), "datasets": sql.Identifier(schema, DATASETS)}
     log = sql.Identifier(schema, MIGRATION_LOG)
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(names["schema"]))
-        cur.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (version int PRIMARY KEY, name text NOT NULL, "
-                "applied_at timestamptz NOT NULL DEFAULT now())"
-            ).format(log)
+    cur.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (version int PRIMARY KEY, name text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        ).format(log)
+    )
+    done = {int(row["version"]) for row in cur.execute(sql.SQL("SELECT version FROM {}").format(log))}
+    newer = sorted(done - {version for version, _, _ in MIGRATIONS})
+    if newer:
+        raise StoreError(
+            f"the vector schema {schema!r} was migrated by a newer Lamina (steps {newer}, this one knows "
+            f"up to {MIGRATIONS[-1][0]}); upgrade Lamina on this host"
         )
-        done = {int(row["version"]) for row in cur.execute(sql.SQL("SELECT version FROM {}").format(log))}
-        known = {version for version, _, _ in MIGRATIONS}
-        if done - known:
-            newer = sorted(done - known)
-            raise StoreError(
-                f"the vector schema {schema!r} was migrated by a newer Lamina (steps {newer}); "
-                "upgrade Lamina on this host"
-            )
-        applied = []
-        for version, name, statements in MIGRATIONS:
-            if version in done:
-                continue
-            for statement in statements:
-                cur.execute(sql.SQL(statement).format(**names))
-            cur.execute(
-                sql.SQL("INSERT INTO {} (version, name) VALUES (%s, %s)").format(log), (version, name)
-            )
-            applied.append(version)
+    applied = []
+    for version, name, statements in MIGRATIONS:
+        if version in done:
+            continue
+        for statement in statements:
+            cur.execute(sql.SQL(statement).format(**names))
+        cur.execute(sql.SQL("INSERT INTO {} (version, name) VALUES (%s, %s)").format(log), (version, name))
+        applied.append(version)
     return applied
 
 
@@ -151,7 +161,9 @@ class Connection:
 
     def _connect(self) -> psycopg.Connection[dict[str, Any]]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            conn = psycopg.connect(self._url, autocommit=True, row_factory=dict_row)
+            # named, so an operator sees in pg_stat_activity which store and schema a connection serves
+            name = f"lamina-vectors/{self._schema}"[:63]
+            conn = psycopg.connect(self._url, autocommit=True, row_factory=dict_row, application_name=name)
             try:
                 if not self._migrated.is_set():
                     migrate(conn, self._schema)

@@ -92,7 +92,6 @@ class PgVectorStore(VectorStoreBase):
         super().__init__(None if graph_dir is None else GraphFiles(graph_dir))
         #: the database and schema this store keeps its tables in
         self.url, self.schema = url, schema
-        self._schema = schema
         migrated = threading.Event()
         self._writer = Connection(psycopg_url(url), schema, migrated)
         self._reader = Connection(psycopg_url(url), schema, migrated)
@@ -102,7 +101,7 @@ class PgVectorStore(VectorStoreBase):
         self._reader.close()
 
     def _name(self, table: str) -> sql.Identifier:
-        return sql.Identifier(self._schema, table)
+        return sql.Identifier(self.schema, table)
 
     def _tables(self, dataset: str) -> tuple[sql.Identifier, sql.Identifier]:
         check_dataset_name(dataset)
@@ -114,7 +113,7 @@ class PgVectorStore(VectorStoreBase):
             "SELECT a.atttypmod AS dim FROM pg_attribute a JOIN pg_class t ON t.oid = a.attrelid "
             "JOIN pg_namespace n ON n.oid = t.relnamespace "
             "WHERE n.nspname = %s AND t.relname = %s AND a.attname = 'embedding'",
-            (self._schema, f"c_{dataset}"),
+            (self.schema, f"c_{dataset}"),
         )
         row = cur.fetchone()
         return None if row is None else int(row["dim"])
@@ -218,17 +217,19 @@ class PgVectorStore(VectorStoreBase):
         one dropped ``CONCURRENTLY``, and the new one renamed (neither blocks reads).
         """
         chunk_table, postings = self._tables(dataset)
-        current, staged = self._name(f"h_{dataset}"), self._name(f"h_{dataset}_next")
+        # "n_" + name: no dataset's own index can be called that (a "h_<name>_next" could be)
+        current, staged = self._name(f"h_{dataset}"), self._name(f"n_{dataset}")
+        with self._writer.session(transaction=False) as cur:  # one left by a build that died
+            cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(staged))
         with self._writer.session() as cur:
             self._require(cur, dataset)
             if self._count(cur, dataset) < MIN_INDEX_ROWS:
                 params = ExactIndex()
             native = _native(params)
-            cur.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(staged))  # left by a build that died
             if isinstance(native, HnswIndex):
                 cur.execute("SET LOCAL maintenance_work_mem = '1GB'")
                 settings = (sql.Literal(native.m), sql.Literal(native.ef_construction))
-                cur.execute(sql.SQL(HNSW).format(sql.Identifier(f"h_{dataset}_next"), chunk_table, *settings))
+                cur.execute(sql.SQL(HNSW).format(sql.Identifier(f"n_{dataset}"), chunk_table, *settings))
         with self._writer.session(transaction=False) as cur:
             cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(current))
             if isinstance(native, HnswIndex):

@@ -17,9 +17,8 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select
 
@@ -35,8 +34,10 @@ from lamina.data.versions._records import (
     VersionDiff,
 )
 from lamina.data.versions._runs import IngestRuns
+from lamina.data.versions._version_rows import LINEAGE_COLUMNS, batches, write_rows
 from lamina.errors import ConflictError, InvalidRequestError, NotFoundError
 from lamina.store import (
+    HeldLock,
     Store,
     chunk_lineage,
     dataset_members,
@@ -48,15 +49,9 @@ from lamina.store import (
 
 _TAG = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,99}")
 _HEX = re.compile(r"[0-9a-f]{6,64}")
-_BATCH = 5000
-#: How often a commit that lost a race for its sequence number is tried again.
-_COMMIT_ATTEMPTS = 5
-_LINEAGE_COLUMNS = [column.name for column in chunk_lineage.columns]
-
-
-def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), _BATCH):
-        yield items[start : start + _BATCH]
+#: How often a commit that lost the race for its sequence number is tried. Each loss means another commit
+#: of the dataset succeeded, so this many writers committing one dataset at once all get through.
+_COMMIT_ATTEMPTS = 16
 
 
 #: Pinned versions (their chunk-id sets) kept in memory by each catalog.
@@ -75,17 +70,30 @@ class DatasetCatalog:
         # same frozenset every time and the vector store resolves it once (see VectorStore.search)
         self._pins: OrderedDict[str, PinnedVersion] = OrderedDict()
         self._pins_lock = threading.Lock()
+        #: the dataset locks this catalog holds, by dataset, with the thread holding each
+        self._held: dict[str, tuple[int, HeldLock]] = {}
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str) -> Iterator[HeldLock]:
         """Hold dataset ``name``'s lock (ingest and gc take it), or raise ConflictError at once.
 
         The lock lives with the metadata store: a file lock on SQLite, an advisory lock on PostgreSQL, so
-        processes on several hosts sharing one store exclude each other too.
+        processes on several hosts sharing one store exclude each other too. While it is held, ``commit``
+        and ``collect`` of that dataset first check that it has not been lost (see ``HeldLock``).
         """
         busy = f"another ingest or gc of dataset {name!r} is running; wait for it to finish"
-        with self._store.lock(f"dataset:{check_dataset_name(name)}", busy=busy):
-            yield
+        with self._store.lock(f"dataset:{check_dataset_name(name)}", busy=busy) as held:
+            self._held[name] = (threading.get_ident(), held)
+            try:
+                yield held
+            finally:
+                del self._held[name]
+
+    def _check_lock(self, name: str) -> None:
+        """Raise ConflictError if this thread took ``name``'s lock and has lost it since."""
+        entry = self._held.get(name)
+        if entry is not None and entry[0] == threading.get_ident():
+            entry[1].check()
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -230,7 +238,7 @@ class DatasetCatalog:
                 .where(dataset_members.c.chunk_id == chunk_id, dataset_versions.c.dataset == row.dataset)
                 .order_by(dataset_versions.c.seq)
             )
-            fields = {name: getattr(row, name) for name in _LINEAGE_COLUMNS}
+            fields = {name: getattr(row, name) for name in LINEAGE_COLUMNS}
             return ChunkLineage(
                 **fields | {"created_at": row.created_at}, versions=tuple(dict.fromkeys(seqs))
             )
@@ -257,14 +265,19 @@ class DatasetCatalog:
         """Commit ``new`` and finish its run, in one transaction.
 
         The next sequence number is read in that transaction; the key (dataset, seq) is unique, so a commit
-        racing another for the same number fails whole and is retried with the next one.
+        racing another for the same number (two hosts that bypassed the dataset lock) fails whole and is
+        retried with the next one.
         """
-        for attempt in range(_COMMIT_ATTEMPTS):
+        self._check_lock(new.dataset)
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             try:
                 seq = self._commit_once(new, counts, skipped)
-            except ConflictError:
-                if attempt == _COMMIT_ATTEMPTS - 1:
-                    raise
+            except ConflictError as exc:
+                if attempt == _COMMIT_ATTEMPTS:
+                    raise ConflictError(
+                        f"could not commit a version of {new.dataset!r}: {attempt} attempts lost the race "
+                        "for a sequence number to other writers; run the ingest again"
+                    ) from exc
                 continue
             return self.resolve(f"{new.dataset}@{seq}")
         raise AssertionError("unreachable")  # pragma: no cover
@@ -286,43 +299,11 @@ class DatasetCatalog:
                     created_at=self._clock(),
                 )
             )
-            self._write_rows(conn, new)
+            write_rows(conn, new)
             self.runs.finish(
                 new.run_id, "completed", counts=counts, skipped=skipped, version_seq=seq, conn=conn
             )
         return seq
-
-    def _write_rows(self, conn: Connection, new: NewVersion) -> None:
-        has_rows = conn.scalar(
-            select(dataset_members.c.chunk_id).where(dataset_members.c.version_id == new.version_id).limit(1)
-        )
-        if has_rows is None:  # an equal version committed before already wrote them
-            members = [{"version_id": new.version_id, "chunk_id": c} for c in sorted(set(new.chunk_ids))]
-            for batch in _chunks(members):
-                conn.execute(insert(dataset_members), batch)
-            sources = [
-                {
-                    "version_id": new.version_id,
-                    "uri": s.uri,
-                    "sha256": s.sha256,
-                    "size_bytes": s.size_bytes,
-                    "mtime": s.mtime,
-                    "documents": [list(d) for d in s.documents],
-                    "n_chunks": s.n_chunks,
-                }
-                for s in new.sources
-            ]
-            for batch in _chunks(sources):
-                conn.execute(insert(dataset_sources), batch)
-        wanted = {row.chunk_id: row for row in new.lineage}
-        present: set[str] = set()
-        for batch in _chunks(list(wanted)):
-            present |= set(
-                conn.scalars(select(chunk_lineage.c.chunk_id).where(chunk_lineage.c.chunk_id.in_(batch)))
-            )
-        rows = [_lineage_row(row) for cid, row in wanted.items() if cid not in present]
-        for batch in _chunks(rows):
-            conn.execute(insert(chunk_lineage), batch)
 
     def live_chunk_ids(self, name: str) -> set[str]:
         """Every chunk id some version of dataset ``name`` holds."""
@@ -342,23 +323,22 @@ class DatasetCatalog:
         """
         if keep < 0:
             raise InvalidRequestError(f"--keep must be >= 0, got {keep}", param="keep")
+        self._check_lock(name)
         with self._store.begin() as conn:
             versions = self._versions(conn, check_dataset_name(name))
             doomed = [v for i, v in enumerate(versions) if i >= keep and not v.tags]
             kept_ids = {v.version_id for v in versions if v not in doomed}
             for v in doomed:
-                conn.execute(delete(dataset_versions).where(
-                    dataset_versions.c.dataset == name, dataset_versions.c.seq == v.seq
-                ))  # fmt: skip
+                where = (dataset_versions.c.dataset == name) & (dataset_versions.c.seq == v.seq)
+                conn.execute(delete(dataset_versions).where(where))
             for version_id in {v.version_id for v in doomed} - kept_ids:
                 conn.execute(delete(dataset_members).where(dataset_members.c.version_id == version_id))
                 conn.execute(delete(dataset_sources).where(dataset_sources.c.version_id == version_id))
-            live = set(conn.scalars(
-                select(dataset_members.c.chunk_id).where(dataset_members.c.version_id.in_(kept_ids))
-            )) if kept_ids else set()  # fmt: skip
+            kept = select(dataset_members.c.chunk_id).where(dataset_members.c.version_id.in_(kept_ids))
+            live = set(conn.scalars(kept)) if kept_ids else set()
             known = set(conn.scalars(select(chunk_lineage.c.chunk_id).where(chunk_lineage.c.dataset == name)))
             dead = sorted(known - live)
-            for batch in _chunks(dead):
+            for batch in batches(dead):
                 conn.execute(delete(chunk_lineage).where(chunk_lineage.c.chunk_id.in_(batch)))
         return Collected(dataset=name, versions=sorted(v.seq for v in doomed), chunk_ids=dead)
 
@@ -381,7 +361,3 @@ def _pick(versions: list[DatasetVersion], which: str) -> DatasetVersion | None:
         if matches:
             return next(iter(matches.values()))
     return None
-
-
-def _lineage_row(row: ChunkLineage) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in _LINEAGE_COLUMNS}

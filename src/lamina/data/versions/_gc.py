@@ -18,12 +18,13 @@ def collect_garbage(catalog: DatasetCatalog, vectors: VectorStore, dataset: str,
     hosts when the metadata store is PostgreSQL) keeps every ingest out, so no run's not-yet-committed
     chunks, new or reused, are taken for orphans.
     """
-    with catalog.lock(check_dataset_name(dataset)):
+    with catalog.lock(check_dataset_name(dataset)) as held:
         collected = catalog.collect(dataset, keep)
         listed = catalog.live_chunk_ids(dataset) | set(collected.chunk_ids)
         orphans = sorted(set(vectors.chunk_ids(dataset)) - listed)
         doomed = [*collected.chunk_ids, *orphans]
         if doomed:
+            held.check()  # an ingest elsewhere may have taken a lost lock and be reusing "orphans"
             vectors.delete(dataset, doomed)
             vectors.reindex(dataset)
     return replace(collected, chunk_ids=doomed, orphans=len(orphans))

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, insert, select, update
 from lamina.clock import Clock, utcnow
 from lamina.data.vectors import check_dataset_name
 from lamina.data.versions._records import IngestRun
+from lamina.errors import ConflictError
 from lamina.store import Store, datasets, ingest_runs
 
 
@@ -42,7 +43,17 @@ class IngestRuns:
 
     def start(self, dataset: str, run_id: str, pid: int) -> int:
         """Record a running ingest; runs of ``dataset`` still marked running are abandoned (the caller
-        holds the dataset's lock, so none of them is alive). Returns how many were."""
+        holds the dataset's lock, so none of them is alive). Returns how many were.
+
+        The first run of a dataset also records the dataset; one racing another for that (two hosts that
+        bypassed the lock) fails whole and is tried once more, when the row is there.
+        """
+        try:
+            return self._start(dataset, run_id, pid)
+        except ConflictError:
+            return self._start(dataset, run_id, pid)
+
+    def _start(self, dataset: str, run_id: str, pid: int) -> int:
         now = self._clock()
         with self._store.begin() as conn:
             if conn.scalar(select(datasets.c.name).where(datasets.c.name == dataset)) is None:
