@@ -26,7 +26,7 @@ import numpy.typing as npt
 import pyarrow as pa  # type: ignore[import-untyped]
 
 from lamina.data.vectors._fusion import reciprocal_rank_fusion
-from lamina.data.vectors._rows import Scored, filter_tags
+from lamina.data.vectors._rows import Ranking, Scored, filter_tags
 from lamina.data.vectors._text import EnglishAnalyzer
 from lamina.data.vectors._types import (
     HYBRID_DEPTH,
@@ -137,15 +137,7 @@ class VectorStoreBase(ABC):
 
     @abstractmethod
     def _vector_ranking(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
-        *,
-        exact: bool,
+        self, query: Ranking, vector: npt.NDArray[np.float32], ef_search: int | None, *, exact: bool
     ) -> tuple[list[Scored], bool]:
         """Best-first by cosine similarity, ties by chunk id; filters and scope applied before top-k.
 
@@ -153,15 +145,7 @@ class VectorStoreBase(ABC):
         """
 
     @abstractmethod
-    def _keyword_ranking(
-        self,
-        dataset: str,
-        terms: list[str],
-        qtfs: list[int],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-    ) -> list[Scored]:
+    def _keyword_ranking(self, query: Ranking, terms: list[str], qtfs: list[int]) -> list[Scored]:
         """Best-first by BM25, ties by chunk id; statistics over ``scope``, filters before top-k."""
 
     # -- search ---------------------------------------------------------------------------------------
@@ -179,25 +163,25 @@ class VectorStoreBase(ABC):
         ef_search: int | None = None,
     ) -> list[Hit]:
         _check_query(dataset, k, mode, query_text, query_vector, ef_search)
-        tags = filter_tags(filters)
         scope = None if chunk_ids is None else _frozen(chunk_ids)
         depth = k if mode != "hybrid" else max(k, HYBRID_DEPTH)
+        query = Ranking(dataset, depth, filter_tags(filters), scope)
         by_vector: list[Scored] = []
         by_keyword: list[Scored] = []
-        view = self._graph_view(dataset, tags, scope) if k > 0 else None
+        view = self._graph_view(dataset, query.tags, scope) if k > 0 else None
         if mode != "keyword" and k > 0:
             vector = np.asarray(query_vector, dtype=np.float32)
             if view is not None and view.dim == vector.shape[0]:
                 by_vector = view.vector(vector, depth, ef_search)
             else:
-                by_vector = self._ranked_by_vector(dataset, vector, depth, tags, scope, ef_search)
+                by_vector = self._ranked_by_vector(query, vector, ef_search)
         if mode != "vector" and k > 0:
             terms, qtfs = self.analyzer.query(query_text or "")
             if terms:
                 by_keyword = (
                     view.keyword(terms, qtfs, depth)
                     if view is not None
-                    else self._keyword_ranking(dataset, terms, qtfs, depth, tags, scope)
+                    else self._keyword_ranking(query, terms, qtfs)
                 )
         if mode == "vector":
             return [Hit(s.chunk, s.score, i, vector_rank=i) for i, s in enumerate(by_vector, start=1)]
@@ -206,19 +190,13 @@ class VectorStoreBase(ABC):
         return _fuse(by_vector, by_keyword, k)
 
     def _ranked_by_vector(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
+        self, query: Ranking, vector: npt.NDArray[np.float32], ef_search: int | None
     ) -> list[Scored]:
         """The backend's ranking; rerun as an exact scan when an approximate index, walking past rows the
         filters or scope exclude, came back with fewer than ``k``."""
-        ranked, approximate = self._vector_ranking(dataset, vector, k, tags, scope, ef_search, exact=False)
-        if approximate and len(ranked) < k and (tags or scope is not None):
-            ranked, _ = self._vector_ranking(dataset, vector, k, tags, scope, ef_search, exact=True)
+        ranked, approximate = self._vector_ranking(query, vector, ef_search, exact=False)
+        if approximate and len(ranked) < query.k and (query.tags or query.scope is not None):
+            ranked, _ = self._vector_ranking(query, vector, ef_search, exact=True)
         return ranked
 
 

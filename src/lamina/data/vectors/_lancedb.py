@@ -52,7 +52,7 @@ from lamina.data.vectors._lancetables import (
     tag_filter,
     upsert_tables,
 )
-from lamina.data.vectors._rows import Scored, check_dim, prepare_chunks, top_with_ties
+from lamina.data.vectors._rows import Ranking, Scored, check_dim, prepare_chunks, top_with_ties
 from lamina.data.vectors._text import bm25_scores
 from lamina.data.vectors._types import (
     MIN_INDEX_ROWS,
@@ -257,16 +257,9 @@ class LanceDBStore(VectorStoreBase):
         return snapshot
 
     def _vector_ranking(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
-        *,
-        exact: bool,
+        self, ranking: Ranking, vector: npt.NDArray[np.float32], ef_search: int | None, *, exact: bool
     ) -> tuple[list[Scored], bool]:
+        dataset, k, tags, scope = ranking.dataset, ranking.k, ranking.tags, ranking.scope
         table, _ = self._require(dataset)
         dim, params = self._meta(dataset, table)
         check_dim(dataset, dim, vector.shape[0])
@@ -296,15 +289,8 @@ class LanceDBStore(VectorStoreBase):
             Scored(chunk_from_row(dataset, row), 1.0 - float(row["_distance"])) for row in rows
         ], approximate
 
-    def _keyword_ranking(
-        self,
-        dataset: str,
-        terms: list[str],
-        qtfs: list[int],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-    ) -> list[Scored]:
+    def _keyword_ranking(self, ranking: Ranking, terms: list[str], qtfs: list[int]) -> list[Scored]:
+        dataset, k, tags, scope = ranking.dataset, ranking.k, ranking.tags, ranking.scope
         table, postings = self._require(dataset)
         snapshot = self._snapshot(dataset, table)
         inside = snapshot.inside(scope)

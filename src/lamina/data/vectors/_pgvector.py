@@ -52,7 +52,7 @@ from lamina.data.vectors._pgschema import (
     copy_postings,
     psycopg_url,
 )
-from lamina.data.vectors._rows import Scored, check_dim, prepare_chunks
+from lamina.data.vectors._rows import Ranking, Scored, check_dim, prepare_chunks
 from lamina.data.vectors._text import BM25_B, BM25_K1
 from lamina.data.vectors._types import (
     CHUNK_FIELDS,
@@ -288,16 +288,9 @@ class PgVectorStore(VectorStoreBase):
         return index_params_from_json(json.dumps(row["index_params"]))
 
     def _vector_ranking(
-        self,
-        dataset: str,
-        vector: npt.NDArray[np.float32],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-        ef_search: int | None,
-        *,
-        exact: bool,
+        self, ranking: Ranking, vector: npt.NDArray[np.float32], ef_search: int | None, *, exact: bool
     ) -> tuple[list[Scored], bool]:
+        dataset, k, tags, scope = ranking.dataset, ranking.k, ranking.tags, ranking.scope
         chunk_table, _ = self._tables(dataset)
         clauses = [sql.SQL("true")]
         if tags:
@@ -323,15 +316,8 @@ class PgVectorStore(VectorStoreBase):
         rows.sort(key=lambda row: (row["distance"], row["chunk_id"]))
         return [Scored(_chunk(dataset, row), 1.0 - float(row["distance"])) for row in rows], approximate
 
-    def _keyword_ranking(
-        self,
-        dataset: str,
-        terms: list[str],
-        qtfs: list[int],
-        k: int,
-        tags: list[str],
-        scope: frozenset[str] | None,
-    ) -> list[Scored]:
+    def _keyword_ranking(self, ranking: Ranking, terms: list[str], qtfs: list[int]) -> list[Scored]:
+        dataset, k, tags, scope = ranking.dataset, ranking.k, ranking.tags, ranking.scope
         chunk_table, postings = self._tables(dataset)
         in_scope = "chunk_id = ANY(%(scope)s)"
         parts: dict[str, sql.Composable] = {
