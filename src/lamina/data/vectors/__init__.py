@@ -7,11 +7,13 @@ from lamina.data.vectors._base import VectorStoreBase
 from lamina.data.vectors._fusion import RRF_K, Fused, reciprocal_rank_fusion
 from lamina.data.vectors._lancedb import LanceDBStore
 from lamina.data.vectors._pgvector import PgVectorStore
+from lamina.data.vectors._rows import check_metadata
 from lamina.data.vectors._text import BM25_B, BM25_K1, ENGLISH_STOPWORDS, EnglishAnalyzer
 from lamina.data.vectors._types import (
     CHUNK_FIELDS,
     HYBRID_DEPTH,
     MIN_INDEX_ROWS,
+    SOURCE_URI_KEY,
     Chunk,
     Embedder,
     ExactIndex,
@@ -36,6 +38,7 @@ __all__ = [
     "HYBRID_DEPTH",
     "MIN_INDEX_ROWS",
     "RRF_K",
+    "SOURCE_URI_KEY",
     "Chunk",
     "Embedder",
     "EnglishAnalyzer",
@@ -55,5 +58,6 @@ __all__ = [
     "VectorStore",
     "VectorStoreBase",
     "check_dataset_name",
+    "check_metadata",
     "reciprocal_rank_fusion",
 ]

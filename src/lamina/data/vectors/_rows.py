@@ -17,6 +17,11 @@ from lamina.errors import InvalidRequestError
 
 def tag(key: str, value: Scalar) -> str:
     """The filterable form of one metadata entry: JSON ``[key, value]``, integral floats as ints."""
+    if "\x00" in key or (isinstance(value, str) and "\x00" in value):
+        raise InvalidRequestError(
+            f"metadata/filter entry {key!r} holds a NUL character, which stores cannot keep; remove it",
+            param="metadata",
+        )
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, str | int | float) or (isinstance(value, float) and not math.isfinite(value)):
@@ -26,6 +31,21 @@ def tag(key: str, value: Scalar) -> str:
             param="metadata",
         )
     return json.dumps([key, value], ensure_ascii=False, separators=(",", ":"))
+
+
+def check_metadata(metadata: Mapping[str, Scalar]) -> None:
+    """Raise ``InvalidRequestError`` for the first entry a store cannot hold, naming it.
+
+    A reserved key, a value that is not a string, integer, finite float or boolean, or a NUL character
+    (PostgreSQL text cannot hold one) in a key or a value.
+    """
+    for key, value in metadata.items():
+        if key == SOURCE_URI_KEY:
+            raise InvalidRequestError(
+                f"metadata key {SOURCE_URI_KEY!r} is reserved (it holds each chunk's source); rename it",
+                param="metadata",
+            )
+        tag(key, value)
 
 
 def filter_tags(filters: Mapping[str, Scalar] | None) -> list[str]:
@@ -64,8 +84,10 @@ def _prepare(dataset: str, chunk: Chunk, analyzer: EnglishAnalyzer) -> PreparedC
     vector = np.asarray(chunk.vector, dtype=np.float32)
     if not np.all(np.isfinite(vector)):
         raise InvalidRequestError(f"{where} has a vector with NaN or infinite values; check the embedder")
-    if SOURCE_URI_KEY in chunk.metadata:
-        raise InvalidRequestError(f"{where}: metadata key {SOURCE_URI_KEY!r} is reserved; rename it")
+    try:
+        check_metadata(chunk.metadata)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"{where}: {exc.message}", param="metadata") from None
     tags = [tag(key, value) for key, value in chunk.metadata.items()]
     tags.append(tag(SOURCE_URI_KEY, chunk.source_uri))
     return PreparedChunk(
@@ -104,3 +126,14 @@ class Scored:
 
     chunk: Chunk
     score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """One ranked retrieval a backend answers: the best ``k`` chunks of ``dataset`` inside ``scope`` (None:
+    all of them) whose tags hold every one of ``tags``."""
+
+    dataset: str
+    k: int
+    tags: list[str]
+    scope: frozenset[str] | None
