@@ -28,7 +28,8 @@ dev: $(VENV)/.dev-installed
 up: install
 	$(BIN)/lamina up $(ARGS)
 
-## make test: lint (ruff), types (mypy --strict on src/) and the whole test suite
+## make test: lint (ruff), types (mypy --strict on src/ and tests/) and the whole test suite, with a
+## coverage gate (fail_under in pyproject.toml)
 test: dev lint typecheck unit
 
 lint: dev
@@ -39,7 +40,7 @@ typecheck: dev
 	$(BIN)/mypy
 
 unit: dev
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 ## make bench: gateway streaming tokens/s next to llama-cpp-python in-process (not a test)
 bench: dev

@@ -55,7 +55,7 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.test_engine_onnx import minilm_spec
+from tests.support import minilm_spec
 
 from lamina.data import Chunk, GraphIndex, IvfHnswSqIndex, IvfPqIndex, LanceDBStore, PgVectorStore
 from lamina.data.vectors._types import IndexParams

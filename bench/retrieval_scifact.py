@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.test_engine_onnx import minilm_spec
+from tests.support import minilm_spec
 
 from lamina.data import Chunk, LanceDBStore, PgVectorStore, VectorStore
 from lamina.models import load_engine
@@ -63,8 +63,9 @@ def ndcg_at_10(ranked: list[str], relevant: set[str]) -> float:
     return dcg / ideal if ideal else 0.0
 
 
-def evaluate(store: VectorStore, qvecs: dict[str, list[float]], queries: dict[str, str],
-             qrels: dict[str, set[str]]) -> dict[str, tuple[float, float, float]]:  # fmt: skip
+def evaluate(
+    store: VectorStore, qvecs: dict[str, list[float]], queries: dict[str, str], qrels: dict[str, set[str]]
+) -> dict[str, tuple[float, float, float]]:
     out = {}
     for mode in MODES:
         ndcg, recall, t0 = 0.0, 0.0, time.perf_counter()
@@ -107,8 +108,10 @@ def main() -> None:
         Chunk(i, "scifact", "v1", corpus[i], f"scifact:{i}", 0, len(corpus[i].encode()), i, {}, v)
         for i, v in zip(ids, vectors, strict=True)
     ]
-    print(f"SciFact: {len(ids)} docs embedded (or read from the cache) in {embed_s:.1f} s, "
-          f"{len(qrels)} judged queries ({qrels_path.name})")  # fmt: skip
+    print(
+        f"SciFact: {len(ids)} docs embedded (or read from the cache) in {embed_s:.1f} s, "
+        f"{len(qrels)} judged queries ({qrels_path.name})"
+    )
     print(f"{'backend':<10} {'mode':<8} {'nDCG@10':>8} {'recall@100':>11} {'QPS':>7}")
     for backend in ("lancedb", "pgvector") if args.backend == "both" else (args.backend,):
         with tempfile.TemporaryDirectory() as tmp:

@@ -175,15 +175,19 @@ deployments:
         finally:
             stop_stack(stack)
 
-    print(f"SmolLM2-135M-Instruct Q4_1, greedy, max_tokens={args.max_tokens}, threads={args.threads}, "
-          f"{args.runs} runs each, alternating; medians")  # fmt: skip
+    print(
+        f"SmolLM2-135M-Instruct Q4_1, greedy, max_tokens={args.max_tokens}, threads={args.threads}, "
+        f"{args.runs} runs each, alternating; medians"
+    )
     print(f"{'':<28} {'decode t/s':>10} {'e2e t/s':>10} {'TTFT ms':>9} {'tokens':>7}")
     print(_row("gateway, plain HTTP client", runs_a))
     print(_row("gateway, openai client", runs_c))
     print(_row("llama-cpp-python in-process", runs_b))
     for name, rs in (("plain HTTP client", ratios), ("openai client", ratios_c)):
-        print(f"ratio gateway/in-process, {name} (decode t/s, median of pairs): {statistics.median(rs):.3f}"
-              f"  [min {min(rs):.3f}, max {max(rs):.3f}]  target >= 0.9")  # fmt: skip
+        print(
+            f"ratio gateway/in-process, {name} (decode t/s, median of pairs): {statistics.median(rs):.3f}"
+            f"  [min {min(rs):.3f}, max {max(rs):.3f}]  target >= 0.9"
+        )
 
 
 if __name__ == "__main__":

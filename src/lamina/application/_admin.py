@@ -139,16 +139,20 @@ class _Run:
         report = self.report
         version = None if report is None or report.version is None else report.version.to_json()
         return {
-            "run_id": self.run_id, "dataset": self.dataset, "state": self.state,
+            "run_id": self.run_id,
+            "dataset": self.dataset,
+            "state": self.state,
             "started_at": self.started_at.isoformat(),
             "finished_at": None if self.finished_at is None else self.finished_at.isoformat(),
             "progress": {"files": list(self.files), "chunks": list(self.chunks)},
             "counts": {} if report is None else dict(report.counts),
             "version": version,
-            "skipped": [] if report is None else [{"path": p, "reason": r} for p, r in report.skipped],
+            "skipped": []
+            if report is None
+            else [{"path": s.path, "reason": s.reason} for s in report.skipped],
             "error": self.error,
             "ingest_run_id": None if report is None else report.run_id,
-        }  # fmt: skip
+        }
 
 
 @dataclass
@@ -229,12 +233,14 @@ class ThreadedIngestService:
 
     def _options(self, settings: IngestSettings) -> IngestOptions:
         options = IngestOptions.from_config(
-            self._config, chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap,
+            self._config,
+            chunk_size=settings.chunk_size,
+            chunk_overlap=settings.chunk_overlap,
             load=LoadOptions(
                 text_field=settings.text_field or LoadOptions().text_field,
                 meta_fields=tuple(settings.meta_fields),
             ),
-        )  # fmt: skip
+        )
         if options.chunk_overlap >= options.chunk_size:
             raise InvalidRequestError(
                 f"chunk_overlap ({options.chunk_overlap}) must be smaller than chunk_size "
@@ -294,13 +300,18 @@ class ThreadedIngestService:
             except NotFoundError:  # collected since
                 version = {"dataset": run.dataset, "seq": run.version_seq}
         return {
-            "run_id": run.run_id, "dataset": run.dataset, "state": run.state,
+            "run_id": run.run_id,
+            "dataset": run.dataset,
+            "state": run.state,
             "started_at": run.started_at.isoformat(),
             "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
-            "progress": None, "counts": run.counts, "version": version,
-            "skipped": [{"path": p, "reason": r} for p, r in run.skipped], "error": run.error,
+            "progress": None,
+            "counts": run.counts,
+            "version": version,
+            "skipped": [{"path": p, "reason": r} for p, r in run.skipped],
+            "error": run.error,
             "ingest_run_id": run.run_id,
-        }  # fmt: skip
+        }
 
     def datasets(self) -> list[dict[str, Any]]:
         """Every dataset with its newest version: what ``lamina data list --json`` prints."""

@@ -76,9 +76,15 @@ class _Bar:
 
     def __init__(self, enabled: bool) -> None:
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[rate]}"), console=err_console, disable=not enabled, transient=False,
-        )  # fmt: skip
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"),
+            console=err_console,
+            disable=not enabled,
+            transient=False,
+        )
         self._files: TaskID | None = None
         self._chunks: TaskID | None = None
 
@@ -126,9 +132,11 @@ def ingest(
     """Ingest files into a new version of DATASET (nothing new if the content is unchanged)."""
     with _data(config, state_dir, gateway) as stack:
         options = IngestOptions.from_config(
-            stack.config.data, chunk_size=chunk_size, chunk_overlap=overlap,
+            stack.config.data,
+            chunk_size=chunk_size,
+            chunk_overlap=overlap,
             load=LoadOptions(text_field=text_field, meta_fields=tuple(meta_field or ())),
-        )  # fmt: skip
+        )
         pipeline = stack.pipeline()
         with _Bar(enabled=not json_output and err_console.is_terminal) as bar:
             report = pipeline.ingest(paths, dataset, options, progress=bar)
@@ -150,8 +158,8 @@ def _print_report(report: IngestReport) -> None:
             f"{c.get('files_loaded', 0)} files read, {c.get('files_reused', 0)} unchanged",
             highlight=False,
         )
-    for where, reason in report.skipped:
-        err_console.print(f"  skipped {where}: {reason}", highlight=False, soft_wrap=True)
+    for skipped in report.skipped:
+        err_console.print(f"  skipped {skipped.path}: {skipped.reason}", highlight=False, soft_wrap=True)
     for warning in report.warnings:
         err_console.print(f"  warning: {warning}", highlight=False, soft_wrap=True)
 
@@ -178,8 +186,15 @@ def list_(
             continue
         v = versions[0]
         tags = ", ".join(f"{t}->{x.seq}" for x in versions for t in x.tags)
-        table.add_row(name, str(len(versions)), str(v.seq), v.version_id[:12], str(v.manifest["chunks"]),
-                      tags or "-", f"{v.created_at:%Y-%m-%d %H:%M}")  # fmt: skip
+        table.add_row(
+            name,
+            str(len(versions)),
+            str(v.seq),
+            v.version_id[:12],
+            str(v.manifest["chunks"]),
+            tags or "-",
+            f"{v.created_at:%Y-%m-%d %H:%M}",
+        )
     out_console.print(table)
 
 
@@ -201,8 +216,15 @@ def log(
     table = Table("version", "id", "tags", "chunks", "sources", "model", "created")
     for v in versions:
         m = v.manifest
-        table.add_row(v.ref, v.version_id[:12], ", ".join(v.tags) or "-", str(m["chunks"]), str(m["sources"]),
-                      v.embedding_model, f"{v.created_at:%Y-%m-%d %H:%M:%S}")  # fmt: skip
+        table.add_row(
+            v.ref,
+            v.version_id[:12],
+            ", ".join(v.tags) or "-",
+            str(m["chunks"]),
+            str(m["sources"]),
+            v.embedding_model,
+            f"{v.created_at:%Y-%m-%d %H:%M:%S}",
+        )
     out_console.print(table)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from lamina.data.vectors import Embedder
 from lamina.errors import InvalidRequestError
 
 #: (start, end) character offsets of one token in the text it came from.
@@ -36,6 +37,10 @@ class ChunkTokenizer(Protocol):
     def token_offsets(self, texts: Sequence[str]) -> list[list[Offsets]]:
         """Per text, the character offsets of its tokens: no special tokens, no truncation."""
         ...
+
+
+class EmbeddingTokenizer(Embedder, ChunkTokenizer, Protocol):
+    """An embedder that also exposes its tokenizer for chunking (the models layer's embedders do)."""
 
 
 @dataclass(frozen=True, slots=True)

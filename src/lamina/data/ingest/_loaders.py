@@ -1,14 +1,18 @@
-"""Loaders: a source file's bytes to documents of clean text, or the reason it cannot be one.
+"""Loaders: a source file's bytes to pieces of clean text, or the reason it cannot be read.
 
-One loader per suffix. ``.txt`` and ``.md`` are one document each, and their byte spans are offsets into
-the file itself. Derived text has no such offsets, so its spans refer to the text the loader extracted
-(documented per format): ``.html`` (text outside tags, scripts and styles, block elements ending lines,
-via the standard library's ``html.parser``), ``.pdf`` (one document per page, ``#page=N``, the page's
-text as ``pypdf`` extracts it), ``.jsonl`` (one document per line, ``#line=N``, the record's text field)
-and ``.csv`` (one document per row, ``#row=N`` counting data rows from 1, the row's text field).
+One loader per suffix, each reading a stream, so that no file is held whole where that can be avoided.
+``.txt`` and ``.md`` are one document each, read a segment (about ``segment_bytes``) at a time
+(``_segments``), and their byte spans are offsets into the file itself. ``.jsonl`` (one document per
+line, ``#line=N``, the record's text field) and ``.csv`` (one document per row, ``#row=N`` counting data
+rows from 1, the row's text field) are read a record at a time. Derived text has no offsets into the
+file, so its spans refer to the text the loader extracted: ``.html`` (text outside tags, scripts and
+styles, block elements ending lines, via the standard library's ``html.parser``) and ``.pdf`` (one
+document per page, ``#page=N``, the page's text as ``pypdf`` extracts it); both parse the file whole.
 
-A file-level problem raises ``Unloadable`` with the reason; a record-level one (a JSONL line that is not
-an object) skips that record and is reported in ``Loaded.skipped``.
+A loader yields ``Piece`` s: a whole small document, or one segment of a large one. A file-level
+problem raises ``Unloadable`` with the reason (even after some pieces were yielded: the caller drops
+them); a record-level one (a JSONL line that is not an object, metadata a store cannot hold) yields a
+``Skipped`` for that record and the file goes on.
 """
 
 from __future__ import annotations
@@ -18,16 +22,21 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from typing import BinaryIO
 
-from lamina.data.ingest._clean import CleanText, clean_text
-from lamina.data.vectors import Scalar
+from lamina.data.ingest._clean import CleanText, clean_text, join_clean
+from lamina.data.ingest._records import Skipped
+from lamina.data.ingest._segments import MIN_SEGMENT_BYTES, segments
+from lamina.data.vectors import Scalar, check_metadata
+from lamina.errors import InvalidRequestError
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".jsonl", ".csv")
 _SNIFF_BYTES = 8192
 _BOM = b"\xef\xbb\xbf"
+_BINARY = "binary file (NUL bytes); only text, HTML, PDF, JSONL and CSV are ingested"
 
 
 class Unloadable(Exception):
@@ -40,10 +49,32 @@ class Unloadable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class LoadOptions:
-    """How record formats (JSONL, CSV) become documents."""
+    """How files become documents: the fields of record formats (JSONL, CSV), the size of segments."""
 
     text_field: str = "text"
     meta_fields: tuple[str, ...] = ()
+    #: large texts are cleaned, chunked and embedded this many bytes at a time (about)
+    segment_bytes: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.segment_bytes < MIN_SEGMENT_BYTES:
+            raise InvalidRequestError(
+                f"segment_bytes {self.segment_bytes} is too small; use {MIN_SEGMENT_BYTES} or more",
+                param="segment_bytes",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Clean text from one place in a source (the file, a page, a line, a row), or a segment of it."""
+
+    uri: str
+    clean: CleanText
+    metadata: Mapping[str, Scalar] = field(default_factory=dict)
+    #: True for a document's first piece; a later one continues the document before it
+    first: bool = True
+    #: what separates this piece's text from the previous piece's in the document
+    joiner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +83,7 @@ class Document:
 
     uri: str
     clean: CleanText
-    metadata: dict[str, Scalar] = field(default_factory=dict)
+    metadata: Mapping[str, Scalar] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -62,28 +93,55 @@ class Document:
 @dataclass(frozen=True, slots=True)
 class Loaded:
     documents: list[Document]
-    #: (where, reason) of records skipped inside the file
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: records skipped inside the file, with the reason
+    skipped: list[Skipped] = field(default_factory=list)
 
 
-def _decode(data: bytes) -> tuple[str, int]:
-    """The text of ``data`` and the byte offset where it starts (after a BOM)."""
-    if b"\x00" in data[:_SNIFF_BYTES]:
-        raise Unloadable("binary file (NUL bytes); only text, HTML, PDF, JSONL and CSV are ingested")
-    base = len(_BOM) if data.startswith(_BOM) else 0
+def _decode(data: bytes, start: int = 0) -> str:
     try:
-        return data[base:].decode("utf-8"), base
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise Unloadable(f"not valid UTF-8 at byte {exc.start + base}; convert it to UTF-8") from exc
+        raise Unloadable(f"not valid UTF-8 at byte {exc.start + start}; convert it to UTF-8") from exc
 
 
-def _document(uri: str, text: str, base: int = 0, metadata: dict[str, Scalar] | None = None) -> Document:
-    return Document(uri=uri, clean=clean_text(text, base=base), metadata=metadata or {})
+def _sniff(data: bytes, start: int) -> None:
+    if start < _SNIFF_BYTES and b"\x00" in data[: _SNIFF_BYTES - start]:
+        raise Unloadable(_BINARY)
 
 
-def _load_text(uri: str, data: bytes, options: LoadOptions) -> Loaded:
-    text, base = _decode(data)
-    return Loaded([_document(uri, text, base)])
+def _stream_pieces(
+    uri: str, stream: BinaryIO, size: int, metadata: Mapping[str, Scalar], *, raw_file: bool
+) -> Iterator[Piece]:
+    """The pieces of one document whose UTF-8 bytes ``stream`` holds, a segment at a time."""
+    for n, seg in enumerate(segments(stream, size, skip_bom=raw_file)):
+        if raw_file:
+            _sniff(seg.data, seg.start)
+            text = _decode(seg.data, seg.start)
+        else:  # text we encoded ourselves, lone surrogates (from JSON escapes) included
+            text = seg.data.decode("utf-8", "surrogatepass")
+        yield Piece(uri, clean_text(text, base=seg.start), metadata, first=n == 0, joiner=seg.joiner)
+
+
+def _text_pieces(
+    uri: str, text: str, size: int, metadata: Mapping[str, Scalar] | None = None
+) -> Iterator[Piece]:
+    """The pieces of a document given as a string (spans: its UTF-8 bytes)."""
+    if len(text) <= size // 4:  # at most ``size`` bytes: one segment
+        yield Piece(uri, clean_text(text), metadata or {})
+        return
+    data = io.BytesIO(text.encode("utf-8", "surrogatepass"))
+    yield from _stream_pieces(uri, data, size, metadata or {}, raw_file=False)
+
+
+def _load_text(uri: str, stream: BinaryIO, options: LoadOptions) -> Iterator[Piece | Skipped]:
+    yield from _stream_pieces(uri, stream, options.segment_bytes, {}, raw_file=True)
+
+
+def _whole(stream: BinaryIO) -> str:
+    data = stream.read()
+    _sniff(data, 0)
+    base = len(_BOM) if data.startswith(_BOM) else 0
+    return _decode(data[base:], base)
 
 
 class _HTMLText(HTMLParser):
@@ -91,9 +149,9 @@ class _HTMLText(HTMLParser):
 
     _SKIP = frozenset({"script", "style", "noscript", "template", "head"})
     _BLOCK = frozenset(
-        {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer",
-         "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "title", "hr", "dd", "dt"}
-    )  # fmt: skip
+        {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer"}
+        | {"h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "title", "hr", "dd", "dt"}
+    )
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -117,17 +175,15 @@ class _HTMLText(HTMLParser):
             self.parts.append(data)
 
 
-def _load_html(uri: str, data: bytes, options: LoadOptions) -> Loaded:
-    text, _ = _decode(data)
+def _load_html(uri: str, stream: BinaryIO, options: LoadOptions) -> Iterator[Piece | Skipped]:
     parser = _HTMLText()
-    parser.feed(text)
+    parser.feed(_whole(stream))
     parser.close()
-    return Loaded([_document(uri, "".join(parser.parts))])
+    yield from _text_pieces(uri, "".join(parser.parts), options.segment_bytes)
 
 
-def _load_pdf(uri: str, data: bytes, options: LoadOptions) -> Loaded:
+def _pdf_pages(data: bytes) -> list[str]:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
 
     if not data.startswith(b"%PDF-"):
         raise Unloadable("not a PDF file (no %PDF- header)")
@@ -136,70 +192,78 @@ def _load_pdf(uri: str, data: bytes, options: LoadOptions) -> Loaded:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pypdf warns about recoverable structure errors
             reader = PdfReader(io.BytesIO(data))
-            pages = [page.extract_text() or "" for page in reader.pages]
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
+            return [page.extract_text() or "" for page in reader.pages]
+    except Exception as exc:  # a malformed PDF makes pypdf raise almost anything: skip the file, go on
         raise Unloadable(f"unreadable PDF ({type(exc).__name__}: {exc})") from exc
-    return Loaded([_document(f"{uri}#page={n}", text) for n, text in enumerate(pages, start=1)])
 
 
-def _record(
-    uri: str, record: object, options: LoadOptions, skipped: list[tuple[str, str]]
-) -> Document | None:
+def _load_pdf(uri: str, stream: BinaryIO, options: LoadOptions) -> Iterator[Piece | Skipped]:
+    for n, text in enumerate(_pdf_pages(stream.read()), start=1):
+        yield from _text_pieces(f"{uri}#page={n}", text, options.segment_bytes)
+
+
+def _record(where: str, record: object, options: LoadOptions) -> Iterator[Piece | Skipped]:
     if not isinstance(record, dict):
-        skipped.append((uri, "not an object"))
-        return None
+        yield Skipped(where, "not an object")
+        return
     text = record.get(options.text_field)
     if not isinstance(text, str):
-        skipped.append((uri, f"no text field {options.text_field!r} (choose one with --text-field)"))
-        return None
+        yield Skipped(where, f"no text field {options.text_field!r} (choose one with --text-field)")
+        return
     metadata: dict[str, Scalar] = {}
     for key in options.meta_fields:
         value = record.get(key)
         if isinstance(value, str | int | float | bool):
             metadata[key] = value
-    return _document(uri, text, metadata=metadata)
+    try:
+        check_metadata(metadata)
+    except InvalidRequestError as exc:
+        yield Skipped(where, exc.message)
+        return
+    yield from _text_pieces(where, text, options.segment_bytes, metadata)
 
 
-def _load_jsonl(uri: str, data: bytes, options: LoadOptions) -> Loaded:
-    text, _ = _decode(data)
-    documents: list[Document] = []
-    skipped: list[tuple[str, str]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
+def _lines(stream: BinaryIO) -> Iterator[str]:
+    """The lines of a UTF-8 stream (split at ``\\n`` only, endings kept), decoded as they are read.
+
+    No sniffing for NUL bytes: UTF-8 decoding refuses a binary file, and a NUL in one record is that
+    record's problem (its metadata is refused, its text cleaned), not the file's.
+    """
+    offset = 0
+    for raw in stream:
+        line = raw[len(_BOM) :] if offset == 0 and raw.startswith(_BOM) else raw
+        yield _decode(line, offset + len(raw) - len(line))
+        offset += len(raw)
+
+
+def _load_jsonl(uri: str, stream: BinaryIO, options: LoadOptions) -> Iterator[Piece | Skipped]:
+    for n, line in enumerate(_lines(stream), start=1):
         if not line.strip():
             continue
         where = f"{uri}#line={n}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            skipped.append((where, f"invalid JSON ({exc.msg})"))
+            yield Skipped(where, f"invalid JSON ({exc.msg})")
             continue
-        doc = _record(where, record, options, skipped)
-        if doc is not None:
-            documents.append(doc)
-    return Loaded(documents, skipped)
+        yield from _record(where, record, options)
 
 
-def _load_csv(uri: str, data: bytes, options: LoadOptions) -> Loaded:
-    text, _ = _decode(data)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None or options.text_field not in reader.fieldnames:
-        raise Unloadable(
-            f"CSV has no column {options.text_field!r} (columns: {', '.join(reader.fieldnames or [])}); "
-            "choose one with --text-field"
-        )
-    skipped: list[tuple[str, str]] = []
+def _load_csv(uri: str, stream: BinaryIO, options: LoadOptions) -> Iterator[Piece | Skipped]:
     try:
-        documents = [
-            doc
-            for n, row in enumerate(reader, start=1)
-            if (doc := _record(f"{uri}#row={n}", row, options, skipped)) is not None
-        ]
+        reader = csv.DictReader(_lines(stream))
+        if reader.fieldnames is None or options.text_field not in reader.fieldnames:
+            raise Unloadable(
+                f"CSV has no column {options.text_field!r} (columns: {', '.join(reader.fieldnames or [])}); "
+                "choose one with --text-field"
+            )
+        for n, row in enumerate(reader, start=1):
+            yield from _record(f"{uri}#row={n}", row, options)
     except csv.Error as exc:
         raise Unloadable(f"malformed CSV ({exc})") from exc
-    return Loaded(documents, skipped)
 
 
-_LOADERS: dict[str, Callable[[str, bytes, LoadOptions], Loaded]] = {
+_LOADERS: dict[str, Callable[[str, BinaryIO, LoadOptions], Iterator[Piece | Skipped]]] = {
     ".txt": _load_text,
     ".md": _load_text,
     ".html": _load_html,
@@ -210,15 +274,42 @@ _LOADERS: dict[str, Callable[[str, bytes, LoadOptions], Loaded]] = {
 }
 
 
-def load_source(uri: str, suffix: str, data: bytes, options: LoadOptions = LoadOptions()) -> Loaded:
-    """The non-empty documents of one source file's bytes; ``Unloadable`` if there are none."""
+def read_pieces(
+    uri: str, suffix: str, stream: BinaryIO, options: LoadOptions = LoadOptions()
+) -> Iterator[Piece | Skipped]:
+    """The pieces (and skipped records) of one source file, read from ``stream`` as they are needed.
+
+    The caller refuses an empty file first; ``Unloadable`` may come at any point of the iteration.
+    """
     loader = _LOADERS.get(suffix.lower())
     if loader is None:
         raise Unloadable(f"unsupported file type {suffix or '(none)'!r}; supported: {', '.join(SUFFIXES)}")
+    return loader(uri, stream, options)
+
+
+def _documents(pieces: Iterator[Piece | Skipped], skipped: list[Skipped]) -> Iterator[Document]:
+    """Whole documents from their pieces (what cleaning each document whole would give)."""
+    parts: list[Piece] = []
+    for item in [*pieces, None]:
+        if isinstance(item, Skipped):
+            skipped.append(item)
+            continue
+        if parts and (item is None or item.first):
+            joined = join_clean([p.clean for p in parts], [p.joiner for p in parts])
+            yield Document(parts[0].uri, joined, parts[0].metadata)
+            parts = []
+        if item is not None:
+            parts.append(item)
+
+
+def load_source(uri: str, suffix: str, data: bytes, options: LoadOptions = LoadOptions()) -> Loaded:
+    """The non-empty documents of one source file's bytes, each whole; ``Unloadable`` if there are none."""
     if not data:
         raise Unloadable("empty file")
-    loaded = loader(uri, data, options)
-    documents = [d for d in loaded.documents if d.text]
+    skipped: list[Skipped] = []
+    documents = [
+        d for d in _documents(read_pieces(uri, suffix, io.BytesIO(data), options), skipped) if d.text
+    ]
     if not documents:
         raise Unloadable("no text after cleaning (empty or whitespace only)")
-    return Loaded(documents, loaded.skipped)
+    return Loaded(documents, skipped)

@@ -56,9 +56,13 @@ class SourceRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "uri": self.uri, "sha256": self.sha256, "size_bytes": self.size_bytes,
-            "mtime": self.mtime.isoformat(), "documents": len(self.documents), "chunks": self.n_chunks,
-        }  # fmt: skip
+            "uri": self.uri,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "mtime": self.mtime.isoformat(),
+            "documents": len(self.documents),
+            "chunks": self.n_chunks,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +102,12 @@ class VersionDiff:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "old": self.old.ref, "new": self.new.ref,
-            "added": self.added, "removed": self.removed, "changed": self.changed,
-        }  # fmt: skip
+            "old": self.old.ref,
+            "new": self.new.ref,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,12 +72,15 @@ def extend_build(
     old_terms = np.repeat(np.arange(len(previous.terms), dtype=np.int64), np.diff(previous.offsets))
     merged = pa.concat_tables([pa.Table.from_batches([previous.batch]), new_rows]).combine_chunks()
     _save(
-        target, merged, index, vocabulary,
+        target,
+        merged,
+        index,
+        vocabulary,
         np.concatenate([old_terms, term_ids]),
         np.concatenate([previous.posting_rows, rows]),
         np.concatenate([previous.posting_tfs, tfs]),
         np.concatenate([previous.doc_len, doc_len]),
-    )  # fmt: skip
+    )
     np.save(target / "deleted.npy", np.flatnonzero(dead))
     return int(dead.sum())
 
@@ -102,10 +105,15 @@ def _analyze(
 
 
 def _save(
-    target: Path, table: pa.Table, index: Any, vocabulary: dict[str, int],
-    term_ids: npt.NDArray[np.int64], rows: npt.NDArray[np.int64], tfs: npt.NDArray[np.int64],
+    target: Path,
+    table: pa.Table,
+    index: Any,
+    vocabulary: dict[str, int],
+    term_ids: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.int64],
+    tfs: npt.NDArray[np.int64],
     doc_len: npt.NDArray[np.int64],
-) -> None:  # fmt: skip
+) -> None:
     """Write a build: the graph, the rows, and the postings as compressed sparse rows by term."""
     order = np.argsort(term_ids, kind="stable")
     offsets = np.zeros(len(vocabulary) + 1, dtype=np.int64)

@@ -141,10 +141,12 @@ class GraphFiles:
             if deleted is None:
                 write_fresh_build(table, matrix, params, target, analyzer)
             manifest = {
-                "build": build_id, "token": token, "params": json.loads(index_params_to_json(params)),
+                "build": build_id,
+                "token": token,
+                "params": json.loads(index_params_to_json(params)),
                 "extends": previous.build_id if deleted is not None and previous is not None else None,
                 "deleted": 0 if deleted is None else deleted,
-            }  # fmt: skip
+            }
             current = self._dir(dataset) / "current.json"
             staged = current.with_suffix(f".{build_id}.tmp")
             staged.write_text(json.dumps(manifest))

@@ -199,9 +199,14 @@ class Graph:
             rows, tfs, term_idx = rows[inside], tfs[inside], term_idx[inside]
             n_docs, total = mask.scope_rows, mask.scope_length
         positions, scores = bm25_scores(
-            term_idx=term_idx, doc=rows, tf=tfs, doc_len=self.doc_len[rows], qtfs=qtfs,
-            n_docs=n_docs, avgdl=total / n_docs if n_docs else 0.0,
-        )  # fmt: skip
+            term_idx=term_idx,
+            doc=rows,
+            tf=tfs,
+            doc_len=self.doc_len[rows],
+            qtfs=qtfs,
+            n_docs=n_docs,
+            avgdl=total / n_docs if n_docs else 0.0,
+        )
         if mask is not None:
             keep = mask.allowed[positions]
             positions, scores = positions[keep], scores[keep]
@@ -284,6 +289,13 @@ class _Column:
 def _chunk(dataset: str, row: tuple[Any, ...]) -> Chunk:
     chunk_id, version, text, metadata, source_uri, byte_start, byte_end, content_sha256 = row
     return Chunk(
-        chunk_id, dataset, version, text, source_uri, byte_start, byte_end, content_sha256,
+        chunk_id,
+        dataset,
+        version,
+        text,
+        source_uri,
+        byte_start,
+        byte_end,
+        content_sha256,
         {} if metadata == "{}" else json.loads(metadata),
-    )  # fmt: skip
+    )

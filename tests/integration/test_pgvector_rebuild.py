@@ -19,6 +19,7 @@ import pytest
 from psycopg import sql
 
 from lamina.data import MIN_INDEX_ROWS, Chunk, HnswIndex, PgVectorStore
+from tests.support import unit_vectors
 
 DIM = 16
 ROWS = MIN_INDEX_ROWS + 76
@@ -58,11 +59,6 @@ def chunks(dataset: str, vectors: np.ndarray) -> list[Chunk]:
     ]
 
 
-def unit_vectors(n: int, seed: int) -> np.ndarray:
-    vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
 def indexes(url: str, schema: str) -> dict[str, str]:
     with psycopg.connect(libpq(url)) as conn:
         rows = conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s", (schema,))
@@ -85,7 +81,7 @@ def wait_until_the_build_waits(url: str, table: sql.Identifier, deadline_s: floa
 
 @pytest.mark.timeout(180)
 def test_searches_answer_while_an_index_rebuild_waits(pg: PgVectorStore, pg_url: str) -> None:
-    vectors = unit_vectors(ROWS, seed=1)
+    vectors = unit_vectors(ROWS, DIM, seed=1)
     pg.upsert("docs", chunks("docs", vectors))
     assert pg.build_index("docs", HnswIndex()) == HnswIndex()
     table = sql.Identifier(pg.schema, "c_docs")
@@ -125,7 +121,7 @@ def test_a_rebuild_leaves_the_index_of_a_dataset_with_a_longer_name_alone(
 ) -> None:
     # "h_<name>_next" would be both the staged index of "a" and the index of "a_next"
     for dataset, seed in (("a_next", 2), ("a", 3)):
-        pg.upsert(dataset, chunks(dataset, unit_vectors(ROWS, seed)))
+        pg.upsert(dataset, chunks(dataset, unit_vectors(ROWS, DIM, seed)))
         pg.build_index(dataset, HnswIndex())
     pg.build_index("a", HnswIndex(m=8))
     built = indexes(pg_url, pg.schema)

@@ -151,8 +151,14 @@ def test_paths_outside_the_roots_are_refused_before_anything_runs(make_admin: An
     outside.mkdir()
     (outside / "secret.md").write_text("secret")
     (admin.root / "link").symlink_to(outside)
-    for path in ["/etc/passwd", "../x", f"{admin.root}/../outside/secret.md", "sub/../../outside/*.md",
-                 "link/*.md", "link/secret.md"]:  # fmt: skip
+    for path in [
+        "/etc/passwd",
+        "../x",
+        f"{admin.root}/../outside/secret.md",
+        "sub/../../outside/*.md",
+        "link/*.md",
+        "link/secret.md",
+    ]:
         r = admin.ingest(paths=["*.md", path])
         assert r.status_code == 400, path
         error = r.json()["error"]

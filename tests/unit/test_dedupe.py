@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lamina.data.ingest._dedupe import Deduplicator, content_sha256, hamming, simhash
+from lamina.data.ingest import Deduplicator, Duplicate, content_sha256, hamming, simhash
 
 BASE = " ".join(f"word{i % 37} token{i % 11} item{i}" for i in range(200))
 
@@ -19,12 +19,12 @@ def test_deduplicator_exact_near_and_off() -> None:
     near = BASE.replace("item100", "changed")
     d = Deduplicator()
     d.keep("a", content_sha256(BASE), simhash(BASE))
-    assert d.duplicate_of("b", content_sha256(BASE), simhash(BASE)) == ("a", "exact")
-    assert d.duplicate_of("c", content_sha256(near), simhash(near)) == ("a", "near")
+    assert d.duplicate_of("b", content_sha256(BASE), simhash(BASE)) == Duplicate("a", "exact")
+    assert d.duplicate_of("c", content_sha256(near), simhash(near)) == Duplicate("a", "near")
     off = Deduplicator(max_bits=-1)
     off.keep("a", content_sha256(BASE), simhash(BASE))
     assert off.duplicate_of("c", content_sha256(near), simhash(near)) is None
-    assert off.duplicate_of("b", content_sha256(BASE), simhash(BASE)) == ("a", "exact")
+    assert off.duplicate_of("b", content_sha256(BASE), simhash(BASE)) == Duplicate("a", "exact")
 
 
 def test_short_texts_hash_too() -> None:

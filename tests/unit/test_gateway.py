@@ -458,11 +458,19 @@ async def test_a_client_that_leaves_stops_the_stream(gw: Gateway) -> None:
             got_content.set()
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"gateway")], "client": ("127.0.0.1", 50000), "server": ("gateway", 80),
-    }  # fmt: skip
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gateway")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gateway", 80),
+    }
     with anyio.fail_after(30):  # a guard against hanging, not a timing assertion
         await gw.app(scope, receive, send)  # type: ignore[arg-type]
     assert gw.dispatcher.closed == 1

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 from lamina.errors import CorruptFileError
 from lamina.models._formats import detect_format, read_metadata
 from lamina.models._gguf_header import read_gguf_header
-from tests.conftest import MakeGGUF
+from tests.support import MakeGGUF
 
 STRING, ARRAY, UINT32, UINT8 = 8, 9, 4, 0
 
@@ -158,8 +159,8 @@ def test_a_real_file_reads_as_the_gguf_package_reads_it(tmp_path: Path) -> None:
         w.add_token_scores([0.0, -1.0, -2.5, 3.0])
         w.add_chat_template("{{ messages }}")
         w.add_custom_alignment(64)
-        w.add_tensor("a", gguf.np.zeros((3, 5), dtype=gguf.np.float32))
-        w.add_tensor("b", gguf.np.zeros((7,), dtype=gguf.np.float16))
+        w.add_tensor("a", np.zeros((3, 5), dtype=np.float32))
+        w.add_tensor("b", np.zeros((7,), dtype=np.float16))
 
     path = _writer_file(tmp_path / "vocab.gguf", add)
     data = path.read_bytes()
@@ -181,7 +182,7 @@ def test_a_real_file_reads_as_the_gguf_package_reads_it(tmp_path: Path) -> None:
 def test_a_big_endian_file_reads(tmp_path: Path) -> None:
     def add(w: gguf.GGUFWriter) -> None:
         w.add_name("be")
-        w.add_tensor("a", gguf.np.zeros((4,), dtype=gguf.np.float32))
+        w.add_tensor("a", np.zeros((4,), dtype=np.float32))
 
     writer = gguf.GGUFWriter(str(tmp_path / "be.gguf"), "llama", endianess=gguf.GGUFEndian.BIG)
     add(writer)

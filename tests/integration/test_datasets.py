@@ -26,8 +26,13 @@ def commit(catalog: DatasetCatalog, chunks: dict[str, list[str]], sources: dict[
     run = f"run-{len(catalog.runs.of('docs')) if catalog.names() else 0}"
     catalog.runs.start("docs", run, pid=1)
     ids = sorted(c for cs in chunks.values() for c in cs)
-    manifest = {"dataset": "docs", "chunks": len(ids), "ids": ids, "sources": sorted(sources.items()),
-                "embedding_model": {"ref": "m@1", "sha256": "f" * 64}}  # fmt: skip
+    manifest = {
+        "dataset": "docs",
+        "chunks": len(ids),
+        "ids": ids,
+        "sources": sorted(sources.items()),
+        "embedding_model": {"ref": "m@1", "sha256": "f" * 64},
+    }
     lineage = [
         ChunkLineage(
             chunk_id=c,

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from lamina.data import DriftWindow
-from lamina.observability import read_trace
+from lamina.observability import SpanRow, read_trace
 from lamina.store import Store
 from tests.support import RunningStack, start_stack, stop_stack
 
@@ -83,7 +83,7 @@ def test_a_grounded_answer_cites_the_version_and_the_trace_records_it(
     assert (citations[0]["byte_start"], citations[0]["byte_end"]) == (0, len(DOCS["tea.md"]))
 
     store = Store(f"sqlite:///{stack.state_dir / 'lamina.db'}")
-    trace_id, spans = raw.headers["x-lamina-trace-id"], []
+    trace_id, spans = raw.headers["x-lamina-trace-id"], list[SpanRow]()
     deadline = time.monotonic() + 20
     layers = {"application", "data", "models", "orchestration"}
     while time.monotonic() < deadline and not layers <= {s["layer"] for s in spans}:
@@ -134,9 +134,16 @@ def test_ingest_through_the_gateway_embeds_with_the_served_model(stack: RunningS
     (tmp_path / "garden" / "tomatoes.md").write_text("Tomato seedlings need sixteen hours of light a day.\n")
     before = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
     ingest = lamina(
-        stack.state_dir, "data", "ingest", str(tmp_path / "garden"), "--dataset", "garden",
-        "--gateway", f"{stack.base_url}/v1", "--json",
-    )  # fmt: skip
+        stack.state_dir,
+        "data",
+        "ingest",
+        str(tmp_path / "garden"),
+        "--dataset",
+        "garden",
+        "--gateway",
+        f"{stack.base_url}/v1",
+        "--json",
+    )
     assert ingest.returncode == 0, ingest.stderr
     assert json.loads(ingest.stdout)["counts"]["chunks_embedded"] == 2
     after = httpx.get(f"{stack.base_url}/metrics", timeout=30).text

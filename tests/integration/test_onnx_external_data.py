@@ -86,7 +86,11 @@ def test_side_files_are_stored_by_sha256_and_onnx_runtime_finds_them(
     stored = onnx.load(str(mv.path), load_external_data=False)
     locations = {e.value for e in stored.graph.initializer[0].external_data if e.key == "location"}
     assert locations == {side.name}
-    assert mv.sha256 == hashlib.sha256(mv.path.read_bytes()).hexdigest() != hashlib.sha256(src.read_bytes())
+    assert (
+        mv.sha256
+        == hashlib.sha256(mv.path.read_bytes()).hexdigest()
+        != hashlib.sha256(src.read_bytes()).hexdigest()
+    )
     registry.verify(mv)
 
     feed = {"input_ids": np.array([[101, 2023, 102]]), "attention_mask": np.ones((1, 3), dtype=np.int64)}

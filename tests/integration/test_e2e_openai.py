@@ -13,8 +13,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
-from lamina.observability import read_trace
+from lamina.observability import SpanRow, read_trace
 from lamina.store import Store
 from tests.support import RunningStack, start_stack, stop_stack
 
@@ -80,14 +81,10 @@ def test_streamed_chat_completion(client: openai.OpenAI) -> None:
 
 
 def test_streamed_and_plain_greedy_answers_agree(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Name three colours."}]
-    plain = client.chat.completions.create(model=CHAT, messages=messages, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colours."}]
+    plain = client.chat.completions.create(model=CHAT, messages=messages, max_tokens=24, temperature=0)
     streamed = client.chat.completions.create(
-        model=CHAT,
-        messages=messages,
-        max_tokens=24,
-        temperature=0,
-        stream=True,  # type: ignore[arg-type]
+        model=CHAT, messages=messages, max_tokens=24, temperature=0, stream=True
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == plain.choices[0].message.content
@@ -167,7 +164,7 @@ def test_every_request_leaves_a_trace_with_a_span_per_layer(stack: RunningStack)
     assert r.status_code == 200
     trace_id = r.headers["x-lamina-trace-id"]
     store = Store(f"sqlite:///{stack.state_dir / 'lamina.db'}")
-    deadline, spans = time.monotonic() + 20, []
+    deadline, spans = time.monotonic() + 20, list[SpanRow]()
     while time.monotonic() < deadline and len({s["layer"] for s in spans}) < 3:
         spans = read_trace(store, trace_id)
         time.sleep(0.5)
