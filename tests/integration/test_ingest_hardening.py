@@ -8,10 +8,8 @@ The stores are real (SQLite, LanceDB; pgvector where the backend matters).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypedDict
 
-import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
@@ -38,32 +35,9 @@ from lamina.data.ingest import (
 )
 from lamina.errors import InvalidRequestError
 from lamina.store import Store
+from tests.support import HashingEmbedder, pdf_bytes
 
-_TOKEN = re.compile(r"\S+")
 OPTIONS = IngestOptions(chunk_size=48, chunk_overlap=8, embed_batch_size=64)
-
-
-class HashingEmbedder:
-    """A cheap embedder implementing ``EmbeddingTokenizer``: whitespace tokens, hashed unit vectors."""
-
-    dim = 8
-    name = "hashing-embedder@1"
-    sha256 = hashlib.sha256(b"hashing-embedder@1").hexdigest()
-    max_tokens = 512
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        out = []
-        for text in texts:
-            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-            v = np.frombuffer(digest, dtype=np.uint16).astype(np.float64) - 32767.5
-            out.append((v / np.linalg.norm(v)).tolist())
-        return out
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split()) + 2
-
-    def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-        return [[m.span() for m in _TOKEN.finditer(text)] for text in texts]
 
 
 def prose(seed: int, n: int = 150) -> str:
@@ -290,14 +264,7 @@ def broken_pdf() -> bytes:
         "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
         f"<< /Length {len(page)} >>\nstream\n{page}\nendstream",
     ]
-    out, offsets = b"%PDF-1.4\n", []
-    for n, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += f"{n} 0 obj\n{body}\nendobj\n".encode()
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
-    return out + f"trailer\n 0 R /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return pdf_bytes(objects, trailer=" 0 R /Size {size} /Root 1 0 R >>")
 
 
 def test_a_pdf_that_breaks_the_parser_is_skipped_and_the_others_ingest(env: Env) -> None:

@@ -29,23 +29,10 @@ from lamina.orchestration import (
     ReplicaStatus,
     WorkloadSpec,
 )
-from tests.support import ECHO_SERVER, FakeClock
+from tests.support import ECHO_SERVER, FakeClock, echo_spec
 
-ECHO = ECHO_SERVER
 #: bound on waiting for real processes; generous because the machine is shared
 PROCESS_WAIT_S = 30.0
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def echo_spec(
-    name: str = "echo", replicas: int = 1, env: dict[str, str] | None = None, **kw: Any
-) -> WorkloadSpec:
-    argv = (sys.executable, str(ECHO), "--port", "{port}")
-    return WorkloadSpec(name=name, argv=argv, replicas=replicas, env=env or {}, **kw)
 
 
 def _gone(pid: int) -> bool:
@@ -125,7 +112,8 @@ import sys, time
 from pathlib import Path
 from lamina.orchestration import LocalProcessBackend, WorkloadSpec
 handle = LocalProcessBackend(Path({str(tmp_path)!r})).start(
-    WorkloadSpec(name="orphan", argv=({sys.executable!r}, {str(ECHO)!r}, "--port", "{{port}}")), "orphan-0"
+    WorkloadSpec(name="orphan", argv=({sys.executable!r}, {str(ECHO_SERVER)!r}, "--port", "{{port}}")),
+    "orphan-0",
 )
 print(handle.pid, flush=True)
 time.sleep(60)

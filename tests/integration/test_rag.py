@@ -35,11 +35,6 @@ DOCS = {
 }
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     return load_engine("onnx", minilm_spec())

@@ -23,11 +23,6 @@ from lamina.stack.gateway import Stack, build_stack, create_gateway
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def fake_config() -> LaminaConfig:
     return LaminaConfig(
         register_bundled=False,

@@ -14,7 +14,17 @@ from tests.support.data import (
     psycopg_url,
     unit_vectors,
 )
-from tests.support.files import MakeGGUF, hf_reachable, minilm_spec, smollm2_path, write_gguf, write_text_onnx
+from tests.support.embedder import HashingEmbedder
+from tests.support.files import (
+    MakeGGUF,
+    hf_reachable,
+    make_pdf,
+    minilm_spec,
+    pdf_bytes,
+    smollm2_path,
+    write_gguf,
+    write_text_onnx,
+)
 from tests.support.gateway import (
     CHAT,
     EMBED,
@@ -33,7 +43,7 @@ from tests.support.gateway import (
     sse,
     trickle,
 )
-from tests.support.processes import ECHO_SERVER, RunningStack, free_port, start_stack, stop_stack
+from tests.support.processes import ECHO_SERVER, RunningStack, echo_spec, free_port, start_stack, stop_stack
 
 __all__ = [
     "BACKENDS",
@@ -48,6 +58,7 @@ __all__ = [
     "Dispatched",
     "FakeClock",
     "FixedRoute",
+    "HashingEmbedder",
     "MakeGGUF",
     "ReplayDispatcher",
     "RunningStack",
@@ -56,13 +67,16 @@ __all__ = [
     "VectorBackend",
     "chat_events",
     "chunk",
+    "echo_spec",
     "events_of",
     "exact_top",
     "free_port",
     "hf_reachable",
     "ids",
+    "make_pdf",
     "minilm_spec",
     "open_vector_store",
+    "pdf_bytes",
     "prose",
     "psycopg_url",
     "replica",

@@ -79,3 +79,37 @@ def hf_reachable() -> bool:
     except OSError:
         return False
     return True
+
+
+def pdf_bytes(objects: list[str], *, trailer: str = "<< /Size {size} /Root 1 0 R >>") -> bytes:
+    """A PDF of ``objects`` (numbered from 1, the first the catalog) with an exact xref table.
+
+    ``trailer`` may spell a broken trailer to test a parser on; ``{size}`` becomes the object count + 1.
+    """
+    out, offsets = b"%PDF-1.4\n", []
+    for n, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{n} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    size = len(objects) + 1
+    return out + f"trailer\n{trailer.format(size=size)}\nstartxref\n{xref}\n%%EOF\n".encode()
+
+
+def make_pdf(pages: list[str]) -> bytes:
+    """A small valid PDF with one line of Helvetica text per page."""
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", ""]
+    kids = []
+    for text in pages:
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET"
+        content = len(objects) + 2
+        kids.append(f"{len(objects) + 1} 0 R")
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content} 0 R "
+            f"/Resources << /Font << /F1 {len(pages) * 2 + 3} 0 R >> >> >>"
+        )
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>"
+    objects.append("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    return pdf_bytes(objects)

@@ -9,9 +9,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
+
+from lamina.orchestration import WorkloadSpec
 
 #: A tiny HTTP workload for orchestration tests (a stand-in replica: health, echo, crash on demand).
 ECHO_SERVER = Path(__file__).resolve().parent / "workloads" / "echo_server.py"
@@ -89,3 +92,11 @@ def stop_stack(stack: RunningStack, timeout_s: float = 30.0) -> list[psutil.Proc
     for p in alive:
         p.kill()
     return alive
+
+
+def echo_spec(
+    name: str = "echo", replicas: int = 1, env: dict[str, str] | None = None, **kw: Any
+) -> WorkloadSpec:
+    """A workload of ``replicas`` echo servers (``env`` steers them: ECHO_DELAY_S, ECHO_CRASH_EXIT, ...)."""
+    argv = (sys.executable, str(ECHO_SERVER), "--port", "{port}")
+    return WorkloadSpec(name=name, argv=argv, replicas=replicas, env=env or {}, **kw)

@@ -39,11 +39,6 @@ from tests.support import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # --- the gateway under test ---------------------------------------------------------------------------
 
 

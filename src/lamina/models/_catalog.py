@@ -75,6 +75,10 @@ class Catalog:
             for s in self._served.values()
         ]
 
+    def serving(self, model_ref: str) -> str | None:
+        """The deployment that serves the registered model ``model_ref`` (``name@version``), if one does."""
+        return next((s.deployment for s in self._served.values() if s.model_ref == model_ref), None)
+
     def resolve(self, name: str) -> Route:
         served = self._names.get(name)
         if served is None:

@@ -32,7 +32,6 @@ from lamina.models import (
     Catalog,
     DispatchQueryEmbedder,
     Registry,
-    ServedModel,
     ThreadQueryEmbedder,
     deploy,
     register_bundled,
@@ -115,9 +114,9 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         restart_backoff_max_s=orch.restart_backoff_max_s,
     )
     dispatcher = Dispatcher(controller, http, retry_deadline_s=orch.retry_deadline_s)
-    served = [s for s, _ in deployed]
+    catalog = Catalog([s for s, _ in deployed], readiness=lambda: _readiness(controller))
     data = open_data_stack(config, state_dir, store=store, registry=registry)
-    queries, query_model = _query_embedder(config, registry, served, dispatcher, data)
+    queries, query_model = _query_embedder(config, registry, catalog, dispatcher, data)
     return Stack(
         config=config,
         state_dir=state_dir,
@@ -127,7 +126,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         http=http,
         controller=controller,
         dispatcher=dispatcher,
-        catalog=Catalog(served, readiness=lambda: _readiness(controller)),
+        catalog=catalog,
         workloads=[w for _, w in deployed],
         data=data,
         retriever=Retriever(data.catalog, data.vectors, queries, query_model),
@@ -142,11 +141,7 @@ def _readiness(controller: Controller) -> dict[str, bool]:
 
 
 def _query_embedder(
-    config: LaminaConfig,
-    registry: Registry,
-    served: list[ServedModel],
-    dispatcher: Dispatcher,
-    data: DataStack,
+    config: LaminaConfig, registry: Registry, catalog: Catalog, dispatcher: Dispatcher, data: DataStack
 ) -> tuple[AsyncEmbedder, str | None]:
     """Queries are embedded by a replica serving the datasets' embedding model, else in-process; with the
     ``name@version`` of that model."""
@@ -154,7 +149,7 @@ def _query_embedder(
         ref = registry.get(config.data.embedding_model).ref
     except LaminaError:
         ref = None
-    deployment = next((s.deployment for s in served if ref is not None and s.model_ref == ref), None)
+    deployment = None if ref is None else catalog.serving(ref)
     if deployment is not None:
         return DispatchQueryEmbedder(dispatcher, deployment), ref
     return ThreadQueryEmbedder(data.embedder), ref

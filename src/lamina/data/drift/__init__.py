@@ -4,11 +4,10 @@ Imports ``lamina.data.vectors`` and ``lamina.data.versions`` among the data laye
 """
 
 from lamina.data.drift._coverage import coverage, top_terms
+from lamina.data.drift._records import DriftMetricsJSON, DriftReport
 from lamina.data.drift._report import (
     CatalogResolver,
     DriftChecker,
-    DriftMetricsJSON,
-    DriftReport,
     DriftReports,
     DriftSettings,
     VersionResolver,

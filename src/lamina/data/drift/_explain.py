@@ -5,11 +5,8 @@ Rendered from the stored metrics alone, so a report read back later explains its
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lamina.data.drift._coverage import CoverageResult
-    from lamina.data.drift._report import DriftMetricsJSON, DriftReport
+from lamina.data.drift._coverage import CoverageResult
+from lamina.data.drift._records import DriftMetricsJSON, DriftReport
 
 _EXAMPLE_CHARS = 160
 _HEADLINES = {

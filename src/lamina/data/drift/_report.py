@@ -14,26 +14,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any, Literal, Protocol, TypedDict, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 from sqlalchemy import insert, select
 
 from lamina.clock import Clock, utcnow
 from lamina.data.drift import _stats as stats
-from lamina.data.drift._coverage import CoverageResult, coverage
+from lamina.data.drift._coverage import coverage
 from lamina.data.drift._explain import explain
+from lamina.data.drift._records import DriftMetricsJSON, DriftReport, LengthResult, OOVResult, Verdict
 from lamina.data.drift._window import DriftWindow, Sample, parse_window
 from lamina.data.vectors import Chunk, EnglishAnalyzer, VectorStore
 from lamina.data.versions import DatasetCatalog
 from lamina.errors import NotFoundError
 from lamina.observability import DriftMetrics
 from lamina.store import Store, drift_reports
-
-#: drift: both embedding tests fired; possible_drift: one did (each fires on 5% of same-distribution
-#: windows by design, so one alone is a reason to look, not an alarm); no_drift; insufficient_data.
-Verdict = Literal["drift", "possible_drift", "no_drift", "insufficient_data"]
 
 
 class VersionResolver(Protocol):
@@ -78,65 +74,6 @@ class DriftSettings:
     coverage_quantile: float = 0.95
     #: Examples of uncovered traffic shown.
     examples: int = 5
-
-
-class LengthResult(TypedDict):
-    unit: str
-    reference_median: float
-    current_median: float
-    ks: float
-    p_value: float
-    shifted: bool
-
-
-class OOVResult(TypedDict):
-    reference_rate: float
-    current_rate: float
-    vocabulary: int
-    shifted: bool
-
-
-class DriftMetricsJSON(TypedDict):
-    n_reference: int
-    n_current: int
-    min_current: int
-    min_reference: int
-    classifier: stats.ClassifierResult | None
-    mmd: stats.MMDResult | None
-    prompt_length: LengthResult | None
-    oov: OOVResult | None
-    coverage: CoverageResult | None
-
-
-@dataclass(frozen=True, slots=True)
-class DriftReport:
-    """One drift check, as stored."""
-
-    id: str
-    dataset: str
-    version: str
-    window: str
-    created_at: datetime
-    verdict: Verdict
-    metrics: DriftMetricsJSON
-    explanation: str
-
-    @property
-    def drifted(self) -> bool:
-        return self.verdict == "drift"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "dataset": self.dataset,
-            "version": self.version,
-            "window": self.window,
-            "created_at": self.created_at.isoformat(),
-            "verdict": self.verdict,
-            "drifted": self.drifted,
-            "metrics": self.metrics,
-            "explanation": self.explanation,
-        }
 
 
 class DriftReports:
