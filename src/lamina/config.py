@@ -22,7 +22,6 @@ STATE_DIR_ENV = "LAMINA_STATE_DIR"
 BUNDLED_CHAT_MODEL = "smollm2-135m-instruct"
 BUNDLED_EMBEDDING_MODEL = "minilm-l6-v2"
 
-EngineName = Literal["gguf", "onnx", "fake"]
 
 #: What ``lamina config show`` (and error messages) print in place of a secret. A field is marked secret
 #: with ``json_schema_extra={"secret": True}``.
@@ -69,69 +68,49 @@ class StoreConfig(_Strict):
     )
 
 
-class GGUFOptions(_Strict):
-    n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped at the model's own).")
-    n_threads: int | None = Field(
-        None, ge=1, description="llama.cpp threads for generation. Empty: the physical cores of the machine."
-    )
-    n_threads_batch: int | None = Field(
-        None, ge=1, description="llama.cpp threads for prompt processing. Empty: same as n_threads."
-    )
-    n_batch: int = Field(512, ge=1, description="Prompt-processing batch size in tokens.")
-    n_gpu_layers: int = Field(
-        0, ge=-1, description="Layers to offload to the GPU (-1: all). Needs a CUDA build of llama.cpp."
-    )
-    use_extra_bufts: bool = Field(
-        False,
-        description="llama.cpp weight repacking into CPU-specific layouts (extra buffer types). Faster "
-        "prompt processing on CPUs whose repacked kernels work; off by default because on some CPUs "
-        "repacked Q4 weights crash in decode. Turn it on after `make bench` runs cleanly with it.",
-    )
-    seed: int = Field(-1, description="Sampling seed; -1 draws a random one per request.")
-
-
-class ONNXOptions(_Strict):
-    providers: list[str] | None = Field(
-        None,
-        description="ONNX Runtime execution providers in order of preference. Empty: TensorRT, CUDA, "
-        "then CPU, keeping those this onnxruntime build has.",
-    )
-    batch_size: int = Field(32, ge=1, description="Texts per forward pass when embedding.")
-    max_length: int = Field(256, ge=8, description="Tokens per text; longer texts are truncated.")
-    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads. Empty: its default.")
-
-
-class FakeOptions(_Strict):
-    mode: Literal["echo", "replay"] = Field(
-        "echo", description="echo: answers with the last user message; replay: answers with `tokens`."
-    )
-    tokens: list[str] = Field(
-        default_factory=lambda: ["Hello", " from", " the", " fake", " engine", "."],
-        description="Tokens to replay in `replay` mode.",
-    )
-    seconds_per_token: float = Field(0.0, ge=0, description="Time the fake engine spends on each token.")
-    n_ctx: int = Field(2048, ge=16, description="Context window the fake engine claims.")
-    embedding_dim: int = Field(16, ge=1, description="Length of the fake engine's embedding vectors.")
-
-
 class DeploymentConfig(_Strict):
     name: str = Field(description="The model name clients ask for (OpenAI `model` field).")
     model: str | None = Field(
         None,
         description="Registry reference NAME, NAME@VERSION or NAME@ALIAS. Empty: same as `name`. "
-        "Not used by the fake engine.",
+        "Not used by engines that take no model file (the fake engine).",
     )
-    engine: EngineName | None = Field(
-        None, description="Engine to run it with. Empty: chosen from the registered file's format."
+    engine: str | None = Field(
+        None,
+        description="Engine plugin to run it with (`lamina engines` lists those installed: gguf, onnx, "
+        "fake, and any plugin's). Empty: the engine that loads the registered file's format.",
     )
     replicas: int = Field(1, ge=0, description="Replica worker processes to keep running.")
-    gguf: GGUFOptions = Field(default_factory=GGUFOptions, description="Options of the GGUF engine.")
-    onnx: ONNXOptions = Field(default_factory=ONNXOptions, description="Options of the ONNX engine.")
-    fake: FakeOptions = Field(default_factory=FakeOptions, description="Options of the fake engine.")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Engine options by engine name, e.g. `{gguf: {n_ctx: 4096}}`; checked against the "
+        "engine's own options when the config is loaded (`lamina engines` lists them). A block may also "
+        "be written under the engine's name beside the other fields (`gguf: {n_ctx: 4096}`).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_blocks(cls, data: Any) -> Any:
+        """Fold ``gguf: {...}``-style blocks (a mapping under a name that is not a field) into ``options``."""
+        if not isinstance(data, dict):
+            return data
+        blocks = {
+            key: value.model_dump() if isinstance(value, BaseModel) else value
+            for key, value in data.items()
+            if key not in cls.model_fields and isinstance(value, dict | BaseModel)
+        }
+        if not blocks:
+            return data
+        rest = {key: value for key, value in data.items() if key not in blocks}
+        return rest | {"options": {**blocks, **dict(rest.get("options") or {})}}
 
     @property
     def model_ref(self) -> str:
         return self.model or self.name
+
+    def options_for(self, engine: str) -> dict[str, Any]:
+        """This deployment's options block for ``engine`` (empty: the engine's defaults)."""
+        return dict(self.options.get(engine, {}))
 
 
 class OrchestrationConfig(_Strict):

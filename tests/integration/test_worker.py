@@ -21,7 +21,8 @@ import numpy as np
 import openai
 import pytest
 
-from lamina.config import DeploymentConfig, GGUFOptions
+from lamina.config import DeploymentConfig
+from lamina.models import GGUFOptions
 from lamina.models._deploy import WorkerSpec, worker_workload
 from lamina.models._engine import LoadSpec, load_engine
 from lamina.models._worker_app import Replica, WorkerApp, field_path

@@ -19,7 +19,7 @@ runner = CliRunner()
 def test_defaults_serve_the_bundled_models() -> None:
     cfg = load_config(None)
     assert [d.name for d in cfg.deployments] == ["smollm2-135m-instruct", "minilm-l6-v2"]
-    assert cfg.deployments[0].gguf.use_extra_bufts is False
+    assert cfg.deployments[0].engine == "gguf" and cfg.deployments[0].options_for("gguf") == {}
     assert cfg.server.host == "127.0.0.1"
 
 

@@ -12,9 +12,11 @@ import typer
 from lamina.cli._common import ConfigOption, StateDirOption, err_console, fail, load, out_console
 from lamina.cli._data import data_app
 from lamina.cli._drift import drift
+from lamina.cli._engines import engines
 from lamina.cli._models import models_app
 from lamina.config import LaminaConfig
 from lamina.errors import LaminaError
+from lamina.models import Catalog
 
 app = typer.Typer(
     name="lamina",
@@ -27,10 +29,11 @@ app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 data_app.command("drift")(drift)
+app.command("engines")(engines)
 
 
-def _example(base: str, config: LaminaConfig) -> str:
-    chat = next((d.name for d in config.deployments if d.engine in (None, "gguf", "fake")), None)
+def _example(base: str, catalog: Catalog) -> str:
+    chat = next((m.id for m in catalog.models() if "chat" in m.capabilities), None)
     if chat is None:
         return f"curl {base}/models"
     body = {"model": chat, "messages": [{"role": "user", "content": "Say hello in five words."}]}
@@ -62,7 +65,7 @@ def up(
     names = ", ".join(f"{d.name} ({d.engine or 'auto'} x{d.replicas})" for d in cfg.deployments)
     out_console.print(f"[bold]Lamina[/] is starting at [link={base}]{base}[/]  (state: {sdir})")
     out_console.print(f"  serving: {names}")
-    out_console.print(f"  try:\n    {_example(base, cfg)}", highlight=False, soft_wrap=True)
+    out_console.print(f"  try:\n    {_example(base, stack.catalog)}", highlight=False, soft_wrap=True)
     out_console.print("  Ctrl-C stops the stack and every replica it started.")
 
     def ready() -> None:

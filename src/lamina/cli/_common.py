@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from lamina.config import LaminaConfig, load_config, resolve_state_dir
-from lamina.errors import LaminaError
+from lamina.errors import ConfigError, LaminaError
+from lamina.stack import checked_config
 
 StateDirOption = Annotated[
     Path | None,
@@ -40,6 +41,10 @@ def load(config: Path | None, state_dir: Path | None) -> tuple[LaminaConfig, Pat
         cfg = load_config(config)
     except LaminaError as exc:
         fail(exc, exit_code=2)
+    try:
+        cfg = checked_config(cfg)  # engines and their options, against the installed engine plugins
+    except ConfigError as exc:
+        fail(f"{config}: {exc.message}" if config is not None else exc, exit_code=2)
     return cfg, resolve_state_dir(state_dir, cfg)
 
 

@@ -1,8 +1,9 @@
 """Layer 4, models: the registry, engines per format, the replica worker and the catalog of served names."""
 
+from lamina.models._builtin_engines import FakeOptions, GGUFOptions, ONNXOptions
 from lamina.models._bundled import BUNDLED, BundledModel, register_bundled, registered_or_bundled
-from lamina.models._catalog import ENGINE_CAPABILITIES, Catalog, Route, ServedModel
-from lamina.models._deploy import deploy, worker_workload
+from lamina.models._catalog import Catalog, Route, ServedModel
+from lamina.models._deploy import check_deployment, deploy, worker_workload
 from lamina.models._embedder import EngineEmbedder, HTTPEmbedder
 from lamina.models._engine import (
     Capability,
@@ -10,10 +11,14 @@ from lamina.models._engine import (
     Delta,
     EmbeddingBatch,
     Engine,
+    EngineDescriptor,
     EngineInfo,
     LoadSpec,
     SamplingParams,
     Usage,
+    engine_descriptor,
+    engine_descriptors,
+    engine_for_format,
     engine_names,
     load_engine,
 )
@@ -31,7 +36,6 @@ from lamina.models._registry import Registry
 
 __all__ = [
     "BUNDLED",
-    "ENGINE_CAPABILITIES",
     "BundledModel",
     "Capability",
     "Catalog",
@@ -43,21 +47,29 @@ __all__ = [
     "EmbeddingBatch",
     "EmbeddingRequest",
     "Engine",
+    "EngineDescriptor",
     "EngineEmbedder",
     "EngineInfo",
+    "FakeOptions",
+    "GGUFOptions",
     "HTTPEmbedder",
     "LoadSpec",
     "ModelCard",
     "ModelList",
     "ModelVersion",
+    "ONNXOptions",
     "Registry",
     "Route",
     "SamplingParams",
     "ServedModel",
     "ThreadQueryEmbedder",
     "Usage",
+    "check_deployment",
     "deploy",
     "detect_format",
+    "engine_descriptor",
+    "engine_descriptors",
+    "engine_for_format",
     "engine_names",
     "load_engine",
     "read_metadata",

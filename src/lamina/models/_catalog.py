@@ -14,13 +14,6 @@ from lamina.errors import ModelNotFoundError
 from lamina.models._engine import Capability
 from lamina.models._openai import ModelCard
 
-#: What each built-in engine can do (a plugin engine reports its own through its info at run time).
-ENGINE_CAPABILITIES: dict[str, frozenset[Capability]] = {
-    "gguf": frozenset({Capability.CHAT, Capability.COMPLETION, Capability.STREAMING}),
-    "onnx": frozenset({Capability.EMBEDDING}),
-    "fake": frozenset(Capability),
-}
-
 
 @dataclass(frozen=True)
 class Route:
@@ -38,15 +31,17 @@ class ServedModel:
 
     deployment: str
     engine: str
-    #: the registered ``NAME@VERSION`` it serves (None for the fake engine)
+    #: the registered ``NAME@VERSION`` it serves (None for engines that take no model file)
     model_ref: str | None
+    #: what its engine says it can do (its descriptor's capabilities)
+    engine_capabilities: frozenset[Capability] = frozenset()
     #: other names that reach it (``NAME@VERSION``, ``NAME@ALIAS``)
     aliases: tuple[str, ...] = ()
     created: int = 0
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return frozenset(str(c) for c in ENGINE_CAPABILITIES.get(self.engine, frozenset()))
+        return frozenset(str(c) for c in self.engine_capabilities)
 
 
 class Catalog:

@@ -7,28 +7,21 @@ module stays light (no engine libraries, no HTTP server) because the gateway imp
 
 from __future__ import annotations
 
-import math
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError
 from lamina.models._catalog import ServedModel
 from lamina.models._checksums import MODEL_ROLE, RecordedFile
-from lamina.models._engine import LoadSpec
+from lamina.models._engine import LoadSpec, engine_descriptor, engine_for_format, engine_names
 from lamina.models._registry import Registry
-from lamina.orchestration import Resources, WorkloadSpec
-
-_MIB = 1 << 20
-#: what a worker process needs before its model: Python, the HTTP server, the engine library
-_BASE_MEMORY_MB = 256
-_GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+from lamina.orchestration import WorkloadSpec
 
 
 class WorkerSpec(BaseModel):
@@ -37,7 +30,9 @@ class WorkerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     served_name: str = Field(description="The model name clients ask for; echoed as `model` in responses.")
-    engine: str = Field(description="Engine plugin name (`lamina.engines` entry point): gguf, onnx, fake.")
+    engine: str = Field(
+        description="Engine plugin name (its `lamina.engines` entry point): gguf, onnx, fake, ..."
+    )
     model_version: str | None = Field(None, description="Registered version served, for traces.")
     path: str | None = Field(None, description="The model file. Empty for engines that need none.")
     sha256: str | None = Field(None, description="Expected sha256 of `path`; a mismatch refuses to load.")
@@ -73,31 +68,24 @@ class WorkerSpec(BaseModel):
         )
 
 
-def _files_mb(paths: Iterable[Path | None]) -> int:
-    return math.ceil(sum(p.stat().st_size for p in paths if p is not None and p.is_file()) / _MIB)
-
-
-def worker_resources(
-    deployment: DeploymentConfig, engine: str, path: Path | None, extra_files: Iterable[Path] = ()
-) -> Resources:
-    """What one replica asks for: GGUF its threads and ~1.5x its files; ONNX one core and ~1.5x its files
-    (an ONNX model's external data included); fake next to nothing."""
-    files_mb = _files_mb([path, *extra_files])
-    if engine == "gguf":
-        opts = deployment.gguf
-        return Resources(
-            cpus=float(opts.n_threads or psutil.cpu_count(logical=False) or 1),
-            memory_mb=max(_BASE_MEMORY_MB, math.ceil(files_mb * 1.5)),
-            gpus=1 if opts.n_gpu_layers != 0 else 0,
+def check_deployment(deployment: DeploymentConfig) -> DeploymentConfig:
+    """``deployment`` with its engine and each of its options blocks checked against the installed engines,
+    defaults filled in; a ConfigError names the deployment, the engine and the field."""
+    where = f"deployment {deployment.name!r}"
+    if deployment.engine is not None:
+        engine_descriptor(deployment.engine)
+    installed = engine_names()
+    unknown = sorted(set(deployment.options) - set(installed))
+    if unknown:
+        raise ConfigError(
+            f"{where}: options for {', '.join(unknown)}, but no engine of that name is installed "
+            f"(installed: {', '.join(installed)}); fix the name or install the engine plugin"
         )
-    if engine == "onnx":
-        providers = set(deployment.onnx.providers or ())
-        return Resources(
-            cpus=1.0,
-            memory_mb=max(_BASE_MEMORY_MB, math.ceil(files_mb * 1.5)),
-            gpus=1 if providers & _GPU_PROVIDERS else 0,
-        )
-    return Resources(cpus=0.1, memory_mb=128, gpus=0)
+    options = {
+        name: engine_descriptor(name).validate_options(block, where)
+        for name, block in deployment.options.items()
+    }
+    return deployment.model_copy(update={"options": options})
 
 
 def spec_file_name(deployment: str) -> str:
@@ -119,8 +107,13 @@ def worker_workload(
 ) -> WorkloadSpec:
     """Write the deployment's WorkerSpec into ``run_dir`` and describe the replica processes to run.
 
-    ``sha256`` and ``extra_sha256`` are what the worker checks the files against before it loads them."""
-    options = getattr(deployment, engine).model_dump() if engine in ("gguf", "onnx", "fake") else {}
+    ``sha256`` and ``extra_sha256`` are what the worker checks the files against before it loads them. The
+    engine's descriptor checks the deployment's options for it and says what a replica needs."""
+    descriptor = engine_descriptor(engine)
+    where = f"deployment {deployment.name!r}"
+    parsed = descriptor.parse_options(deployment.options_for(engine), where)
+    options = parsed.model_dump(mode="json")
+    files = [p for p in (path, *extra_files.values()) if p is not None]
     spec = WorkerSpec(
         served_name=deployment.name,
         engine=engine,
@@ -139,7 +132,7 @@ def worker_workload(
         name=deployment.name,
         argv=(*argv, "--spec", str(spec_path)),
         replicas=deployment.replicas,
-        resources=worker_resources(deployment, engine, path, extra_files.values()),
+        resources=descriptor.resources(files, parsed),
         health_path="/health",
         ready_timeout_s=ready_timeout_s,
     )
@@ -150,12 +143,14 @@ def deploy(
 ) -> tuple[ServedModel, WorkloadSpec]:
     """What ``deployment`` serves (the catalog's entry) and the replica processes that serve it.
 
-    The engine defaults to the registered file's format; asking for another one is a ConfigError.
+    An engine that takes no model file serves under the deployment's name alone. Otherwise the engine
+    defaults to the one that loads the registered file's format; one that cannot load it is a ConfigError.
     """
-    if deployment.engine == "fake":
+    if deployment.engine is not None and not engine_descriptor(deployment.engine).needs_model:
+        descriptor = engine_descriptor(deployment.engine)
         spec = worker_workload(
             deployment=deployment,
-            engine="fake",
+            engine=descriptor.name,
             path=None,
             sha256=None,
             extra_files={},
@@ -163,17 +158,20 @@ def deploy(
             run_dir=run_dir,
             ready_timeout_s=ready_timeout_s,
         )
-        return ServedModel(deployment=deployment.name, engine="fake", model_ref=None), spec
+        return ServedModel(deployment.name, descriptor.name, None, descriptor.capabilities), spec
     mv = registry.get(deployment.model_ref)
-    engine = deployment.engine or mv.format
-    if engine != mv.format:
+    descriptor = (
+        engine_for_format(mv.format) if deployment.engine is None else engine_descriptor(deployment.engine)
+    )
+    if mv.format not in descriptor.formats:
+        loads = ", ".join(sorted(descriptor.formats))
         raise ConfigError(
-            f"deployment {deployment.name!r} asks for engine {engine!r} but {mv.ref} is a {mv.format} file; "
-            f"set `engine: {mv.format}` or leave it out"
+            f"deployment {deployment.name!r} asks for engine {descriptor.name!r}, which loads {loads} files, "
+            f"but {mv.ref} is a {mv.format} file; leave `engine` out to use the engine for {mv.format}"
         )
     spec = worker_workload(
         deployment=deployment,
-        engine=engine,
+        engine=descriptor.name,
         path=mv.path,
         sha256=mv.sha256,
         extra_files=mv.extra_files,
@@ -184,8 +182,9 @@ def deploy(
     )
     served = ServedModel(
         deployment=deployment.name,
-        engine=engine,
+        engine=descriptor.name,
         model_ref=mv.ref,
+        engine_capabilities=descriptor.capabilities,
         aliases=tuple(n for n in (mv.ref, deployment.model_ref) if n != deployment.name),
         created=int(mv.created_at.timestamp()),
     )

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import httpx
 from tokenizers import Tokenizer
 
-from lamina.config import ONNXOptions
 from lamina.errors import ConfigError, EngineError, UnavailableError, from_body
+from lamina.models._builtin_engines import ONNXOptions
 from lamina.models._checksums import check_files, remedy_for
 from lamina.models._engine import LoadSpec
 from lamina.models._model_version import ModelVersion

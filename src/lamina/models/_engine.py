@@ -1,21 +1,28 @@
-"""The one small interface every engine implements, and the types that cross it.
+"""The one small interface every engine implements, the types that cross it, and how plugins describe
+themselves.
 
 An engine runs one model in one process. It is synchronous and single-threaded from its caller's point of
-view: the replica worker queues requests and calls it from one thread at a time. Engines are plugins found
-through the ``lamina.engines`` entry-point group (``gguf``, ``onnx``, ``fake`` are built in), so a test
-engine is registered exactly like a real one.
+view: the replica worker queues requests and calls it from one thread at a time. Engines are plugins: each
+``lamina.engines`` entry point names an :class:`EngineDescriptor` (``gguf``, ``onnx``, ``fake`` are built
+in, see ``_builtin_engines``), which says what the engine can do, which options it takes, what a replica
+of it needs and how to make it. The core asks the descriptor and never spells an engine's name, so an
+engine installed as a package serves with no change here, and a test engine is registered exactly like a
+real one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel, ValidationError
+
 from lamina.errors import ConfigError
+from lamina.orchestration import Resources
 
 FinishReason = Literal["stop", "length"]
 
@@ -115,6 +122,48 @@ class EngineFactory(Protocol):
     def __call__(self, spec: LoadSpec) -> Engine: ...
 
 
+@dataclass(frozen=True)
+class EngineDescriptor:
+    """An engine plugin as it describes itself: what its ``lamina.engines`` entry point names.
+
+    Importing the module that holds a descriptor must be cheap (listing engines imports every one): the
+    factory imports the engine's heavy libraries when it is called, in the replica worker.
+    """
+
+    name: str
+    description: str
+    capabilities: frozenset[Capability]
+    #: its options: a pydantic model (``extra="forbid"``, a description per field); a deployment's
+    #: options block for this engine is validated by it when the config is loaded
+    options: type[BaseModel]
+    #: makes the engine for one model (in the replica worker)
+    factory: EngineFactory
+    #: what one replica asks for, given its model's files (none when it takes none) and parsed options
+    resources: Callable[[Sequence[Path], Any], Resources]
+    #: the registry formats of the model files it loads (``gguf``, ``onnx``); empty: it takes none
+    formats: frozenset[str] = frozenset()
+
+    @property
+    def needs_model(self) -> bool:
+        return bool(self.formats)
+
+    def parse_options(self, options: Mapping[str, Any], where: str) -> BaseModel:
+        """``options`` validated by the engine's model; a ConfigError names ``where`` and each field."""
+        try:
+            return self.options.model_validate(dict(options))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"`{'.'.join(str(p) for p in e['loc']) or '(top level)'}`: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(
+                f"{where}: {self.name} options: {problems} (`lamina engines` lists the options)"
+            ) from exc
+
+    def validate_options(self, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The options with their defaults filled in, as plain JSON-able values."""
+        return self.parse_options(options, where).model_dump(mode="json")
+
+
 ENGINE_ENTRY_POINTS = "lamina.engines"
 
 
@@ -123,12 +172,37 @@ def engine_names() -> list[str]:
     return sorted(ep.name for ep in entry_points(group=ENGINE_ENTRY_POINTS))
 
 
-def load_engine(engine: str, spec: LoadSpec) -> Engine:
-    """Instantiate the engine plugin called ``engine`` on ``spec``."""
-    found = [ep for ep in entry_points(group=ENGINE_ENTRY_POINTS) if ep.name == engine]
+def engine_descriptor(name: str) -> EngineDescriptor:
+    """The installed engine ``name``, or a ConfigError listing those installed."""
+    found = [ep for ep in entry_points(group=ENGINE_ENTRY_POINTS) if ep.name == name]
     if not found:
         raise ConfigError(
-            f"no engine plugin named {engine!r}; installed: {', '.join(engine_names()) or 'none'}"
+            f"no engine plugin named {name!r}; installed: {', '.join(engine_names()) or 'none'} "
+            "(`lamina engines` describes them; a plugin registers one under the `lamina.engines` entry point)"
         )
-    factory: EngineFactory = found[0].load()
-    return factory(spec)
+    descriptor = found[0].load()
+    if not isinstance(descriptor, EngineDescriptor):
+        raise ConfigError(
+            f"the engine plugin {name!r} ({found[0].value}) is not an EngineDescriptor; point its "
+            "`lamina.engines` entry point at one"
+        )
+    return descriptor
+
+
+def engine_descriptors() -> list[EngineDescriptor]:
+    """Every installed engine, by name."""
+    return [engine_descriptor(name) for name in engine_names()]
+
+
+def engine_for_format(fmt: str) -> EngineDescriptor:
+    """The engine that loads model files of format ``fmt``: the one named like the format if it loads it,
+    else the first installed that does."""
+    loaders = [d for d in engine_descriptors() if fmt in d.formats]
+    if not loaders:
+        raise ConfigError(f"no installed engine loads {fmt} files; install an engine plugin that does")
+    return next((d for d in loaders if d.name == fmt), loaders[0])
+
+
+def load_engine(engine: str, spec: LoadSpec) -> Engine:
+    """Instantiate the engine plugin called ``engine`` on ``spec``."""
+    return engine_descriptor(engine).factory(spec)

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from lamina.config import FakeOptions
 from lamina.errors import ConfigError
+from lamina.models._builtin_engines import FakeOptions
 from lamina.models._engine import (
     Capability,
     ChatMessage,

@@ -7,7 +7,6 @@ llama-cpp-python's ``Jinja2ChatFormatter`` handler does, and the rendered tokens
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 from collections.abc import Iterator, Sequence
@@ -18,11 +17,10 @@ from typing import Any
 import gguf
 import llama_cpp
 import llama_cpp.llama
-import psutil
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from lamina.config import GGUFOptions
 from lamina.errors import ConfigError, EngineError, UnsupportedCapabilityError
+from lamina.models._builtin_engines import GGUFOptions, physical_cores
 from lamina.models._engine import (
     Capability,
     ChatMessage,
@@ -82,11 +80,6 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(model.metadata())
     finally:
         model.close()  # type: ignore[no-untyped-call]
-
-
-def physical_cores() -> int:
-    """The machine's physical cores: llama.cpp gains nothing from hyperthreads."""
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def context_window(requested: int, metadata: dict[str, str]) -> int:

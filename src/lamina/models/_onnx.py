@@ -14,8 +14,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
-from lamina.config import ONNXOptions
 from lamina.errors import ConfigError, EngineError, UnsupportedCapabilityError
+from lamina.models._builtin_engines import ONNXOptions
 from lamina.models._engine import (
     Capability,
     ChatMessage,

@@ -6,6 +6,13 @@ imported only by the commands that run it. Nothing else in Lamina reads the envi
 from global state.
 """
 
-from lamina.stack._data import DataStack, open_data_stack, open_registry, open_store, open_vectors
+from lamina.stack._data import (
+    DataStack,
+    checked_config,
+    open_data_stack,
+    open_registry,
+    open_store,
+    open_vectors,
+)
 
-__all__ = ["DataStack", "open_data_stack", "open_registry", "open_store", "open_vectors"]
+__all__ = ["DataStack", "checked_config", "open_data_stack", "open_registry", "open_store", "open_vectors"]

@@ -25,8 +25,22 @@ from lamina.data import (
     Retriever,
     VectorStore,
 )
-from lamina.models import EngineEmbedder, HTTPEmbedder, Registry, ThreadQueryEmbedder, registered_or_bundled
+from lamina.models import (
+    EngineEmbedder,
+    HTTPEmbedder,
+    ONNXOptions,
+    Registry,
+    ThreadQueryEmbedder,
+    check_deployment,
+    registered_or_bundled,
+)
 from lamina.store import Store
+
+
+def checked_config(config: LaminaConfig) -> LaminaConfig:
+    """``config`` with every deployment's engine and engine options checked against the installed engine
+    plugins (their descriptors) and defaults filled in: what the config file may not say alone."""
+    return config.model_copy(update={"deployments": [check_deployment(d) for d in config.deployments]})
 
 
 def open_store(config: LaminaConfig, state_dir: Path) -> Store:
@@ -72,7 +86,9 @@ class DataStack:
         if self._embedder is None:
             mv = registered_or_bundled(self.registry, self.config.data.embedding_model)
             deployment = self._embedding_deployment()
-            options = deployment.onnx if deployment is not None else None
+            options = (
+                None if deployment is None else ONNXOptions.model_validate(deployment.options_for("onnx"))
+            )
             if self.gateway_url is None:
                 self._embedder = EngineEmbedder(mv, options)
             else:

@@ -38,7 +38,7 @@ from lamina.models import (
 )
 from lamina.observability import DriftMetrics, Telemetry
 from lamina.orchestration import Controller, Dispatcher, LocalProcessBackend, WorkloadSpec
-from lamina.stack._data import DataStack, open_data_stack, open_registry
+from lamina.stack._data import DataStack, checked_config, open_data_stack, open_registry
 from lamina.store import Store
 
 log = logging.getLogger("lamina")
@@ -92,6 +92,7 @@ class Stack:
 
 def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     """Build every layer on ``config``, whole; starts no process yet."""
+    config = checked_config(config)
     store, registry = open_registry(config, state_dir)
     if config.register_bundled:
         register_bundled(registry)

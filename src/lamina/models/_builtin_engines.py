@@ -1,0 +1,151 @@
+"""The engines that ship with Lamina, as they describe themselves: llama.cpp (GGUF), ONNX Runtime, fake.
+
+Each ``lamina.engines`` entry point in pyproject.toml names one of the descriptors below. This module is
+imported to list or check engines, so it holds only their options and what a replica needs; each factory
+imports its engine (llama.cpp, ONNX Runtime) when a replica calls it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+from pydantic import BaseModel, ConfigDict, Field
+
+from lamina.models._engine import Capability, Engine, EngineDescriptor, LoadSpec
+from lamina.orchestration import Resources
+
+_MIB = 1 << 20
+#: what a worker process needs before its model: Python, the HTTP server, the engine library
+_BASE_MEMORY_MB = 256
+_GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GGUFOptions(_Strict):
+    n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped at the model's own).")
+    n_threads: int | None = Field(
+        None, ge=1, description="llama.cpp threads for generation. Empty: the physical cores of the machine."
+    )
+    n_threads_batch: int | None = Field(
+        None, ge=1, description="llama.cpp threads for prompt processing. Empty: same as n_threads."
+    )
+    n_batch: int = Field(512, ge=1, description="Prompt-processing batch size in tokens.")
+    n_gpu_layers: int = Field(
+        0, ge=-1, description="Layers to offload to the GPU (-1: all). Needs a CUDA build of llama.cpp."
+    )
+    use_extra_bufts: bool = Field(
+        False,
+        description="llama.cpp weight repacking into CPU-specific layouts (extra buffer types). Faster "
+        "prompt processing on CPUs whose repacked kernels work; off by default because on some CPUs "
+        "repacked Q4 weights crash in decode. Turn it on after `make bench` runs cleanly with it.",
+    )
+    seed: int = Field(-1, description="Sampling seed; -1 draws a random one per request.")
+
+
+class ONNXOptions(_Strict):
+    providers: list[str] | None = Field(
+        None,
+        description="ONNX Runtime execution providers in order of preference. Empty: TensorRT, CUDA, "
+        "then CPU, keeping those this onnxruntime build has.",
+    )
+    batch_size: int = Field(32, ge=1, description="Texts per forward pass when embedding.")
+    max_length: int = Field(256, ge=8, description="Tokens per text; longer texts are truncated.")
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads. Empty: its default.")
+
+
+class FakeOptions(_Strict):
+    mode: Literal["echo", "replay"] = Field(
+        "echo", description="echo: answers with the last user message; replay: answers with `tokens`."
+    )
+    tokens: list[str] = Field(
+        default_factory=lambda: ["Hello", " from", " the", " fake", " engine", "."],
+        description="Tokens to replay in `replay` mode.",
+    )
+    seconds_per_token: float = Field(0.0, ge=0, description="Time the fake engine spends on each token.")
+    n_ctx: int = Field(2048, ge=16, description="Context window the fake engine claims.")
+    embedding_dim: int = Field(16, ge=1, description="Length of the fake engine's embedding vectors.")
+
+
+def physical_cores() -> int:
+    """The machine's physical cores: llama.cpp gains nothing from hyperthreads."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _memory_mb(files: Sequence[Path]) -> int:
+    """About 1.5x the model's files (an ONNX model's external data included), at least the base."""
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    return max(_BASE_MEMORY_MB, math.ceil(size / _MIB * 1.5))
+
+
+def _gguf_resources(files: Sequence[Path], options: Any) -> Resources:
+    """Its threads, about 1.5x its files, and a GPU when layers are offloaded."""
+    assert isinstance(options, GGUFOptions)
+    return Resources(
+        cpus=float(options.n_threads or physical_cores()),
+        memory_mb=_memory_mb(files),
+        gpus=1 if options.n_gpu_layers != 0 else 0,
+    )
+
+
+def _onnx_resources(files: Sequence[Path], options: Any) -> Resources:
+    """One core, about 1.5x its files, and a GPU when a GPU provider is asked for."""
+    assert isinstance(options, ONNXOptions)
+    return Resources(
+        cpus=1.0,
+        memory_mb=_memory_mb(files),
+        gpus=1 if set(options.providers or ()) & _GPU_PROVIDERS else 0,
+    )
+
+
+def _gguf(spec: LoadSpec) -> Engine:
+    from lamina.models._gguf import GGUFEngine
+
+    return GGUFEngine(spec)
+
+
+def _onnx(spec: LoadSpec) -> Engine:
+    from lamina.models._onnx import ONNXEngine
+
+    return ONNXEngine(spec)
+
+
+def _fake(spec: LoadSpec) -> Engine:
+    from lamina.models._fake import FakeEngine
+
+    return FakeEngine(spec)
+
+
+GGUF = EngineDescriptor(
+    name="gguf",
+    description="llama.cpp (llama-cpp-python) running GGUF models: chat, completion, streaming",
+    capabilities=frozenset({Capability.CHAT, Capability.COMPLETION, Capability.STREAMING}),
+    options=GGUFOptions,
+    factory=_gguf,
+    resources=_gguf_resources,
+    formats=frozenset({"gguf"}),
+)
+ONNX = EngineDescriptor(
+    name="onnx",
+    description="ONNX Runtime running sentence-embedding models (TensorRT, CUDA or CPU providers)",
+    capabilities=frozenset({Capability.EMBEDDING}),
+    options=ONNXOptions,
+    factory=_onnx,
+    resources=_onnx_resources,
+    formats=frozenset({"onnx"}),
+)
+FAKE = EngineDescriptor(
+    name="fake",
+    description="echoes or replays tokens without a model file, for tests and benchmarks",
+    capabilities=frozenset(Capability),
+    options=FakeOptions,
+    factory=_fake,
+    resources=lambda _files, _options: Resources(cpus=0.1, memory_mb=128, gpus=0),
+)
