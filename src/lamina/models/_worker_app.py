@@ -1,8 +1,11 @@
 """The replica worker's HTTP app: OpenAI-style endpoints in front of one engine.
 
 Requests are validated here (a bad field is a 400 naming it), checked against what the engine can do and
-against its context, then run on the engine thread. Non-streaming bodies and the last streamed event
-carry a ``lamina`` field with the request's queue and engine times, which the gateway turns into spans.
+against its context, then run on the engine thread; embedding requests that arrive together share one
+engine call (``lamina.models._microbatch``). Non-streaming bodies and the last streamed event carry a
+``lamina`` field with the request's queue and engine times, which the gateway turns into spans; an
+embedding body's also says how many requests and texts shared its engine call (``batch_requests``,
+``batch_texts``).
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from lamina.models._engine import (
     Capability,
     ChatMessage,
     Delta,
-    EmbeddingBatch,
     Engine,
     EngineInfo,
     SamplingParams,
 )
+from lamina.models._microbatch import BatchPolicy, MicroBatcher
 from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from lamina.models._worker_stream import (
     DONE,
@@ -171,8 +174,10 @@ def guarded(handler: Handler) -> Handler:
 class WorkerApp:
     """The endpoints, bound to one replica."""
 
-    def __init__(self, replica: Replica) -> None:
+    def __init__(self, replica: Replica, batching: BatchPolicy | None = None) -> None:
         self.replica = replica
+        #: embedding requests that arrive together share one engine call
+        self.batcher = MicroBatcher(replica.runner, lambda: replica.ready()[0], batching)
 
     def starlette(self, on_startup: Callable[[], None]) -> Starlette:
         routes = [
@@ -325,7 +330,7 @@ class WorkerApp:
     async def embeddings(self, request: Request) -> Response:
         timing = Timing(received=time.perf_counter())
         req = await parse_body(request, EmbeddingRequest)
-        engine, info = self.replica.ready()
+        _, info = self.replica.ready()
         require(info, self.replica.served_name, Capability.EMBEDDING)
         if req.dimensions is not None and req.dimensions != info.embedding_dim:
             raise UnsupportedCapabilityError(
@@ -333,26 +338,19 @@ class WorkerApp:
                 f"cannot shorten them to {req.dimensions}; leave `dimensions` out",
                 param="dimensions",
             )
-        texts = req.texts
-
-        def embed() -> EmbeddingBatch:
-            timing.begin()
-            try:
-                return engine.embed(texts)
-            finally:
-                timing.end()
-
-        batch = await self.replica.runner.call(embed)
+        done = await self.batcher.embed(req.texts, timing)
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
-            for i, v in enumerate(batch.vectors)
+            for i, v in enumerate(done.vectors)
         ]
+        lamina = timing.as_json(self.replica.model_version)
+        lamina.update(batch_requests=done.batch.requests, batch_texts=done.batch.texts)
         return JSONResponse(
             {
                 "object": "list",
                 "data": data,
                 "model": self.replica.served_name,
-                "usage": {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens},
-                "lamina": timing.as_json(self.replica.model_version),
+                "usage": {"prompt_tokens": done.prompt_tokens, "total_tokens": done.prompt_tokens},
+                "lamina": lamina,
             }
         )
