@@ -33,38 +33,11 @@ def test_ingest_log_show_diff_tag_lineage_gc(tmp_path: Path) -> None:
     for i in range(3):
         (corpus / f"f{i}.md").write_text(prose(i, 150))
     (corpus / "rows.csv").write_text("body,lang\n" + prose(7, 30) + ",en\n")
-    first = cli(
-        "ingest",
-        str(corpus),
-        "--dataset",
-        "docs",
-        "--text-field",
-        "body",
-        "--meta-field",
-        "lang",
-        "--chunk-size",
-        "40",
-        "--overlap",
-        "5",
-        state=state,
-    )
+    options = ("--text-field", "body", "--meta-field", "lang", "--chunk-size", "40", "--overlap", "5")
+    first = cli("ingest", str(corpus), "--dataset", "docs", *options, state=state)
     assert first["state"] == "completed" and first["version"]["seq"] == 1
     (corpus / "f0.md").write_text(prose(10, 150))
-    second = cli(
-        "ingest",
-        str(corpus),
-        "--dataset",
-        "docs",
-        "--text-field",
-        "body",
-        "--meta-field",
-        "lang",
-        "--chunk-size",
-        "40",
-        "--overlap",
-        "5",
-        state=state,
-    )
+    second = cli("ingest", str(corpus), "--dataset", "docs", *options, state=state)
     assert second["version"]["seq"] == 2 and second["counts"]["files_reused"] == 3
 
     assert [d["dataset"] for d in cli("list", state=state)] == ["docs"]

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
 from lamina.data.versions._catalog import DatasetCatalog
 from lamina.data.versions._lineage import manifest_id
-from lamina.data.versions._records import ChunkLineage, NewVersion, SourceRecord
+from lamina.data.versions._records import NewVersion, SourceRecord
 from lamina.errors import InvalidRequestError, NotFoundError
 from lamina.store import Store
-
-T0 = datetime(2025, 1, 1, tzinfo=UTC)
+from tests.support import T0, lineage_row
 
 
 def clock() -> object:
@@ -33,25 +32,7 @@ def commit(catalog: DatasetCatalog, chunks: dict[str, list[str]], sources: dict[
         "sources": sorted(sources.items()),
         "embedding_model": {"ref": "m@1", "sha256": "f" * 64},
     }
-    lineage = [
-        ChunkLineage(
-            chunk_id=c,
-            dataset="docs",
-            source_uri=uri,
-            source_file=uri,
-            source_sha256=sources[uri],
-            byte_start=0,
-            byte_end=5,
-            content_sha256="c" * 64,
-            pipeline_version="p1",
-            embedding_model="m@1",
-            embedding_sha256="f" * 64,
-            run_id=run,
-            created_at=T0,
-        )
-        for uri, cs in chunks.items()
-        for c in cs
-    ]
+    lineage = [lineage_row(c, uri, sources[uri], run) for uri, cs in chunks.items() for c in cs]
     records = [
         SourceRecord(u, s, 10, T0, [(u, s, "0" * 16)], len(chunks.get(u, []))) for u, s in sources.items()
     ]

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import pytest
 
 from lamina.config import LaminaConfig
 from lamina.data import (
-    ChunkLineage,
     DatasetCatalog,
     DatasetVersion,
     IngestOptions,
@@ -36,6 +34,7 @@ from lamina.errors import ConflictError
 from lamina.models import EngineEmbedder
 from lamina.stack import DataStack, open_data_stack
 from lamina.store import Store
+from tests.support import T0, lineage_row
 
 OPTIONS = IngestOptions(chunk_size=48, chunk_overlap=8, embed_batch_size=4)
 WORDS = ["river", "mountain", "cloud", "vector", "lamina", "store", "token", "graph", "index", "query"]
@@ -200,32 +199,13 @@ def test_gc_on_another_host_cannot_delete_vectors_a_running_ingest_reuses(
 
 # -- version sequence numbers across hosts -----------------------------------------------------------------
 
-T0 = datetime(2025, 1, 1, tzinfo=UTC)
-
 
 def new_version(i: int, run_id: str) -> NewVersion:
     """A version of dataset docs of its own (chunks and source differ by ``i``)."""
     uri, sha = f"file:///f{i}.txt", f"{i:064x}"
     ids = [f"c{i}-{j}" for j in range(3)]
     manifest = {"dataset": "docs", "ids": ids, "embedding_model": {"ref": "m@1", "sha256": "f" * 64}}
-    lineage = [
-        ChunkLineage(
-            chunk_id=c,
-            dataset="docs",
-            source_uri=uri,
-            source_file=uri,
-            source_sha256=sha,
-            byte_start=0,
-            byte_end=5,
-            content_sha256="c" * 64,
-            pipeline_version="p1",
-            embedding_model="m@1",
-            embedding_sha256="f" * 64,
-            run_id=run_id,
-            created_at=T0,
-        )
-        for c in ids
-    ]
+    lineage = [lineage_row(c, uri, sha, run_id) for c in ids]
     source = SourceRecord(uri, sha, 10, T0, [(uri, sha, "0" * 16)], len(ids))
     return NewVersion("docs", manifest_id(manifest), manifest, "p1", run_id, ids, [source], lineage)
 

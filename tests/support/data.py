@@ -13,7 +13,8 @@ import numpy.typing as npt
 import psycopg
 from psycopg import sql
 
-from lamina.data import Chunk, Hit, LanceDBStore, PgVectorStore, Scalar
+from lamina.data import Chunk, ChunkLineage, Hit, LanceDBStore, PgVectorStore, Scalar
+from tests.support.clock import T0
 
 #: The two vector-store backends every data test runs on.
 VectorBackend = LanceDBStore | PgVectorStore
@@ -89,3 +90,22 @@ def open_vector_store(backend: str, tmp_path: Path, pg_url: str | None) -> Itera
     store.close()
     with psycopg.connect(psycopg_url(pg_url), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def lineage_row(chunk_id: str, uri: str, source_sha256: str, run_id: str) -> ChunkLineage:
+    """The lineage of a chunk of dataset ``docs`` from ``uri``, for catalog tests that commit by hand."""
+    return ChunkLineage(
+        chunk_id=chunk_id,
+        dataset="docs",
+        source_uri=uri,
+        source_file=uri,
+        source_sha256=source_sha256,
+        byte_start=0,
+        byte_end=5,
+        content_sha256="c" * 64,
+        pipeline_version="p1",
+        embedding_model="m@1",
+        embedding_sha256="f" * 64,
+        run_id=run_id,
+        created_at=T0,
+    )
