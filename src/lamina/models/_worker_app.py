@@ -45,15 +45,13 @@ from lamina.models._engine import (
 from lamina.models._microbatch import BatchPolicy, MicroBatcher
 from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from lamina.models._worker_stream import (
-    DONE,
-    ChunkEncoder,
     EngineRunner,
     Timing,
     TokenStream,
     collect,
     generation,
-    usage_json,
 )
+from lamina.models._worker_wire import DONE, ChunkEncoder, completion_body
 
 log = logging.getLogger("lamina.models.worker")
 
@@ -277,25 +275,9 @@ class WorkerApp:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         text, final = await runner.call(lambda: collect(make(), runner))
-        return JSONResponse(self._body(kind, rid, created, echo + text, final, timing))
-
-    def _body(
-        self, kind: str, rid: str, created: int, text: str, final: Delta, timing: Timing
-    ) -> dict[str, Any]:
-        if kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"text": text, "index": 0}
-        assert final.usage is not None, "engines put usage on their final delta"
-        return {
-            "id": rid,
-            "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": created,
-            "model": self.replica.served_name,
-            "choices": [{**choice, "logprobs": None, "finish_reason": final.finish_reason}],
-            "usage": usage_json(final.usage),
-            "lamina": timing.as_json(self.replica.model_version),
-        }
+        lamina = timing.as_json(self.replica.model_version)
+        served = self.replica.served_name
+        return JSONResponse(completion_body(kind, rid, created, served, echo + text, final, lamina))
 
     async def _events(
         self, tokens: TokenStream[int | Delta], encoder: ChunkEncoder, timing: Timing, echo: str
