@@ -272,6 +272,8 @@ PUBLIC = {
         "SamplingParams",
         "ServedModel",
         "ThreadQueryEmbedder",
+        "TokenLogprob",
+        "TopLogprob",
         "Usage",
         "check_deployment",
         "deploy",

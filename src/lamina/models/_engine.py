@@ -32,6 +32,12 @@ class Capability(StrEnum):
     COMPLETION = "completion"
     EMBEDDING = "embedding"
     STREAMING = "streaming"
+    #: per-token log probabilities (``logprobs``, ``top_logprobs``)
+    LOGPROBS = "logprobs"
+    #: decoding constrained by a GBNF grammar (``response_format`` json, forced tool calls)
+    GRAMMAR = "grammar"
+    #: ``presence_penalty``, ``frequency_penalty`` and ``logit_bias``
+    PENALTIES = "penalties"
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,43 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: (token id, bias added to its logit); -100 bans a token, +100 forces it
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: None: no log probabilities; k >= 0: each token's and its k most likely alternatives'
+    logprobs: int | None = None
+    #: a GBNF grammar (root rule ``root``) that the output must match
+    grammar: str | None = None
+
+    def needs(self) -> frozenset[Capability]:
+        """The capabilities beyond plain sampling that honouring these parameters takes."""
+        needed = set()
+        if self.logprobs is not None:
+            needed.add(Capability.LOGPROBS)
+        if self.grammar is not None:
+            needed.add(Capability.GRAMMAR)
+        if self.presence_penalty or self.frequency_penalty or self.logit_bias:
+            needed.add(Capability.PENALTIES)
+        return frozenset(needed)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    #: the token's UTF-8 bytes (a token can hold part of a character)
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability and, when asked, its most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +135,8 @@ class Delta:
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    #: the tokens this delta's text came from, when log probabilities were asked for
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
