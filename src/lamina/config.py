@@ -21,6 +21,8 @@ STATE_DIR_ENV = "LAMINA_STATE_DIR"
 #: The bundled models, registered on first start.
 BUNDLED_CHAT_MODEL = "smollm2-135m-instruct"
 BUNDLED_EMBEDDING_MODEL = "minilm-l6-v2"
+#: Seconds an engine step may run without progress before a replica reports itself stuck.
+DEFAULT_WATCHDOG_S = 60.0
 
 
 #: What ``lamina config show`` (and error messages) print in place of a secret. A field is marked secret
@@ -68,6 +70,26 @@ class StoreConfig(_Strict):
     )
 
 
+class BatchingConfig(_Strict):
+    """How an embedding replica gathers concurrent requests into one engine call (micro-batching)."""
+
+    window_ms: float = Field(
+        1.0,
+        ge=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Milliseconds (0 to 1000) an open batch waits for more requests while the engine is idle "
+        "(0: it goes at once). While the engine is busy, requests gather anyway, so only an idle replica's "
+        "lone request pays the window.",
+    )
+    max_texts: int = Field(
+        32,
+        ge=1,
+        description="Texts per engine call; a request that would overflow the open batch starts the next "
+        "one (a larger request alone is one batch).",
+    )
+
+
 class DeploymentConfig(_Strict):
     name: str = Field(description="The model name clients ask for (OpenAI `model` field).")
     model: str | None = Field(
@@ -81,6 +103,18 @@ class DeploymentConfig(_Strict):
         "fake, and any plugin's). Empty: the engine that loads the registered file's format.",
     )
     replicas: int = Field(1, ge=0, description="Replica worker processes to keep running.")
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig,
+        description="Micro-batching of concurrent embedding requests on each replica (embedding models).",
+    )
+    watchdog_s: float = Field(
+        DEFAULT_WATCHDOG_S,
+        ge=1,
+        allow_inf_nan=False,
+        description="Seconds an engine step may run without progress before the replica's /health answers "
+        "503 (stuck), so that the controller replaces it. Keep it above the longest single step (a long "
+        "prompt's prefill on this hardware).",
+    )
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Engine options by engine name, e.g. `{gguf: {n_ctx: 4096}}`; checked against the "
@@ -118,6 +152,12 @@ class OrchestrationConfig(_Strict):
         120.0, gt=0, description="How long a new replica may take to become ready."
     )
     health_interval_s: float = Field(1.0, gt=0, description="Seconds between replica health checks.")
+    unhealthy_checks: int = Field(
+        3,
+        ge=1,
+        description="A ready replica leaves rotation at its first failed health check (any answer but 200, "
+        "or none in time) and is stopped and replaced after this many failed in a row (a stuck engine).",
+    )
     restart_backoff_s: float = Field(0.5, ge=0, description="First delay before restarting a dead replica.")
     restart_backoff_max_s: float = Field(30.0, ge=0, description="Longest delay between restarts.")
     retry_deadline_s: float = Field(

@@ -96,8 +96,16 @@ def test_stop_strings_end_the_answer(engine: GGUFEngine) -> None:
 def test_info(engine: GGUFEngine) -> None:
     info = engine.info()
     assert info.engine == "gguf" and info.device == "cpu"
-    assert info.capabilities == {Capability.CHAT, Capability.COMPLETION, Capability.STREAMING}
-    assert info.context_length == 4096
+    assert info.capabilities == {
+        Capability.CHAT,
+        Capability.COMPLETION,
+        Capability.STREAMING,
+        Capability.BATCHING,
+        Capability.LOGPROBS,
+        Capability.GRAMMAR,
+        Capability.PENALTIES,
+    }
+    assert info.context_length == 4096 and info.details["parallel"] == "4"
     assert info.details["threads"] == "2" and info.details["use_extra_bufts"] == "false"
     assert info.details["quantization"] == "Q4_1"
 
@@ -128,7 +136,7 @@ def test_repacking_patch_is_scoped() -> None:
 
 
 def test_embeddings_are_unsupported(engine: GGUFEngine) -> None:
-    with pytest.raises(UnsupportedCapabilityError, match="chat, completion, streaming"):
+    with pytest.raises(UnsupportedCapabilityError, match="not embeddings"):
         engine.embed(["hello"])
 
 

@@ -134,7 +134,8 @@ def test_chat_completion_body(echo: Worker) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "echo"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello there world"}
+    message = {"role": "assistant", "content": "hello there world", "refusal": None}
+    assert body["choices"][0]["message"] == message
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     lamina = body["lamina"]

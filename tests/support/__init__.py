@@ -2,6 +2,13 @@
 generators of test data, real files and processes to test against. No test module imports another."""
 
 from tests.support.clock import T0, FakeClock
+from tests.support.controller import (
+    PROCESS_WAIT_S,
+    local_controller,
+    process_gone,
+    replica_status,
+    step_until,
+)
 from tests.support.data import (
     BACKENDS,
     WORDS,
@@ -53,6 +60,7 @@ __all__ = [
     "EMBED",
     "LAMINA",
     "PLAIN",
+    "PROCESS_WAIT_S",
     "START_NS",
     "T0",
     "WORDS",
@@ -75,17 +83,21 @@ __all__ = [
     "hf_reachable",
     "ids",
     "lineage_row",
+    "local_controller",
     "make_pdf",
     "minilm_spec",
     "open_vector_store",
     "pdf_bytes",
+    "process_gone",
     "prose",
     "psycopg_url",
     "replica",
+    "replica_status",
     "smollm2_path",
     "split",
     "sse",
     "start_stack",
+    "step_until",
     "stop_stack",
     "trickle",
     "unit_vectors",

@@ -30,7 +30,16 @@ class _Strict(BaseModel):
 
 
 class GGUFOptions(_Strict):
-    n_ctx: int = Field(4096, ge=64, description="Context window in tokens (capped at the model's own).")
+    n_ctx: int = Field(
+        4096, ge=64, description="Context window of each request in tokens (capped at the model's own)."
+    )
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Requests decoded together (continuous batching), each with its own n_ctx of KV "
+        "cache. Empty: chosen from n_ctx (16384 // n_ctx, between 1 and 8: 4 at 4096).",
+    )
     n_threads: int | None = Field(
         None, ge=1, description="llama.cpp threads for generation. Empty: the physical cores of the machine."
     )
@@ -46,6 +55,12 @@ class GGUFOptions(_Strict):
         description="llama.cpp weight repacking into CPU-specific layouts (extra buffer types). Faster "
         "prompt processing on CPUs whose repacked kernels work; off by default because on some CPUs "
         "repacked Q4 weights crash in decode. Turn it on after `make bench` runs cleanly with it.",
+    )
+    flash_attn: bool = Field(
+        False,
+        description="llama.cpp's flash attention. Off by default: its CPU kernel computes a token "
+        "differently depending on how many others share its batch, so greedy answers would depend on "
+        "the traffic around them; with it off they never do. Turn it on for speed on a GPU.",
     )
     seed: int = Field(-1, description="Sampling seed; -1 draws a random one per request.")
 
@@ -72,6 +87,17 @@ class FakeOptions(_Strict):
     seconds_per_token: float = Field(0.0, ge=0, description="Time the fake engine spends on each token.")
     n_ctx: int = Field(2048, ge=16, description="Context window the fake engine claims.")
     embedding_dim: int = Field(16, ge=1, description="Length of the fake engine's embedding vectors.")
+
+
+#: the KV cache tokens that an unset ``parallel`` spreads over its slots
+_DEFAULT_KV_TOKENS = 16384
+
+
+def parallel_slots(options: GGUFOptions) -> int:
+    """The configured ``parallel``, else as many slots of ``n_ctx`` as fit in 16k tokens of cache (1-8)."""
+    if options.parallel is not None:
+        return options.parallel
+    return max(1, min(8, _DEFAULT_KV_TOKENS // options.n_ctx))
 
 
 def physical_cores() -> int:
@@ -125,8 +151,19 @@ def _fake(spec: LoadSpec) -> Engine:
 
 GGUF = EngineDescriptor(
     name="gguf",
-    description="llama.cpp (llama-cpp-python) running GGUF models: chat, completion, streaming",
-    capabilities=frozenset({Capability.CHAT, Capability.COMPLETION, Capability.STREAMING}),
+    description="llama.cpp (llama-cpp-python) running GGUF models: chat, completion, streaming, continuous "
+    "batching, grammars",
+    capabilities=frozenset(
+        {
+            Capability.CHAT,
+            Capability.COMPLETION,
+            Capability.STREAMING,
+            Capability.BATCHING,
+            Capability.LOGPROBS,
+            Capability.GRAMMAR,
+            Capability.PENALTIES,
+        }
+    ),
     options=GGUFOptions,
     factory=_gguf,
     resources=_gguf_resources,
@@ -144,7 +181,9 @@ ONNX = EngineDescriptor(
 FAKE = EngineDescriptor(
     name="fake",
     description="echoes or replays tokens without a model file, for tests and benchmarks",
-    capabilities=frozenset(Capability),
+    capabilities=frozenset(
+        {Capability.CHAT, Capability.COMPLETION, Capability.EMBEDDING, Capability.STREAMING}
+    ),
     options=FakeOptions,
     factory=_fake,
     resources=lambda _files, _options: Resources(cpus=0.1, memory_mb=128, gpus=0),

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lamina.config import DeploymentConfig
+from lamina.config import DEFAULT_WATCHDOG_S, BatchingConfig, DeploymentConfig
 from lamina.errors import ConfigError
 from lamina.models._catalog import ServedModel
 from lamina.models._checksums import MODEL_ROLE, RecordedFile
@@ -42,6 +42,15 @@ class WorkerSpec(BaseModel):
         description="Expected sha256 of companion files by role; a mismatch refuses to load.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="The engine's options.")
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig, description="Micro-batching of concurrent embedding requests."
+    )
+    watchdog_s: float = Field(
+        DEFAULT_WATCHDOG_S,
+        ge=1,
+        allow_inf_nan=False,
+        description="Seconds an engine step may run without progress before /health answers 503 (stuck).",
+    )
 
     @classmethod
     def read(cls, path: Path) -> WorkerSpec:
@@ -123,6 +132,8 @@ def worker_workload(
         extra_files={role: str(p) for role, p in extra_files.items()},
         extra_sha256=dict(extra_sha256 or {}),
         options=options,
+        batching=deployment.batching,
+        watchdog_s=deployment.watchdog_s,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / spec_file_name(deployment.name)

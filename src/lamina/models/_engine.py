@@ -38,6 +38,9 @@ class Capability(StrEnum):
     GRAMMAR = "grammar"
     #: ``presence_penalty``, ``frequency_penalty`` and ``logit_bias``
     PENALTIES = "penalties"
+    #: continuous batching: requests are submitted to the engine and advanced together by ``step()``
+    #: (see :class:`BatchingEngine`)
+    BATCHING = "batching"
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,23 @@ class Delta:
 class EmbeddingBatch:
     vectors: list[list[float]]
     prompt_tokens: int
+
+
+class Sink(Protocol):
+    """Where a batching engine delivers one request's deltas, on the engine thread."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once nobody wants the answer any more (the client left, the replica is stopping)."""
+        ...
+
+    def put(self, delta: Delta) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+    def close(self) -> None:
+        """Called exactly once, last, whether the request finished, failed or was dropped."""
+        ...
 
 
 class Engine(Protocol):
@@ -251,3 +271,18 @@ def engine_for_format(fmt: str) -> EngineDescriptor:
 def load_engine(engine: str, spec: LoadSpec) -> Engine:
     """Instantiate the engine plugin called ``engine`` on ``spec``."""
     return engine_descriptor(engine).factory(spec)
+
+
+class BatchingEngine(Engine, Protocol):
+    """An engine that decodes many requests at once (capability ``batching``).
+
+    ``submit_*`` queue a request and return at once; each ``step()`` admits queued requests into free slots
+    and advances every running one by a token (prompts by a chunk), delivering deltas to their sinks. The
+    caller steps while ``step()`` returns True, running other engine calls between steps.
+    """
+
+    def submit_chat(self, messages: Sequence[ChatMessage], params: SamplingParams, sink: Sink) -> None: ...
+
+    def submit_completion(self, prompt: str, params: SamplingParams, sink: Sink) -> None: ...
+
+    def step(self) -> bool: ...

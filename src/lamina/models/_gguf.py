@@ -1,37 +1,43 @@
-"""The GGUF engine: llama-cpp-python running one GGUF model on the CPU (or a CUDA build's GPU).
+"""The GGUF engine: llama.cpp (through llama-cpp-python's low-level API) running one GGUF model on the CPU
+(or a CUDA build's GPU), decoding many requests at once (see ``_gguf_batch``).
 
 Chat prompts are rendered with the model's own chat template from the GGUF metadata, the same way
 llama-cpp-python's ``Jinja2ChatFormatter`` handler does, and the rendered tokens are what runs. That makes
-``count_chat_tokens`` exact by construction, which the worker needs for its context-length check.
+``count_chat_tokens`` exact by construction, which the worker needs for its context-length check. Only the
+template's own text is tokenized with special tokens: a message that contains ``<|im_start|>`` stays text.
 """
 
 from __future__ import annotations
 
-import random
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import gguf
 import llama_cpp
 import llama_cpp.llama
+from llama_cpp._internals import LlamaModel
+from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from lamina.errors import ConfigError, EngineError, UnsupportedCapabilityError
-from lamina.models._builtin_engines import GGUFOptions, physical_cores
+from lamina.models._builtin_engines import GGUF, GGUFOptions, parallel_slots, physical_cores
 from lamina.models._engine import (
     Capability,
     ChatMessage,
     Delta,
     EmbeddingBatch,
     EngineInfo,
-    FinishReason,
     LoadSpec,
     SamplingParams,
-    Usage,
+    Sink,
 )
+from lamina.models._gguf_batch import BatchDecoder
+from lamina.models._gguf_sampling import Vocab, seed_for
 
 #: ``llama_cpp.llama`` reads its default model params through a module attribute; patching it is
 #: process-wide, so constructions that patch it take turns.
@@ -65,8 +71,6 @@ def model_params_with_extra_bufts(enabled: bool) -> Iterator[None]:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The GGUF key/value metadata, read by loading the vocabulary only (fast, no weights)."""
-    from llama_cpp._internals import LlamaModel
-
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     try:
@@ -99,8 +103,31 @@ def _quantization(metadata: dict[str, str]) -> str:
         return "unknown"
 
 
+#: marks a message's content in the rendered template, so that it alone is tokenized as plain text
+_CONTENT = "\x00lamina-content-{}\x00"
+
+
+class _Collect:
+    """A sink for in-process callers of :meth:`GGUFEngine.chat` and :meth:`GGUFEngine.complete`."""
+
+    def __init__(self) -> None:
+        self.deltas: deque[Delta] = deque()
+        self.error: BaseException | None = None
+        self.closed = False
+        self.cancelled = False
+
+    def put(self, delta: Delta) -> None:
+        self.deltas.append(delta)
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class GGUFEngine:
-    """One GGUF model in llama.cpp; chat, completion and streaming."""
+    """One GGUF model in llama.cpp: chat, completion and streaming, with continuous batching."""
 
     def __init__(self, spec: LoadSpec) -> None:
         try:
@@ -116,37 +143,62 @@ class GGUFEngine:
         metadata = read_metadata(spec.path)
         self._n_ctx = context_window(self._options.n_ctx, metadata)
         self._threads = self._options.n_threads or physical_cores()
+        self._parallel = parallel_slots(self._options)
         self._quantization = _quantization(metadata)
-        self._llm = self._load(spec.path)
+        self._model = self._load(spec.path)
+        self._ctx = self._context()
+        self._vocab = Vocab(self._model.vocab)
+        self._decoder = BatchDecoder(
+            self._ctx, self._vocab, self._parallel, self._options.n_batch, self._n_ctx
+        )
         self._formatter = self._chat_formatter(metadata)
-        self._chat_cache: tuple[tuple[ChatMessage, ...], list[int], Any] | None = None
+        self._chat_cache: tuple[tuple[ChatMessage, ...], list[int], tuple[str, ...]] | None = None
 
-    def _load(self, path: Path) -> Any:
-        o = self._options
+    def _load(self, path: Path) -> LlamaModel:
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = self._options.use_extra_bufts
+        params.n_gpu_layers = self._options.n_gpu_layers
         try:
-            with model_params_with_extra_bufts(o.use_extra_bufts):
-                return llama_cpp.Llama(
-                    model_path=str(path),
-                    n_ctx=self._n_ctx,
-                    n_batch=o.n_batch,
-                    n_threads=self._threads,
-                    n_threads_batch=o.n_threads_batch or self._threads,
-                    n_gpu_layers=o.n_gpu_layers,
-                    verbose=False,
-                )
+            return LlamaModel(path_model=str(path), params=params, verbose=False)
         except ValueError as exc:
             raise EngineError(
                 f"llama.cpp could not load {path} ({exc}); check free memory and the gguf options "
                 "(n_ctx, n_gpu_layers)"
             ) from exc
 
+    def _context(self) -> Any:
+        """One context, one KV stream of ``n_ctx`` tokens per parallel slot, so that a sequence's numbers do
+        not depend on its neighbours; flash attention only when asked (see ``GGUFOptions.flash_attn``)."""
+        o, p = self._options, llama_cpp.llama_context_default_params()
+        p.n_ctx = self._n_ctx * self._parallel
+        p.n_seq_max = self._parallel
+        p.kv_unified = False
+        p.n_batch = p.n_ubatch = o.n_batch
+        p.n_threads = self._threads
+        p.n_threads_batch = o.n_threads_batch or self._threads
+        p.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if o.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        p.no_perf = True
+        with suppress_stdout_stderr(disable=False):
+            ctx = llama_cpp.llama_init_from_model(self._model.model, p)
+        if not ctx:
+            self._model.close()  # type: ignore[no-untyped-call]
+            raise EngineError(
+                f"llama.cpp could not create a context of {self._parallel} x {self._n_ctx} tokens for "
+                f"{self._name!r}; lower gguf.n_ctx or gguf.parallel, or free memory"
+            )
+        return ctx
+
     def _chat_formatter(self, metadata: dict[str, str]) -> Jinja2ChatFormatter | None:
         """The model's own chat template with its BOS/EOS texts, as llama-cpp-python would build it."""
         template = metadata.get("tokenizer.chat_template")
         if not template:
             return None
-        model = self._llm._model
-        eos, bos = self._llm.token_eos(), self._llm.token_bos()
+        model = self._model
+        eos, bos = model.token_eos(), model.token_bos()
         return Jinja2ChatFormatter(
             template=template,
             eos_token=model.token_get_text(eos) if eos != -1 else "",
@@ -155,9 +207,9 @@ class GGUFEngine:
         )
 
     def info(self) -> EngineInfo:
-        caps = {Capability.COMPLETION, Capability.STREAMING}
-        if self._formatter is not None:
-            caps.add(Capability.CHAT)
+        caps = set(GGUF.capabilities)
+        if self._formatter is None:
+            caps.discard(Capability.CHAT)
         on_gpu = self._options.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
         return EngineInfo(
             engine="gguf",
@@ -168,11 +220,17 @@ class GGUFEngine:
                 "threads": str(self._threads),
                 "threads_batch": str(self._options.n_threads_batch or self._threads),
                 "n_ctx": str(self._n_ctx),
+                "parallel": str(self._parallel),
+                "flash_attn": str(self._options.flash_attn).lower(),
                 "use_extra_bufts": str(self._options.use_extra_bufts).lower(),
                 "quantization": self._quantization,
                 "n_gpu_layers": str(self._options.n_gpu_layers),
             },
         )
+
+    def prefix_cache(self) -> dict[str, int]:
+        """Prompt tokens served from the prefix cache and evaluated, since the engine started."""
+        return {"reused": self._decoder.reused_tokens, "evaluated": self._decoder.evaluated_tokens}
 
     def count_tokens(self, text: str) -> int:
         """The tokens of ``text`` as a completion prompt (with BOS when the model adds one)."""
@@ -182,13 +240,25 @@ class GGUFEngine:
         """The tokens of the prompt the chat template renders for ``messages``, exactly as run."""
         return len(self._chat_prompt(messages)[0])
 
+    def submit_chat(self, messages: Sequence[ChatMessage], params: SamplingParams, sink: Sink) -> None:
+        tokens, stops = self._chat_prompt(messages)
+        self._submit(tokens, replace(params, stop=(*params.stop, *stops)), sink)
+
+    def submit_completion(self, prompt: str, params: SamplingParams, sink: Sink) -> None:
+        self._submit(self._prompt_tokens(prompt), params, sink)
+
+    def step(self) -> bool:
+        return self._decoder.step()
+
     def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Iterator[Delta]:
-        tokens, rendered = self._chat_prompt(messages)
-        stops = [*params.stop, *(rendered.stop or [])]
-        return self._stream(tokens, params, stops, rendered.stopping_criteria)
+        sink = _Collect()
+        self.submit_chat(messages, params, sink)
+        return self._drive(sink)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[Delta]:
-        return self._stream(self._prompt_tokens(prompt), params, list(params.stop), None)
+        sink = _Collect()
+        self.submit_completion(prompt, params, sink)
+        return self._drive(sink)
 
     def embed(self, texts: Sequence[str]) -> EmbeddingBatch:
         raise UnsupportedCapabilityError(
@@ -198,16 +268,50 @@ class GGUFEngine:
         )
 
     def close(self) -> None:
-        self._llm.close()
+        self._decoder.close()
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        self._model.close()  # type: ignore[no-untyped-call]
+
+    def _submit(self, tokens: list[int], params: SamplingParams, sink: Sink) -> None:
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=max(1, self._n_ctx - len(tokens)))
+        self._decoder.submit(tokens, params, sink, seed_for(params, self._options.seed))
+
+    def _drive(self, sink: _Collect) -> Iterator[Delta]:
+        """Step the decoder on the caller's thread until this request has finished."""
+        try:
+            while True:
+                while sink.deltas:
+                    yield sink.deltas.popleft()
+                if sink.error is not None:
+                    raise sink.error
+                if sink.closed:
+                    return
+                self.step()
+        finally:
+            if not sink.closed:
+                sink.cancelled = True
+                while not sink.closed:
+                    self.step()
+
+    def _tokenize(self, text: str, *, bos: bool, special: bool) -> list[int]:
+        tokens: list[int] = self._model.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
+        return tokens
 
     def _prompt_tokens(self, text: str) -> list[int]:
-        tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        bos = self._llm.token_bos()
+        tokens = self._tokenize(text, bos=True, special=True)
+        bos = self._model.token_bos()
         # llama.cpp cannot start from nothing: an empty prompt is the BOS token alone
         return tokens or ([bos] if bos != -1 else tokens)
 
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[int], Any]:
-        """Render and tokenize, remembering the last one: the worker counts, then generates."""
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[int], tuple[str, ...]]:
+        """Render and tokenize, remembering the last one: the worker counts, then generates.
+
+        The template is rendered around placeholders; its own text is tokenized with special tokens and
+        each message's content as plain text, so a user cannot inject the template's markers.
+        """
         if self._formatter is None:
             raise UnsupportedCapabilityError(
                 f"model {self._name!r} has no chat template in its GGUF metadata: use /v1/completions "
@@ -216,49 +320,18 @@ class GGUFEngine:
         key = tuple(messages)
         if self._chat_cache is not None and self._chat_cache[0] == key:
             return self._chat_cache[1], self._chat_cache[2]
-        as_dicts: Any = [{"role": m.role, "content": m.content} for m in messages]
+        marks = [_CONTENT.format(i) for i in range(len(messages))]
+        as_dicts: Any = [{"role": m.role, "content": mark} for m, mark in zip(messages, marks, strict=True)]
         rendered = self._formatter(messages=as_dicts)
-        tokens: list[int] = self._llm.tokenize(
-            rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
-        )
-        self._chat_cache = (key, tokens, rendered)
-        return tokens, rendered
-
-    def _seed(self, params: SamplingParams) -> int:
-        if params.seed is not None:
-            return params.seed
-        return self._options.seed if self._options.seed >= 0 else random.randrange(2**31)
-
-    def _stream(
-        self, tokens: list[int], params: SamplingParams, stops: list[str], criteria: Any
-    ) -> Iterator[Delta]:
-        """Deltas from llama-cpp-python's streaming completion; each chunk before the last is one token."""
-        if params.temperature == 0:
-            # llama.cpp's numbers differ slightly between evaluating a prompt in one batch and replaying a
-            # cached prefix token by token, enough to flip a near-tie in argmax; a greedy answer must not
-            # depend on what ran before, so greedy requests evaluate their whole prompt afresh.
-            self._llm.reset()
-        chunks = self._llm.create_completion(
-            prompt=tokens,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop=stops,
-            seed=self._seed(params),
-            stopping_criteria=criteria,
-            stream=True,
-        )
-        produced = 0
-        finish: FinishReason = "stop"
-        try:
-            for chunk in chunks:
-                choice = chunk["choices"][0]
-                if choice["finish_reason"] is not None:
-                    finish = "length" if choice["finish_reason"] == "length" else "stop"
-                    break
-                produced += 1
-                if choice["text"]:
-                    yield Delta(choice["text"])
-        finally:
-            chunks.close()
-        yield Delta("", finish, Usage(len(tokens), produced))
+        tokens, rest, bos = [], rendered.prompt, not rendered.added_special
+        for mark, message in zip(marks, messages, strict=True):
+            before, found, rest = rest.partition(mark)
+            if not found:  # the template dropped or changed this message: render it as it is
+                before, rest = before + message.content, rest
+            tokens += self._tokenize(before, bos=bos, special=True)
+            tokens += self._tokenize(message.content, bos=False, special=False) if found else []
+            bos = False
+        tokens += self._tokenize(rest, bos=bos, special=True)
+        stops = tuple(rendered.stop or ()) if not isinstance(rendered.stop, str) else (rendered.stop,)
+        self._chat_cache = (key, tokens, stops)
+        return tokens, stops

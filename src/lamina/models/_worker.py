@@ -6,7 +6,9 @@ Orchestration starts it from a generic workload spec (see ``lamina.models._deplo
 ``GET /health`` answers 200 once it is ready. The process checks its model file and its companion files
 (tokenizer, external data) against the registry's sha256 (exit 3 on a mismatch), starts the HTTP server,
 then loads the engine on the engine thread, so that health answers 503 "loading" meanwhile. A failed load
-exits non-zero and the controller restarts it; SIGTERM stops it cleanly with exit 0.
+exits non-zero and the controller restarts it; SIGTERM stops it cleanly with exit 0. The spec also carries
+the deployment's replica settings: the micro-batching policy of embedding requests and the engine watchdog
+(seconds without step progress before health answers 503, so that the controller replaces the replica).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 import uvicorn
 
 from lamina.errors import ConfigError
 from lamina.models._checksums import file_problem, remedy_for
 from lamina.models._deploy import WorkerSpec
-from lamina.models._engine import load_engine
+from lamina.models._engine import BatchingEngine, Capability, load_engine
+from lamina.models._microbatch import BatchPolicy
 from lamina.models._worker_app import Replica, WorkerApp
 from lamina.models._worker_stream import EngineRunner
 
@@ -48,6 +52,11 @@ def checksum_problem(spec: WorkerSpec) -> str | None:
         if problem is not None:
             return problem
     return None
+
+
+def batch_policy(spec: WorkerSpec) -> BatchPolicy:
+    """The deployment's micro-batching settings as the replica's policy (the config counts milliseconds)."""
+    return BatchPolicy(window_s=spec.batching.window_ms / 1000.0, max_texts=spec.batching.max_texts)
 
 
 class _Server(uvicorn.Server):
@@ -74,7 +83,8 @@ class Worker:
         self.spec = spec
         self.replica = Replica(spec.served_name, spec.model_version, EngineRunner())
         self.failed = False
-        app = WorkerApp(self.replica).starlette(on_startup=self._start_loading)
+        self.app = WorkerApp(self.replica, batching=batch_policy(spec), watchdog_s=spec.watchdog_s)
+        app = self.app.starlette(on_startup=self._start_loading)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
         )
@@ -93,6 +103,8 @@ class Worker:
             self.failed = True
             self.server.should_exit = True
             return
+        if Capability.BATCHING in info.capabilities:
+            self.replica.runner.attach(cast(BatchingEngine, engine))
         self.replica.engine, self.replica.info = engine, info
         log.info("replica of %r ready: %s on %s", self.spec.served_name, info.engine, info.device)
 

@@ -10,6 +10,7 @@ embedding body's also says how many requests and texts shared its engine call (`
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -18,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -35,19 +36,23 @@ from lamina.errors import (
     UnsupportedCapabilityError,
 )
 from lamina.models._engine import (
+    BatchingEngine,
     Capability,
-    ChatMessage,
     Delta,
     Engine,
     EngineInfo,
     SamplingParams,
+    Sink,
 )
 from lamina.models._microbatch import BatchPolicy, MicroBatcher
 from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from lamina.models._request_plan import plan_chat, plan_completion
+from lamina.models._tools import ToolPlan
 from lamina.models._worker_stream import (
     EngineRunner,
     Timing,
     TokenStream,
+    admission,
     collect,
     generation,
 )
@@ -131,16 +136,6 @@ def require(info: EngineInfo, served_name: str, capability: Capability, stream: 
             )
 
 
-def sampling(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=req.token_limit,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=req.stop_list,
-        seed=req.seed,
-    )
-
-
 def encode_vector(vector: list[float], encoding: Literal["float", "base64"]) -> list[float] | str:
     """OpenAI's ``base64`` encoding: the little-endian float32 bytes of the vector."""
     if encoding == "float":
@@ -169,11 +164,36 @@ def guarded(handler: Handler) -> Handler:
     return endpoint
 
 
+@dataclass
+class _Job:
+    """One generation request as the endpoints hand it on."""
+
+    kind: Literal["chat", "completion"]
+    #: what the prompt is called in errors: ``messages`` or ``prompt``
+    what: str
+    params: SamplingParams
+    timing: Timing
+    echo: str = ""
+    tools: ToolPlan | None = None
+    logprobs: bool = False
+
+
+async def _cancel_on_disconnect(request: Request, tokens: TokenStream[int | Delta]) -> None:
+    """Cancel the request's generation when its client disconnects (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    tokens.cancel()
+
+
 class WorkerApp:
     """The endpoints, bound to one replica."""
 
-    def __init__(self, replica: Replica, batching: BatchPolicy | None = None) -> None:
+    def __init__(
+        self, replica: Replica, batching: BatchPolicy | None = None, *, watchdog_s: float = 60.0
+    ) -> None:
         self.replica = replica
+        #: an engine job or step running longer than this fails the health check (the engine is stuck)
+        self.watchdog_s = watchdog_s
         #: embedding requests that arrive together share one engine call
         self.batcher = MicroBatcher(replica.runner, lambda: replica.ready()[0], batching)
 
@@ -197,6 +217,10 @@ class WorkerApp:
         r = self.replica
         if r.info is None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        stuck = r.runner.stalled(self.watchdog_s)
+        if stuck is not None:
+            reason = f"the engine has made no progress for {stuck:.0f} s (watchdog {self.watchdog_s:g} s)"
+            return JSONResponse({"status": "stuck", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready", "info": info_json(r.info)})
 
     async def info(self, request: Request) -> Response:
@@ -215,91 +239,120 @@ class WorkerApp:
         req = await parse_body(request, ChatCompletionRequest)
         engine, info = self.replica.ready()
         require(info, self.replica.served_name, Capability.CHAT, stream=req.stream)
-        messages = [ChatMessage(m.role, m.text()) for m in req.messages]
-        params = sampling(req)
-
-        def make() -> Iterator[int | Delta]:
-            return generation(
-                lambda: engine.count_chat_tokens(messages),
-                lambda p: engine.chat(messages, p),
-                params,
-                info.context_length,
-                "messages",
-                timing,
-            )
-
-        return await self._generate("chat", make, req.stream, timing)
+        plan = plan_chat(req, info.capabilities, self.replica.served_name)
+        messages = plan.messages
+        job = _Job(
+            "chat",
+            "messages",
+            plan.params,
+            timing,
+            tools=plan.tools,
+            logprobs=plan.params.logprobs is not None,
+        )
+        tokens = self._start(
+            job,
+            info,
+            lambda: engine.count_chat_tokens(messages),
+            lambda p: engine.chat(messages, p),
+            lambda p, sink: cast(BatchingEngine, engine).submit_chat(messages, p, sink),
+        )
+        return await self._respond(request, job, tokens, req.stream)
 
     async def completions(self, request: Request) -> Response:
         timing = Timing(received=time.perf_counter())
         req = await parse_body(request, CompletionRequest)
         engine, info = self.replica.ready()
         require(info, self.replica.served_name, Capability.COMPLETION, stream=req.stream)
-        prompt, params = req.prompt_text, sampling(req)
+        params = plan_completion(req, info.capabilities, self.replica.served_name)
+        prompt = req.prompt_text
+        job = _Job(
+            "completion",
+            "prompt",
+            params,
+            timing,
+            echo=prompt if req.echo else "",
+            logprobs=params.logprobs is not None,
+        )
+        tokens = self._start(
+            job,
+            info,
+            lambda: engine.count_tokens(prompt),
+            lambda p: engine.complete(prompt, p),
+            lambda p, sink: cast(BatchingEngine, engine).submit_completion(prompt, p, sink),
+        )
+        return await self._respond(request, job, tokens, req.stream)
 
-        def make() -> Iterator[int | Delta]:
-            return generation(
-                lambda: engine.count_tokens(prompt),
-                lambda p: engine.complete(prompt, p),
-                params,
-                info.context_length,
-                "prompt",
-                timing,
-            )
-
-        echo = prompt if req.echo else ""
-        return await self._generate("completion", make, req.stream, timing, echo)
-
-    async def _generate(
+    def _start(
         self,
-        kind: Literal["chat", "completion"],
-        make: Callable[[], Iterator[int | Delta]],
-        stream: bool,
-        timing: Timing,
-        echo: str = "",
+        job: _Job,
+        info: EngineInfo,
+        count: Callable[[], int],
+        run: Callable[[SamplingParams], Iterator[Delta]],
+        submit: Callable[[SamplingParams, Sink], None],
+    ) -> TokenStream[int | Delta]:
+        """Hand the request to the engine thread: submitted to a batching engine, else run as an iterator."""
+        runner, context = self.replica.runner, info.context_length
+        if Capability.BATCHING in info.capabilities:
+            return runner.submit(admission(count, submit, job.params, context, job.what, job.timing))
+        return runner.stream(lambda: generation(count, run, job.params, context, job.what, job.timing))
+
+    async def _respond(
+        self, request: Request, job: _Job, tokens: TokenStream[int | Delta], stream: bool
     ) -> Response:
-        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        rid, created = prefix + secrets.token_hex(12), int(time.time())
-        runner = self.replica.runner
+        """Wait for the prompt to be accepted (or refused), watching for the client leaving meanwhile; then
+        the stream, or the whole body once generated."""
+        prefix = "chatcmpl-" if job.kind == "chat" else "cmpl-"
+        rid, created, served = prefix + secrets.token_hex(12), int(time.time()), self.replica.served_name
+        watch = asyncio.create_task(_cancel_on_disconnect(request, tokens))
+        try:
+            await tokens.first()
+            if not stream:
+                text, final, logprobs = await collect(tokens)
+        except BaseException:
+            tokens.cancel()
+            raise
+        finally:
+            watch.cancel()
         if stream:
-            tokens = runner.stream(make)
-            try:
-                await tokens.first()
-            except BaseException:
-                tokens.cancel()
-                raise
-            encoder = ChunkEncoder(kind, rid, created, self.replica.served_name)
+            encoder = ChunkEncoder(job.kind, rid, created, served, tools=job.tools, logprobs=job.logprobs)
             return StreamingResponse(
-                self._events(tokens, encoder, timing, echo),
+                self._events(tokens, encoder, job),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text, final = await runner.call(lambda: collect(make(), runner))
-        lamina = timing.as_json(self.replica.model_version)
-        served = self.replica.served_name
-        return JSONResponse(completion_body(kind, rid, created, served, echo + text, final, lamina))
+        lamina = job.timing.as_json(self.replica.model_version)
+        body = completion_body(
+            job.kind,
+            rid,
+            created,
+            served,
+            job.echo + text,
+            final,
+            lamina,
+            logprobs=logprobs if job.logprobs else None,
+            tools=job.tools,
+        )
+        return JSONResponse(body)
 
     async def _events(
-        self, tokens: TokenStream[int | Delta], encoder: ChunkEncoder, timing: Timing, echo: str
+        self, tokens: TokenStream[int | Delta], encoder: ChunkEncoder, job: _Job
     ) -> AsyncIterator[bytes]:
         """The SSE body: opening, one event per token, the final one, the usage event, then [DONE]."""
-        token, final, usage = encoder.token, encoder.final, None
+        delta, usage = encoder.delta, None
         try:
-            yield encoder.opening() + (token(echo) if echo else b"")
+            yield encoder.opening() + (encoder.token(job.echo) if job.echo else b"")
             async for batch in tokens.batches():
                 out = []
                 for d in batch:
                     if isinstance(d, int):
                         continue
-                    if d.finish_reason is None:
-                        out.append(token(d.text))
-                    else:
-                        out.append(final(d.text, d.finish_reason))
+                    out.append(delta(d))
+                    if d.finish_reason is not None:
                         usage = d.usage
                 yield b"".join(out)
             if usage is None:
                 raise UnavailableError("this replica stopped before the answer was complete; retry")
-            yield encoder.usage(usage, timing.as_json(self.replica.model_version)) + DONE
+            yield encoder.usage(usage, job.timing.as_json(self.replica.model_version)) + DONE
         except LaminaError as exc:
             yield ChunkEncoder.error(exc.to_body()) + DONE
         except Exception as exc:

@@ -1,10 +1,11 @@
 """The replica worker's engine thread, the jobs it runs, the hand-off of tokens to the loop.
 
-One engine, one thread: requests queue FIFO and run one at a time, so many clients all get answers and
-none sees a "busy" error. Tokens cross from the engine thread to the event loop through
-``loop.call_soon_threadsafe`` onto an ``asyncio.Queue``; the HTTP side drains whatever has arrived in one
-write. Per-token work is kept to a ``json.dumps`` of the token's text between prebuilt bytes, because the
-worker must stream nearly as fast as llama.cpp called in-process.
+One engine, one thread. An engine that batches (capability ``batching``) gets its requests submitted and
+is stepped whenever it has work, with other jobs (token counts, embeddings, admissions) run between steps;
+any other engine runs its requests one at a time, FIFO, so many clients all get answers and none sees a
+"busy" error. The thread notes when its current job or step began, so a stuck engine shows in the health
+check. Tokens cross from the engine thread to the event loop through ``loop.call_soon_threadsafe`` onto an
+``asyncio.Queue``; the HTTP side drains whatever has arrived in one write.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from lamina.errors import ContextLengthError, EngineError, UnavailableError
-from lamina.models._engine import Delta, SamplingParams
+from lamina.models._engine import Delta, SamplingParams, Sink, TokenLogprob
 
 T = TypeVar("T")
 X = TypeVar("X")
@@ -62,12 +63,50 @@ class EngineRunner:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         #: set on shutdown: queued jobs are skipped and running ones stop at their next token
         self.closing = False
+        self._stepper: Stepper | None = None
+        self._stepping = False
+        #: when the current job or step began (monotonic), None while the thread waits for work
+        self._since: float | None = None
         self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
+        while True:
+            job = self._next()
+            if job is None:
+                break
+            self._since = time.monotonic()
+            try:
+                job()
+            finally:
+                self._since = None
+        # whatever the engine still holds is cancelled now (closing): one step lets it all go
+        while self._stepper is not None and self._stepping:
+            self._stepping = self._stepper.step()
+
+    def _next(self) -> Callable[[], None] | None:
+        if not self._stepping:
+            return self._jobs.get()
+        try:
+            return self._jobs.get_nowait()
+        except queue.Empty:
+            return self._step
+
+    def _step(self) -> None:
+        assert self._stepper is not None
+        self._stepping = self._stepper.step()
+
+    def attach(self, stepper: Stepper) -> None:
+        """Step ``stepper`` (a batching engine) whenever it has work; call on the engine thread."""
+        self._stepper = stepper
+
+    def stalled(self, limit_s: float) -> float | None:
+        """How long the current job or step has run, if that is more than ``limit_s``; else None."""
+        since = self._since
+        if since is None:
+            return None
+        ran = time.monotonic() - since
+        return ran if ran > limit_s else None
 
     def post(self, job: Callable[[], None]) -> None:
         """Queue a job that handles its own errors."""
@@ -93,8 +132,28 @@ class EngineRunner:
 
     def stream(self, make: Callable[[], Iterator[X]]) -> TokenStream[X]:
         """Run the iterator ``make()`` on the engine thread, handing each item to the event loop."""
-        stream: TokenStream[X] = TokenStream(asyncio.get_running_loop())
-        self._jobs.put(lambda: stream.pump(make, self))
+        stream: TokenStream[X] = TokenStream(asyncio.get_running_loop(), self)
+        self._jobs.put(lambda: stream.pump(make))
+        return stream
+
+    def submit(self, admit: Callable[[TokenStream[X]], None]) -> TokenStream[X]:
+        """Run ``admit(stream)`` on the engine thread, which hands the request to the attached batching
+        engine with the stream as its sink; the engine is stepped from then on."""
+        stream: TokenStream[X] = TokenStream(asyncio.get_running_loop(), self)
+
+        def job() -> None:
+            if stream.cancelled:  # the client left while the request was queued: no work at all
+                stream.close()
+                return
+            try:
+                admit(stream)
+            except BaseException as exc:
+                stream.fail(exc)
+                stream.close()
+                return
+            self._stepping = True
+
+        self._jobs.put(job)
         return stream
 
     def close(self, timeout_s: float) -> bool:
@@ -113,21 +172,42 @@ class _Failure:
 _END = object()
 
 
-class TokenStream(Generic[X]):
-    """Items of one engine iterator, produced on the engine thread and consumed on the event loop."""
+class Stepper(Protocol):
+    def step(self) -> bool: ...
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+
+class TokenStream(Generic[X]):
+    """Items of one request, produced on the engine thread and consumed on the event loop.
+
+    It is also the request's sink for a batching engine (``put``, ``fail``, ``close``, ``cancelled``).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: EngineRunner) -> None:
         self._loop = loop
+        self._runner = runner
         self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self.cancelled = False
+        self._cancelled = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled or self._runner.closing
 
     def cancel(self) -> None:
         """Stop generating at the next item (the client went away, or the response ended)."""
-        self.cancelled = True
+        self._cancelled = True
 
-    def pump(self, make: Callable[[], Iterator[X]], runner: EngineRunner) -> None:
+    def put(self, item: X) -> None:
+        self._push(item)
+
+    def fail(self, exc: BaseException) -> None:
+        self._push(_Failure(exc))
+
+    def close(self) -> None:
+        self._push(_END)
+
+    def pump(self, make: Callable[[], Iterator[X]]) -> None:
         """The engine-thread side: iterate, hand over, and always close the iterator and signal the end."""
-        if self.cancelled or runner.closing:
+        if self.cancelled:
             self._push(_END)
             return
         push, iterator = self._push, None
@@ -135,7 +215,7 @@ class TokenStream(Generic[X]):
             iterator = make()
             for item in iterator:
                 push(item)
-                if self.cancelled or runner.closing:
+                if self.cancelled:
                     break
         except BaseException as exc:
             push(_Failure(exc))
@@ -149,7 +229,7 @@ class TokenStream(Generic[X]):
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
+            self._cancelled = True
 
     async def first(self) -> X:
         """The first item, or the exception the engine raised before producing one."""
@@ -228,20 +308,63 @@ def generation(
         timing.end()
 
 
-def collect(items: Iterator[int | Delta], runner: EngineRunner) -> tuple[str, Delta]:
-    """On the engine thread: the whole answer and its final delta."""
+class TimedSink:
+    """One request's sink in a batching engine: marks its first token and its end on ``timing``."""
+
+    def __init__(self, stream: TokenStream[int | Delta], timing: Timing) -> None:
+        self._stream, self._timing = stream, timing
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stream.cancelled
+
+    def put(self, delta: Delta) -> None:
+        if not self._timing.first_token:
+            self._timing.first_token = time.perf_counter()
+        if delta.finish_reason is not None:
+            self._timing.end()
+        self._stream.put(delta)
+
+    def fail(self, exc: BaseException) -> None:
+        self._stream.fail(exc)
+
+    def close(self) -> None:
+        if not self._timing.finished:
+            self._timing.end()
+        self._stream.close()
+
+
+def admission(
+    count: Callable[[], int],
+    submit: Callable[[SamplingParams, Sink], None],
+    params: SamplingParams,
+    context: int,
+    what: str,
+    timing: Timing,
+) -> Callable[[TokenStream[int | Delta]], None]:
+    """For a batching engine, on the engine thread: count the prompt, check the context, hand over its token
+    count, then submit the request with the stream as its sink."""
+
+    def admit(stream: TokenStream[int | Delta]) -> None:
+        timing.begin()
+        prompt = count()
+        fitted = fit_context(prompt, params, context, what)
+        stream.put(prompt)
+        submit(fitted, TimedSink(stream, timing))
+
+    return admit
+
+
+async def collect(tokens: TokenStream[int | Delta]) -> tuple[str, Delta, tuple[TokenLogprob, ...]]:
+    """On the event loop, after ``first()``: the whole answer, its final delta and its log probabilities."""
     parts: list[str] = []
-    try:
-        for item in items:
+    logprobs: list[TokenLogprob] = []
+    async for batch in tokens.batches():
+        for item in batch:
             if isinstance(item, int):
                 continue
             parts.append(item.text)
+            logprobs.extend(item.logprobs)
             if item.finish_reason is not None:
-                return "".join(parts), item
-            if runner.closing:
-                break
-    finally:
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
+                return "".join(parts), item, tuple(logprobs)
     raise UnavailableError("this replica stopped before the answer was complete; retry the request")

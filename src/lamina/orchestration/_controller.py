@@ -3,8 +3,9 @@
 ``step()`` compares the desired state (set by ``apply``) with what runs, for every deployment, and acts:
 it notices dead processes, health-checks the live ones, and carries out what
 :func:`~lamina.orchestration._policy.reconcile_plan` decides (start, stop, restart after backoff, give up
-on a replica that never became ready). A failure while reconciling one deployment is logged and retried
-at the next step; the loop itself never dies (the shape of Ray Serve's controller).
+on a replica that never became ready, or that was ready and then failed ``unhealthy_checks`` health
+checks in a row: a stuck engine is replaced, not waited for). A failure while reconciling one deployment
+is logged and retried at the next step; the loop itself never dies (the shape of Ray Serve's controller).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class _Replica:
     handle: ReplicaHandle | None = None
     restarts: int = 0
     failures: int = 0
+    #: health checks failed in a row since the replica was last ready (0 while starting)
+    failed_checks: int = 0
     last_exit_code: int | None = None
     #: one line on the last failure, and the end of the replica's log when it died
     last_reason: str | None = None
@@ -54,7 +57,7 @@ class _Replica:
         return self.last_reason
 
     def view(self) -> ReplicaView:
-        return ReplicaView(self.replica_id, self.state, self.since, self.failures)
+        return ReplicaView(self.replica_id, self.state, self.since, self.failures, self.failed_checks)
 
     def status(self) -> ReplicaStatus:
         h = self.handle
@@ -88,7 +91,8 @@ class Controller:
 
     ``clock`` drives every policy decision (backoff, ready timeouts), so tests step the controller with a
     fake clock. ``run()`` calls ``step()`` every ``health_interval_s``, and at once after
-    ``report_failure``.
+    ``report_failure``. A ready replica leaves rotation at its first failed health check and is replaced
+    after ``unhealthy_checks`` in a row.
     """
 
     def __init__(
@@ -102,7 +106,10 @@ class Controller:
         restart_backoff_max_s: float = 30.0,
         health_timeout_s: float = 2.0,
         stop_grace_s: float = 5.0,
+        unhealthy_checks: int = 3,
     ) -> None:
+        if unhealthy_checks < 1:
+            raise ConfigError(f"unhealthy_checks must be 1 or more, not {unhealthy_checks}")
         self._backend = backend
         self._http = http
         self._clock = clock
@@ -110,6 +117,7 @@ class Controller:
         self._backoff = (restart_backoff_s, restart_backoff_max_s)
         self._health_timeout_s = health_timeout_s
         self._stop_grace_s = stop_grace_s
+        self._unhealthy_checks = unhealthy_checks
         self._deployments: dict[str, _Deployment] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -268,7 +276,7 @@ class Controller:
             self._observe_exit(replica)
         await self._check_health(dep)
         (base_s, max_s) = self._backoff
-        timings = ReconcileTimings(dep.spec.ready_timeout_s, base_s, max_s)
+        timings = ReconcileTimings(dep.spec.ready_timeout_s, base_s, max_s, self._unhealthy_checks)
         views = [r.view() for r in dep.replicas.values()]
         await self._carry_out(dep, reconcile_plan(dep.desired, views, self._clock(), timings))
 
@@ -299,6 +307,7 @@ class Controller:
         return None if response.status_code == 200 else f"GET {url} answered HTTP {response.status_code}"
 
     def _mark_ready(self, replica: _Replica) -> None:
+        replica.failed_checks = 0
         if replica.state is not ReplicaState.READY:
             replica.state, replica.since, replica.failures = ReplicaState.READY, self._clock(), 0
             assert replica.handle is not None
@@ -309,16 +318,19 @@ class Controller:
         code = self._backend.poll(replica.handle)
         if code is not None:
             self._mark_dead(replica, code, f"exited with code {code}")
-        elif replica.state is ReplicaState.READY:
-            replica.state, replica.since = ReplicaState.UNHEALTHY, self._clock()
+        elif replica.state is not ReplicaState.STARTING:  # a loading replica has its ready timeout
+            replica.failed_checks += 1
+            if replica.state is ReplicaState.READY:
+                replica.state, replica.since = ReplicaState.UNHEALTHY, self._clock()
             replica.last_reason, replica.last_log_tail = problem, ""
-            log.warning("replica %s unhealthy: %s", replica.replica_id, problem)
+            args = (replica.replica_id, replica.failed_checks, self._unhealthy_checks, problem)
+            log.warning("replica %s unhealthy (failed check %d of %d): %s", *args)
 
     def _mark_dead(self, replica: _Replica, code: int | None, reason: str) -> None:
         """Record a failed replica: its exit code and the end of its log, for ``lamina status``."""
         tail = self._backend.tail_log(replica.handle) if replica.handle is not None else ""
         replica.state, replica.since, replica.handle = ReplicaState.DEAD, self._clock(), None
-        replica.failures += 1
+        replica.failures, replica.failed_checks = replica.failures + 1, 0
         replica.last_exit_code, replica.last_reason, replica.last_log_tail = code, reason, tail
         log.warning("replica %s %s (failure %d in a row)", replica.replica_id, reason, replica.failures)
 
@@ -359,15 +371,16 @@ class Controller:
         log.info("replica %s stopped (scaled down)", replica_id)
 
     async def _give_up_on(self, dep: _Deployment, replica: _Replica) -> None:
-        """Stop a replica that stayed starting or unhealthy too long; it is restarted after backoff."""
-        was = replica.state
+        """Stop a replica the plan gave up on (see ``reconcile_plan``); it is restarted after backoff."""
+        was, checks, last = replica.state, replica.failed_checks, replica.last_reason
         code = await self._stop(replica, self._stop_grace_s)
         limit = f"{dep.spec.ready_timeout_s:g} s"
-        reason = (
-            f"not ready within {limit} (GET {dep.spec.health_path} never answered 200)"
-            if was is ReplicaState.STARTING
-            else f"unhealthy for more than {limit}"
-        )
+        if was is ReplicaState.STARTING:
+            reason = f"not ready within {limit} (GET {dep.spec.health_path} never answered 200)"
+        elif checks >= self._unhealthy_checks:
+            reason = f"replaced after failing {checks} health checks in a row (last: {last})"
+        else:
+            reason = f"unhealthy for more than {limit}"
         self._mark_dead(replica, code, reason)
 
     async def shutdown(self, grace_s: float = 5.0) -> None:

@@ -61,13 +61,15 @@ class ReplicaView:
     """What the reconcile policy needs to know of one replica.
 
     ``since`` is the clock reading of the last state change; ``failures`` counts failures (crashes,
-    start timeouts) since the replica was last ready, and sets the restart backoff.
+    start timeouts) since the replica was last ready, and sets the restart backoff; ``failed_checks``
+    counts the health checks in a row that a replica which had been ready has failed.
     """
 
     replica_id: str
     state: ReplicaState
     since: float
     failures: int = 0
+    failed_checks: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class Plan:
 
     ``start``: new replicas to create; ``stop``: replicas to stop and forget (beyond the desired count);
     ``restart``: dead replicas whose backoff has passed; ``fail``: live replicas that stayed starting or
-    unhealthy too long, to be stopped and marked dead (restarted later after backoff).
+    unhealthy too long, or failed too many health checks in a row, to be stopped and marked dead
+    (restarted later after backoff).
     """
 
     start: int = 0
@@ -87,11 +90,17 @@ class Plan:
 
 @dataclass(frozen=True)
 class ReconcileTimings:
-    """The deployment's time limits, in the clock's seconds."""
+    """The deployment's limits: times in the clock's seconds, and the health checks a replica may fail.
+
+    ``unhealthy_checks``: a replica that was ready is replaced once it has failed this many health checks
+    in a row (a check fails on any answer but 200, or none within the timeout). The first failed check
+    already takes it out of rotation; the count only decides when to give up on it and start another.
+    """
 
     ready_timeout_s: float
     backoff_s: float
     backoff_max_s: float
+    unhealthy_checks: int = 3
 
 
 def _excess(desired: int, replicas: Sequence[ReplicaView]) -> tuple[str, ...]:
@@ -101,6 +110,16 @@ def _excess(desired: int, replicas: Sequence[ReplicaView]) -> tuple[str, ...]:
         return ()
     ranked = sorted(enumerate(replicas), key=lambda pair: (_STOP_ORDER.get(pair[1].state, -1), -pair[0]))
     return tuple(r.replica_id for _, r in ranked[:extra])
+
+
+def _given_up(replica: ReplicaView, now: float, timings: ReconcileTimings) -> bool:
+    """Whether a live replica is to be replaced: starting or unhealthy for longer than the ready timeout,
+    or unhealthy after failing ``unhealthy_checks`` health checks in a row."""
+    if replica.state not in (ReplicaState.STARTING, ReplicaState.UNHEALTHY):
+        return False
+    if now - replica.since > timings.ready_timeout_s:
+        return True
+    return replica.state is ReplicaState.UNHEALTHY and replica.failed_checks >= timings.unhealthy_checks
 
 
 def reconcile_plan(
@@ -119,10 +138,5 @@ def reconcile_plan(
         if r.state is ReplicaState.DEAD
         and now - r.since >= restart_delay(r.failures - 1, timings.backoff_s, timings.backoff_max_s)
     )
-    fail = tuple(
-        r.replica_id
-        for r in kept
-        if r.state in (ReplicaState.STARTING, ReplicaState.UNHEALTHY)
-        and now - r.since > timings.ready_timeout_s
-    )
+    fail = tuple(r.replica_id for r in kept if _given_up(r, now, timings))
     return Plan(start=max(desired - len(live), 0), stop=stop, restart=restart, fail=fail)

@@ -113,6 +113,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         health_interval_s=orch.health_interval_s,
         restart_backoff_s=orch.restart_backoff_s,
         restart_backoff_max_s=orch.restart_backoff_max_s,
+        unhealthy_checks=orch.unhealthy_checks,
     )
     dispatcher = Dispatcher(controller, http, retry_deadline_s=orch.retry_deadline_s)
     catalog = Catalog([s for s, _ in deployed], readiness=lambda: _readiness(controller))

@@ -11,6 +11,7 @@ Environment:
 ECHO_CRASH_EXIT=N         print a message and exit with code N at start
 ECHO_UNHEALTHY_CHECKS=N   answer 503 to the first N health checks
 ECHO_READY_DELAY_S=S      answer 503 to health checks for S seconds after start
+ECHO_STUCK_FILE=PATH      answer 503 {"status": "stuck"} to health checks while PATH exists
 ECHO_DELAY_S=S            spend S seconds on each /echo and /stream request
 ECHO_CHUNK_DELAY_S=S      pause S seconds between the chunks of /stream
 """
@@ -30,6 +31,7 @@ UNHEALTHY_CHECKS = int(os.environ.get("ECHO_UNHEALTHY_CHECKS", "0"))
 READY_DELAY_S = float(os.environ.get("ECHO_READY_DELAY_S", "0"))
 DELAY_S = float(os.environ.get("ECHO_DELAY_S", "0"))
 CHUNK_DELAY_S = float(os.environ.get("ECHO_CHUNK_DELAY_S", "0"))
+STUCK_FILE = os.environ.get("ECHO_STUCK_FILE")
 _checks = 0
 _checks_lock = threading.Lock()
 
@@ -63,6 +65,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path != "/health":
             self._send_json(404, {"error": "not found"})
+        elif STUCK_FILE is not None and os.path.exists(STUCK_FILE):
+            self._send_json(503, {"status": "stuck", "pid": os.getpid()})
         elif _ready():
             self._send_json(200, {"pid": os.getpid()})
         else:

@@ -1,0 +1,278 @@
+"""Continuous batching over one llama.cpp context: slots, admission, prefix reuse, and the decode step.
+
+The context holds ``parallel`` sequences, each in its own KV stream of ``n_ctx`` tokens (llama.cpp's
+non-unified cache), so a request's context never depends on its neighbours. Without flash attention,
+llama.cpp computes each token's numbers the same whatever shares its batch and however its prompt was split
+(measured: logits equal to the bit), so identical greedy requests give identical answers alone, in a batch,
+or after a cached prefix.
+
+Each step puts every running sequence's pending token into one ``llama_batch`` and fills the rest of the
+batch (up to ``n_batch`` tokens) with chunks of prompts being prefilled, so a long prompt never stalls the
+streams already running. Requests wait in FIFO order for a free slot; one whose client has gone is dropped
+before it costs a prefill, and a running one leaves the batch at the next step.
+
+Prefix caching: a finished sequence leaves its tokens in its slot. A new request takes the free slot whose
+cached tokens share the longest prefix with its prompt and evaluates only the rest; when a busy slot holds a
+much longer shared prefix (a common system prompt or RAG template), its stream is copied first.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from lamina.errors import EngineError, LaminaError
+from lamina.models._engine import Delta, SamplingParams, Sink, TokenLogprob, Usage
+from lamina.models._gguf_sampling import Sampler, TextOutput, Vocab
+
+#: a busy slot's prefix is copied (a whole KV stream) only when it saves at least this many tokens
+COPY_PREFIX_MIN = 64
+
+
+@dataclass
+class Sequence:
+    """One request inside the decoder."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sink: Sink
+    sampler: Sampler
+    text: TextOutput
+    order: int
+    #: prompt and generated tokens; the KV cache holds the first ``n_past``
+    tokens: list[int] = field(default_factory=list)
+    n_past: int = 0
+    generated: int = 0
+    #: where this sequence's logits are in the batch just decoded, -1 when it has none
+    out_index: int = -1
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    #: tokens whose KV is in this slot's stream, as position 0..n-1
+    cached: list[int] = field(default_factory=list)
+    running: Sequence | None = None
+    last_used: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class BatchDecoder:
+    """Sequences of one llama.cpp context, advanced together one step at a time (engine thread only)."""
+
+    def __init__(self, ctx: Any, vocab: Vocab, parallel: int, n_batch: int, n_ctx_seq: int) -> None:
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._vocab = vocab
+        self._n_batch = n_batch
+        self.n_ctx_seq = n_ctx_seq
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._slots = [Slot(i) for i in range(parallel)]
+        self._waiting: deque[Sequence] = deque()
+        self._clock = itertools.count(1)
+        #: prompt tokens served from the prefix cache, and evaluated, since the start (for metrics)
+        self.reused_tokens = 0
+        self.evaluated_tokens = 0
+
+    # -- admission -------------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink, seed: int) -> None:
+        sampler = Sampler(self._vocab, params, seed, history=self.n_ctx_seq)
+        seq = Sequence(prompt, params, sink, sampler, TextOutput(params.stop), next(self._clock))
+        seq.tokens = list(prompt)
+        self._waiting.append(seq)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or any(s.running is not None for s in self._slots)
+
+    def _admit(self) -> None:
+        free = [s for s in self._slots if s.running is None]
+        while self._waiting and free:
+            seq = self._waiting.popleft()
+            if seq.sink.cancelled:
+                self._end(seq, None)
+                continue
+            slot = self._place(seq, free)
+            free.remove(slot)
+
+    def _place(self, seq: Sequence, free: list[Slot]) -> Slot:
+        """Put ``seq`` in the free slot that saves the most prompt evaluation, reusing its cached prefix."""
+        limit = len(seq.prompt) - 1  # the last prompt token is always evaluated: its logits start the answer
+
+        def reuse(slot: Slot) -> int:
+            return min(common_prefix(slot.cached, seq.prompt), limit)
+
+        slot = max(free, key=lambda s: (reuse(s), -s.last_used))
+        keep = reuse(slot)
+        donors = [s for s in self._slots if s.running is not None]
+        donor = max(donors, key=reuse, default=None)
+        if donor is not None and reuse(donor) >= keep + COPY_PREFIX_MIN:
+            keep = reuse(donor)
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, -1, -1)
+            slot.cached = list(donor.cached)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
+        slot.cached = slot.cached[:keep]
+        seq.n_past = keep
+        self.reused_tokens += keep
+        slot.running, slot.last_used = seq, next(self._clock)
+        return slot
+
+    # -- the step ----------------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Admit, drop the abandoned, decode one batch, sample; True while any request remains.
+
+        Should anything in the step fail unexpectedly, every request in the engine fails with it (each
+        client gets an error and may retry) and the slots start empty, so nothing is left hanging.
+        """
+        try:
+            return self._step()
+        except Exception as exc:
+            failure = EngineError(f"the engine failed ({type(exc).__name__}: {exc}); retry the request")
+            for slot, seq in self._running():
+                self._forget(slot)
+                self._release(slot, seq, failure)
+            while self._waiting:
+                self._end(self._waiting.popleft(), failure)
+            return False
+
+    def _step(self) -> bool:
+        self._admit()
+        running = self._running()
+        for slot, seq in running:
+            if seq.sink.cancelled:
+                self._release(slot, seq, None)
+        running = self._running()
+        if not running:
+            return self.busy
+        self._fill(running)
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            failure = EngineError(f"llama.cpp failed to decode a batch (status {rc}); retry the request")
+            for slot, seq in running:
+                self._forget(slot)
+                self._release(slot, seq, failure)
+            return self.busy
+        for slot, seq in running:
+            if seq.out_index >= 0:
+                self._advance(slot, seq)
+        return self.busy
+
+    def _running(self) -> list[tuple[Slot, Sequence]]:
+        return sorted(
+            ((s, s.running) for s in self._slots if s.running is not None), key=lambda p: p[1].order
+        )
+
+    def _fill(self, running: list[tuple[Slot, Sequence]]) -> None:
+        """Every decoding sequence's pending token first, then prompt chunks up to ``n_batch`` tokens."""
+        b, n = self._batch, 0
+
+        def add(slot: Slot, token: int, pos: int, logits: bool) -> None:
+            nonlocal n
+            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, logits
+            b.seq_id[n][0] = slot.seq_id
+            slot.cached.append(token)
+            n += 1
+
+        for slot, seq in running:
+            seq.out_index = -1
+            if not seq.prefilling:
+                seq.out_index = n
+                add(slot, seq.tokens[seq.n_past], seq.n_past, True)
+                seq.n_past += 1
+        for slot, seq in running:
+            room = self._n_batch - n
+            if not seq.prefilling or room <= 0:
+                continue
+            chunk = seq.prompt[seq.n_past : seq.n_past + room]
+            for i, token in enumerate(chunk):
+                last = seq.n_past + i == len(seq.prompt) - 1
+                if last:
+                    seq.out_index = n
+                add(slot, token, seq.n_past + i, last)
+            seq.n_past += len(chunk)
+            self.evaluated_tokens += len(chunk)
+        b.n_tokens = n
+
+    def _advance(self, slot: Slot, seq: Sequence) -> None:
+        """Sample the sequence's next token and turn it into text, or finish the sequence."""
+        try:
+            token, logprob = seq.sampler.sample(self._ctx, seq.out_index)
+        except LaminaError as exc:
+            self._release(slot, seq, exc)
+            return
+        if self._vocab.is_end(token):  # not part of the answer, nor counted in its usage
+            self._finish(slot, seq, "stop", seq.text.flush())
+            return
+        seq.generated += 1
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        seq.tokens.append(token)
+        step = seq.text.feed(self._vocab.piece(token))
+        if step.stopped:
+            self._finish(slot, seq, "stop", step.text)
+        elif (seq.params.max_tokens is not None and seq.generated >= seq.params.max_tokens) or len(
+            seq.tokens
+        ) >= self.n_ctx_seq:
+            self._finish(slot, seq, "length", step.text + seq.text.flush())
+        elif step.text or seq.pending_logprobs:
+            seq.sink.put(Delta(step.text, logprobs=self._take_logprobs(seq)))
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> tuple[TokenLogprob, ...]:
+        taken = tuple(seq.pending_logprobs)
+        seq.pending_logprobs.clear()
+        return taken
+
+    def _finish(self, slot: Slot, seq: Sequence, reason: Any, text: str) -> None:
+        usage = Usage(len(seq.prompt), seq.generated)
+        seq.sink.put(Delta(text, reason, usage, self._take_logprobs(seq)))
+        self._release(slot, seq, None)
+
+    def _release(self, slot: Slot, seq: Sequence, failure: BaseException | None) -> None:
+        """Free the slot; its cached tokens stay for the next request's prefix."""
+        slot.running = None
+        del slot.cached[seq.n_past :]
+        self._end(seq, failure)
+
+    def _forget(self, slot: Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.cached.clear()
+
+    @staticmethod
+    def _end(seq: Sequence, failure: BaseException | None) -> None:
+        seq.sampler.close()
+        try:
+            if failure is not None:
+                seq.sink.fail(failure)
+        finally:
+            seq.sink.close()
+
+    def close(self) -> None:
+        """Fail whatever is left and free the batch."""
+        stopping = EngineError("the engine is shutting down; retry the request on another replica")
+        for slot, seq in self._running():
+            self._release(slot, seq, stopping)
+        while self._waiting:
+            self._end(self._waiting.popleft(), stopping)
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None

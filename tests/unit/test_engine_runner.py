@@ -1,0 +1,154 @@
+"""The engine thread with a batching engine: submitted requests are stepped, other jobs run between steps,
+a request whose client left before admission costs nothing, and a stuck step shows in ``stalled``."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from lamina.errors import InvalidRequestError
+from lamina.models import Delta, Usage
+from lamina.models._worker_stream import EngineRunner, TokenStream
+
+
+class Stepper:
+    """Each submitted request gets ``length`` one-word deltas, one per step, all requests in step."""
+
+    def __init__(self, length: int = 3) -> None:
+        self.length = length
+        self.running: list[tuple[TokenStream[str | Delta], int]] = []
+        self.steps = 0
+        self.block = threading.Event()
+        self.block.set()
+        self.admitted = 0
+
+    def add(self, stream: TokenStream[str | Delta]) -> None:
+        self.admitted += 1
+        self.running.append((stream, 0))
+
+    def step(self) -> bool:
+        self.block.wait()
+        self.steps += 1
+        still = []
+        for stream, done in self.running:
+            if stream.cancelled:
+                stream.close()
+                continue
+            if done + 1 == self.length:
+                stream.put(Delta("w", "stop", Usage(1, self.length)))
+                stream.close()
+            else:
+                stream.put(Delta("w"))
+                still.append((stream, done + 1))
+        self.running = still
+        return bool(self.running)
+
+
+async def drain(stream: TokenStream[str | Delta]) -> list[str | Delta]:
+    items: list[str | Delta] = [await stream.first()]
+    async for batch in stream.batches():
+        items += batch
+    return items
+
+
+@pytest.mark.anyio
+async def test_requests_are_stepped_together_and_calls_run_between_steps() -> None:
+    runner, stepper = EngineRunner(), Stepper(length=5)
+    runner.attach(stepper)
+
+    def admit(stream: TokenStream[str | Delta]) -> None:
+        stream.put("admitted")
+        stepper.add(stream)
+
+    try:
+        streams = [runner.submit(admit) for _ in range(4)]
+        answer = await runner.call(lambda: 42)  # not held back until the requests finish
+        results = await asyncio.gather(*(drain(s) for s in streams))
+        assert answer == 42
+        assert all(
+            len(r) == 6 and isinstance(r[-1], Delta) and r[-1].finish_reason == "stop" for r in results
+        )
+        assert stepper.steps <= 6  # four requests of five tokens in about five steps, not twenty
+    finally:
+        assert runner.close(5)
+
+
+@pytest.mark.anyio
+async def test_a_request_refused_at_admission_fails_its_stream() -> None:
+    runner = EngineRunner()
+    runner.attach(Stepper())
+
+    def refuse(stream: TokenStream[str | Delta]) -> None:
+        raise InvalidRequestError("no")
+
+    try:
+        with pytest.raises(InvalidRequestError):
+            await runner.submit(refuse).first()
+    finally:
+        assert runner.close(5)
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_while_queued_is_never_admitted() -> None:
+    runner, stepper = EngineRunner(), Stepper()
+    runner.attach(stepper)
+    gate = threading.Event()
+
+    def busy() -> None:
+        gate.wait()
+
+    runner.post(busy)  # the engine thread is busy
+    try:
+        stream: TokenStream[str | Delta] = runner.submit(stepper.add)
+        stream.cancel()
+        gate.set()
+        assert await drain_or_end(stream)
+        assert stepper.admitted == 0
+    finally:
+        assert runner.close(5)
+
+
+async def drain_or_end(stream: TokenStream[str | Delta]) -> bool:
+    try:
+        await stream.first()
+    except Exception as exc:  # the stream ended without an item
+        return "without an answer" in str(exc)
+    return False
+
+
+@pytest.mark.anyio
+async def test_a_stuck_step_shows_as_stalled() -> None:
+    runner, stepper = EngineRunner(), Stepper(length=10**9)
+    runner.attach(stepper)
+    try:
+        stream: TokenStream[str | Delta] = runner.submit(stepper.add)
+        await asyncio.sleep(0.05)
+        assert runner.stalled(0.5) is None
+        stepper.block.clear()
+        await asyncio.sleep(0.3)
+        ran = runner.stalled(0.1)
+        assert ran is not None and ran >= 0.1
+        stepper.block.set()
+        stream.cancel()
+        await asyncio.sleep(0.05)
+        assert runner.stalled(0.1) is None
+    finally:
+        stepper.block.set()
+        assert runner.close(5)
+
+
+def test_closing_ends_every_running_request() -> None:
+    async def run() -> list[str | Delta]:
+        runner, stepper = EngineRunner(), Stepper(length=10**6)
+        runner.attach(stepper)
+        stream: TokenStream[str | Delta] = runner.submit(stepper.add)
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        assert await asyncio.to_thread(runner.close, 5)
+        assert time.monotonic() - started < 2
+        return [item async for batch in stream.batches() for item in batch]
+
+    assert asyncio.run(run())  # it got items and then the end, instead of hanging
