@@ -227,3 +227,27 @@ def test_langchain_structured_output_and_bound_tools(stack: RunningStack) -> Non
     answer = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Oslo?")
     assert answer.tool_calls and answer.tool_calls[0]["name"] == "get_weather"
     assert isinstance(answer.tool_calls[0]["args"]["city"], str)
+
+
+def test_a_client_leaving_before_its_whole_answer_frees_its_slot(
+    stack: RunningStack, client: openai.OpenAI
+) -> None:
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Write a very long story about the mountains."}],
+        "max_tokens": 1500,
+        "temperature": 0.8,
+    }
+
+    def give_up(_: int) -> None:
+        with pytest.raises(httpx.ReadTimeout):  # the client stops waiting and closes its connection
+            httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=2))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(give_up, range(8)))
+    started = time.monotonic()
+    reply = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].message.content is not None
+    assert time.monotonic() - started < 8

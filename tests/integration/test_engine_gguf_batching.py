@@ -208,3 +208,23 @@ def test_a_grammar_constrains_the_answer_to_json(engine: GGUFEngine) -> None:
     assert set(answer) == {"name", "legs"} and isinstance(answer["legs"], int), text
     with pytest.raises(InvalidRequestError, match="grammar"):
         alone(engine, ask("hi"), SamplingParams(max_tokens=4, grammar="root ::= nonsense-rule"))
+
+
+def test_a_prefix_held_by_a_running_request_is_copied_and_changes_nothing(engine: GGUFEngine) -> None:
+    system = "You are a librarian who knows every book about the sea. " * 10 + "Answer briefly."
+    question = ask("Which book about whales should I read?", system)
+    neighbour = ask("Which book about storms should I read?", system)
+    fresh = alone(engine, question)
+    for i in range(8):  # every slot caches something else, so only the running neighbour holds the prefix
+        alone(engine, ask(f"Say the number {i}."), SamplingParams(max_tokens=1, temperature=0.0))
+    running = Sink()
+    engine.submit_chat(neighbour, SamplingParams(max_tokens=60, temperature=0.0), running)
+    for _ in range(3):
+        engine.step()
+    before = engine.prefix_cache()
+    copied = Sink()
+    engine.submit_chat(question, GREEDY, copied)
+    while engine.step():
+        pass
+    assert copied.text == fresh and not copied.errors and not running.errors
+    assert engine.prefix_cache()["reused"] - before["reused"] > 100

@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -283,6 +284,35 @@ def test_health_and_info_while_loading_and_after() -> None:
     try:
         asyncio.run(run())
     finally:
+        replica.runner.close(5)
+
+
+def test_health_fails_while_an_engine_job_makes_no_progress() -> None:
+    replica = Replica("echo", "v1", EngineRunner())
+    engine = load_engine("fake", LoadSpec(name="echo", path=None))
+    replica.engine, replica.info = engine, engine.info()
+    app = WorkerApp(replica, watchdog_s=0.2).starlette(on_startup=lambda: None)
+    stuck = threading.Event()
+
+    def hang() -> None:  # an engine call that does not return
+        stuck.wait()
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client:
+            assert (await client.get("/health")).status_code == 200
+            replica.runner.post(hang)
+            await asyncio.sleep(0.4)
+            health = await client.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "stuck"
+            assert "no progress" in health.json()["reason"]
+            stuck.set()
+            await asyncio.sleep(0.05)
+            assert (await client.get("/health")).status_code == 200
+
+    try:
+        asyncio.run(run())
+    finally:
+        stuck.set()
         replica.runner.close(5)
 
 

@@ -14,6 +14,7 @@ import hmac
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI
 from opentelemetry.util.types import AttributeValue
 from pydantic import ValidationError
@@ -228,7 +229,9 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
     forward = Forward(route.deployment, op.path, {**body, "model": route.served_name})
     extra = {} if grounding is None else {"citations": citations_json(grounding)}
     if isinstance(parsed, EmbeddingRequest) or not parsed.stream:
-        return await _forward(deps.dispatcher, forward, exchange, extra)
+        return await _unless_client_leaves(
+            request, exchange, _forward(deps.dispatcher, forward, exchange, extra)
+        )
     trailer = None if grounding is None else citations_event(grounding)
     return StreamRelay(deps.dispatcher, forward, exchange, parsed.include_usage, trailer=trailer)
 
@@ -265,6 +268,31 @@ def _require(route: Route, capability: Capability, requested: str, param: str) -
         f"whose capabilities in GET /v1/models include {capability.value!r}",
         param=param,
     )
+
+
+async def _unless_client_leaves(request: Request, exchange: Exchange, work: Awaitable[Response]) -> Response:
+    """``work``, cancelled if the client disconnects first: the request to the replica is dropped with it,
+    so the replica stops generating an answer nobody will read (a stream is watched by its relay)."""
+    answer: Response | None = None
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            exchange.outcome = 499  # nginx's "client closed request"
+            exchange.span.set_attribute("lamina.client_disconnected", True)
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        try:
+            answer = await work
+        except Exception as exc:  # raised as itself below, not inside the task group's exception group
+            failure = exc
+        tasks.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return answer if answer is not None else Response(status_code=499)
 
 
 async def _forward(

@@ -17,6 +17,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from lamina.models._engine import Capability, Engine, EngineDescriptor, LoadSpec
+from lamina.models._gguf_header import read_gguf_header
 from lamina.orchestration import Resources
 
 _MIB = 1 << 20
@@ -112,13 +113,37 @@ def _memory_mb(files: Sequence[Path]) -> int:
 
 
 def _gguf_resources(files: Sequence[Path], options: Any) -> Resources:
-    """Its threads, about 1.5x its files, and a GPU when layers are offloaded."""
+    """Its threads, about 1.5x its files plus the KV cache of its parallel slots, and a GPU when layers are
+    offloaded."""
     assert isinstance(options, GGUFOptions)
+    kv = sum(kv_cache_bytes(f, options) for f in files[:1] if f.is_file())
     return Resources(
         cpus=float(options.n_threads or physical_cores()),
-        memory_mb=_memory_mb(files),
+        memory_mb=_memory_mb(files) + math.ceil(kv / _MIB),
         gpus=1 if options.n_gpu_layers != 0 else 0,
     )
+
+
+def kv_cache_bytes(path: Path, options: GGUFOptions) -> int:
+    """The f16 KV cache of ``parallel`` slots of ``n_ctx`` tokens, from the model's header; 0 when the header
+    does not say enough (the estimate is then the files alone)."""
+    with path.open("rb") as f:
+        values = read_gguf_header(f, os.fstat(f.fileno()).st_size, str(path)).values
+    arch = values.get("general.architecture")
+
+    def number(key: str, default: int = 0) -> int:
+        value = values.get(f"{arch}.{key}", default)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    layers, heads = number("block_count"), number("attention.head_count")
+    if not layers or not heads:
+        return 0
+    key = number("attention.key_length", number("embedding_length") // heads)
+    value = number("attention.value_length", key)
+    per_token = layers * number("attention.head_count_kv", heads) * (key + value) * 2
+    trained = number("context_length")
+    n_ctx = min(options.n_ctx, trained) if trained else options.n_ctx
+    return per_token * n_ctx * parallel_slots(options)
 
 
 def _onnx_resources(files: Sequence[Path], options: Any) -> Resources:

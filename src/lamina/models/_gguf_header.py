@@ -8,7 +8,7 @@ per array element (a tokenizer's vocabulary: hundreds of thousands), only for La
 
 This reader checks every count and size against the bytes the file has left before it reads, loops or
 allocates: a claim the file cannot hold is a CorruptFileError at once, and no read goes past the end of
-the file. It keeps only the keys Lamina records (:data:`KEPT_KEYS` and every ``*.context_length``) and
+the file. It keeps only the keys Lamina uses (:data:`KEPT_KEYS`, the context length and the shape) and
 steps over arrays without building their elements. ``gguf`` still supplies the format's constants (value
 types, tensor types and their sizes). Nested arrays are refused, as llama.cpp refuses them.
 """
@@ -33,7 +33,7 @@ HEADER_BYTES = 24
 MAX_NAME_BYTES = 65_535
 #: ggml's GGML_MAX_DIMS
 MAX_DIMS = 4
-#: the keys whose values are kept (plus every key ending in ``.context_length``)
+#: the keys whose values are kept (plus every ``{architecture}.`` key ending in one of ``_KEPT_SUFFIXES``)
 KEPT_KEYS = frozenset(
     {
         "general.architecture",
@@ -44,7 +44,16 @@ KEPT_KEYS = frozenset(
     }
 )
 
-_KEPT_SUFFIX = ".context_length"
+#: the model's shape, as far as the KV cache estimate needs it
+_KEPT_SUFFIXES = (
+    ".context_length",
+    ".block_count",
+    ".embedding_length",
+    ".attention.head_count",
+    ".attention.head_count_kv",
+    ".attention.key_length",
+    ".attention.value_length",
+)
 #: the least a key/value pair takes: key length, value type, a one-byte value
 _MIN_KV_BYTES = 8 + 4 + 1
 #: the least a tensor description takes: name length, dimension count, type, offset
@@ -185,7 +194,7 @@ def read_gguf_header(f: BinaryIO, size: int, label: str) -> GGUFHeader:
 def _read_kv(cur: _Cursor, values: dict[str, Scalar]) -> None:
     n = cur.string("a metadata key", MAX_NAME_BYTES)
     key = _decode(cur, cur.take(n, "a metadata key"), "a metadata key")
-    kept = key in KEPT_KEYS or key.endswith(_KEPT_SUFFIX)
+    kept = key in KEPT_KEYS or key.endswith(_KEPT_SUFFIXES)
     if kept and key in values:
         raise corrupt_gguf(cur.label, f"its metadata key {key!r} appears twice")
     vtype = _value_type(cur, f"the value of {key!r}")

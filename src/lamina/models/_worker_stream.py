@@ -100,8 +100,13 @@ class EngineRunner:
         """Step ``stepper`` (a batching engine) whenever it has work; call on the engine thread."""
         self._stepper = stepper
 
+    def progress(self) -> None:
+        """The current job made progress (a job that streams calls this per item)."""
+        if self._since is not None:
+            self._since = time.monotonic()
+
     def stalled(self, limit_s: float) -> float | None:
-        """How long the current job or step has run, if that is more than ``limit_s``; else None."""
+        """How long the current job or step has run without progress, if more than ``limit_s``; else None."""
         since = self._since
         if since is None:
             return None
@@ -215,6 +220,7 @@ class TokenStream(Generic[X]):
             iterator = make()
             for item in iterator:
                 push(item)
+                self._runner.progress()
                 if self.cancelled:
                     break
         except BaseException as exc:
