@@ -26,7 +26,7 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.stackproc import start_stack, stop_stack
+from tests.support import start_stack, stop_stack
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 MODEL = "smollm2-135m-instruct"

@@ -38,6 +38,7 @@ from lamina.models._engine import (
 )
 from lamina.models._gguf_batch import BatchDecoder
 from lamina.models._gguf_sampling import Vocab, seed_for
+from lamina.models._gguf_threads import ThreadPools
 
 #: ``llama_cpp.llama`` reads its default model params through a module attribute; patching it is
 #: process-wide, so constructions that patch it take turns.
@@ -147,11 +148,14 @@ class GGUFEngine:
         self._quantization = _quantization(metadata)
         self._model = self._load(spec.path)
         self._ctx = self._context()
+        self._pools = ThreadPools(self._ctx, self._threads, self._options.n_threads_batch or self._threads)
         self._vocab = Vocab(self._model.vocab)
         self._decoder = BatchDecoder(
             self._ctx, self._vocab, self._parallel, self._options.n_batch, self._n_ctx
         )
         self._formatter = self._chat_formatter(metadata)
+        bos = self._model.token_bos()
+        self._decoder.warm_up(bos if bos != -1 else 0)
         self._chat_cache: tuple[tuple[ChatMessage, ...], list[int], tuple[str, ...]] | None = None
 
     def _load(self, path: Path) -> LlamaModel:
@@ -222,6 +226,7 @@ class GGUFEngine:
                 "n_ctx": str(self._n_ctx),
                 "parallel": str(self._parallel),
                 "flash_attn": str(self._options.flash_attn).lower(),
+                "thread_pool": str(self._pools.attached).lower(),
                 "use_extra_bufts": str(self._options.use_extra_bufts).lower(),
                 "quantization": self._quantization,
                 "n_gpu_layers": str(self._options.n_gpu_layers),
@@ -272,6 +277,7 @@ class GGUFEngine:
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        self._pools.close()
         self._model.close()  # type: ignore[no-untyped-call]
 
     def _submit(self, tokens: list[int], params: SamplingParams, sink: Sink) -> None:

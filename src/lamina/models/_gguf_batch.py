@@ -90,6 +90,16 @@ class BatchDecoder:
         self.reused_tokens = 0
         self.evaluated_tokens = 0
 
+    def warm_up(self, token: int) -> None:
+        """One decode of one token, then an empty cache: llama.cpp's first decode sets things up (as
+        llama-server's start-up warm-up does), which a first request would otherwise pay for."""
+        b = self._batch
+        b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0] = token, 0, 1, True
+        b.seq_id[0][0] = 0
+        b.n_tokens = 1
+        llama_cpp.llama_decode(self._ctx, b)
+        llama_cpp.llama_memory_clear(self._memory, True)
+
     # -- admission -------------------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink, seed: int) -> None:

@@ -48,14 +48,8 @@ from lamina.models._microbatch import BatchPolicy, MicroBatcher
 from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from lamina.models._request_plan import plan_chat, plan_completion
 from lamina.models._tools import ToolPlan
-from lamina.models._worker_stream import (
-    EngineRunner,
-    Timing,
-    TokenStream,
-    admission,
-    collect,
-    generation,
-)
+from lamina.models._worker_jobs import admission, collect, generation
+from lamina.models._worker_stream import EngineRunner, Timing, TokenStream
 from lamina.models._worker_wire import DONE, ChunkEncoder, completion_body
 
 log = logging.getLogger("lamina.models.worker")

@@ -16,11 +16,10 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from lamina.errors import ContextLengthError, EngineError, UnavailableError
-from lamina.models._engine import Delta, SamplingParams, Sink, TokenLogprob
+from lamina.errors import EngineError, UnavailableError
 
 T = TypeVar("T")
 X = TypeVar("X")
@@ -67,6 +66,8 @@ class EngineRunner:
         self._stepping = False
         #: when the current job or step began (monotonic), None while the thread waits for work
         self._since: float | None = None
+        #: items handed to streams during a step, delivered together after it (one wake-up of the loop)
+        self._outbox: list[tuple[TokenStream[Any], object]] | None = None
         self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
         self._thread.start()
 
@@ -93,8 +94,15 @@ class EngineRunner:
             return self._step
 
     def _step(self) -> None:
+        """One step of the batching engine; what it hands to streams crosses to the loop in one go."""
         assert self._stepper is not None
-        self._stepping = self._stepper.step()
+        self._outbox = []
+        try:
+            self._stepping = self._stepper.step()
+        finally:
+            outbox, self._outbox = self._outbox, None
+            if outbox:
+                _deliver(outbox)
 
     def attach(self, stepper: Stepper) -> None:
         """Step ``stepper`` (a batching engine) whenever it has work; call on the engine thread."""
@@ -232,6 +240,10 @@ class TokenStream(Generic[X]):
             push(_END)
 
     def _push(self, item: object) -> None:
+        outbox = self._runner._outbox
+        if outbox is not None and threading.current_thread() is self._runner._thread:
+            outbox.append((self, item))
+            return
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -264,113 +276,19 @@ class TokenStream(Generic[X]):
             yield out
 
 
-def fit_context(prompt: int, params: SamplingParams, context: int, what: str) -> SamplingParams:
-    """Refuse a prompt that cannot fit with its answer; without max_tokens, answer up to the context."""
-    take = "take" if what == "messages" else "takes"
-    numbers = {"context_length": context, "prompt_tokens": prompt, "max_tokens": params.max_tokens}
-    if params.max_tokens is not None:
-        if prompt + params.max_tokens > context:
-            raise ContextLengthError(
-                f"this model's context is {context} tokens; the {what} {take} {prompt} and max_tokens asks "
-                f"for {params.max_tokens} more: shorten the {what} or lower max_tokens",
-                param=what,
-                **numbers,
-            )
-        return params
-    if prompt >= context:
-        raise ContextLengthError(
-            f"this model's context is {context} tokens; the {what} {take} {prompt}, leaving no room for an "
-            f"answer: shorten the {what}",
-            param=what,
-            **numbers,
-        )
-    return replace(params, max_tokens=context - prompt)
+def _deliver(outbox: list[tuple[TokenStream[Any], object]]) -> None:
+    """Hand items to their streams' queues with one ``call_soon_threadsafe`` per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream[Any], object]]] = {}
+    for stream, item in outbox:
+        by_loop.setdefault(stream._loop, []).append((stream, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            for stream, _ in items:
+                stream._cancelled = True
 
 
-def generation(
-    count: Callable[[], int],
-    run: Callable[[SamplingParams], Iterator[Delta]],
-    params: SamplingParams,
-    context: int,
-    what: str,
-    timing: Timing,
-) -> Iterator[int | Delta]:
-    """On the engine thread: count the prompt, check the context, yield its token count, then the deltas."""
-    timing.begin()
-    deltas: Iterator[Delta] | None = None
-    try:
-        prompt = count()
-        params = fit_context(prompt, params, context, what)
-        yield prompt
-        deltas = run(params)
-        for delta in deltas:
-            if not timing.first_token:
-                timing.first_token = time.perf_counter()
-            yield delta
-    finally:
-        close = getattr(deltas, "close", None)
-        if close is not None:
-            close()
-        timing.end()
-
-
-class TimedSink:
-    """One request's sink in a batching engine: marks its first token and its end on ``timing``."""
-
-    def __init__(self, stream: TokenStream[int | Delta], timing: Timing) -> None:
-        self._stream, self._timing = stream, timing
-
-    @property
-    def cancelled(self) -> bool:
-        return self._stream.cancelled
-
-    def put(self, delta: Delta) -> None:
-        if not self._timing.first_token:
-            self._timing.first_token = time.perf_counter()
-        if delta.finish_reason is not None:
-            self._timing.end()
-        self._stream.put(delta)
-
-    def fail(self, exc: BaseException) -> None:
-        self._stream.fail(exc)
-
-    def close(self) -> None:
-        if not self._timing.finished:
-            self._timing.end()
-        self._stream.close()
-
-
-def admission(
-    count: Callable[[], int],
-    submit: Callable[[SamplingParams, Sink], None],
-    params: SamplingParams,
-    context: int,
-    what: str,
-    timing: Timing,
-) -> Callable[[TokenStream[int | Delta]], None]:
-    """For a batching engine, on the engine thread: count the prompt, check the context, hand over its token
-    count, then submit the request with the stream as its sink."""
-
-    def admit(stream: TokenStream[int | Delta]) -> None:
-        timing.begin()
-        prompt = count()
-        fitted = fit_context(prompt, params, context, what)
-        stream.put(prompt)
-        submit(fitted, TimedSink(stream, timing))
-
-    return admit
-
-
-async def collect(tokens: TokenStream[int | Delta]) -> tuple[str, Delta, tuple[TokenLogprob, ...]]:
-    """On the event loop, after ``first()``: the whole answer, its final delta and its log probabilities."""
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    async for batch in tokens.batches():
-        for item in batch:
-            if isinstance(item, int):
-                continue
-            parts.append(item.text)
-            logprobs.extend(item.logprobs)
-            if item.finish_reason is not None:
-                return "".join(parts), item, tuple(logprobs)
-    raise UnavailableError("this replica stopped before the answer was complete; retry the request")
+def _put_all(items: list[tuple[TokenStream[Any], object]]) -> None:
+    for stream, item in items:
+        stream._queue.put_nowait(item)

@@ -1,0 +1,94 @@
+"""A persistent ggml thread pool for a llama.cpp context, as llama.cpp's own server attaches one.
+
+Without it, ggml starts and joins its worker threads on every ``llama_decode``; with it the threads stay
+and spin briefly between steps. Measured here with SmolLM2 on 2 cores: 8 sequences decode at 181 tokens/s
+with a pool against 143 without, one sequence at 109 against 96. llama-cpp-python does not bind the pool
+functions, so they are bound here from the libraries it ships; where they cannot be found the context runs
+without a pool, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+log = logging.getLogger("lamina.models.gguf")
+
+#: ggml's GGML_MAX_N_THREADS: the length of the pool's CPU mask
+_MAX_THREADS = 512
+
+
+class _PoolParams(ctypes.Structure):
+    """ggml's ``struct ggml_threadpool_params``."""
+
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * _MAX_THREADS),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+class _Library:
+    def __init__(self, folder: Path) -> None:
+        base = ctypes.CDLL(str(folder / "libggml-base.so"))
+        cpu = ctypes.CDLL(str(folder / "libggml-cpu.so"))
+        llama = ctypes.CDLL(str(folder / "libllama.so"))
+        self.init = base.ggml_threadpool_params_init
+        self.init.argtypes, self.init.restype = [ctypes.POINTER(_PoolParams), ctypes.c_int], None
+        self.new = cpu.ggml_threadpool_new
+        self.new.argtypes, self.new.restype = [ctypes.POINTER(_PoolParams)], ctypes.c_void_p
+        self.free = cpu.ggml_threadpool_free
+        self.free.argtypes, self.free.restype = [ctypes.c_void_p], None
+        self.attach = llama.llama_attach_threadpool
+        self.attach.argtypes, self.attach.restype = [ctypes.c_void_p] * 3, None
+
+
+def _library() -> _Library | None:
+    try:
+        return _Library(Path(llama_cpp.__file__).parent / "lib")
+    except (OSError, AttributeError) as exc:
+        log.info("llama.cpp thread pools unavailable (%s); decoding without one", exc)
+        return None
+
+
+class ThreadPools:
+    """The pools attached to one context; free them after the context (``close``)."""
+
+    def __init__(self, ctx: Any, threads: int, threads_batch: int) -> None:
+        self._lib = _library()
+        self._pools: list[int] = []
+        if self._lib is None:
+            return
+        batch = None
+        if threads_batch != threads:
+            batch = self._new(threads_batch, paused=False)
+        pool = self._new(threads, paused=batch is not None)
+        if pool is not None:
+            self._lib.attach(ctx, pool, batch)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._pools)
+
+    def _new(self, threads: int, *, paused: bool) -> int | None:
+        assert self._lib is not None
+        params = _PoolParams()
+        self._lib.init(ctypes.byref(params), threads)
+        params.paused = paused
+        pool = self._lib.new(ctypes.byref(params))
+        if pool:
+            self._pools.append(pool)
+        return pool or None
+
+    def close(self) -> None:
+        if self._lib is not None:
+            for pool in self._pools:
+                self._lib.free(pool)
+        self._pools.clear()
