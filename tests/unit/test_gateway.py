@@ -232,6 +232,33 @@ async def test_malformed_json_is_400(gw: Gateway) -> None:
 
 
 @pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "more than 100 deep"),
+        (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "seed": NaN}', "NaN"),
+        (
+            b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+            "Infinity",
+        ),
+        (
+            b'{"model": "chat", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+            "lone UTF-16 surrogate",
+        ),
+    ],
+    ids=["nested-100000-deep", "nan", "infinity", "lone-surrogate"],
+)
+async def test_json_that_python_accepts_but_nothing_can_take_is_400(
+    gw: Gateway, raw: bytes, says: str
+) -> None:
+    r = await gw.client.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["code"] == "invalid_request" and says in err["message"]
+
+
+@pytest.mark.parametrize(
     ("body", "param"),
     [
         ({"model": CHAT}, "messages"),

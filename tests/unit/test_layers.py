@@ -283,6 +283,7 @@ PUBLIC = {
         "engine_for_format",
         "engine_names",
         "load_engine",
+        "read_json",
         "read_metadata",
         "register_bundled",
         "registered_or_bundled",

@@ -6,13 +6,13 @@ field, known or not) and uses the model only to route, check and annotate.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from lamina.errors import InvalidRequestError
+from lamina.models import read_json
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
@@ -70,13 +70,7 @@ def invalid_fields(errors: Sequence[Mapping[str, Any]]) -> InvalidRequestError:
 
 def parse_body(raw: bytes, model: type[RequestT]) -> tuple[dict[str, Any], RequestT]:
     """The JSON object of ``raw`` and its validated form; InvalidRequestError names what is wrong."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(
-            f"the request body is not valid JSON ({exc}); send one JSON object, "
-            "with the header Content-Type: application/json"
-        ) from None
+    data = read_json(raw)
     if not isinstance(data, dict):
         raise InvalidRequestError(
             f"the request body must be a JSON object, not a JSON {type(data).__name__}; "

@@ -35,6 +35,7 @@ from lamina.models._openai import (
 )
 from lamina.models._query_embedder import DispatchQueryEmbedder, ThreadQueryEmbedder
 from lamina.models._registry import Registry
+from lamina.models._request_json import read_json
 
 __all__ = [
     "BUNDLED",
@@ -76,6 +77,7 @@ __all__ = [
     "engine_for_format",
     "engine_names",
     "load_engine",
+    "read_json",
     "read_metadata",
     "register_bundled",
     "registered_or_bundled",

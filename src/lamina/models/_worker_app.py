@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import secrets
 import time
@@ -46,6 +45,7 @@ from lamina.models._engine import (
 )
 from lamina.models._microbatch import BatchPolicy, MicroBatcher
 from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from lamina.models._request_json import read_json
 from lamina.models._request_plan import plan_chat, plan_completion
 from lamina.models._tools import ToolPlan
 from lamina.models._worker_jobs import admission, collect, generation
@@ -103,10 +103,7 @@ def field_path(loc: tuple[int | str, ...], body: Any, missing: bool) -> str:
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """The request body as ``model``, or an InvalidRequestError whose ``param`` names the bad field."""
-    try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON ({exc}); send a JSON object") from exc
+    body = read_json(await request.body())
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, not {type(body).__name__}")
     try:
