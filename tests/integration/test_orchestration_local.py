@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -26,20 +25,18 @@ from lamina.orchestration import (
     Controller,
     LocalProcessBackend,
     ReplicaState,
-    ReplicaStatus,
     WorkloadSpec,
 )
-from tests.support import ECHO_SERVER, FakeClock, echo_spec
-
-#: bound on waiting for real processes; generous because the machine is shared
-PROCESS_WAIT_S = 30.0
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+from tests.support import (
+    ECHO_SERVER,
+    PROCESS_WAIT_S,
+    FakeClock,
+    echo_spec,
+    local_controller,
+    process_gone,
+    replica_status,
+    step_until,
+)
 
 
 def _wait_until(cond: Callable[[], bool], what: str) -> None:
@@ -123,27 +120,16 @@ time.sleep(60)
     with parent.stdout:
         child_pid = int(parent.stdout.readline())
     try:
-        assert not _gone(child_pid)
+        assert not process_gone(child_pid)
         parent.kill()
         parent.wait()
-        _wait_until(lambda: _gone(child_pid), "the orphaned replica to get SIGTERM")
+        _wait_until(lambda: process_gone(child_pid), "the orphaned replica to get SIGTERM")
     finally:
-        if not _gone(child_pid):  # the test failed: do not leave the orphan running
+        if not process_gone(child_pid):  # the test failed: do not leave the orphan running
             os.kill(child_pid, signal.SIGKILL)
 
 
 # ---- the controller -------------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def _controller(tmp_path: Path, **kw: Any) -> AsyncIterator[Controller]:
-    async with httpx.AsyncClient() as http:
-        controller = Controller(LocalProcessBackend(tmp_path / "logs"), http=http, **kw)
-        try:
-            yield controller
-        finally:
-            await controller.shutdown(grace_s=2.0)
-    assert psutil.Process().children(recursive=True) == [], "shutdown left replica processes behind"
 
 
 @asynccontextmanager
@@ -165,24 +151,9 @@ async def _until(controller: Controller, cond: Callable[[], bool], what: str) ->
         await controller.wait_for_change(0.5)
 
 
-async def _step_until(controller: Controller, cond: Callable[[], bool], what: str) -> None:
-    """Step by hand (the fake clock stands still) until real processes have done what ``cond`` says."""
-    deadline = time.monotonic() + PROCESS_WAIT_S
-    while True:
-        await controller.step()
-        if cond():
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {controller.status()}"
-        await asyncio.sleep(0.05)
-
-
-def _replica(controller: Controller, replica_id: str) -> ReplicaStatus:
-    return next(r for d in controller.status() for r in d.replicas if r.replica_id == replica_id)
-
-
 @pytest.mark.anyio
 async def test_replicas_become_ready_and_a_killed_one_is_restarted(tmp_path: Path) -> None:
-    async with _controller(tmp_path, health_interval_s=0.1, restart_backoff_s=0.05) as controller:
+    async with local_controller(tmp_path, health_interval_s=0.1, restart_backoff_s=0.05) as controller:
         controller.apply([echo_spec(replicas=2)])
         async with _running(controller):
             assert await controller.wait_ready(PROCESS_WAIT_S)
@@ -193,19 +164,21 @@ async def test_replicas_become_ready_and_a_killed_one_is_restarted(tmp_path: Pat
             os.kill(victim, signal.SIGKILL)
 
             def restarted() -> bool:
-                r = _replica(controller, "echo-0")
+                r = replica_status(controller, "echo-0")
                 return r.state is ReplicaState.READY and r.pid != victim
 
             await _until(controller, restarted, "echo-0 to come back")
-        echo0 = _replica(controller, "echo-0")
+        echo0 = replica_status(controller, "echo-0")
         assert (echo0.restarts, echo0.last_exit_code) == (1, -signal.SIGKILL)
-        assert _replica(controller, "echo-1").pid == before["echo-1"], "the other replica was left alone"
-        assert _gone(victim)
+        assert replica_status(controller, "echo-1").pid == before["echo-1"], (
+            "the other replica was left alone"
+        )
+        assert process_gone(victim)
 
 
 @pytest.mark.anyio
 async def test_scaling_down_stops_the_extras_and_removal_forgets_the_deployment(tmp_path: Path) -> None:
-    async with _controller(tmp_path, health_interval_s=0.1) as controller:
+    async with local_controller(tmp_path, health_interval_s=0.1) as controller:
         controller.apply([echo_spec(replicas=3)])
         async with _running(controller):
             assert await controller.wait_ready(PROCESS_WAIT_S, ["echo"])
@@ -213,10 +186,10 @@ async def test_scaling_down_stops_the_extras_and_removal_forgets_the_deployment(
             controller.apply([echo_spec(replicas=1)])
             await _until(controller, lambda: len(controller.status()[0].replicas) == 1, "the scale-down")
             assert [r.replica_id for r in controller.ready_replicas("echo")] == ["echo-0"]
-            assert all(_gone(pids[rid] or 0) for rid in ("echo-1", "echo-2"))
+            assert all(process_gone(pids[rid] or 0) for rid in ("echo-1", "echo-2"))
             controller.apply([])
             await _until(controller, lambda: controller.status() == [], "the deployment to go")
-            assert _gone(pids["echo-0"] or 0)
+            assert process_gone(pids["echo-0"] or 0)
             with pytest.raises(ModelNotFoundError, match="no deployment named 'echo'"):
                 controller.ready_replicas("echo")
 
@@ -224,20 +197,20 @@ async def test_scaling_down_stops_the_extras_and_removal_forgets_the_deployment(
 @pytest.mark.anyio
 async def test_a_crashing_workload_backs_off_and_the_other_keeps_serving(tmp_path: Path) -> None:
     clock = FakeClock()
-    async with _controller(
+    async with local_controller(
         tmp_path, clock=clock.monotonic, restart_backoff_s=1.0, restart_backoff_max_s=8.0
     ) as c:
         c.apply([echo_spec("good"), echo_spec("crash", env={"ECHO_CRASH_EXIT": "3"})])
 
         def crash_dead(restarts: int) -> Callable[[], bool]:
             def cond() -> bool:
-                r = _replica(c, "crash-0")
+                r = replica_status(c, "crash-0")
                 return r.state is ReplicaState.DEAD and r.restarts == restarts
 
             return cond
 
-        await _step_until(c, lambda: crash_dead(0)() and len(c.ready_replicas("good")) == 1, "first crash")
-        crash = _replica(c, "crash-0")
+        await step_until(c, lambda: crash_dead(0)() and len(c.ready_replicas("good")) == 1, "first crash")
+        crash = replica_status(c, "crash-0")
         assert crash.last_exit_code == 3
         assert crash.last_error is not None
         assert "crashing on purpose with exit code 3" in crash.last_error
@@ -245,14 +218,14 @@ async def test_a_crashing_workload_backs_off_and_the_other_keeps_serving(tmp_pat
         assert "crash-0 restarted 0 time(s), last exit 3" in c.explain("crash")
 
         for delay in (1.0, 2.0, 4.0, 8.0, 8.0):  # doubling, capped at 8 s
-            restarts = _replica(c, "crash-0").restarts
+            restarts = replica_status(c, "crash-0").restarts
             clock.advance(delay - 0.25)
             await c.step()
-            assert _replica(c, "crash-0").restarts == restarts, f"restarted before {delay} s passed"
+            assert replica_status(c, "crash-0").restarts == restarts, f"restarted before {delay} s passed"
             clock.advance(0.25)
             await c.step()
-            assert _replica(c, "crash-0").restarts == restarts + 1
-            await _step_until(c, crash_dead(restarts + 1), "the restarted replica to crash again")
+            assert replica_status(c, "crash-0").restarts == restarts + 1
+            await step_until(c, crash_dead(restarts + 1), "the restarted replica to crash again")
 
         good = c.ready_replicas("good")
         assert len(good) == 1 and good[0].restarts == 0
@@ -264,35 +237,35 @@ async def test_a_crashing_workload_backs_off_and_the_other_keeps_serving(tmp_pat
 async def test_a_replica_that_never_gets_ready_is_restarted_after_its_timeout(tmp_path: Path) -> None:
     clock = FakeClock()
     spec = echo_spec(env={"ECHO_READY_DELAY_S": "1000"}, ready_timeout_s=5.0)
-    async with _controller(tmp_path, clock=clock.monotonic, restart_backoff_s=1.0) as c:
+    async with local_controller(tmp_path, clock=clock.monotonic, restart_backoff_s=1.0) as c:
         c.apply([spec])
         await c.step()
-        first = _replica(c, "echo-0")
+        first = replica_status(c, "echo-0")
         assert first.state is ReplicaState.STARTING and first.pid is not None
         clock.advance(5.0)
         await c.step()
-        assert _replica(c, "echo-0").state is ReplicaState.STARTING, "5 s is not more than 5 s"
+        assert replica_status(c, "echo-0").state is ReplicaState.STARTING, "5 s is not more than 5 s"
         clock.advance(0.5)
         await c.step()
-        timed_out = _replica(c, "echo-0")
+        timed_out = replica_status(c, "echo-0")
         assert timed_out.state is ReplicaState.DEAD
         assert timed_out.last_error is not None and "not ready within 5 s" in timed_out.last_error
-        assert _gone(first.pid)
+        assert process_gone(first.pid)
         clock.advance(1.0)
         await c.step()
-        again = _replica(c, "echo-0")
+        again = replica_status(c, "echo-0")
         assert (again.state, again.restarts) == (ReplicaState.STARTING, 1)
         assert again.pid not in (None, first.pid)
 
 
 @pytest.mark.anyio
 async def test_report_failure_takes_a_replica_out_of_rotation_until_it_checks_healthy(tmp_path: Path) -> None:
-    async with _controller(tmp_path) as c:
+    async with local_controller(tmp_path) as c:
         c.apply([echo_spec()])
-        await _step_until(c, lambda: len(c.ready_replicas("echo")) == 1, "the replica to be ready")
+        await step_until(c, lambda: len(c.ready_replicas("echo")) == 1, "the replica to be ready")
         c.report_failure("echo-0", "ConnectError from the dispatcher")
         assert c.ready_replicas("echo") == []
-        assert _replica(c, "echo-0").state is ReplicaState.UNHEALTHY
+        assert replica_status(c, "echo-0").state is ReplicaState.UNHEALTHY
         c.report_failure("gone-7", "a replica that no longer exists is ignored")
         await c.step()
         assert [r.replica_id for r in c.ready_replicas("echo")] == ["echo-0"]
@@ -300,7 +273,7 @@ async def test_report_failure_takes_a_replica_out_of_rotation_until_it_checks_he
 
 @pytest.mark.anyio
 async def test_unknown_deployments_are_not_found(tmp_path: Path) -> None:
-    async with _controller(tmp_path) as c:
+    async with local_controller(tmp_path) as c:
         c.apply([echo_spec("real", replicas=0)])
         for call in (lambda: c.ready_replicas("nope"), lambda: c.explain("nope")):
             with pytest.raises(ModelNotFoundError, match=r"no deployment named 'nope' \(deployments: real\)"):
