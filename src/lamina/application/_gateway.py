@@ -36,7 +36,7 @@ from lamina.application._rag import (
     last_user_text,
     retrieve_traced,
 )
-from lamina.application._relay import Forward, StreamRelay, relayed_error
+from lamina.application._relay import Forward, StreamRelay, client_gone, relayed_error, until_disconnected
 from lamina.application._requests import invalid_fields, parse_body
 from lamina.application._tracing import Exchange, TelemetryMiddleware
 from lamina.data import Retrieval
@@ -278,10 +278,8 @@ async def _unless_client_leaves(request: Request, exchange: Exchange, work: Awai
     async with anyio.create_task_group() as tasks:
 
         async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            exchange.outcome = 499  # nginx's "client closed request"
-            exchange.span.set_attribute("lamina.client_disconnected", True)
+            await until_disconnected(request.receive)
+            client_gone(exchange)
             tasks.cancel_scope.cancel()
 
         tasks.start_soon(watch)

@@ -224,12 +224,22 @@ class StreamRelay(Response):
 
     async def _watch_disconnect(self, receive: Receive, scope: CancelScope) -> None:
         """Stop relaying (and so stop the replica's work) as soon as the client goes away."""
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await until_disconnected(receive)
         self._client_gone()
         scope.cancel()
 
     def _client_gone(self) -> None:
         self._gone = True
-        self._exchange.outcome = 499  # nginx's "client closed request"
-        self._exchange.span.set_attribute("lamina.client_disconnected", True)
+        client_gone(self._exchange)
+
+
+async def until_disconnected(receive: Receive) -> None:
+    """Return when the client disconnects (call once the request body has been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def client_gone(exchange: Exchange) -> None:
+    """Record on the request that its client left before the answer was complete."""
+    exchange.outcome = 499  # nginx's "client closed request"
+    exchange.span.set_attribute("lamina.client_disconnected", True)

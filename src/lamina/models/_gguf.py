@@ -70,23 +70,6 @@ def model_params_with_extra_bufts(enabled: bool) -> Iterator[None]:
             setattr(module, name, original)
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The GGUF key/value metadata, read by loading the vocabulary only (fast, no weights)."""
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    try:
-        model = LlamaModel(path_model=str(path), params=params, verbose=False)
-    except ValueError as exc:
-        raise EngineError(
-            f"{path}: llama.cpp cannot read this GGUF file ({exc}); check that it is a complete GGUF model "
-            "file (re-register it if its checksum changed)"
-        ) from exc
-    try:
-        return dict(model.metadata())
-    finally:
-        model.close()  # type: ignore[no-untyped-call]
-
-
 def context_window(requested: int, metadata: dict[str, str]) -> int:
     """``requested`` capped at the context the model was trained for (``{arch}.context_length``)."""
     arch = metadata.get("general.architecture", "llama")
@@ -141,12 +124,12 @@ class GGUFEngine:
                 "its path"
             )
         self._name = spec.name
-        metadata = read_metadata(spec.path)
+        self._model = self._load(spec.path)
+        metadata = dict(self._model.metadata())
         self._n_ctx = context_window(self._options.n_ctx, metadata)
         self._threads = self._options.n_threads or physical_cores()
         self._parallel = parallel_slots(self._options)
         self._quantization = _quantization(metadata)
-        self._model = self._load(spec.path)
         self._ctx = self._context()
         self._pools = ThreadPools(self._ctx, self._threads, self._options.n_threads_batch or self._threads)
         self._vocab = Vocab(self._model.vocab)
@@ -166,8 +149,8 @@ class GGUFEngine:
             return LlamaModel(path_model=str(path), params=params, verbose=False)
         except ValueError as exc:
             raise EngineError(
-                f"llama.cpp could not load {path} ({exc}); check free memory and the gguf options "
-                "(n_ctx, n_gpu_layers)"
+                f"llama.cpp could not load {path} ({exc}); check that it is a complete GGUF model file "
+                "(re-register it if its checksum changed), free memory and the gguf options (n_gpu_layers)"
             ) from exc
 
     def _context(self) -> Any:

@@ -125,21 +125,18 @@ class BatchDecoder:
     def _place(self, seq: Sequence, free: list[Slot]) -> Slot:
         """Put ``seq`` in the free slot that saves the most prompt evaluation, reusing its cached prefix."""
         limit = len(seq.prompt) - 1  # the last prompt token is always evaluated: its logits start the answer
-
-        def reuse(slot: Slot) -> int:
-            return min(common_prefix(slot.cached, seq.prompt), limit)
-
-        slot = max(free, key=lambda s: (reuse(s), -s.last_used))
-        keep = reuse(slot)
+        shared = {s.seq_id: min(common_prefix(s.cached, seq.prompt), limit) for s in self._slots}
+        slot = max(free, key=lambda s: (shared[s.seq_id], -s.last_used))
+        keep = shared[slot.seq_id]
         donors = [s for s in self._slots if s.running is not None]
-        donor = max(donors, key=reuse, default=None)
-        if donor is not None and reuse(donor) >= keep + COPY_PREFIX_MIN:
-            keep = reuse(donor)
+        donor = max(donors, key=lambda s: shared[s.seq_id], default=None)
+        if donor is not None and shared[donor.seq_id] >= keep + COPY_PREFIX_MIN:
+            keep = shared[donor.seq_id]
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, -1, -1)
-            slot.cached = list(donor.cached)
+            slot.cached = donor.cached[:keep]
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
-        slot.cached = slot.cached[:keep]
+        del slot.cached[keep:]
         seq.n_past = keep
         self.reused_tokens += keep
         slot.running, slot.last_used = seq, next(self._clock)

@@ -27,6 +27,8 @@ class Vocab:
     def __init__(self, vocab: Any) -> None:
         self.handle = vocab
         self.size = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        #: every token id, in order: the id column of a full candidate list
+        self.ids = np.arange(self.size, dtype=np.int32)
         self._pieces: dict[int, bytes] = {}
 
     def piece(self, token: int) -> bytes:
@@ -140,8 +142,9 @@ class Sampler:
         return token
 
     def _pick(self, logits: Any, *, grammar_first: bool) -> int:
-        data = np.zeros(logits.size, dtype=_TOKEN_DATA)
-        data["id"] = np.arange(logits.size, dtype=np.int32)
+        data = np.empty(logits.size, dtype=_TOKEN_DATA)
+        data["id"] = self._vocab.ids
+        data["p"] = 0.0
         data["logit"] = logits
         candidates = _candidates(data)
         if grammar_first:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from lamina.errors import InvalidRequestError
 
 #: how deep a request body may nest objects and arrays (a JSON Schema in response_format nests the most)
 MAX_JSON_DEPTH = 100
+#: the only way a lone surrogate gets into parsed JSON: a \\uD800-\\uDFFF escape (raw bytes are strict UTF-8)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def read_json(raw: bytes) -> Any:
@@ -24,7 +27,7 @@ def read_json(raw: bytes) -> Any:
             f"the request body is not valid JSON ({exc}); send one JSON object, with the header "
             "Content-Type: application/json"
         ) from None
-    _check_values(data, 0)
+    _check_values(data, 0, strings=_SURROGATE_ESCAPE.search(raw) is not None)
     return data
 
 
@@ -38,10 +41,11 @@ def _too_deep() -> str:
     return f"the request body nests objects and arrays more than {MAX_JSON_DEPTH} deep; flatten it"
 
 
-def _check_values(value: Any, depth: int) -> None:
+def _check_values(value: Any, depth: int, *, strings: bool) -> None:
+    """Nesting depth, and (only when the raw text has a surrogate escape) that every string is text."""
     if depth > MAX_JSON_DEPTH:
         raise InvalidRequestError(_too_deep())
-    if isinstance(value, str):
+    if strings and isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -51,8 +55,8 @@ def _check_values(value: Any, depth: int) -> None:
             ) from None
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_values(key, depth + 1)
-            _check_values(item, depth + 1)
+            _check_values(key, depth + 1, strings=strings)
+            _check_values(item, depth + 1, strings=strings)
     elif isinstance(value, list):
         for item in value:
-            _check_values(item, depth + 1)
+            _check_values(item, depth + 1, strings=strings)
