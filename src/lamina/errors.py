@@ -5,13 +5,17 @@
     ├── ConfigError                    config_invalid      500  (CLI exit 2)
     ├── InvalidRequestError            invalid_request     400
     │   ├── ContextLengthError         context_length_exceeded 400
-    │   └── UnsupportedCapabilityError unsupported_capability  400
+    │   ├── UnsupportedCapabilityError unsupported_capability  400
+    │   ├── PayloadTooLargeError       request_too_large   413
+    │   └── ContentBlockedError        content_blocked     400
     ├── AuthenticationError            invalid_api_key     401
     ├── PermissionDeniedError          permission_denied   403
     ├── NotFoundError                  not_found           404
     │   ├── ModelNotFoundError         model_not_found     404
     │   └── SourceNotFoundError        source_not_found    404
     ├── ConflictError                  conflict            409
+    ├── RateLimitError                 rate_limit_exceeded 429
+    │   └── BudgetExceededError        insufficient_quota  429
     ├── RegistryError                  registry_error      400
     │   ├── UnsafeFormatError          unsafe_format       400
     │   ├── UnknownFormatError         unknown_format      400
@@ -41,10 +45,19 @@ class LaminaError(Exception):
     #: OpenAI's error ``type`` field for the HTTP body.
     kind: ClassVar[str] = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, **details: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        **details: Any,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        #: HTTP headers the error response carries (Retry-After, x-ratelimit-*)
+        self.headers = headers or {}
         self.details = details
 
     def to_body(self) -> dict[str, Any]:
@@ -76,6 +89,19 @@ class ContextLengthError(InvalidRequestError):
 
 class UnsupportedCapabilityError(InvalidRequestError):
     code = "unsupported_capability"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """A request over one of the gateway's size limits (body bytes, messages, inputs...)."""
+
+    code = "request_too_large"
+    status = 413
+
+
+class ContentBlockedError(InvalidRequestError):
+    """A guardrail refused the request's input or the model's output."""
+
+    code = "content_blocked"
 
 
 class AuthenticationError(LaminaError):
@@ -110,6 +136,21 @@ class ConflictError(LaminaError):
     code = "conflict"
     status = 409
     kind = "invalid_request_error"
+
+
+class RateLimitError(LaminaError):
+    """Over a requests- or tokens-per-minute limit; ``Retry-After`` says when to try again."""
+
+    code = "rate_limit_exceeded"
+    status = 429
+    kind = "rate_limit_error"
+
+
+class BudgetExceededError(RateLimitError):
+    """The spend of a key or of the whole gateway reached its budget for the period."""
+
+    code = "insufficient_quota"
+    kind = "insufficient_quota"
 
 
 class RegistryError(LaminaError):

@@ -21,8 +21,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from lamina.application import ThreadedIngestService, admin_router
+from lamina.application._auth import StaticKeys, authenticated
 from lamina.application._errors import install_error_handlers
-from lamina.application._gateway import _authenticator
 from lamina.application._tracing import TelemetryMiddleware
 from lamina.config import DataConfig, LaminaConfig
 from lamina.data import IngestPipeline, Retriever
@@ -120,7 +120,7 @@ def make_admin(tmp_path: Path, real_embedder: EngineEmbedder) -> Iterator[Any]:
         app = FastAPI()
         app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
         install_error_handlers(app)
-        app.include_router(admin_router(service, _authenticator(keys)))
+        app.include_router(admin_router(service, authenticated(StaticKeys(keys), admin=True)))
         serving = _serve(app)
         client = httpx.Client(base_url=next(serving), timeout=30)
         cleanups.append((client, service, serving, telemetry))

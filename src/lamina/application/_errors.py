@@ -23,7 +23,7 @@ def render(
     exc: LaminaError, status: int | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """The response of ``exc``: its body, with its own status unless ``status`` overrides it."""
-    return JSONResponse(exc.to_body(), status_code=status or exc.status, headers=headers)
+    return JSONResponse(exc.to_body(), status_code=status or exc.status, headers=headers or exc.headers)
 
 
 async def _lamina_error(request: Request, exc: Exception) -> Response:

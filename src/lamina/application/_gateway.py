@@ -10,9 +10,9 @@ the ``engine`` span.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI
@@ -23,7 +23,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Lifespan
 
 from lamina.application._admin import IngestService, admin_router
+from lamina.application._auth import Authenticator, StaticKeys, authenticated, principal_of
 from lamina.application._errors import install_error_handlers
+from lamina.application._policy import (
+    DEFAULT_COMPLETION_RESERVE,
+    Admission,
+    Call,
+    Policy,
+    Principal,
+    Usage,
+    estimate_prompt_tokens,
+)
 from lamina.application._ports import Dispatcher, ModelCatalog, Readiness, Route
 from lamina.application._rag import (
     QuerySink,
@@ -41,7 +51,6 @@ from lamina.application._requests import invalid_fields, parse_body
 from lamina.application._tracing import Exchange, TelemetryMiddleware
 from lamina.data import Retrieval
 from lamina.errors import (
-    AuthenticationError,
     EngineError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -61,8 +70,12 @@ class GatewayDeps:
     dispatcher: Dispatcher
     readiness: Readiness
     telemetry: Telemetry
-    #: bearer keys accepted; empty accepts any request (local use)
+    #: bearer keys accepted; empty accepts any request (local use); used when no authenticator is given
     api_keys: Sequence[str] = ()
+    #: who a request comes from (keys with scopes and limits); None: StaticKeys(api_keys)
+    authenticator: Authenticator | None = None
+    #: checks and accounts around every model call, in order (rate limits, budgets and cost, guards)
+    policies: Sequence[Policy] = ()
     #: retrieval over dataset versions (``/v1/retrieve`` and RAG); None: not configured
     retriever: Retriever | None = None
     #: model names that answer with RAG: alias -> (model it uses, retrieval options)
@@ -71,6 +84,10 @@ class GatewayDeps:
     query_sink: QuerySink | None = None
     #: ingestion through the admin API (/admin/v1); None: no admin routes
     ingest: IngestService | None = None
+
+    @property
+    def auth(self) -> Authenticator:
+        return self.authenticator if self.authenticator is not None else StaticKeys(self.api_keys)
 
 
 @dataclass(frozen=True)
@@ -97,31 +114,12 @@ def create_app(deps: GatewayDeps, *, lifespan: Lifespan[FastAPI] | None = None) 
     app.include_router(_api_router(deps))
     app.include_router(_probe_router(deps))
     if deps.ingest is not None:
-        app.include_router(admin_router(deps.ingest, _authenticator(deps.api_keys)))
+        app.include_router(admin_router(deps.ingest, authenticated(deps.auth, admin=True)))
     return app
 
 
-def _authenticator(keys: Sequence[str]) -> Callable[[Request], Awaitable[None]]:
-    accepted = [k.encode() for k in keys]
-
-    async def authenticate(request: Request) -> None:
-        if not accepted:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
-        # compare_digest against every key: the time taken says nothing about which key nearly matched
-        matches = [hmac.compare_digest(given, key) for key in accepted]
-        if scheme.lower() != "bearer" or not any(matches):
-            raise AuthenticationError(
-                "missing or invalid API key; send the header `Authorization: Bearer <key>` with one of the "
-                "keys in the gateway's server.api_keys"
-            )
-
-    return authenticate
-
-
 def _api_router(deps: GatewayDeps) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_authenticator(deps.api_keys))])
+    router = APIRouter(prefix="/v1", dependencies=[Depends(authenticated(deps.auth))])
 
     @router.get("/models")
     async def list_models() -> Response:
@@ -219,21 +217,45 @@ def _endpoint(deps: GatewayDeps, op: _Operation) -> Callable[[Request], Awaitabl
 async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Response:
     exchange = Exchange.of(request)
     body, parsed = parse_body(await request.body(), op.request_type)
+    asked = parsed.model
     grounding = await _ground(deps, body, parsed)
     exchange.span.set_attributes(_request_attributes(op, parsed))
     route = _resolve(deps.telemetry, deps.catalog, parsed.model)
     _require(route, op.capability, parsed.model, "model")
-    if not isinstance(parsed, EmbeddingRequest) and parsed.stream:
+    stream = not isinstance(parsed, EmbeddingRequest) and parsed.stream
+    if stream:
         _require(route, Capability.STREAMING, parsed.model, "stream")
     exchange.bind(route)
-    forward = Forward(route.deployment, op.path, {**body, "model": route.served_name})
+    call = _call(principal_of(request), op, asked, route, {**body, "model": route.served_name}, parsed)
+    call.span = exchange.span
+    admission = await Admission.of(call, deps.policies)
+    forward = Forward(route.deployment, op.path, call.body)
     extra = {} if grounding is None else {"citations": citations_json(grounding)}
-    if isinstance(parsed, EmbeddingRequest) or not parsed.stream:
+    if not stream:
         return await _unless_client_leaves(
-            request, exchange, _forward(deps.dispatcher, forward, exchange, extra)
+            request, exchange, _forward(deps.dispatcher, forward, exchange, extra, admission)
         )
+    assert not isinstance(parsed, EmbeddingRequest)
     trailer = None if grounding is None else citations_event(grounding)
-    return StreamRelay(deps.dispatcher, forward, exchange, parsed.include_usage, trailer=trailer)
+    return StreamRelay(deps.dispatcher, forward, exchange, parsed.include_usage, admission, trailer=trailer)
+
+
+def _call(
+    principal: Principal, op: _Operation, asked: str, route: Route, body: dict[str, Any], parsed: Parsed
+) -> Call:
+    embedding = isinstance(parsed, EmbeddingRequest)
+    limit = None if isinstance(parsed, EmbeddingRequest) else parsed.token_limit
+    return Call(
+        principal=principal,
+        operation=op.name,
+        model=asked,
+        deployment=route.deployment,
+        model_version=route.model_version,
+        body=body,
+        stream=not isinstance(parsed, EmbeddingRequest) and parsed.stream,
+        prompt_tokens=estimate_prompt_tokens(body),
+        completion_tokens=0 if embedding else (limit or DEFAULT_COMPLETION_RESERVE),
+    )
 
 
 def _request_attributes(op: _Operation, parsed: Parsed) -> dict[str, AttributeValue]:
@@ -294,23 +316,37 @@ async def _unless_client_leaves(request: Request, exchange: Exchange, work: Awai
 
 
 async def _forward(
-    dispatcher: Dispatcher, fwd: Forward, exchange: Exchange, extra: Mapping[str, object]
+    dispatcher: Dispatcher,
+    fwd: Forward,
+    exchange: Exchange,
+    extra: Mapping[str, object],
+    admission: Admission,
 ) -> Response:
-    """A plain (not streamed) request: the replica's answer without its ``lamina`` extension."""
-    with exchange.dispatch_span(fwd.deployment) as (span, headers):
-        result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
-        exchange.dispatched(span, result)
-        upstream = result.response
-        if upstream.status_code >= 400:
-            return relayed_error(upstream, upstream.content, exchange, span)
-        try:
-            body = upstream.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise EngineError(
-                f"the replica {result.replica_id} of {fwd.deployment} answered something that is not a JSON "
-                "object; its log says why"
-            )
-        exchange.record_reply(body, span)
-    return JSONResponse({**body, **extra})
+    """A plain (not streamed) request: the replica's answer without its ``lamina`` extension, settled with
+    the policies (whatever happens, the admission is settled: with None when no answer came)."""
+    try:
+        with exchange.dispatch_span(fwd.deployment) as (span, headers):
+            result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
+            exchange.dispatched(span, result)
+            upstream = result.response
+            if upstream.status_code >= 400:
+                return relayed_error(upstream, upstream.content, exchange, span)
+            try:
+                body = upstream.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise EngineError(
+                    f"the replica {result.replica_id} of {fwd.deployment} answered something that is not a "
+                    "JSON object; its log says why"
+                )
+            ext = exchange.record_reply(body, span)
+        call = admission.call
+        with anyio.CancelScope(shield=True):
+            await admission.settle(Usage.of(body.get("usage"), ext, result.replica_id))
+        if call.usage_extra and isinstance(body.get("usage"), dict):
+            body["usage"] = {**body["usage"], **call.usage_extra}
+        return JSONResponse({**body, **extra}, headers=call.headers)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await admission.settle(None)

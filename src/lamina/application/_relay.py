@@ -25,6 +25,7 @@ from opentelemetry import trace
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from lamina.application._policy import Admission, Usage
 from lamina.application._ports import Dispatcher
 from lamina.application._tracing import Exchange
 from lamina.errors import EngineCrashedError, EngineError, LaminaError, from_body
@@ -93,8 +94,16 @@ class _Events:
     """Frames the upstream bytes into whole SSE events and decides, per event, what the client gets."""
 
     def __init__(
-        self, exchange: Exchange, dispatch: trace.Span, include_usage: bool, trailer: bytes | None = None
+        self,
+        exchange: Exchange,
+        dispatch: trace.Span,
+        include_usage: bool,
+        admission: Admission,
+        replica: str,
+        trailer: bytes | None = None,
     ) -> None:
+        self._admission = admission
+        self._replica = replica
         self._trailer = trailer
         self._exchange = exchange
         self._dispatch = dispatch
@@ -103,14 +112,14 @@ class _Events:
         self._content_seen = False
         self.done = False
 
-    def feed(self, data: bytes) -> bytes:
+    async def feed(self, data: bytes) -> bytes:
         """The bytes to send for ``data`` (whole events only; a partial event waits for its end)."""
-        out = self._feed(data)
+        out = await self._feed(data)
         if self._trailer is not None and out.endswith(_DONE):  # the trailer goes just before [DONE]
             out, self._trailer = out[: -len(_DONE)] + self._trailer + _DONE, None
         return out
 
-    def _feed(self, data: bytes) -> bytes:
+    async def _feed(self, data: bytes) -> bytes:
         buf = self._pending + data if self._pending else data
         cut = buf.rfind(_EVENT_END) + len(_EVENT_END)
         if cut < len(_EVENT_END):
@@ -123,9 +132,11 @@ class _Events:
         if self._content_seen and _NOTABLE.search(ready) is None:
             self.done = ready.endswith(_DONE)
             return ready  # the per-token path: pass through untouched
-        return b"".join(self._event(e + _EVENT_END) for e in ready[: -len(_EVENT_END)].split(_EVENT_END))
+        return b"".join(
+            [await self._event(e + _EVENT_END) for e in ready[: -len(_EVENT_END)].split(_EVENT_END)]
+        )
 
-    def _event(self, event: bytes) -> bytes:
+    async def _event(self, event: bytes) -> bytes:
         payload = _payload(event)
         if payload == b"[DONE]":
             self.done = True
@@ -139,16 +150,21 @@ class _Events:
             self._exchange.outcome = error.status
             return event
         if isinstance(chunk, dict) and chunk.get("choices") == []:
-            return self._usage(chunk)
+            return await self._usage(chunk)
         if not self._content_seen and _has_content(chunk):
             self._content_seen = True
             self._exchange.first_token()
         return event
 
-    def _usage(self, chunk: dict[str, Any]) -> bytes:
-        self._exchange.record_reply(chunk, self._dispatch)  # takes the lamina extension out
+    async def _usage(self, chunk: dict[str, Any]) -> bytes:
+        ext = self._exchange.record_reply(chunk, self._dispatch)  # takes the lamina extension out
+        call = self._admission.call
+        with anyio.CancelScope(shield=True):
+            await self._admission.settle(Usage.of(chunk.get("usage"), ext, self._replica))
         if not self._include_usage:
             return b""
+        if call.usage_extra and isinstance(chunk.get("usage"), dict):
+            chunk["usage"] = {**chunk["usage"], **call.usage_extra}
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + _EVENT_END
 
 
@@ -163,8 +179,10 @@ class StreamRelay(Response):
         forward: Forward,
         exchange: Exchange,
         include_usage: bool,
+        admission: Admission,
         trailer: bytes | None = None,
     ) -> None:
+        self._admission = admission
         self._trailer = trailer
         self._dispatcher = dispatcher
         self._forward = forward
@@ -175,6 +193,13 @@ class StreamRelay(Response):
         self._gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._relay(scope, receive, send)
+        finally:  # no usage came (an error, the client left): the policies release what they reserved
+            with anyio.CancelScope(shield=True):
+                await self._admission.settle(None)
+
+    async def _relay(self, scope: Scope, receive: Receive, send: Send) -> None:
         fwd, exchange = self._forward, self._exchange
         with exchange.dispatch_span(fwd.deployment) as (span, headers):
             async with self._dispatcher.stream(fwd.deployment, fwd.path, fwd.body, headers=headers) as result:
@@ -184,8 +209,13 @@ class StreamRelay(Response):
                     refusal = relayed_error(upstream, await upstream.aread(), exchange, span)
                     await refusal(scope, receive, send)
                     return
-                await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-                events = _Events(exchange, span, self._include_usage, self._trailer)
+                sse = _SSE_HEADERS + [
+                    (k.encode(), v.encode()) for k, v in self._admission.call.headers.items()
+                ]
+                await send({"type": "http.response.start", "status": 200, "headers": sse})
+                events = _Events(
+                    exchange, span, self._include_usage, self._admission, result.replica_id, self._trailer
+                )
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(self._watch_disconnect, receive, tasks.cancel_scope)
                     await self._pump(upstream, events, span, result.replica_id, send)
@@ -200,7 +230,7 @@ class StreamRelay(Response):
     ) -> None:
         try:
             async for data in upstream.aiter_bytes():
-                out = events.feed(data)
+                out = await events.feed(data)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             if not events.done:

@@ -113,8 +113,9 @@ class Exchange:
         span.set_attribute("lamina.dispatch.attempts", result.attempts)
         span.set_attribute("http.response.status_code", result.response.status_code)
 
-    def record_reply(self, body: dict[str, Any], dispatch: trace.Span) -> None:
-        """Take the replica's ``lamina`` extension out of ``body``; turn it and the usage into telemetry."""
+    def record_reply(self, body: dict[str, Any], dispatch: trace.Span) -> Mapping[str, Any]:
+        """Take the replica's ``lamina`` extension out of ``body``; turn it and the usage into telemetry.
+        Returns the extension (empty when there was none)."""
         raw = body.pop("lamina", None)
         ext: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
         if isinstance(body.get("model"), str):
@@ -135,6 +136,7 @@ class Exchange:
             seconds=engine_ms / 1000 if engine_ms is not None else None,
         )
         self._engine_span(dispatch, ext)
+        return ext
 
     def _engine_span(self, parent: trace.Span, ext: Mapping[str, Any]) -> None:
         """The replica's engine work as a span of its own, timed by the replica's clock (same host)."""
