@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from lamina.application import GatewayDeps, RagOptions, ThreadedIngestService, create_app
+from lamina.application import GatewayDeps, Policy, RagOptions, ThreadedIngestService, create_app
 from lamina.config import LaminaConfig
 from lamina.data import (
     AsyncEmbedder,
@@ -191,8 +191,15 @@ def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> 
         },
         query_sink=stack.drift,
         ingest=stack.ingest,
+        policies=_policies(stack),
     )
     return create_app(deps, lifespan=lifespan)
+
+
+def _policies(stack: Stack) -> list[Policy]:
+    """The gateway's policies from the config, in the order a call meets them."""
+    policies: list[Policy] = []
+    return policies
 
 
 async def _publish_drift_forever(stack: Stack, every_s: float = 30.0) -> None:
