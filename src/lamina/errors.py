@@ -7,7 +7,8 @@
     │   ├── ContextLengthError         context_length_exceeded 400
     │   ├── UnsupportedCapabilityError unsupported_capability  400
     │   ├── PayloadTooLargeError       request_too_large   413
-    │   └── ContentBlockedError        content_blocked     400
+    │   ├── ContentBlockedError        content_blocked     400
+    │   └── UnsupportedMediaTypeError  unsupported_media_type 415
     ├── AuthenticationError            invalid_api_key     401
     ├── PermissionDeniedError          permission_denied   403
     ├── NotFoundError                  not_found           404
@@ -102,6 +103,13 @@ class ContentBlockedError(InvalidRequestError):
     """A guardrail refused the request's input or the model's output."""
 
     code = "content_blocked"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A request body the gateway does not take: every body it accepts is ``application/json``."""
+
+    code = "unsupported_media_type"
+    status = 415
 
 
 class AuthenticationError(LaminaError):

@@ -140,7 +140,16 @@ def test_chat_completion_body(echo: Worker) -> None:
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     lamina = body["lamina"]
-    assert set(lamina) == {"queue_ms", "engine_ms", "ttft_ms", "start_ns", "end_ns", "model_version"}
+    assert set(lamina) == {
+        "queue_ms",
+        "engine_ms",
+        "compute_ms",
+        "ttft_ms",
+        "start_ns",
+        "end_ns",
+        "model_version",
+    }
+    assert lamina["compute_ms"] == lamina["engine_ms"]  # alone in its engine: all of its time
     assert lamina["model_version"] == "v7"
     assert lamina["start_ns"] <= lamina["end_ns"]
 

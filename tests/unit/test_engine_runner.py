@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from lamina.errors import InvalidRequestError
 from lamina.models import Delta, Usage
-from lamina.models._worker_stream import EngineRunner, TokenStream
+from lamina.models._worker_stream import EngineRunner, Timing, TokenStream
 
 
 class Stepper:
@@ -152,3 +153,60 @@ def test_closing_ends_every_running_request() -> None:
         return [item async for batch in stream.batches() for item in batch]
 
     assert asyncio.run(run())  # it got items and then the end, instead of hanging
+
+
+class SlowStepper(Stepper):
+    """Each step takes about 20 ms, whatever the batch holds (a weights pass, as on a CPU)."""
+
+    def step(self) -> bool:
+        time.sleep(0.02)
+        return super().step()
+
+
+@pytest.mark.anyio
+async def test_requests_in_one_batch_share_its_time() -> None:
+    """compute_ms (what the cost of a request is based on): alone, its whole engine time; four in one
+    batch, a quarter each, summing to the time of the steps."""
+    runner, stepper = EngineRunner(), SlowStepper(length=5)
+    runner.attach(stepper)
+    timings = [Timing(received=time.perf_counter()) for _ in range(4)]
+
+    def admitter(timing: Timing) -> Callable[[TokenStream[str | Delta]], None]:
+        def admit(stream: TokenStream[str | Delta]) -> None:
+            timing.begin(runner.busy)
+            stream.put("admitted")
+            stepper.add(_Ending(stream, timing))  # type: ignore[arg-type]
+
+        return admit
+
+    try:
+        await asyncio.gather(*(drain(runner.submit(admitter(t))) for t in timings))
+        shares = [t.as_json(None)["compute_ms"] for t in timings]
+        walls = [t.as_json(None)["engine_ms"] for t in timings]
+        steps_ms = stepper.steps * 20
+        assert sum(shares) == pytest.approx(steps_ms, rel=0.5)
+        assert all(share < wall / 2 for share, wall in zip(shares, walls, strict=True))
+        alone = Timing(received=time.perf_counter())
+        await drain(runner.submit(admitter(alone)))
+        assert alone.as_json(None)["compute_ms"] == pytest.approx(alone.as_json(None)["engine_ms"], rel=0.3)
+    finally:
+        assert runner.close(5)
+
+
+class _Ending:
+    """A stream whose request ends (its timing with it) when its last delta is put, as TimedSink does."""
+
+    def __init__(self, stream: TokenStream[str | Delta], timing: Timing) -> None:
+        self._stream, self._timing = stream, timing
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stream.cancelled
+
+    def put(self, item: str | Delta) -> None:
+        if isinstance(item, Delta) and item.finish_reason is not None:
+            self._timing.end()
+        self._stream.put(item)
+
+    def close(self) -> None:
+        self._stream.close()

@@ -284,7 +284,9 @@ class WorkerApp:
         """Hand the request to the engine thread: submitted to a batching engine, else run as an iterator."""
         runner, context = self.replica.runner, info.context_length
         if Capability.BATCHING in info.capabilities:
-            return runner.submit(admission(count, submit, job.params, context, job.what, job.timing))
+            return runner.submit(
+                admission(count, submit, job.params, context, job.what, job.timing, runner.busy)
+            )
         return runner.stream(lambda: generation(count, run, job.params, context, job.what, job.timing))
 
     async def _respond(

@@ -9,20 +9,21 @@ from dataclasses import replace
 
 from lamina.errors import ContextLengthError, UnavailableError
 from lamina.models._engine import Delta, SamplingParams, Sink, TokenLogprob
-from lamina.models._worker_stream import Timing, TokenStream
+from lamina.models._worker_stream import BusyShare, Timing, TokenStream
 
 
 def fit_context(prompt: int, params: SamplingParams, context: int, what: str) -> SamplingParams:
     """Refuse a prompt that cannot fit with its answer; without max_tokens, answer up to the context."""
     take = "take" if what == "messages" else "takes"
-    numbers = {"context_length": context, "prompt_tokens": prompt, "max_tokens": params.max_tokens}
     if params.max_tokens is not None:
         if prompt + params.max_tokens > context:
             raise ContextLengthError(
                 f"this model's context is {context} tokens; the {what} {take} {prompt} and max_tokens asks "
                 f"for {params.max_tokens} more: shorten the {what} or lower max_tokens",
                 param=what,
-                **numbers,
+                context_length=context,
+                prompt_tokens=prompt,
+                max_tokens=params.max_tokens,
             )
         return params
     if prompt >= context:
@@ -30,7 +31,9 @@ def fit_context(prompt: int, params: SamplingParams, context: int, what: str) ->
             f"this model's context is {context} tokens; the {what} {take} {prompt}, leaving no room for an "
             f"answer: shorten the {what}",
             param=what,
-            **numbers,
+            context_length=context,
+            prompt_tokens=prompt,
+            max_tokens=params.max_tokens,
         )
     return replace(params, max_tokens=context - prompt)
 
@@ -95,12 +98,13 @@ def admission(
     context: int,
     what: str,
     timing: Timing,
+    share: BusyShare | None = None,
 ) -> Callable[[TokenStream[int | Delta]], None]:
     """For a batching engine, on the engine thread: count the prompt, check the context, hand over its token
     count, then submit the request with the stream as its sink."""
 
     def admit(stream: TokenStream[int | Delta]) -> None:
-        timing.begin()
+        timing.begin(share)
         prompt = count()
         fitted = fit_context(prompt, params, context, what)
         stream.put(prompt)

@@ -25,7 +25,7 @@ T = TypeVar("T")
 X = TypeVar("X")
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a BusyShare holds a set of them
 class Timing:
     """Where one request's time went; marked on the engine thread, read once the request is done."""
 
@@ -35,12 +35,22 @@ class Timing:
     finished: float = 0.0
     start_ns: int = 0
     end_ns: int = 0
+    #: engine seconds charged to this request by a batching engine: its share of each step it rode in
+    compute_s: float = 0.0
+    #: the batch this request rides in while it runs (a batching engine's), else None
+    share: BusyShare | None = None
 
-    def begin(self) -> None:
+    def begin(self, share: BusyShare | None = None) -> None:
         self.started, self.start_ns = time.perf_counter(), time.time_ns()
+        if share is not None:
+            self.share = share
+            share.join(self)
 
     def end(self) -> None:
         self.finished, self.end_ns = time.perf_counter(), time.time_ns()
+        if self.share is not None:
+            self.share.leave(self)
+            self.share = None
 
     def as_json(self, model_version: str | None) -> dict[str, Any]:
         """The ``lamina`` extension field; ``ttft_ms`` counts from the worker's receipt of the request."""
@@ -48,11 +58,35 @@ class Timing:
         return {
             "queue_ms": round((self.started - self.received) * 1000, 3),
             "engine_ms": round((self.finished - self.started) * 1000, 3),
+            # the engine time this request accounts for (its cost): alone, all of it; in a batch, its share
+            "compute_ms": round(
+                (self.compute_s if self.compute_s else self.finished - self.started) * 1000, 3
+            ),
             "ttft_ms": round((first - self.received) * 1000, 3),
             "start_ns": self.start_ns,
             "end_ns": self.end_ns,
             "model_version": model_version,
         }
+
+
+class BusyShare:
+    """The requests a batching engine is running; each step's time is split evenly among them (engine
+    thread only). Even, not by tokens: a step's cost is mostly the weights' pass, shared by the batch."""
+
+    def __init__(self) -> None:
+        self._running: set[Timing] = set()
+
+    def join(self, timing: Timing) -> None:
+        self._running.add(timing)
+
+    def leave(self, timing: Timing) -> None:
+        self._running.discard(timing)
+
+    def charge(self, seconds: float) -> None:
+        if self._running:
+            share = seconds / len(self._running)
+            for timing in self._running:
+                timing.compute_s += share
 
 
 class EngineRunner:
@@ -68,6 +102,8 @@ class EngineRunner:
         self._since: float | None = None
         #: items handed to streams during a step, delivered together after it (one wake-up of the loop)
         self._outbox: list[tuple[TokenStream[Any], object]] | None = None
+        #: the requests of the attached batching engine, charged each step's time
+        self.busy = BusyShare()
         self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
         self._thread.start()
 
@@ -97,9 +133,11 @@ class EngineRunner:
         """One step of the batching engine; what it hands to streams crosses to the loop in one go."""
         assert self._stepper is not None
         self._outbox = []
+        began = time.perf_counter()
         try:
             self._stepping = self._stepper.step()
         finally:
+            self.busy.charge(time.perf_counter() - began)
             outbox, self._outbox = self._outbox, None
             if outbox:
                 _deliver(outbox)
