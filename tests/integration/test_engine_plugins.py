@@ -154,7 +154,7 @@ async def test_the_plugin_serves_through_real_replicas_with_no_core_change(
     async with app_.router.lifespan_context(app_):
         assert await stack.controller.wait_ready(60)
         transport = httpx.ASGITransport(app=app_)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             body = {"model": "shout", "messages": [{"role": "user", "content": "quiet please"}]}
             reply = await client.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text

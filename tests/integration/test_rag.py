@@ -123,7 +123,7 @@ async def rig(vstore: VectorBackend, tmp_path: Path, engine: Engine) -> AsyncIte
         query_sink=sink,
     )
     transport = httpx.ASGITransport(app=create_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         yield Rig(client, dispatcher, versions, sink, telemetry, store)
     telemetry.shutdown()
     store.close()
@@ -225,7 +225,8 @@ async def test_without_a_retriever_rag_is_a_clear_400(tmp_path: Path) -> None:
     store.migrate()
     telemetry = Telemetry(service_name="rag-test", store=None, otlp_endpoint=None)
     app = create_app(GatewayDeps(StaticCatalog(), ReplayDispatcher(), lambda: {}, telemetry))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         r = await client.post("/v1/retrieve", json={"dataset": "docs", "query": "x"})
     assert r.status_code == 400
     assert "lamina data ingest" in r.json()["error"]["message"]

@@ -55,7 +55,7 @@ async def _client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     app = create_gateway(stack)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             yield client
 
 

@@ -69,7 +69,8 @@ def _build(
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
     app, dispatcher, telemetry, store, ready = _build(tmp_path)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         yield Gateway(app, client, dispatcher, telemetry, store, ready)
     telemetry.shutdown()
     store.close()
@@ -349,7 +350,8 @@ async def test_an_unknown_path_is_an_openai_style_404(gw: Gateway) -> None:
 
 async def test_api_keys_are_required_when_configured(tmp_path: Path) -> None:
     app, _, telemetry, store, _ = _build(tmp_path, api_keys=["key-1", "key-2"])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "key-2"}):
             r = await client.post("/v1/chat/completions", json=chat(), headers=headers)
             assert r.status_code == 401
@@ -489,7 +491,7 @@ async def test_a_client_that_leaves_stops_the_stream(gw: Gateway) -> None:
         "raw_path": b"/v1/chat/completions",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"gateway")],
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
         "client": ("127.0.0.1", 50000),
         "server": ("gateway", 80),
     }

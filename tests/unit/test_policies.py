@@ -64,7 +64,7 @@ async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
     dispatcher = ReplayDispatcher()
     deps = GatewayDeps(StaticCatalog(), dispatcher, lambda: {}, telemetry, policies=policies)
     transport = httpx.ASGITransport(app=create_app(deps))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         yield Gw(client, dispatcher, log, policies)
     telemetry.shutdown()
 

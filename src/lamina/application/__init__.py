@@ -1,25 +1,41 @@
 """Layer: application. The OpenAI-compatible gateway and the ports it needs from the layers below."""
 
+from lamina.application._access import gateway_hosts
 from lamina.application._admin import IngestService, IngestSettings, ThreadedIngestService, admin_router
 from lamina.application._auth import Authenticator, StaticKeys
+from lamina.application._budgets import Budget, CostLedger, CostLine, LedgerEntry
+from lamina.application._costs import CostPolicy, Prices, gpu_hour_usd, replica_hourly_usd
 from lamina.application._gateway import GatewayDeps, create_app
+from lamina.application._keys import KeyAuthenticator, KeyRecord, KeySpec, KeyStore
 from lamina.application._policy import ANONYMOUS, Call, Policy, Principal, Ticket, Usage
 from lamina.application._ports import Dispatcher, DispatchResult, ModelCatalog, Readiness, Route
 from lamina.application._rag import RagOptions
+from lamina.application._ratelimit import RateLimitPolicy
 
 __all__ = [
     "ANONYMOUS",
     "Authenticator",
+    "Budget",
     "Call",
+    "CostLedger",
+    "CostLine",
+    "CostPolicy",
     "DispatchResult",
     "Dispatcher",
     "GatewayDeps",
     "IngestService",
     "IngestSettings",
+    "KeyAuthenticator",
+    "KeyRecord",
+    "KeySpec",
+    "KeyStore",
+    "LedgerEntry",
     "ModelCatalog",
     "Policy",
+    "Prices",
     "Principal",
     "RagOptions",
+    "RateLimitPolicy",
     "Readiness",
     "Route",
     "StaticKeys",
@@ -28,4 +44,7 @@ __all__ = [
     "Usage",
     "admin_router",
     "create_app",
+    "gateway_hosts",
+    "gpu_hour_usd",
+    "replica_hourly_usd",
 ]

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lamina.application._bounds import DEFAULT_LIMITS, read_body
 from lamina.application._requests import parse_body
 from lamina.clock import Clock, utcnow
 from lamina.config import DataConfig
@@ -328,13 +329,17 @@ class ThreadedIngestService:
                     run.state, run.error = "failed", "the gateway shut down before this ingest started"
 
 
-def admin_router(service: IngestService, authenticate: Callable[[Request], Awaitable[None]]) -> APIRouter:
+def admin_router(
+    service: IngestService,
+    authenticate: Callable[[Request], Awaitable[None]],
+    max_body_bytes: int = DEFAULT_LIMITS.max_body_bytes,
+) -> APIRouter:
     """``/admin/v1``: start an ingest, poll its run, list datasets; behind the gateway's key check."""
     router = APIRouter(prefix="/admin/v1", dependencies=[Depends(authenticate)])
 
     @router.post("/datasets/{name}/ingest", status_code=202)
     async def ingest(name: str, request: Request) -> Response:
-        _, body = parse_body(await request.body(), IngestRequest)
+        _, body = parse_body(await read_body(request, max_body_bytes), IngestRequest)
         run_id = await asyncio.to_thread(service.start, name, body.paths, body)
         url = f"{RUNS_PATH}/{run_id}"
         return JSONResponse(

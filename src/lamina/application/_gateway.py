@@ -22,8 +22,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Lifespan
 
+from lamina.application._access import (
+    LOCAL_HOSTS,
+    SiteGuard,
+    check_dataset,
+    check_listed,
+    check_model,
+    visible_models,
+)
 from lamina.application._admin import IngestService, admin_router
 from lamina.application._auth import Authenticator, StaticKeys, authenticated, principal_of
+from lamina.application._bounds import parse_bounded, read_body
 from lamina.application._errors import install_error_handlers
 from lamina.application._policy import (
     DEFAULT_COMPLETION_RESERVE,
@@ -47,8 +56,10 @@ from lamina.application._rag import (
     retrieve_traced,
 )
 from lamina.application._relay import Forward, StreamRelay, client_gone, relayed_error, until_disconnected
-from lamina.application._requests import invalid_fields, parse_body
+from lamina.application._requests import invalid_fields
 from lamina.application._tracing import Exchange, TelemetryMiddleware
+from lamina.application.guards import OutputGuards
+from lamina.config import RequestLimitsConfig
 from lamina.data import Retrieval
 from lamina.errors import (
     EngineError,
@@ -84,6 +95,14 @@ class GatewayDeps:
     query_sink: QuerySink | None = None
     #: ingestion through the admin API (/admin/v1); None: no admin routes
     ingest: IngestService | None = None
+    #: what one request may hold (body bytes, messages, inputs, tokens...); refused before any work
+    limits: RequestLimitsConfig = field(default_factory=RequestLimitsConfig)
+    #: Host names the gateway answers to (``gateway_hosts`` builds them from the config); ``*``: any
+    allowed_hosts: Sequence[str] = LOCAL_HOSTS
+    #: web origins whose pages may call it, besides pages of its own hosts; ``*``: any
+    allowed_origins: Sequence[str] = ()
+    #: guards on the model's answers, plain and streamed (input guards are a policy); None: none
+    output_guards: OutputGuards | None = None
 
     @property
     def auth(self) -> Authenticator:
@@ -110,11 +129,13 @@ def create_app(deps: GatewayDeps, *, lifespan: Lifespan[FastAPI] | None = None) 
     """The gateway as an ASGI app: ``/v1`` (OpenAI API), ``/healthz``, ``/readyz`` and ``/metrics``."""
     app = FastAPI(title="Lamina gateway", lifespan=lifespan)
     app.add_middleware(TelemetryMiddleware, telemetry=deps.telemetry)
+    app.add_middleware(SiteGuard, hosts=deps.allowed_hosts, origins=deps.allowed_origins)
     install_error_handlers(app)
     app.include_router(_api_router(deps))
     app.include_router(_probe_router(deps))
     if deps.ingest is not None:
-        app.include_router(admin_router(deps.ingest, authenticated(deps.auth, admin=True)))
+        admin = authenticated(deps.auth, admin=True)
+        app.include_router(admin_router(deps.ingest, admin, deps.limits.max_body_bytes))
     return app
 
 
@@ -122,20 +143,24 @@ def _api_router(deps: GatewayDeps) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(authenticated(deps.auth))])
 
     @router.get("/models")
-    async def list_models() -> Response:
-        return JSONResponse(ModelList(data=deps.catalog.models()).model_dump(mode="json"))
+    async def list_models(request: Request) -> Response:
+        cards = visible_models(principal_of(request), deps.catalog)
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
     @router.get("/models/{model:path}")
-    async def get_model(model: str) -> Response:
+    async def get_model(model: str, request: Request) -> Response:
         cards = {card.id: card for card in deps.catalog.models()}
         card = cards.get(model) or cards.get(deps.catalog.resolve(model).deployment)
         if card is None:
             raise ModelNotFoundError(f"the model {model!r} does not exist; GET /v1/models lists the models")
+        check_listed(principal_of(request), deps.catalog, model, card)
         return JSONResponse(card.model_dump(mode="json"))
 
     @router.post("/retrieve")
     async def retrieve(request: Request) -> Response:
-        _, parsed = parse_body(await request.body(), RetrieveRequest)
+        raw = await read_body(request, deps.limits.max_body_bytes)
+        _, parsed = parse_bounded(raw, RetrieveRequest, deps.limits)
+        check_dataset(principal_of(request), parsed.dataset)
         options = RagOptions(dataset=parsed.dataset, k=parsed.k, mode=parsed.mode, filters=parsed.filters)
         result = await _retrieve(deps, options, parsed.query)
         return JSONResponse(result.to_json())
@@ -158,8 +183,11 @@ async def _retrieve(deps: GatewayDeps, options: RagOptions, query: str) -> Retri
     return result
 
 
-async def _ground(deps: GatewayDeps, body: dict[str, object], parsed: Parsed) -> Retrieval | None:
-    """For a chat request that asks for context: retrieve, and rewrite ``body`` in place; else None."""
+async def _ground(
+    deps: GatewayDeps, body: dict[str, object], parsed: Parsed, principal: Principal
+) -> Retrieval | None:
+    """For a chat request that asks for context: retrieve (from a dataset the key may read), and rewrite
+    ``body`` in place; else None."""
     raw = body.pop("rag", None)
     alias = deps.rag_aliases.get(parsed.model)
     if raw is None and alias is None:
@@ -174,6 +202,7 @@ async def _ground(deps: GatewayDeps, body: dict[str, object], parsed: Parsed) ->
     else:
         assert alias is not None
         options = alias[1]
+    check_dataset(principal, options.dataset, alias=parsed.model if raw is None else None)
     if alias is not None:
         parsed.model = body["model"] = alias[0]
     messages = body.get("messages")
@@ -216,11 +245,13 @@ def _endpoint(deps: GatewayDeps, op: _Operation) -> Callable[[Request], Awaitabl
 
 async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Response:
     exchange = Exchange.of(request)
-    body, parsed = parse_body(await request.body(), op.request_type)
+    raw = await read_body(request, deps.limits.max_body_bytes)
+    body, parsed = parse_bounded(raw, op.request_type, deps.limits)
     asked = parsed.model
-    grounding = await _ground(deps, body, parsed)
+    grounding = await _ground(deps, body, parsed, principal_of(request))
     exchange.span.set_attributes(_request_attributes(op, parsed))
     route = _resolve(deps.telemetry, deps.catalog, parsed.model)
+    check_model(principal_of(request), asked, route)
     _require(route, op.capability, parsed.model, "model")
     stream = not isinstance(parsed, EmbeddingRequest) and parsed.stream
     if stream:
@@ -233,11 +264,21 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
     extra = {} if grounding is None else {"citations": citations_json(grounding)}
     if not stream:
         return await _unless_client_leaves(
-            request, exchange, _forward(deps.dispatcher, forward, exchange, extra, admission)
+            request,
+            exchange,
+            _forward(deps.dispatcher, forward, exchange, extra, admission, deps.output_guards),
         )
     assert not isinstance(parsed, EmbeddingRequest)
     trailer = None if grounding is None else citations_event(grounding)
-    return StreamRelay(deps.dispatcher, forward, exchange, parsed.include_usage, admission, trailer=trailer)
+    return StreamRelay(
+        deps.dispatcher,
+        forward,
+        exchange,
+        parsed.include_usage,
+        admission,
+        trailer=trailer,
+        guards=deps.output_guards,
+    )
 
 
 def _call(
@@ -321,9 +362,11 @@ async def _forward(
     exchange: Exchange,
     extra: Mapping[str, object],
     admission: Admission,
+    guards: OutputGuards | None = None,
 ) -> Response:
     """A plain (not streamed) request: the replica's answer without its ``lamina`` extension, settled with
-    the policies (whatever happens, the admission is settled: with None when no answer came)."""
+    the policies (whatever happens, the admission is settled: with None when no answer came), then
+    checked by the output guards (a block is a 400: the answer was computed, and is paid for)."""
     try:
         with exchange.dispatch_span(fwd.deployment) as (span, headers):
             result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
@@ -346,6 +389,8 @@ async def _forward(
             await admission.settle(Usage.of(body.get("usage"), ext, result.replica_id))
         if call.usage_extra and isinstance(body.get("usage"), dict):
             body["usage"] = {**body["usage"], **call.usage_extra}
+        if guards is not None:
+            await guards.check_answer(call, body)
         return JSONResponse({**body, **extra}, headers=call.headers)
     finally:
         with anyio.CancelScope(shield=True):

@@ -9,6 +9,10 @@ and always stripped of its ``lamina`` extension) and error events.
 The relay is an ASGI response that opens the upstream itself, so the status it sends is the replica's:
 an error answer is relayed with its status and body, and a dispatcher error raised before the first byte
 reaches the gateway's one error handler. A failure after the 200 becomes an SSE error event and ``[DONE]``.
+
+A stream that output guards apply to leaves the per-token path: every event is parsed and its text given
+to the stream's :class:`~lamina.application.guards.StreamGuard`, which may hold text back (redaction) or
+end the stream with a ``content_blocked`` error event and ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from lamina.application._policy import Admission, Usage
 from lamina.application._ports import Dispatcher
 from lamina.application._tracing import Exchange
+from lamina.application.guards import OutputGuards, StreamGuard, stream_guard
 from lamina.errors import EngineCrashedError, EngineError, LaminaError, from_body
 
 _DONE = b"data: [DONE]\n\n"
@@ -86,6 +91,20 @@ def relayed_error(upstream: httpx.Response, content: bytes, exchange: Exchange, 
     return Response(content, status_code=upstream.status_code, media_type=content_type)
 
 
+def _without_text(chunk: dict[str, Any]) -> bytes:
+    """``chunk`` with its text taken out of every choice (that text was sent already, held back)."""
+    choices = []
+    for choice in chunk.get("choices") or []:
+        if isinstance(choice, dict):
+            choice = {**choice}
+            if isinstance(choice.get("delta"), dict):
+                choice["delta"] = {k: v for k, v in choice["delta"].items() if k != "content"}
+            elif "text" in choice:
+                choice["text"] = ""
+        choices.append(choice)
+    return b"data: " + json.dumps({**chunk, "choices": choices}, separators=(",", ":")).encode() + _EVENT_END
+
+
 def error_event(exc: LaminaError) -> bytes:
     return b"data: " + json.dumps(exc.to_body()).encode() + _EVENT_END + _DONE
 
@@ -101,7 +120,10 @@ class _Events:
         admission: Admission,
         replica: str,
         trailer: bytes | None = None,
+        guard: StreamGuard | None = None,
     ) -> None:
+        self._guard = guard
+        self._guard_done = False
         self._admission = admission
         self._replica = replica
         self._trailer = trailer
@@ -129,7 +151,7 @@ class _Events:
             ready, self._pending = buf, b""  # the usual case: one write of the replica, whole events
         else:
             ready, self._pending = buf[:cut], buf[cut:]
-        if self._content_seen and _NOTABLE.search(ready) is None:
+        if self._content_seen and self._guard is None and _NOTABLE.search(ready) is None:
             self.done = ready.endswith(_DONE)
             return ready  # the per-token path: pass through untouched
         return b"".join(
@@ -140,7 +162,7 @@ class _Events:
         payload = _payload(event)
         if payload == b"[DONE]":
             self.done = True
-            return event
+            return await self._guard_end() + event
         if not payload.startswith(b"{"):
             return event
         chunk = json.loads(payload)
@@ -150,11 +172,36 @@ class _Events:
             self._exchange.outcome = error.status
             return event
         if isinstance(chunk, dict) and chunk.get("choices") == []:
-            return await self._usage(chunk)
+            return await self._guard_end() + await self._usage(chunk)
         if not self._content_seen and _has_content(chunk):
             self._content_seen = True
             self._exchange.first_token()
+        if self._guard is not None and isinstance(chunk, dict):
+            return await self._guarded(chunk, event)
         return event
+
+    async def _guarded(self, chunk: dict[str, Any], event: bytes) -> bytes:
+        """A chunk through the stream's output guards (a block raises: the stream ends with an error)."""
+        assert self._guard is not None
+        replaced = await self._guard.chunk(chunk)
+        out = event if replaced is None else replaced
+        choices = chunk.get("choices")
+        finished = isinstance(choices, list) and any(
+            isinstance(c, dict) and c.get("finish_reason") for c in choices
+        )
+        if not finished:
+            return out
+        tail = await self._guard_end()  # held text goes before the finish reason
+        if replaced is None:
+            return tail + event
+        return replaced + tail + _without_text(chunk)
+
+    async def _guard_end(self) -> bytes:
+        """The end of the answer for the output guards (once): the last check and any held text."""
+        if self._guard is None or self._guard_done:
+            return b""
+        self._guard_done = True
+        return await self._guard.end()
 
     async def _usage(self, chunk: dict[str, Any]) -> bytes:
         ext = self._exchange.record_reply(chunk, self._dispatch)  # takes the lamina extension out
@@ -181,7 +228,9 @@ class StreamRelay(Response):
         include_usage: bool,
         admission: Admission,
         trailer: bytes | None = None,
+        guards: OutputGuards | None = None,
     ) -> None:
+        self._guards = guards
         self._admission = admission
         self._trailer = trailer
         self._dispatcher = dispatcher
@@ -213,8 +262,15 @@ class StreamRelay(Response):
                     (k.encode(), v.encode()) for k, v in self._admission.call.headers.items()
                 ]
                 await send({"type": "http.response.start", "status": 200, "headers": sse})
+                guard = None if self._guards is None else stream_guard(self._guards, self._admission.call)
                 events = _Events(
-                    exchange, span, self._include_usage, self._admission, result.replica_id, self._trailer
+                    exchange,
+                    span,
+                    self._include_usage,
+                    self._admission,
+                    result.replica_id,
+                    self._trailer,
+                    guard,
                 )
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(self._watch_disconnect, receive, tasks.cancel_scope)

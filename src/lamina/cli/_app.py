@@ -10,9 +10,11 @@ from typing import Annotated
 import typer
 
 from lamina.cli._common import ConfigOption, StateDirOption, err_console, fail, load, out_console
+from lamina.cli._costs import costs
 from lamina.cli._data import data_app
 from lamina.cli._drift import drift
 from lamina.cli._engines import engines
+from lamina.cli._keys import keys_app, refuse_open_bind
 from lamina.cli._models import models_app
 from lamina.config import LaminaConfig
 from lamina.errors import LaminaError
@@ -28,8 +30,10 @@ config_app = typer.Typer(help="Show the effective config or its JSON schema.", n
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(keys_app, name="keys")
 data_app.command("drift")(drift)
 app.command("engines")(engines)
+app.command("costs")(costs)
 
 
 def _example(base: str, catalog: Catalog) -> str:
@@ -49,6 +53,9 @@ def up(
     state_dir: StateDirOption = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default: server.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: server.port, 8000).")] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option(help="Serve a non-loopback address even though no API key exists.")
+    ] = False,
 ) -> None:
     """Start the whole stack in the foreground; Ctrl-C or SIGTERM stops it and every process it started."""
     from lamina.stack.gateway import build_stack, serve  # the web stack, only for this command
@@ -57,6 +64,7 @@ def up(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per replica call is noise
     bind_host, bind_port = host or cfg.server.host, port if port is not None else cfg.server.port
+    refuse_open_bind(cfg, sdir, bind_host, insecure_no_auth)
     try:
         stack = build_stack(cfg, sdir)
     except LaminaError as exc:

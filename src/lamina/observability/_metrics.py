@@ -61,11 +61,22 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "lamina_requests_in_flight", "Requests being served right now.", ("model",), registry=reg
         )
+        self.guard_decisions = Counter(
+            "lamina_guard_decisions",
+            "Guardrail decisions, per guard, verdict (allow, block, redact, flag, fail_open, fail_closed) "
+            "and direction (input, output); one per guard per request.",
+            ("guard", "action", "direction"),
+            registry=reg,
+        )
 
     def observe_request(self, *, endpoint: str, model: str, status: int, seconds: float) -> None:
         """Count one finished request and its duration."""
         self.requests.labels(endpoint, model, str(status)).inc()
         self.request_duration.labels(endpoint, model).observe(seconds)
+
+    def observe_guard(self, *, guard: str, action: str, direction: str) -> None:
+        """Count one guard's decision on one request (``guard`` is a configured guard's name)."""
+        self.guard_decisions.labels(guard, action, direction).inc()
 
     def observe_first_token(self, *, model: str, seconds: float) -> None:
         self.time_to_first_token.labels(model).observe(seconds)

@@ -17,7 +17,21 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from lamina.application import GatewayDeps, Policy, RagOptions, ThreadedIngestService, create_app
+from lamina.application import (
+    CostPolicy,
+    GatewayDeps,
+    KeyAuthenticator,
+    KeyStore,
+    Policy,
+    RagOptions,
+    ThreadedIngestService,
+    create_app,
+    gateway_hosts,
+    gpu_hour_usd,
+    replica_hourly_usd,
+)
+from lamina.application.guards import input_guards, output_guards
+from lamina.compute import probe_inventory
 from lamina.config import LaminaConfig
 from lamina.data import (
     AsyncEmbedder,
@@ -157,8 +171,11 @@ def _query_embedder(
     return ThreadQueryEmbedder(data.embedder), ref
 
 
-def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> FastAPI:
-    """The gateway app whose lifespan runs the control loop and stops every replica at the end."""
+def create_gateway(
+    stack: Stack, on_ready: Callable[[], None] | None = None, *, host: str | None = None
+) -> FastAPI:
+    """The gateway app whose lifespan runs the control loop and stops every replica at the end; ``host``:
+    the address it is bound to (default: server.host), which it answers to."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -185,6 +202,9 @@ def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> 
         readiness=stack.readiness,
         telemetry=stack.telemetry,
         api_keys=stack.config.server.api_keys,
+        authenticator=KeyAuthenticator(KeyStore(stack.store), stack.config.server.api_keys),
+        allowed_hosts=gateway_hosts(host or stack.config.server.host, stack.config.server.allowed_hosts),
+        allowed_origins=stack.config.server.allowed_origins,
         retriever=stack.retriever,
         rag_aliases={
             a.name: (a.model, RagOptions(dataset=a.dataset, k=a.k, mode=a.mode)) for a in stack.config.rag
@@ -192,14 +212,47 @@ def create_gateway(stack: Stack, on_ready: Callable[[], None] | None = None) -> 
         query_sink=stack.drift,
         ingest=stack.ingest,
         policies=_policies(stack),
+        output_guards=output_guards(stack.config.guards, stack.telemetry.metrics, stack.registry),
+        limits=stack.config.limits,
     )
     return create_app(deps, lifespan=lifespan)
 
 
 def _policies(stack: Stack) -> list[Policy]:
     """The gateway's policies from the config, in the order a call meets them."""
-    policies: list[Policy] = []
+    from lamina.application import RateLimitPolicy
+
+    config = stack.config
+    served = [d.name for d in config.deployments] + [a.name for a in config.rag]
+    # always on, even with no limit configured: a key created while the gateway runs may carry limits,
+    # and a call that no limit applies to costs a few attribute reads (README, "Rate limits")
+    policies: list[Policy] = [RateLimitPolicy(config.rate_limits, known_models=served)]
+    policies.append(CostPolicy(stack.store, stack.config.costs, _replica_hourly_usd(stack)))
+    # last: a call refused by a limit or a budget costs no guard time (README, "Guardrails")
+    guards = input_guards(config.guards, stack.telemetry.metrics, stack.registry)
+    if guards is not None:
+        policies.append(guards)
     return policies
+
+
+def _replica_hourly_usd(stack: Stack) -> dict[str, float]:
+    """USD per hour of one replica of each deployment: its cores (a GGUF replica's threads) and its GPUs,
+    priced by the name of this machine's first GPU (NVML is asked only when a deployment uses a GPU)."""
+    costs = stack.config.costs
+    gpu_price = 0.0
+    if any(w.resources.gpus for w in stack.workloads):
+        names = [gpu.name for gpu in probe_inventory().gpus]
+        price = gpu_hour_usd(costs, names[0]) if names else None
+        if price is None:
+            log.warning(
+                "no price for the GPU %s: add it to costs.gpu_hour_usd; GPU time is priced at 0 until then",
+                names[0] if names else "(none found)",
+            )
+        gpu_price = price or 0.0
+    return {
+        w.name: replica_hourly_usd(costs, w.resources.cpus, [gpu_price] * w.resources.gpus)
+        for w in stack.workloads
+    }
 
 
 async def _publish_drift_forever(stack: Stack, every_s: float = 30.0) -> None:
@@ -219,7 +272,7 @@ async def _announce_ready(stack: Stack, on_ready: Callable[[], None] | None) -> 
 
 def serve(stack: Stack, host: str, port: int, on_ready: Callable[[], None] | None = None) -> None:
     """Run the gateway in the foreground until SIGINT or SIGTERM; every replica is stopped on the way out."""
-    app = create_gateway(stack, on_ready)
+    app = create_gateway(stack, on_ready, host=host)
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     )

@@ -2,7 +2,10 @@
 
 from lamina.store._columns import UTCDateTime
 from lamina.store._schema import (
+    api_keys,
+    budget_spend,
     chunk_lineage,
+    cost_ledger,
     dataset_members,
     dataset_sources,
     dataset_tags,
@@ -23,7 +26,10 @@ __all__ = [
     "HeldLock",
     "Store",
     "UTCDateTime",
+    "api_keys",
+    "budget_spend",
     "chunk_lineage",
+    "cost_ledger",
     "dataset_members",
     "dataset_sources",
     "dataset_tags",

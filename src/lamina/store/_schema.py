@@ -7,6 +7,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -183,4 +184,67 @@ drift_reports = Table(
     Column("metrics", JSON, nullable=False),
     Column("explanation", Text, nullable=False),
     Index("ix_drift_reports_dataset_created_at", "dataset", "created_at"),
+)
+
+
+# -- keys (migration 0004) ----------------------------------------------------------------------------------
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True, comment="public key id: key_ + 12 url-safe characters"),
+    Column("name", String(100), nullable=False),
+    Column(
+        "secret_hash",
+        String(64),
+        nullable=False,
+        comment="sha256 hex of the secret: 256-bit random secrets need no slow hash",
+    ),
+    Column("prefix", String(16), nullable=False, comment="the secret's first characters, for display"),
+    Column("scope", String(10), nullable=False, comment="admin or user"),
+    Column("models", JSON, nullable=True, comment="model names the key may call; null: all"),
+    Column("datasets", JSON, nullable=True, comment="datasets the key may read; null: all"),
+    Column("rpm", Integer, nullable=True, comment="requests per minute; null: no limit"),
+    Column("tpm", Integer, nullable=True, comment="tokens per minute; null: no limit"),
+    Column("budget_usd", Float, nullable=True, comment="spend allowed per budget period; null: no budget"),
+    Column("budget_period", String(10), nullable=True, comment="day, week or month"),
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    UniqueConstraint("name", name="uq_api_keys_name"),
+    Index("ix_api_keys_secret_hash", "secret_hash", unique=True),
+)
+
+
+# -- costs (migration 0005) ---------------------------------------------------------------------------------
+
+budget_spend = Table(
+    "budget_spend",
+    metadata,
+    Column("scope", String(140), primary_key=True, comment="global, or key:<key id>"),
+    Column("period_start", BigInteger, primary_key=True, comment="start of the budget period, epoch seconds"),
+    Column("spent_nusd", BigInteger, nullable=False, comment="settled spend in nano-USD"),
+    Column("reserved_nusd", BigInteger, nullable=False, comment="held by calls in flight, nano-USD"),
+)
+
+cost_ledger = Table(
+    "cost_ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", UTCDateTime(), nullable=False),
+    Column("trace_id", String(32), nullable=True),
+    Column("key_id", String(100), nullable=True, comment="null: no keys configured (anonymous)"),
+    Column("key_name", String(100), nullable=False),
+    Column("operation", String(40), nullable=False, comment="chat, text_completion, embeddings"),
+    Column("model", String(200), nullable=False, comment="the model name the client asked for"),
+    Column("deployment", String(200), nullable=False),
+    Column("model_version", String(300), nullable=True),
+    Column("replica", String(200), nullable=True),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("engine_s", Float, nullable=True, comment="the replica's compute time for the call"),
+    Column("cost_usd", Float, nullable=False),
+    Column("basis", String(10), nullable=False, comment="compute or tokens"),
+    Index("ix_cost_ledger_ts", "ts"),
+    Index("ix_cost_ledger_key_id_ts", "key_id", "ts"),
 )

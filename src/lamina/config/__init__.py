@@ -7,13 +7,37 @@ the file or the environment; :func:`load_config` is the one place that does.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from lamina.config._base import Strict as _Strict
+from lamina.config._gateway import (
+    CostsConfig as CostsConfig,
+)
+from lamina.config._gateway import (
+    GuardConfig as GuardConfig,
+)
+from lamina.config._gateway import (
+    GuardsConfig as GuardsConfig,
+)
+from lamina.config._gateway import (
+    ModelPriceConfig as ModelPriceConfig,
+)
+from lamina.config._gateway import (
+    ModelRateLimitsConfig as ModelRateLimitsConfig,
+)
+from lamina.config._gateway import (
+    RateLimitsConfig as RateLimitsConfig,
+)
+from lamina.config._gateway import (
+    RequestLimitsConfig as RequestLimitsConfig,
+)
+from lamina.config._redact import REDACTED as REDACTED
+from lamina.config._redact import mask_secrets, scrub
+from lamina.config._redact import redact_url as redact_url
 from lamina.errors import ConfigError
 
 #: The environment variable that names the state directory when ``--state-dir`` is not given.
@@ -25,33 +49,6 @@ BUNDLED_EMBEDDING_MODEL = "minilm-l6-v2"
 DEFAULT_WATCHDOG_S = 60.0
 
 
-#: What ``lamina config show`` (and error messages) print in place of a secret. A field is marked secret
-#: with ``json_schema_extra={"secret": True}``.
-REDACTED = "***"
-#: ``scheme://user:password@``: the password of a URL's userinfo, taken up to the last ``@`` so that one
-#: written unencoded never shows in part (a URL with an ``@`` in its query loses more, never less).
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):\S*@")
-#: A secret passed as a query parameter (libpq's ``?password=``, a token in an endpoint URL).
-_QUERY_SECRET = re.compile(
-    r"(?P<head>[?&](?:password|passwd|pwd|sslpassword|secret|token|access_token|api[_-]?key|"
-    r"access[_-]?key|key)=)[^&#\s]*",
-    re.IGNORECASE,
-)
-
-
-def redact_url(text: str) -> str:
-    """``text`` with the password of every URL in it, and secret query parameters, shown as ``***``.
-
-    The user name, host, port and path stay visible: they say which server is meant.
-    """
-    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the gateway (0 picks a free one).")
@@ -59,6 +56,17 @@ class ServerConfig(_Strict):
         default_factory=list,
         description="Bearer keys the gateway accepts. Empty: any key (or none) is accepted, for local use.",
         json_schema_extra={"secret": True},
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the gateway answers to besides localhost, 127.0.0.1, [::1] and the bind "
+        "address (a wildcard bind adds the machine's name and addresses); `*.example.com` matches its "
+        "subdomains, `*` any host. Requests naming another Host are refused (DNS-rebinding protection).",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins (`https://app.example.com`) whose pages may call the gateway, besides "
+        "pages of its own hosts; `*` allows any. Requests from other origins are refused.",
     )
 
 
@@ -285,6 +293,23 @@ class LaminaConfig(_Strict):
         default_factory=list,
         description="Model names that answer with retrieval-augmented generation over a dataset.",
     )
+    costs: CostsConfig = Field(
+        default_factory=CostsConfig, description="Prices (compute and tokens) and spend budgets."
+    )
+    limits: RequestLimitsConfig = Field(
+        default_factory=RequestLimitsConfig,
+        description="What one request to the gateway may hold (body bytes, messages, inputs, tokens...).",
+    )
+    rate_limits: RateLimitsConfig = Field(
+        default_factory=RateLimitsConfig,
+        description="Requests and tokens per minute per key, per model and in all (counted in Redis across "
+        "gateways).",
+    )
+    guards: GuardsConfig = Field(
+        default_factory=GuardsConfig,
+        description="Guardrails: PII and secrets, prompt injection, toxicity, blocked topics, answer length "
+        "and JSON schema, on input and output.",
+    )
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> LaminaConfig:
@@ -309,34 +334,8 @@ class LaminaConfig(_Strict):
         Fields marked secret are replaced whole (a list item by item, so their number shows), and
         every string has the passwords of the URLs in it replaced (see ``redact_url``).
         """
-        data = _mask_secrets(self, self.model_dump(mode="json"))
-        return {key: _scrub(value) for key, value in data.items()}
-
-
-def _mask_secrets(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` (``model`` dumped) with the values of fields marked secret replaced, recursively."""
-    for name, info in type(model).model_fields.items():
-        value, dumped = getattr(model, name), data.get(name)
-        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("secret") is True:
-            data[name] = [REDACTED] * len(dumped) if isinstance(dumped, list) else REDACTED
-        elif isinstance(value, BaseModel) and isinstance(dumped, dict):
-            _mask_secrets(value, dumped)
-        elif isinstance(value, list) and isinstance(dumped, list):
-            for item, item_dumped in zip(value, dumped, strict=True):
-                if isinstance(item, BaseModel) and isinstance(item_dumped, dict):
-                    _mask_secrets(item, item_dumped)
-    return data
-
-
-def _scrub(data: Any) -> Any:
-    """Every string in ``data`` (dicts and lists, recursively) through ``redact_url``."""
-    if isinstance(data, str):
-        return redact_url(data)
-    if isinstance(data, dict):
-        return {key: _scrub(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_scrub(item) for item in data]
-    return data
+        data = mask_secrets(self, self.model_dump(mode="json"))
+        return {key: scrub(value) for key, value in data.items()}
 
 
 def resolve_state_dir(flag: Path | None, config: LaminaConfig | None = None) -> Path:
