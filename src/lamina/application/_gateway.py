@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Depends, FastAPI
 from opentelemetry.util.types import AttributeValue
 from pydantic import ValidationError
@@ -34,13 +33,13 @@ from lamina.application._admin import IngestService, admin_router
 from lamina.application._auth import Authenticator, StaticKeys, authenticated, principal_of
 from lamina.application._bounds import parse_bounded, read_body
 from lamina.application._errors import install_error_handlers
+from lamina.application._plain import forward_plain, unless_client_leaves
 from lamina.application._policy import (
     DEFAULT_COMPLETION_RESERVE,
     Admission,
     Call,
     Policy,
     Principal,
-    Usage,
     estimate_prompt_tokens,
 )
 from lamina.application._ports import Dispatcher, ModelCatalog, Readiness, Route
@@ -55,14 +54,13 @@ from lamina.application._rag import (
     last_user_text,
     retrieve_traced,
 )
-from lamina.application._relay import Forward, StreamRelay, client_gone, relayed_error, until_disconnected
+from lamina.application._relay import Forward, StreamRelay
 from lamina.application._requests import invalid_fields
 from lamina.application._tracing import Exchange, TelemetryMiddleware
 from lamina.application.guards import OutputGuards
 from lamina.config import RequestLimitsConfig
 from lamina.data import Retrieval
 from lamina.errors import (
-    EngineError,
     InvalidRequestError,
     ModelNotFoundError,
     UnsupportedCapabilityError,
@@ -263,10 +261,10 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
     forward = Forward(route.deployment, op.path, call.body)
     extra = {} if grounding is None else {"citations": citations_json(grounding)}
     if not stream:
-        return await _unless_client_leaves(
+        return await unless_client_leaves(
             request,
             exchange,
-            _forward(deps.dispatcher, forward, exchange, extra, admission, deps.output_guards),
+            forward_plain(deps.dispatcher, forward, exchange, extra, admission, deps.output_guards),
         )
     assert not isinstance(parsed, EmbeddingRequest)
     trailer = None if grounding is None else citations_event(grounding)
@@ -331,67 +329,3 @@ def _require(route: Route, capability: Capability, requested: str, param: str) -
         f"whose capabilities in GET /v1/models include {capability.value!r}",
         param=param,
     )
-
-
-async def _unless_client_leaves(request: Request, exchange: Exchange, work: Awaitable[Response]) -> Response:
-    """``work``, cancelled if the client disconnects first: the request to the replica is dropped with it,
-    so the replica stops generating an answer nobody will read (a stream is watched by its relay)."""
-    answer: Response | None = None
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tasks:
-
-        async def watch() -> None:
-            await until_disconnected(request.receive)
-            client_gone(exchange)
-            tasks.cancel_scope.cancel()
-
-        tasks.start_soon(watch)
-        try:
-            answer = await work
-        except Exception as exc:  # raised as itself below, not inside the task group's exception group
-            failure = exc
-        tasks.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    return answer if answer is not None else Response(status_code=499)
-
-
-async def _forward(
-    dispatcher: Dispatcher,
-    fwd: Forward,
-    exchange: Exchange,
-    extra: Mapping[str, object],
-    admission: Admission,
-    guards: OutputGuards | None = None,
-) -> Response:
-    """A plain (not streamed) request: the replica's answer without its ``lamina`` extension, settled with
-    the policies (whatever happens, the admission is settled: with None when no answer came), then
-    checked by the output guards (a block is a 400: the answer was computed, and is paid for)."""
-    try:
-        with exchange.dispatch_span(fwd.deployment) as (span, headers):
-            result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
-            exchange.dispatched(span, result)
-            upstream = result.response
-            if upstream.status_code >= 400:
-                return relayed_error(upstream, upstream.content, exchange, span)
-            try:
-                body = upstream.json()
-            except ValueError:
-                body = None
-            if not isinstance(body, dict):
-                raise EngineError(
-                    f"the replica {result.replica_id} of {fwd.deployment} answered something that is not a "
-                    "JSON object; its log says why"
-                )
-            ext = exchange.record_reply(body, span)
-        call = admission.call
-        with anyio.CancelScope(shield=True):
-            await admission.settle(Usage.of(body.get("usage"), ext, result.replica_id))
-        if call.usage_extra and isinstance(body.get("usage"), dict):
-            body["usage"] = {**body["usage"], **call.usage_extra}
-        if guards is not None:
-            await guards.check_answer(call, body)
-        return JSONResponse({**body, **extra}, headers=call.headers)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await admission.settle(None)

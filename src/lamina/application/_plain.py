@@ -1,0 +1,81 @@
+"""A plain (not streamed) model call: dispatched, settled with the policies, checked by the output guards,
+and dropped when its client leaves first (streams have :class:`~lamina.application._relay.StreamRelay`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from lamina.application._policy import Admission, Usage
+from lamina.application._ports import Dispatcher
+from lamina.application._relay import Forward, client_gone, relayed_error, until_disconnected
+from lamina.application._tracing import Exchange
+from lamina.application.guards import OutputGuards
+from lamina.errors import EngineError
+
+
+async def unless_client_leaves(request: Request, exchange: Exchange, work: Awaitable[Response]) -> Response:
+    """``work``, cancelled if the client disconnects first: the request to the replica is dropped with it,
+    so the replica stops generating an answer nobody will read (a stream is watched by its relay)."""
+    answer: Response | None = None
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            await until_disconnected(request.receive)
+            client_gone(exchange)
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        try:
+            answer = await work
+        except Exception as exc:  # raised as itself below, not inside the task group's exception group
+            failure = exc
+        tasks.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return answer if answer is not None else Response(status_code=499)
+
+
+async def forward_plain(
+    dispatcher: Dispatcher,
+    fwd: Forward,
+    exchange: Exchange,
+    extra: Mapping[str, object],
+    admission: Admission,
+    guards: OutputGuards | None = None,
+) -> Response:
+    """A plain (not streamed) request: the replica's answer without its ``lamina`` extension, settled with
+    the policies (whatever happens, the admission is settled: with None when no answer came), then
+    checked by the output guards (a block is a 400: the answer was computed, and is paid for)."""
+    try:
+        with exchange.dispatch_span(fwd.deployment) as (span, headers):
+            result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
+            exchange.dispatched(span, result)
+            upstream = result.response
+            if upstream.status_code >= 400:
+                return relayed_error(upstream, upstream.content, exchange, span)
+            try:
+                body = upstream.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise EngineError(
+                    f"the replica {result.replica_id} of {fwd.deployment} answered something that is not a "
+                    "JSON object; its log says why"
+                )
+            ext = exchange.record_reply(body, span)
+        call = admission.call
+        with anyio.CancelScope(shield=True):
+            await admission.settle(Usage.of(body.get("usage"), ext, result.replica_id))
+        if call.usage_extra and isinstance(body.get("usage"), dict):
+            body["usage"] = {**body["usage"], **call.usage_extra}
+        if guards is not None:
+            await guards.check_answer(call, body)
+        return JSONResponse({**body, **extra}, headers=call.headers)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await admission.settle(None)
