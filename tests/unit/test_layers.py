@@ -320,6 +320,7 @@ PUBLIC = {
         "Ticket",
         "Usage",
         "admin_router",
+        "close_policies",
         "create_app",
         "gateway_hosts",
         "gpu_hour_usd",

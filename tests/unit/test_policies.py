@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lamina.application import Call, GatewayDeps, Principal, Usage, create_app
+from lamina.application import Call, GatewayDeps, Principal, Usage, close_policies, create_app
 from lamina.errors import EngineCrashedError, RateLimitError
 from lamina.observability import Telemetry
 from tests.support import CHAT, EMBED, ReplayDispatcher, StaticCatalog, events_of
@@ -133,3 +133,23 @@ async def test_an_embedding_call_reserves_no_completion_tokens(gw: Gw) -> None:
 def test_principals_default_to_no_limits() -> None:
     user = Principal(key_id="k", name="n", scope="user")
     assert not user.is_admin and user.models is None and user.rpm is None
+
+
+async def test_closing_releases_each_policy_that_holds_something_even_when_one_fails() -> None:
+    closed: list[str] = []
+
+    class Holding:
+        def __init__(self, name: str, fail: bool = False) -> None:
+            self.name, self.fail = name, fail
+
+        async def admit(self, call: Call) -> None:
+            return None
+
+        async def aclose(self) -> None:
+            if self.fail:
+                raise OSError("the pool is gone")
+            closed.append(self.name)
+
+    log: list[tuple[str, str, Any]] = []
+    await close_policies([Holding("a", fail=True), Recorder("plain", log), Holding("b")])
+    assert closed == ["b"]

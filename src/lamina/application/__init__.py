@@ -7,7 +7,7 @@ from lamina.application._budgets import Budget, CostLedger, CostLine, LedgerEntr
 from lamina.application._costs import CostPolicy, Prices, gpu_hour_usd, replica_hourly_usd
 from lamina.application._gateway import GatewayDeps, create_app
 from lamina.application._keys import KeyAuthenticator, KeyRecord, KeySpec, KeyStore
-from lamina.application._policy import ANONYMOUS, Call, Policy, Principal, Ticket, Usage
+from lamina.application._policy import ANONYMOUS, Call, Policy, Principal, Ticket, Usage, close_policies
 from lamina.application._ports import Dispatcher, DispatchResult, ModelCatalog, Readiness, Route
 from lamina.application._rag import RagOptions
 from lamina.application._ratelimit import RateLimitPolicy
@@ -43,6 +43,7 @@ __all__ = [
     "Ticket",
     "Usage",
     "admin_router",
+    "close_policies",
     "create_app",
     "gateway_hosts",
     "gpu_hour_usd",

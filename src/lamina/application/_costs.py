@@ -367,8 +367,12 @@ class CostPolicy:
         return self.writer.flush(timeout_s)
 
     def close(self) -> None:
-        """Write what is queued and stop the writer thread (the composition root calls it at shutdown)."""
+        """Write what is queued and stop the writer thread."""
         self.writer.close()
+
+    async def aclose(self) -> None:
+        """``close`` off the event loop (the composition root calls it at shutdown)."""
+        await asyncio.to_thread(self.close)
 
     def _entry(self, call: Call, usage: Usage, cost: Cost) -> LedgerEntry:
         context = call.span.get_span_context()

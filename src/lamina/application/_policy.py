@@ -20,7 +20,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from opentelemetry import trace
 
@@ -139,6 +139,23 @@ class Policy(Protocol):
     async def admit(self, call: Call) -> Ticket | None:
         """Admit ``call`` (raise a LaminaError to refuse it); a ticket to settle later, or None."""
         ...
+
+
+@runtime_checkable
+class Closing(Protocol):
+    """A policy that holds resources (a connection pool, a writer thread) and releases them at shutdown."""
+
+    async def aclose(self) -> None: ...
+
+
+async def close_policies(policies: Sequence[Policy]) -> None:
+    """Release what each policy holds (at the gateway's shutdown); a failure is logged, the rest close."""
+    for policy in policies:
+        if isinstance(policy, Closing):
+            try:
+                await policy.aclose()
+            except Exception:
+                log.exception("closing %s failed", type(policy).__name__)
 
 
 class Admission:

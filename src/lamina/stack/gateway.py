@@ -25,6 +25,7 @@ from lamina.application import (
     Policy,
     RagOptions,
     ThreadedIngestService,
+    close_policies,
     create_app,
     gateway_hosts,
     gpu_hour_usd,
@@ -194,8 +195,10 @@ def create_gateway(
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
+            await close_policies(policies)
             await stack.aclose()
 
+    policies = _policies(stack)
     deps = GatewayDeps(
         catalog=stack.catalog,
         dispatcher=stack.dispatcher,
@@ -211,7 +214,7 @@ def create_gateway(
         },
         query_sink=stack.drift,
         ingest=stack.ingest,
-        policies=_policies(stack),
+        policies=policies,
         output_guards=output_guards(stack.config.guards, stack.telemetry.metrics, stack.registry),
         limits=stack.config.limits,
     )
