@@ -23,7 +23,9 @@
     │   ├── CorruptFileError           corrupt_file        400
     │   └── ChecksumMismatchError      checksum_mismatch   409
     ├── EngineError                    engine_error        500
-    │   └── EngineCrashedError         engine_crashed      502
+    │   ├── EngineCrashedError         engine_crashed      502
+    │   └── UpstreamError              upstream_error      502
+    │       └── UpstreamTimeoutError   upstream_timeout    504
     ├── UnavailableError               unavailable         503
     │   ├── NoReadyReplicaError        no_ready_replica    503
     │   └── OfflineError               offline             503
@@ -191,6 +193,21 @@ class EngineError(LaminaError):
 class EngineCrashedError(EngineError):
     code = "engine_crashed"
     status = 502
+
+
+class UpstreamError(EngineError):
+    """A remote upstream (an ``openai`` engine's API) failed, refused the key, or answered something
+    unusable."""
+
+    code = "upstream_error"
+    status = 502
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """A remote upstream did not answer in time."""
+
+    code = "upstream_timeout"
+    status = 504
 
 
 class UnavailableError(LaminaError):

@@ -108,7 +108,7 @@ def upper_config(**options: Any) -> LaminaConfig:
 
 
 def test_an_installed_plugin_is_listed_with_its_options(plugin: Path) -> None:
-    assert engine_names() == ["fake", "gguf", "onnx", "upper"]
+    assert engine_names() == ["fake", "gguf", "onnx", "openai", "upper"]
     listed = CliRunner().invoke(app, ["engines", "--json"])
     assert listed.exit_code == 0, listed.output
     engines = {e["name"]: e for e in json.loads(listed.output)}

@@ -36,6 +36,8 @@ from lamina.application.guards import OutputGuards, StreamGuard, stream_guard
 from lamina.errors import EngineCrashedError, EngineError, LaminaError, from_body
 
 _DONE = b"data: [DONE]\n\n"
+#: headers of a replica's error answer that the client gets too
+_KEPT_ERROR_HEADERS = ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 _EVENT_END = b"\n\n"
 #: events worth a look: the usage chunk (no choices) and errors; never matches inside a JSON string,
 #: where every quote is escaped
@@ -88,7 +90,9 @@ def relayed_error(upstream: httpx.Response, content: bytes, exchange: Exchange, 
     exchange.fail(error)
     span.set_status(trace.Status(trace.StatusCode.ERROR, f"HTTP {upstream.status_code} {error.code}"))
     content_type = upstream.headers.get("content-type", "application/json")
-    return Response(content, status_code=upstream.status_code, media_type=content_type)
+    # when to try again, as the replica (or its upstream) said
+    kept = {name: upstream.headers[name] for name in _KEPT_ERROR_HEADERS if name in upstream.headers}
+    return Response(content, status_code=upstream.status_code, media_type=content_type, headers=kept)
 
 
 def _without_text(chunk: dict[str, Any]) -> bytes:

@@ -1,4 +1,5 @@
-"""The engines that ship with Lamina, as they describe themselves: llama.cpp (GGUF), ONNX Runtime, fake.
+"""The engines that ship with Lamina, as they describe themselves: llama.cpp (GGUF), ONNX Runtime, fake,
+a remote OpenAI-compatible API.
 
 Each ``lamina.engines`` entry point in pyproject.toml names one of the descriptors below. This module is
 imported to list or check engines, so it holds only their options and what a replica needs; each factory
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lamina.models._engine import Capability, Engine, EngineDescriptor, LoadSpec
 from lamina.models._gguf_header import read_gguf_header
+from lamina.models._remote_options import OPENAI_CAPABILITIES, OpenAIOptions, remote_resources
 from lamina.orchestration import Resources
 
 _MIB = 1 << 20
@@ -174,6 +176,12 @@ def _fake(spec: LoadSpec) -> Engine:
     return FakeEngine(spec)
 
 
+def _openai(spec: LoadSpec) -> Engine:
+    from lamina.models._remote import OpenAIEngine
+
+    return OpenAIEngine(spec)
+
+
 GGUF = EngineDescriptor(
     name="gguf",
     description="llama.cpp (llama-cpp-python) running GGUF models: chat, completion, streaming, continuous "
@@ -212,4 +220,13 @@ FAKE = EngineDescriptor(
     options=FakeOptions,
     factory=_fake,
     resources=lambda _files, _options: Resources(cpus=0.1, memory_mb=128, gpus=0),
+)
+OPENAI = EngineDescriptor(
+    name="openai",
+    description="a remote OpenAI-compatible API (OpenAI, vLLM, llama-server, Ollama): requests are forwarded "
+    "as sent, many at once, with no model file here",
+    capabilities=OPENAI_CAPABILITIES,
+    options=OpenAIOptions,
+    factory=_openai,
+    resources=remote_resources,
 )

@@ -12,7 +12,7 @@ real one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib.metadata import entry_points
@@ -41,6 +41,9 @@ class Capability(StrEnum):
     #: continuous batching: requests are submitted to the engine and advanced together by ``step()``
     #: (see :class:`BatchingEngine`)
     BATCHING = "batching"
+    #: answers OpenAI request bodies itself, many at once, on the worker's event loop instead of the engine
+    #: thread (see :class:`PassthroughEngine`): a remote upstream
+    PASSTHROUGH = "passthrough"
 
 
 @dataclass(frozen=True)
@@ -286,3 +289,35 @@ class BatchingEngine(Engine, Protocol):
     def submit_completion(self, prompt: str, params: SamplingParams, sink: Sink) -> None: ...
 
     def step(self) -> bool: ...
+
+
+#: the OpenAI operations a replica serves
+Operation = Literal["chat", "completion", "embedding"]
+
+
+class Started(Protocol):
+    """Where a passthrough engine marks the moment a request stops waiting and goes to work."""
+
+    def begin(self) -> None: ...
+
+
+class PassthroughEngine(Engine, Protocol):
+    """An engine that answers OpenAI request bodies itself (capability ``passthrough``), e.g. by sending
+    them to a remote server. The worker awaits it on its event loop, many requests at once, and never puts
+    its requests on the engine thread; it adds the ``lamina`` extension and the final usage chunk itself.
+
+    Both methods get the client's body as sent and call ``started.begin()`` once the request has a slot.
+    Errors are LaminaErrors; cancelling the awaiting task abandons the request.
+    """
+
+    async def answer(self, op: Operation, body: dict[str, Any], started: Started) -> dict[str, Any]:
+        """The whole answer's JSON body."""
+        ...
+
+    def stream(self, op: Operation, body: dict[str, Any], started: Started) -> AsyncIterator[dict[str, Any]]:
+        """The answer's stream chunks as they come; a chunk with ``"choices": []`` carries the usage."""
+        ...
+
+    async def aclose(self) -> None:
+        """Let go of connections; called on the event loop as the worker stops."""
+        ...

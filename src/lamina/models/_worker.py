@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, required=True, help="WorkerSpec JSON file.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: a line per upstream call of a remote engine
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         spec = WorkerSpec.read(args.spec)
     except ConfigError as exc:

@@ -40,11 +40,13 @@ from lamina.models._engine import (
     Delta,
     Engine,
     EngineInfo,
+    PassthroughEngine,
     SamplingParams,
     Sink,
 )
 from lamina.models._microbatch import BatchPolicy, MicroBatcher
 from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from lamina.models._remote_serve import PassthroughServer
 from lamina.models._request_json import read_json
 from lamina.models._request_plan import plan_chat, plan_completion
 from lamina.models._tools import ToolPlan
@@ -135,7 +137,7 @@ def encode_vector(vector: list[float], encoding: Literal["float", "base64"]) -> 
 
 
 def error_response(exc: LaminaError) -> JSONResponse:
-    return JSONResponse(exc.to_body(), status_code=exc.status)
+    return JSONResponse(exc.to_body(), status_code=exc.status, headers=exc.headers or None)
 
 
 def guarded(handler: Handler) -> Handler:
@@ -187,6 +189,7 @@ class WorkerApp:
         self.watchdog_s = watchdog_s
         #: embedding requests that arrive together share one engine call
         self.batcher = MicroBatcher(replica.runner, lambda: replica.ready()[0], batching)
+        self.passthrough = PassthroughServer(replica.served_name, replica.model_version)
 
     def starlette(self, on_startup: Callable[[], None]) -> Starlette:
         routes = [
@@ -201,6 +204,8 @@ class WorkerApp:
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             on_startup()
             yield
+            if (engine := self._passthrough()) is not None:
+                await engine.aclose()
 
         return Starlette(routes=routes, lifespan=lifespan)
 
@@ -225,8 +230,15 @@ class WorkerApp:
             }
         )
 
+    def _passthrough(self) -> PassthroughEngine | None:
+        """The engine when it answers requests itself on the event loop (capability passthrough)."""
+        ok = self.replica.info is not None and Capability.PASSTHROUGH in self.replica.info.capabilities
+        return cast(PassthroughEngine, self.replica.engine) if ok else None
+
     async def chat(self, request: Request) -> Response:
         timing = Timing(received=time.perf_counter())
+        if (passthrough := self._passthrough()) is not None:
+            return await self.passthrough.serve(request, "chat", passthrough, timing)
         req = await parse_body(request, ChatCompletionRequest)
         engine, info = self.replica.ready()
         require(info, self.replica.served_name, Capability.CHAT, stream=req.stream)
@@ -251,6 +263,8 @@ class WorkerApp:
 
     async def completions(self, request: Request) -> Response:
         timing = Timing(received=time.perf_counter())
+        if (passthrough := self._passthrough()) is not None:
+            return await self.passthrough.serve(request, "completion", passthrough, timing)
         req = await parse_body(request, CompletionRequest)
         engine, info = self.replica.ready()
         require(info, self.replica.served_name, Capability.COMPLETION, stream=req.stream)
@@ -357,6 +371,8 @@ class WorkerApp:
 
     async def embeddings(self, request: Request) -> Response:
         timing = Timing(received=time.perf_counter())
+        if (passthrough := self._passthrough()) is not None:
+            return await self.passthrough.serve(request, "embedding", passthrough, timing)
         req = await parse_body(request, EmbeddingRequest)
         _, info = self.replica.ready()
         require(info, self.replica.served_name, Capability.EMBEDDING)
