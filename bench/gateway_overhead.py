@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -75,13 +76,24 @@ def _ms(text: str) -> float:
 
 def wrk(url: str, key: str | None, connections: int, seconds: float, proc: psutil.Process | None) -> Load:
     """``connections`` keep-alive clients posting the chat request for ``seconds``; ``proc``'s CPU time."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write('wrk.method = "POST"\n')
-        script.write(f"wrk.body = {json.dumps(json.dumps(body))}\n")
+        head, tail = json.dumps(body).split(PROMPT)
+        script.write(f"local head, tail, n = {json.dumps(head)}, {json.dumps(tail)}, 0\n")
         script.write('wrk.headers["Content-Type"] = "application/json"\n')
         if key:
             script.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+        # each request its own text: no cache answers it, every guard reads new text
+        script.write("request = function()\n  n = n + 1\n")
+        script.write(
+            f"  return wrk.format(nil, nil, nil, head .. n .. {json.dumps(' ' + PROMPT)} .. tail)\nend\n"
+        )
     threads = 1 if connections == 1 else 2
     argv = [
         "wrk",
@@ -148,17 +160,20 @@ def fake_worker(tmp: Path) -> Iterator[str]:
 
 
 @contextmanager
-def litellm(tmp: Path, upstream: str) -> Iterator[tuple[str, psutil.Process]]:
-    port = free_port()
+def litellm(tmp: Path, upstream: str) -> Iterator[tuple[str, psutil.Process, str]]:
+    """LiteLLM's proxy with its master key (its auth on; it refuses to start without one), offline."""
+    port, key = free_port(), "sk-bench-" + "0" * 32
     config = tmp / "litellm.yaml"
     model = {"model": f"openai/{MODEL}", "api_base": f"{upstream}/v1", "api_key": "none"}
-    config.write_text(json.dumps({"model_list": [{"model_name": MODEL, "litellm_params": model}]}))
+    listed = {"model_list": [{"model_name": MODEL, "litellm_params": model}]}
+    config.write_text(json.dumps({**listed, "general_settings": {"master_key": key}}))
     log = (tmp / "litellm.log").open("wb")
     argv = [str(LITELLM), "--config", str(config), "--port", str(port), "--num_workers", "1"]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # no download of its price list
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         _wait(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=180)
-        yield f"http://127.0.0.1:{port}", psutil.Process(proc.pid)
+        yield f"http://127.0.0.1:{port}", psutil.Process(proc.pid), key
     finally:
         proc.terminate()
         proc.wait(20)
@@ -173,15 +188,41 @@ def lamina_config(policies: str) -> dict[str, Any]:
     return config
 
 
-#: every policy on, with limits far above what the bench sends (nothing is refused, everything is checked)
-POLICIES: dict[str, Any] = {}
+#: every policy on, with limits far above what the bench sends (nothing is refused, everything is checked):
+#: rate limits per key (the key's own), per model and global; a global budget (and the key's); input guards
+#: (PII, injection with its classifier on suspicious texts, toxicity); the cost policy prices each answer
+BIG = 10**9
+POLICIES: dict[str, Any] = {
+    "rate_limits": {"rpm": BIG, "tpm": BIG, "per_model": {MODEL: {"rpm": BIG, "tpm": BIG}}},
+    "costs": {"budget_usd": 1_000_000.0, "budget_period": "day"},
+    "guards": {"input": [{"kind": "pii", "action": "redact"}, {"kind": "injection"}, {"kind": "toxicity"}]},
+}
+
+
+def create_key(state: Path) -> str:
+    """A user key limited to the bench's model, with its own rate limits and budget (from the key store)."""
+    argv = [sys.executable, "-m", "lamina.cli", "keys", "create", "--name", "bench", "--models", MODEL]
+    argv += [
+        "--rpm",
+        str(BIG),
+        "--tpm",
+        str(BIG),
+        "--budget",
+        "1000000/day",
+        "--json",
+        "--state-dir",
+        str(state),
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return str(json.loads(out)["secret"])
 
 
 @contextmanager
 def lamina(tmp: Path, policies: str) -> Iterator[tuple[str, psutil.Process, str | None]]:
+    key = create_key(tmp / "state") if policies == "all" else None
     stack = start_stack(tmp, json.dumps(lamina_config(policies)))
     try:
-        yield stack.base_url, psutil.Process(stack.proc.pid), None
+        yield stack.base_url, psutil.Process(stack.proc.pid), key
     finally:
         stop_stack(stack)
 
@@ -203,8 +244,7 @@ def main() -> None:
         targets["lamina"] = (url, proc, key)
         if not args.skip_litellm:
             (tmp / "litellm").mkdir()
-            url, proc = stack.enter_context(litellm(tmp / "litellm", upstream))
-            targets["litellm"] = (url, proc, None)
+            targets["litellm"] = stack.enter_context(litellm(tmp / "litellm", upstream))
         for url, _, key in targets.values():  # warm up: imports, connection pools, caches
             wrk(f"{url}/v1/chat/completions", key, 4, 2, None)
         for connections in (1, 16):

@@ -4,13 +4,18 @@ from lamina.application._access import gateway_hosts
 from lamina.application._admin import IngestService, IngestSettings, ThreadedIngestService, admin_router
 from lamina.application._auth import Authenticator, StaticKeys
 from lamina.application._budgets import Budget, CostLedger, CostLine, LedgerEntry
+from lamina.application._cache import ResponseCache, response_cache
+from lamina.application._cache_semantic import SemanticIndex
 from lamina.application._costs import CostPolicy, Prices, gpu_hour_usd, replica_hourly_usd
 from lamina.application._gateway import GatewayDeps, create_app
 from lamina.application._keys import KeyAuthenticator, KeyRecord, KeySpec, KeyStore
 from lamina.application._policy import ANONYMOUS, Call, Policy, Principal, Ticket, Usage, close_policies
 from lamina.application._ports import Dispatcher, DispatchResult, ModelCatalog, Readiness, Route
+from lamina.application._prompts import PromptStore
 from lamina.application._rag import RagOptions
 from lamina.application._ratelimit import RateLimitPolicy
+from lamina.application._routing import ModelRouter
+from lamina.application._templates import PromptSpec, PromptVersion
 
 __all__ = [
     "ANONYMOUS",
@@ -31,13 +36,19 @@ __all__ = [
     "KeyStore",
     "LedgerEntry",
     "ModelCatalog",
+    "ModelRouter",
     "Policy",
     "Prices",
     "Principal",
+    "PromptSpec",
+    "PromptStore",
+    "PromptVersion",
     "RagOptions",
     "RateLimitPolicy",
     "Readiness",
+    "ResponseCache",
     "Route",
+    "SemanticIndex",
     "StaticKeys",
     "ThreadedIngestService",
     "Ticket",
@@ -48,4 +59,5 @@ __all__ = [
     "gateway_hosts",
     "gpu_hour_usd",
     "replica_hourly_usd",
+    "response_cache",
 ]

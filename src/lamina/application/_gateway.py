@@ -11,7 +11,7 @@ the ``engine`` span.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -32,7 +32,9 @@ from lamina.application._access import (
 from lamina.application._admin import IngestService, admin_router
 from lamina.application._auth import Authenticator, StaticKeys, authenticated, principal_of
 from lamina.application._bounds import parse_bounded, read_body
+from lamina.application._cache import ResponseCache, cache_lookup
 from lamina.application._errors import install_error_handlers
+from lamina.application._fallback_stream import FallbackStream, RelayFactory
 from lamina.application._plain import forward_plain, unless_client_leaves
 from lamina.application._policy import (
     DEFAULT_COMPLETION_RESERVE,
@@ -43,6 +45,7 @@ from lamina.application._policy import (
     estimate_prompt_tokens,
 )
 from lamina.application._ports import Dispatcher, ModelCatalog, Readiness, Route
+from lamina.application._prompts import PromptStore, parse_templated
 from lamina.application._rag import (
     QuerySink,
     RagOptions,
@@ -56,6 +59,7 @@ from lamina.application._rag import (
 )
 from lamina.application._relay import Forward, StreamRelay
 from lamina.application._requests import invalid_fields
+from lamina.application._routing import ModelRouter
 from lamina.application._tracing import Exchange, TelemetryMiddleware
 from lamina.application.guards import OutputGuards
 from lamina.config import RequestLimitsConfig
@@ -101,6 +105,12 @@ class GatewayDeps:
     allowed_origins: Sequence[str] = ()
     #: guards on the model's answers, plain and streamed (input guards are a policy); None: none
     output_guards: OutputGuards | None = None
+    #: model groups (strategies, retries, fallbacks); None: no groups, every name is a deployment's
+    router: ModelRouter | None = None
+    #: the response cache (exact, and semantic if configured); None: no caching
+    cache: ResponseCache | None = None
+    #: prompt templates a request may name (``lamina_template``); None: requests cannot name one
+    prompts: PromptStore | None = None
 
     @property
     def auth(self) -> Authenticator:
@@ -244,12 +254,15 @@ def _endpoint(deps: GatewayDeps, op: _Operation) -> Callable[[Request], Awaitabl
 async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Response:
     exchange = Exchange.of(request)
     raw = await read_body(request, deps.limits.max_body_bytes)
-    body, parsed = parse_bounded(raw, op.request_type, deps.limits)
+    body, parsed, template = await parse_templated(
+        raw, op.request_type, deps.limits, deps.prompts, exchange.span
+    )
     asked = parsed.model
     grounding = await _ground(deps, body, parsed, principal_of(request))
     exchange.span.set_attributes(_request_attributes(op, parsed))
-    route = _resolve(deps.telemetry, deps.catalog, parsed.model)
-    check_model(principal_of(request), asked, route)
+    tries = None if deps.router is None else deps.router.tries(parsed.model, body, request.headers)
+    route = _resolve(deps.telemetry, deps.catalog, parsed.model) if tries is None else tries.route
+    check_model(principal_of(request), asked, route if tries is None else tries.asked)
     _require(route, op.capability, parsed.model, "model")
     stream = not isinstance(parsed, EmbeddingRequest) and parsed.stream
     if stream:
@@ -257,18 +270,25 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
     exchange.bind(route)
     call = _call(principal_of(request), op, asked, route, {**body, "model": route.served_name}, parsed)
     call.span = exchange.span
+    call.template = template
+    extra = {} if grounding is None else {"citations": citations_json(grounding)}
+    cached = await cache_lookup(deps.cache, call, request.headers, grounding)
+    if cached.entry is not None:  # a hit: no dispatch, admitted by the rate limits only (_cache.py)
+        usage = not isinstance(parsed, EmbeddingRequest) and parsed.include_usage
+        return await cached.replay(deps.policies, usage, extra, grounding)
     admission = await Admission.of(call, deps.policies)
     forward = Forward(route.deployment, op.path, call.body)
-    extra = {} if grounding is None else {"citations": citations_json(grounding)}
     if not stream:
         return await unless_client_leaves(
             request,
             exchange,
-            forward_plain(deps.dispatcher, forward, exchange, extra, admission, deps.output_guards),
+            forward_plain(
+                deps.dispatcher, forward, exchange, extra, admission, deps.output_guards, tries, cached
+            ),
         )
     assert not isinstance(parsed, EmbeddingRequest)
     trailer = None if grounding is None else citations_event(grounding)
-    return StreamRelay(
+    relay = StreamRelay(
         deps.dispatcher,
         forward,
         exchange,
@@ -276,7 +296,24 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
         admission,
         trailer=trailer,
         guards=deps.output_guards,
+        cache=cached,
     )
+    if tries is None:
+        return relay
+    call.headers["x-lamina-model"] = route.deployment
+    return FallbackStream(tries, forward, exchange, relay, _later_relays(deps, call, exchange, relay))
+
+
+def _later_relays(deps: GatewayDeps, call: Call, exchange: Exchange, first: StreamRelay) -> RelayFactory:
+    """The relay of a later try of a group's stream (like ``first``), admitted anew: the failed try was
+    settled with nothing."""
+
+    async def relay_to(member: str, fwd: Forward) -> StreamRelay:
+        again = replace(call, deployment=member, body=fwd.body, headers={"x-lamina-model": member})
+        admitted = await Admission.of(replace(again, usage_extra={}), deps.policies)
+        return first.again(fwd, admitted)
+
+    return relay_to
 
 
 def _call(

@@ -4,14 +4,18 @@ and dropped when its client leaves first (streams have :class:`~lamina.applicati
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lamina.application._cache import CacheLookup
 from lamina.application._policy import Admission, Usage
 from lamina.application._ports import Dispatcher
 from lamina.application._relay import Forward, client_gone, relayed_error, until_disconnected
+from lamina.application._routing import Tries
 from lamina.application._tracing import Exchange
 from lamina.application.guards import OutputGuards
 from lamina.errors import EngineError
@@ -47,35 +51,62 @@ async def forward_plain(
     extra: Mapping[str, object],
     admission: Admission,
     guards: OutputGuards | None = None,
+    tries: Tries | None = None,
+    cache: CacheLookup | None = None,
 ) -> Response:
     """A plain (not streamed) request: the replica's answer without its ``lamina`` extension, settled with
     the policies (whatever happens, the admission is settled: with None when no answer came), then
-    checked by the output guards (a block is a 400: the answer was computed, and is paid for)."""
+    checked by the output guards (a block is a 400: the answer was computed, and is paid for). With
+    ``tries`` (a model group), failed tries go on to the next member (application/_routing.py)."""
     try:
-        with exchange.dispatch_span(fwd.deployment) as (span, headers):
-            result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
-            exchange.dispatched(span, result)
-            upstream = result.response
-            if upstream.status_code >= 400:
-                return relayed_error(upstream, upstream.content, exchange, span)
-            try:
-                body = upstream.json()
-            except ValueError:
-                body = None
-            if not isinstance(body, dict):
-                raise EngineError(
-                    f"the replica {result.replica_id} of {fwd.deployment} answered something that is not a "
-                    "JSON object; its log says why"
-                )
-            ext = exchange.record_reply(body, span)
+        if tries is None:
+            answer = await _dispatch(dispatcher, fwd, exchange)
+        else:
+            answer = await tries.plain(
+                fwd, exchange, admission.call.headers, lambda f: _dispatch(dispatcher, f, exchange)
+            )
+        if isinstance(answer, Response):
+            return answer
+        result, body, ext = answer
         call = admission.call
+        call.deployment = result.deployment
         with anyio.CancelScope(shield=True):
             await admission.settle(Usage.of(body.get("usage"), ext, result.replica_id))
         if call.usage_extra and isinstance(body.get("usage"), dict):
             body["usage"] = {**body["usage"], **call.usage_extra}
         if guards is not None:
             await guards.check_answer(call, body)
+        if cache is not None and cache.stores:
+            await cache.store_plain(body)
         return JSONResponse({**body, **extra}, headers=call.headers)
     finally:
         with anyio.CancelScope(shield=True):
             await admission.settle(None)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    deployment: str
+    replica_id: str
+
+
+async def _dispatch(
+    dispatcher: Dispatcher, fwd: Forward, exchange: Exchange
+) -> Response | tuple[_Reply, dict[str, Any], Mapping[str, Any]]:
+    """One try: the replica's error answer as a Response, else its JSON body and ``lamina`` extension."""
+    with exchange.dispatch_span(fwd.deployment) as (span, headers):
+        result = await dispatcher.request(fwd.deployment, fwd.path, fwd.body, headers=headers)
+        exchange.dispatched(span, result)
+        upstream = result.response
+        if upstream.status_code >= 400:
+            return relayed_error(upstream, upstream.content, exchange, span)
+        try:
+            body = upstream.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise EngineError(
+                f"the replica {result.replica_id} of {fwd.deployment} answered something that is not a "
+                "JSON object; its log says why"
+            )
+        return _Reply(fwd.deployment, result.replica_id), body, exchange.record_reply(body, span)

@@ -84,6 +84,9 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     #: fields added to the response's ``usage`` (e.g. ``cost``); filled by settle
     usage_extra: dict[str, Any] = field(default_factory=dict)
+    #: the prompt template the body was rendered from, ``name@version`` (not in ``body``: an OpenAI
+    #: upstream refuses unknown fields); None: the request named none
+    template: str | None = None
 
     @property
     def reserved_tokens(self) -> int:

@@ -29,6 +29,7 @@ from opentelemetry import trace
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from lamina.application._cache import CacheLookup
 from lamina.application._policy import Admission, Usage
 from lamina.application._ports import Dispatcher
 from lamina.application._tracing import Exchange
@@ -125,9 +126,14 @@ class _Events:
         replica: str,
         trailer: bytes | None = None,
         guard: StreamGuard | None = None,
+        cache: CacheLookup | None = None,
     ) -> None:
         self._guard = guard
         self._guard_done = False
+        # the response cache: what the client got, and the replica's usage (sent or not)
+        self._cache = cache
+        self._sent: list[bytes] | None = [] if cache is not None and cache.stores else None
+        self._replica_usage: dict[str, Any] | None = None
         self._admission = admission
         self._replica = replica
         self._trailer = trailer
@@ -143,7 +149,15 @@ class _Events:
         out = await self._feed(data)
         if self._trailer is not None and out.endswith(_DONE):  # the trailer goes just before [DONE]
             out, self._trailer = out[: -len(_DONE)] + self._trailer + _DONE, None
+        if self._sent is not None:
+            self._sent.append(out)
         return out
+
+    async def store(self) -> None:
+        """The stream is complete: give the response cache what the client got (it keeps only answers
+        without an error event)."""
+        if self._cache is not None and self._sent is not None:
+            await self._cache.store_stream(b"".join(self._sent), self._replica_usage)
 
     async def _feed(self, data: bytes) -> bytes:
         buf = self._pending + data if self._pending else data
@@ -209,6 +223,8 @@ class _Events:
 
     async def _usage(self, chunk: dict[str, Any]) -> bytes:
         ext = self._exchange.record_reply(chunk, self._dispatch)  # takes the lamina extension out
+        if isinstance(chunk.get("usage"), dict):
+            self._replica_usage = dict(chunk["usage"])
         call = self._admission.call
         with anyio.CancelScope(shield=True):
             await self._admission.settle(Usage.of(chunk.get("usage"), ext, self._replica))
@@ -233,7 +249,9 @@ class StreamRelay(Response):
         admission: Admission,
         trailer: bytes | None = None,
         guards: OutputGuards | None = None,
+        cache: CacheLookup | None = None,
     ) -> None:
+        self._cache = cache
         self._guards = guards
         self._admission = admission
         self._trailer = trailer
@@ -244,6 +262,19 @@ class StreamRelay(Response):
         self.status_code = 200
         self.background = None
         self._gone = False
+
+    def again(self, forward: Forward, admission: Admission) -> StreamRelay:
+        """This stream sent to ``forward`` under ``admission``: a later try of a model group
+        (application/_fallback_stream.py), neither looked up in nor stored to the cache."""
+        return StreamRelay(
+            self._dispatcher,
+            forward,
+            self._exchange,
+            self._include_usage,
+            admission,
+            self._trailer,
+            self._guards,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -275,6 +306,7 @@ class StreamRelay(Response):
                     result.replica_id,
                     self._trailer,
                     guard,
+                    self._cache,
                 )
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(self._watch_disconnect, receive, tasks.cancel_scope)
@@ -295,6 +327,7 @@ class StreamRelay(Response):
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             if not events.done:
                 raise httpx.RemoteProtocolError("the stream ended without its final `data: [DONE]`")
+            await events.store()
         except (httpx.HTTPError, LaminaError, ValueError) as exc:
             error = exc if isinstance(exc, LaminaError) else self._broken(exc, replica)
             span.record_exception(exc)

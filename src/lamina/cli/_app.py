@@ -10,14 +10,16 @@ from typing import Annotated
 import typer
 
 from lamina.cli._common import ConfigOption, StateDirOption, err_console, fail, load, out_console
+from lamina.cli._compute import compute_app
 from lamina.cli._costs import costs
 from lamina.cli._data import data_app
 from lamina.cli._drift import drift
 from lamina.cli._engines import engines
 from lamina.cli._keys import keys_app, refuse_open_bind
 from lamina.cli._models import models_app
+from lamina.cli._prompts import prompts_app
 from lamina.config import LaminaConfig
-from lamina.errors import LaminaError
+from lamina.errors import ConfigError, LaminaError
 from lamina.models import Catalog
 
 app = typer.Typer(
@@ -31,6 +33,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(keys_app, name="keys")
+app.add_typer(prompts_app, name="prompts")
+app.add_typer(compute_app, name="compute")
 data_app.command("drift")(drift)
 app.command("engines")(engines)
 app.command("costs")(costs)
@@ -68,7 +72,7 @@ def up(
     try:
         stack = build_stack(cfg, sdir)
     except LaminaError as exc:
-        fail(exc)
+        fail(exc, exit_code=2 if isinstance(exc, ConfigError) else 1)  # a config that cannot run: 2
     base = f"http://{bind_host}:{bind_port}/v1"
     names = ", ".join(f"{d.name} ({d.engine or 'auto'} x{d.replicas})" for d in cfg.deployments)
     out_console.print(f"[bold]Lamina[/] is starting at [link={base}]{base}[/]  (state: {sdir})")

@@ -1,24 +1,82 @@
-"""Layer: compute. The devices of this machine (CPU cores, memory, NVIDIA GPUs) and the defaults they
-imply; placement and utilization telemetry build on this inventory."""
+"""Layer: compute. The devices of each node (CPU cores, memory, NVIDIA GPUs and their links) and the
+defaults they imply; whether a workload fits, where it goes (placement policies), and device telemetry."""
 
 from lamina.compute._devices import (
-    GPUInfo,
-    GPUProbeError,
+    CPUInfo,
     NodeInventory,
-    NVMLProbe,
-    PynvmlProbe,
     default_threads,
-    probe_gpus,
+    physical_cores_of,
     probe_inventory,
+    read_cpus,
+)
+from lamina.compute._fit import DeviceFit, FitReport, MemoryEstimate, fit, gib
+from lamina.compute._gpus import (
+    GPUInfo,
+    GPULink,
+    GPUProbeError,
+    GPUProcess,
+    GPUReading,
+    MigInstance,
+    read_gpus,
+)
+from lamina.compute._placement import (
+    FULL_GPU,
+    ClusterSnapshot,
+    Demand,
+    GPUState,
+    NodeState,
+    Placement,
+    PlacementPolicy,
+    apply,
+    best_fit,
+    fragmentation_aware,
+    gpu_choices,
+    node_fragmentation,
+    place_gang,
+    snapshot_of,
+    spread,
+)
+from lamina.compute._telemetry import (
+    DEFAULT_SAMPLE_INTERVAL_S,
+    publish_inventory,
+    sample_devices_forever,
 )
 
 __all__ = [
+    "DEFAULT_SAMPLE_INTERVAL_S",
+    "FULL_GPU",
+    "CPUInfo",
+    "ClusterSnapshot",
+    "Demand",
+    "DeviceFit",
+    "FitReport",
     "GPUInfo",
+    "GPULink",
     "GPUProbeError",
-    "NVMLProbe",
+    "GPUProcess",
+    "GPUReading",
+    "GPUState",
+    "MemoryEstimate",
+    "MigInstance",
     "NodeInventory",
-    "PynvmlProbe",
+    "NodeState",
+    "Placement",
+    "PlacementPolicy",
+    "apply",
+    "best_fit",
     "default_threads",
-    "probe_gpus",
+    "fit",
+    "fragmentation_aware",
+    "gib",
+    "gpu_choices",
+    "node_fragmentation",
+    "physical_cores_of",
+    "place_gang",
     "probe_inventory",
+    "publish_inventory",
+    "read_cpus",
+    "read_gpus",
+    "sample_devices_forever",
+    "snapshot_of",
+    "spread",
 ]

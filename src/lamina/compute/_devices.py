@@ -1,191 +1,138 @@
-"""What this machine has: CPU cores, memory and NVIDIA GPUs (through NVML), read once into a frozen record.
+"""What a machine has: CPU cores, memory and NVIDIA GPUs, read into a frozen record per node.
 
-CPUs and memory come from psutil. GPUs come from NVML behind :class:`NVMLProbe`, a small seam that the
-real :class:`PynvmlProbe` (nvidia-ml-py) implements and a test can fake. A machine without an NVIDIA
-driver (or a device that cannot be read) yields fewer GPUs, never an exception: the stack must start on
-any machine.
+CPUs come from the kernel (``/proc/cpuinfo``, the topology in ``/sys``, the process's affinity mask) and
+psutil; memory from psutil; GPUs from NVML (:mod:`lamina.compute._gpus`). The machine's devices are one
+:class:`NodeInventory`; a cluster is several (the inventory of a Ray cluster will add nodes). Thread
+defaults are decided here, once: :func:`default_threads` counts the physical cores this process may run on.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import os
+import platform
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pynvml
 
-log = logging.getLogger(__name__)
+from lamina.compute._gpus import GPUInfo, read_gpus
 
-T = TypeVar("T")
+SYS_CPU = Path("/sys/devices/system/cpu")
+PROC_CPUINFO = Path("/proc/cpuinfo")
 
 
 @dataclass(frozen=True)
-class GPUInfo:
-    """One NVIDIA GPU as NVML reports it at probe time."""
+class CPUInfo:
+    """The CPUs of a node, and which of them this process may use."""
 
-    index: int
-    name: str
-    uuid: str
-    memory_total_bytes: int
-    memory_used_bytes: int
-    #: percent of the last sample period a kernel ran; None where the device does not report it
-    utilization_pct: float | None
+    model: str
+    physical: int
+    logical: int
+    #: logical CPUs this process may run on (its affinity mask: fewer than ``logical`` when pinned)
+    affinity: tuple[int, ...]
+    #: physical cores under the affinity mask (two hyper-threads of one core count once)
+    usable_physical: int
+    #: 1, 5 and 15 minute load averages (runnable processes); zeros where the OS has none
+    load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
-    def memory_free_bytes(self) -> int:
-        return max(self.memory_total_bytes - self.memory_used_bytes, 0)
+    def usable(self) -> int:
+        return len(self.affinity)
 
 
 @dataclass(frozen=True)
 class NodeInventory:
-    """This machine's compute, as placement and thread defaults need it."""
+    """One node's compute, as placement, will-it-fit and thread defaults need it."""
 
     hostname: str
-    cpu_physical: int
-    cpu_logical: int
-    #: logical CPUs this process may run on (its affinity mask; fewer than cpu_logical in a pinned container)
-    cpu_usable: int
+    cpu: CPUInfo
     memory_total_bytes: int
     memory_available_bytes: int
     gpus: tuple[GPUInfo, ...] = ()
+    nvidia_driver: str | None = None
+    #: why there are no GPUs ("no NVIDIA driver (...)"), or None when NVML answered
+    gpu_note: str | None = field(default=None)
 
 
-class GPUProbeError(Exception):
-    """A probe could not read a device; the inventory leaves that device (or all GPUs) out."""
+def _cpu_model(cpuinfo: Path) -> str:
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Processor") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
-class NVMLProbe(Protocol):
-    """The few NVML readings the inventory needs, by device index."""
-
-    def open(self) -> bool:
-        """Start a session; False when there is no NVIDIA driver or library here."""
-        ...
-
-    def close(self) -> None: ...
-    def device_count(self) -> int: ...
-    def name(self, index: int) -> str: ...
-    def uuid(self, index: int) -> str: ...
-    def memory(self, index: int) -> tuple[int, int]:
-        """(total, used) bytes."""
-        ...
-
-    def utilization_pct(self, index: int) -> float | None: ...
+def _affinity(logical: int) -> tuple[int, ...]:
+    try:
+        return tuple(sorted(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows: no affinity masks
+        return tuple(range(logical))
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
-
-
-class PynvmlProbe:
-    """NVML through nvidia-ml-py; every NVML failure becomes a GPUProbeError."""
-
-    def open(self) -> bool:
+def physical_cores_of(cpus: Iterable[int], sys_cpu: Path = SYS_CPU) -> int | None:
+    """The physical cores that ``cpus`` (logical CPU numbers) sit on, from the kernel's topology; None
+    where it cannot be read (not Linux, or a CPU without a topology directory)."""
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = sys_cpu / f"cpu{cpu}" / "topology"
         try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as exc:
-            log.debug("no NVIDIA GPUs: NVML unavailable (%s)", exc)
-            return False
-        return True
-
-    def close(self) -> None:
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
-
-    @staticmethod
-    def _read(fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except pynvml.NVMLError as exc:
-            raise GPUProbeError(f"{fn.__name__}: {exc}") from exc
-
-    def _handle(self, index: int) -> Any:
-        return self._read(pynvml.nvmlDeviceGetHandleByIndex, index)
-
-    def device_count(self) -> int:
-        return int(self._read(pynvml.nvmlDeviceGetCount))
-
-    def name(self, index: int) -> str:
-        return _text(self._read(pynvml.nvmlDeviceGetName, self._handle(index)))
-
-    def uuid(self, index: int) -> str:
-        return _text(self._read(pynvml.nvmlDeviceGetUUID, self._handle(index)))
-
-    def memory(self, index: int) -> tuple[int, int]:
-        info = self._read(pynvml.nvmlDeviceGetMemoryInfo, self._handle(index))
-        return int(info.total), int(info.used)
-
-    def utilization_pct(self, index: int) -> float | None:
-        handle = self._handle(index)
-        try:
-            return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        except pynvml.NVMLError_NotSupported:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
             return None
-        except pynvml.NVMLError as exc:
-            raise GPUProbeError(f"nvmlDeviceGetUtilizationRates: {exc}") from exc
+        cores.add((package, core))
+    return len(cores) or None
 
 
-def _read_gpu(probe: NVMLProbe, index: int) -> GPUInfo:
-    total, used = probe.memory(index)
-    return GPUInfo(
-        index=index,
-        name=probe.name(index),
-        uuid=probe.uuid(index),
-        memory_total_bytes=total,
-        memory_used_bytes=used,
-        utilization_pct=probe.utilization_pct(index),
+def read_cpus(sys_cpu: Path = SYS_CPU, cpuinfo: Path = PROC_CPUINFO) -> CPUInfo:
+    """This machine's CPUs and the part of them this process may use."""
+    logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    affinity = _affinity(logical)
+    usable = physical_cores_of(affinity, sys_cpu)
+    if usable is None:  # no topology: assume the mask is spread like the machine (hyper-threads pro rata)
+        usable = max(1, min(physical, len(affinity) * physical // logical))
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (0.0, 0.0, 0.0)
+    return CPUInfo(
+        model=_cpu_model(cpuinfo),
+        physical=physical,
+        logical=logical,
+        affinity=affinity,
+        usable_physical=usable,
+        load_avg=(load[0], load[1], load[2]),
     )
 
 
-def probe_gpus(probe: NVMLProbe) -> tuple[GPUInfo, ...]:
-    """Every GPU the probe can read; a device that fails is logged and left out."""
-    if not probe.open():
-        return ()
-    try:
-        count = probe.device_count()
-        gpus: list[GPUInfo] = []
-        for index in range(count):
-            try:
-                gpus.append(_read_gpu(probe, index))
-            except GPUProbeError as exc:
-                log.warning("GPU %d left out of the inventory: %s; check `nvidia-smi`", index, exc)
-        return tuple(gpus)
-    except GPUProbeError as exc:
-        log.warning("GPUs left out of the inventory: %s; check `nvidia-smi`", exc)
-        return ()
-    finally:
-        probe.close()
-
-
-def _usable_cpus(logical: int) -> int:
-    try:
-        return len(psutil.Process().cpu_affinity() or []) or logical
-    except (AttributeError, psutil.Error):  # no cpu_affinity on macOS
-        return logical
-
-
-def probe_inventory(nvml: NVMLProbe | None = None) -> NodeInventory:
-    """Read this machine's CPUs, memory and GPUs (``nvml``: the GPU probe, NVML itself by default)."""
-    logical = psutil.cpu_count(logical=True) or 1
+def probe_inventory(nvml: Any = pynvml) -> NodeInventory:
+    """Read this machine's CPUs, memory and GPUs (``nvml``: the ``pynvml`` module or a double of it)."""
     memory = psutil.virtual_memory()
+    reading = read_gpus(nvml)
     return NodeInventory(
         hostname=socket.gethostname(),
-        cpu_physical=psutil.cpu_count(logical=False) or logical,
-        cpu_logical=logical,
-        cpu_usable=_usable_cpus(logical),
+        cpu=read_cpus(),
         memory_total_bytes=int(memory.total),
         memory_available_bytes=int(memory.available),
-        gpus=probe_gpus(nvml if nvml is not None else PynvmlProbe()),
+        gpus=reading.gpus,
+        nvidia_driver=reading.driver_version,
+        gpu_note=reading.note,
     )
 
 
-def default_threads(inventory: NodeInventory) -> int:
-    """Threads for a compute-bound engine: one per physical core this process may use.
+def default_threads(cpu: CPUInfo | None = None) -> int:
+    """Threads for a compute-bound engine: one per physical core this process may use (``cpu``: read
+    now when not given).
 
     Hyper-threads share a core's arithmetic units, so more threads than physical cores slow llama.cpp
-    and ONNX Runtime down rather than up.
+    and ONNX Runtime down rather than up; a container pinned to some CPUs gets those.
     """
-    return max(1, min(inventory.cpu_physical, inventory.cpu_usable))
+    return max(1, (cpu or read_cpus()).usable_physical)

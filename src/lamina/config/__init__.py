@@ -15,14 +15,19 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from lamina.config._base import Strict as _Strict
 from lamina.config._gateway import (
+    CacheConfig as CacheConfig,
+)
+from lamina.config._gateway import (
     CostsConfig as CostsConfig,
 )
+from lamina.config._gateway import GroupMemberConfig as GroupMemberConfig
 from lamina.config._gateway import (
     GuardConfig as GuardConfig,
 )
 from lamina.config._gateway import (
     GuardsConfig as GuardsConfig,
 )
+from lamina.config._gateway import ModelGroupConfig as ModelGroupConfig
 from lamina.config._gateway import (
     ModelPriceConfig as ModelPriceConfig,
 )
@@ -35,6 +40,11 @@ from lamina.config._gateway import (
 from lamina.config._gateway import (
     RequestLimitsConfig as RequestLimitsConfig,
 )
+from lamina.config._gateway import RoutingRuleConfig as RoutingRuleConfig
+from lamina.config._gateway import (
+    SemanticCacheConfig as SemanticCacheConfig,
+)
+from lamina.config._gateway import check_groups
 from lamina.config._redact import REDACTED as REDACTED
 from lamina.config._redact import mask_secrets, scrub
 from lamina.config._redact import redact_url as redact_url
@@ -305,11 +315,25 @@ class LaminaConfig(_Strict):
         description="Requests and tokens per minute per key, per model and in all (counted in Redis across "
         "gateways).",
     )
+    cache: CacheConfig = Field(
+        default_factory=CacheConfig,
+        description="The response cache: answers to deterministic requests, in process, the metadata store "
+        "or Redis; optionally semantic.",
+    )
     guards: GuardsConfig = Field(
         default_factory=GuardsConfig,
         description="Guardrails: PII and secrets, prompt injection, toxicity, blocked topics, answer length "
         "and JSON schema, on input and output.",
     )
+    groups: list[ModelGroupConfig] = Field(
+        default_factory=list,
+        description="Model groups: one name for several deployments, with a strategy, retries and fallbacks.",
+    )
+
+    @model_validator(mode="after")
+    def _groups_consistent(self) -> LaminaConfig:
+        check_groups(self.groups, [d.name for d in self.deployments], [a.name for a in self.rag])
+        return self
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> LaminaConfig:

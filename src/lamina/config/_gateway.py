@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -209,3 +210,185 @@ class GuardsConfig(_Strict):
         if misplaced:
             raise ValueError(f"{', '.join(misplaced)} guards check answers: list them under guards.output")
         return self
+
+
+class SemanticCacheConfig(_Strict):
+    """The semantic response cache: an earlier answer to a request that means the same (off by default)."""
+
+    enabled: bool = Field(
+        False,
+        description="Also answer from the nearest earlier request by embedding of its last user message, "
+        "within the same model, system prompt, template and dataset version (cache.ttl_s applies).",
+    )
+    min_similarity: float = Field(
+        0.999,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Cosine similarity of the last user messages at or above which an earlier answer is "
+        "served. At 0.999 the bundled MiniLM gives under 1% false hits on PAWS hard negatives (same words, "
+        "another meaning) and catches few paraphrases; lower values catch more and serve wrong answers "
+        "(README, Response cache; bench/semantic_cache.py).",
+    )
+
+
+class CacheConfig(_Strict):
+    """The response cache: deterministic requests (temperature 0 or a seed), or any request that sends
+    ``x-lamina-cache: use``, are answered from earlier identical ones."""
+
+    enabled: bool = Field(
+        False,
+        description="Cache answers at all. Off by default: a cached answer skips the engine, which a user "
+        "measuring or testing the engine must ask for.",
+    )
+    backend: Literal["memory", "store", "redis"] = Field(
+        "memory",
+        description="Where answers are kept: memory (this gateway process), store (the metadata store: "
+        "the SQLite file, or PostgreSQL), or redis (shared by every gateway, at `url`).",
+    )
+    url: str | None = Field(
+        None,
+        pattern=r"^rediss?://",
+        description="Redis URL for the redis backend: `redis://host:port/db` (`rediss://` for TLS).",
+    )
+    ttl_s: float = Field(3600.0, gt=0, allow_inf_nan=False, description="Seconds an answer is served.")
+    max_entries: int = Field(10_000, ge=1, description="Answers kept; the least recently used go first.")
+    max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Bytes of answers kept; the least recently used go first."
+    )
+    semantic: SemanticCacheConfig = Field(
+        default_factory=SemanticCacheConfig, description="The semantic cache (off by default)."
+    )
+
+    @model_validator(mode="after")
+    def _backend_url(self) -> CacheConfig:
+        if self.backend == "redis" and not self.url:
+            raise ValueError(
+                "cache.backend is redis but cache.url is empty; set cache.url: redis://HOST:PORT/DB"
+            )
+        return self
+
+
+Strategy = Literal["least_busy", "lowest_latency", "lowest_cost", "weighted", "rules", "classifier"]
+
+
+class GroupMemberConfig(_Strict):
+    deployment: str = Field(description="A deployment (its `name` under `deployments`) serving this group.")
+    weight: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Its share of the traffic under the weighted strategy."
+    )
+
+
+class RoutingRuleConfig(_Strict):
+    """One rule of the ``rules`` strategy: the first rule whose conditions all hold picks its member."""
+
+    member: str = Field(description="The deployment (a member of the group) that serves matching requests.")
+    min_prompt_chars: int | None = Field(
+        None, ge=0, description="The request's text (messages or prompt) has at least this many characters."
+    )
+    max_prompt_chars: int | None = Field(
+        None, ge=0, description="The request's text has at most this many characters."
+    )
+    has_tools: bool | None = Field(None, description="The request offers tools (true) or none (false).")
+    response_format: Literal["text", "json_object", "json_schema"] | None = Field(
+        None, description="The request's `response_format.type` is this one."
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description="Each key has this value in the request's `metadata` object or, else, in its header "
+        "`x-lamina-meta-KEY`.",
+    )
+
+
+class ModelGroupConfig(_Strict):
+    """Several deployments behind one public model name, with a strategy to pick one per request and
+    fallbacks to try when the pick fails (5xx, 429, no ready replica, timeout)."""
+
+    name: str = Field(description="The model name clients ask for (must differ from every deployment's).")
+    members: list[GroupMemberConfig] = Field(min_length=1, description="The deployments that serve it.")
+    strategy: Strategy = Field(
+        "least_busy",
+        description="How a member is picked: fewest requests in flight from this gateway; lowest recent "
+        "latency (an EWMA); lowest price per token (costs.models, else the compute price); at random by "
+        "weight; the first matching rule (else the first member); a classifier of the request's text.",
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Model names (deployments or other groups) tried in order when every try of this "
+        "group failed.",
+    )
+    retries: int = Field(
+        1, ge=0, le=10, description="Further members of this group tried after the first pick fails."
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds one try may take before it counts as failed (streams: until the answer "
+        "starts). Empty: no limit of its own.",
+    )
+    deadline_s: float = Field(
+        120.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds all tries of one request may take together, backoff included.",
+    )
+    rules: list[RoutingRuleConfig] = Field(
+        default_factory=list, description="The `rules` strategy's rules, in order."
+    )
+    keywords: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="The `classifier` strategy's built-in classifier: words per member; the member whose "
+        "words occur most in the request's text serves it (none: the first member).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelGroupConfig:
+        names = [m.deployment for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"group {self.name!r} lists a member twice: {names}")
+        strangers = sorted(({r.member for r in self.rules} | set(self.keywords)) - set(names))
+        if strangers:
+            raise ValueError(
+                f"group {self.name!r}: rules or keywords name {strangers}, which are not its members {names}"
+            )
+        if self.strategy == "rules" and not self.rules:
+            raise ValueError(f"group {self.name!r} has strategy rules but no rules; add `rules:`")
+        if self.strategy == "classifier" and not self.keywords:
+            raise ValueError(
+                f"group {self.name!r} has strategy classifier but no `keywords` (or plug a classifier in)"
+            )
+        return self
+
+
+def check_groups(
+    groups: Sequence[ModelGroupConfig], deployments: Sequence[str], others: Sequence[str]
+) -> None:
+    """Raise ValueError unless every group's members are deployments, its name is new, and its
+    fallbacks name known models without a cycle (``others``: RAG aliases, names that are not groups)."""
+    names = [g.name for g in groups]
+    taken = sorted((set(names) & (set(deployments) | set(others))) | {n for n in names if names.count(n) > 1})
+    if taken:
+        raise ValueError(f"group names must be unique and differ from deployments and RAG aliases: {taken}")
+    for g in groups:
+        missing = sorted({m.deployment for m in g.members} - set(deployments))
+        if missing:
+            raise ValueError(f"group {g.name!r}: members must be deployments; not deployed: {missing}")
+        unknown = sorted(set(g.fallbacks) - set(deployments) - set(names))
+        if unknown:
+            raise ValueError(f"group {g.name!r}: fallbacks name unknown models {unknown}")
+    edges = {g.name: [f for f in g.fallbacks if f in names] for g in groups}
+    for start in edges:
+        path, todo = [start], [(start, iter(edges[start]))]
+        while todo:
+            _node, rest = todo[-1]
+            nxt = next(rest, None)
+            if nxt is None:
+                todo.pop()
+                path.pop()
+            elif nxt in path:
+                cycle = " -> ".join([*path[path.index(nxt) :], nxt])
+                raise ValueError(f"group fallbacks form a cycle: {cycle}; remove one of these fallbacks")
+            else:
+                path.append(nxt)
+                todo.append((nxt, iter(edges[nxt])))

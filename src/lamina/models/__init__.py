@@ -36,6 +36,17 @@ from lamina.models._openai import (
 from lamina.models._query_embedder import DispatchQueryEmbedder, ThreadQueryEmbedder
 from lamina.models._registry import Registry
 from lamina.models._request_json import read_json
+from lamina.models._routing import (
+    Classifier,
+    Features,
+    KeywordClassifier,
+    LatencyTracker,
+    MemberStats,
+    plan_tries,
+    rank_members,
+    retry_backoff_s,
+    rule_matches,
+)
 
 __all__ = [
     "BUNDLED",
@@ -44,6 +55,7 @@ __all__ = [
     "Catalog",
     "ChatCompletionRequest",
     "ChatMessage",
+    "Classifier",
     "CompletionRequest",
     "Delta",
     "DispatchQueryEmbedder",
@@ -54,9 +66,13 @@ __all__ = [
     "EngineEmbedder",
     "EngineInfo",
     "FakeOptions",
+    "Features",
     "GGUFOptions",
     "HTTPEmbedder",
+    "KeywordClassifier",
+    "LatencyTracker",
     "LoadSpec",
+    "MemberStats",
     "ModelCard",
     "ModelList",
     "ModelVersion",
@@ -77,9 +93,13 @@ __all__ = [
     "engine_for_format",
     "engine_names",
     "load_engine",
+    "plan_tries",
+    "rank_members",
     "read_json",
     "read_metadata",
     "register_bundled",
     "registered_or_bundled",
+    "retry_backoff_s",
+    "rule_matches",
     "worker_workload",
 ]

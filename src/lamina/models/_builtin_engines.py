@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
+from lamina.compute import default_threads
 from lamina.models._engine import Capability, Engine, EngineDescriptor, LoadSpec
 from lamina.models._gguf_header import read_gguf_header
 from lamina.models._remote_options import OPENAI_CAPABILITIES, OpenAIOptions, remote_resources
@@ -104,8 +104,9 @@ def parallel_slots(options: GGUFOptions) -> int:
 
 
 def physical_cores() -> int:
-    """The machine's physical cores: llama.cpp gains nothing from hyperthreads."""
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    """The physical cores this process may run on (the compute layer's count, under the affinity mask):
+    llama.cpp gains nothing from hyperthreads."""
+    return default_threads()
 
 
 def _memory_mb(files: Sequence[Path]) -> int:

@@ -7,6 +7,8 @@ model is known), ``endpoint`` one of the gateway's routes, ``status`` an HTTP st
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -143,3 +145,107 @@ class DriftMetrics:
             if value is not None:
                 gauge.labels(dataset).set(value)
         self.detected.labels(dataset).set(1.0 if drifted else 0.0)
+
+
+class DeviceMetrics:
+    """The compute layer's sampled devices as gauges, named after NVIDIA DCGM's fields where one exists
+    (DCGM_FI_DEV_GPU_UTIL, _FB_USED, _FB_FREE, _GPU_TEMP, _POWER_USAGE), in base units (bytes, watts).
+
+    Labels are bounded: ``node`` is a host name; ``gpu`` an index, ``uuid`` and ``model_name`` that GPU's.
+    A GPU that stops being read keeps its last values until :meth:`forget_gpus` removes it.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        gpu = ("node", "gpu", "uuid", "model_name")
+        self.registry = registry
+        self.cpu_load = Gauge(
+            "lamina_device_cpu_load1", "1-minute load average of the node.", ("node",), registry=registry
+        )
+        self.cpu_usable = Gauge(
+            "lamina_device_cpu_usable_cores",
+            "Physical cores this process may run on (its affinity mask).",
+            ("node",),
+            registry=registry,
+        )
+        self.memory_total = Gauge(
+            "lamina_device_memory_total_bytes", "RAM of the node.", ("node",), registry=registry
+        )
+        self.memory_available = Gauge(
+            "lamina_device_memory_available_bytes",
+            "RAM available to new processes.",
+            ("node",),
+            registry=registry,
+        )
+        self.gpu_utilization = Gauge(
+            "lamina_device_gpu_utilization_percent",
+            "Percent of the last sample period a kernel ran (DCGM_FI_DEV_GPU_UTIL).",
+            gpu,
+            registry=registry,
+        )
+        self.gpu_memory_used = Gauge(
+            "lamina_device_gpu_memory_used_bytes",
+            "GPU memory in use (DCGM_FI_DEV_FB_USED).",
+            gpu,
+            registry=registry,
+        )
+        self.gpu_memory_free = Gauge(
+            "lamina_device_gpu_memory_free_bytes",
+            "GPU memory free (DCGM_FI_DEV_FB_FREE).",
+            gpu,
+            registry=registry,
+        )
+        self.gpu_temperature = Gauge(
+            "lamina_device_gpu_temperature_celsius",
+            "GPU temperature (DCGM_FI_DEV_GPU_TEMP).",
+            gpu,
+            registry=registry,
+        )
+        self.gpu_power = Gauge(
+            "lamina_device_gpu_power_watts",
+            "GPU power draw (DCGM_FI_DEV_POWER_USAGE).",
+            gpu,
+            registry=registry,
+        )
+        self.gpu_gauges = (
+            self.gpu_utilization,
+            self.gpu_memory_used,
+            self.gpu_memory_free,
+            self.gpu_temperature,
+            self.gpu_power,
+        )
+        #: the label sets of every GPU series set so far
+        self._gpus: set[tuple[str, str, str, str]] = set()
+
+    def set_node(
+        self, node: str, *, load1: float, usable_cores: int, memory_total: int, memory_available: int
+    ) -> None:
+        self.cpu_load.labels(node).set(load1)
+        self.cpu_usable.labels(node).set(usable_cores)
+        self.memory_total.labels(node).set(memory_total)
+        self.memory_available.labels(node).set(memory_available)
+
+    def set_gpu(
+        self,
+        labels: tuple[str, str, str, str],
+        *,
+        utilization_pct: float | None,
+        memory_used: int,
+        memory_free: int,
+        temperature_c: float | None,
+        power_w: float | None,
+    ) -> None:
+        """One GPU's readings; ``labels`` is (node, gpu index, uuid, model name). A reading the device
+        does not give (None) is left unset."""
+        self._gpus.add(labels)
+        values = (utilization_pct, memory_used, memory_free, temperature_c, power_w)
+        for gauge, value in zip(self.gpu_gauges, values, strict=True):
+            if value is not None:
+                gauge.labels(*labels).set(value)
+
+    def forget_gpus(self, keep: set[tuple[str, str, str, str]]) -> None:
+        """Drop the series of every GPU not in ``keep`` (one that vanished or failed to read)."""
+        for labels in self._gpus - keep:
+            for gauge in self.gpu_gauges:
+                with contextlib.suppress(KeyError):  # a reading the GPU never gave has no series
+                    gauge.remove(*labels)
+        self._gpus &= keep

@@ -14,5 +14,16 @@ from lamina.stack._data import (
     open_store,
     open_vectors,
 )
+from lamina.stack._fit import ReplicaNeed, check_fit, model_need
 
-__all__ = ["DataStack", "checked_config", "open_data_stack", "open_registry", "open_store", "open_vectors"]
+__all__ = [
+    "DataStack",
+    "ReplicaNeed",
+    "check_fit",
+    "checked_config",
+    "model_need",
+    "open_data_stack",
+    "open_registry",
+    "open_store",
+    "open_vectors",
+]

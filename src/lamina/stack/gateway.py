@@ -22,17 +22,22 @@ from lamina.application import (
     GatewayDeps,
     KeyAuthenticator,
     KeyStore,
+    ModelRouter,
     Policy,
+    PromptStore,
     RagOptions,
+    ResponseCache,
+    SemanticIndex,
     ThreadedIngestService,
     close_policies,
     create_app,
     gateway_hosts,
     gpu_hour_usd,
     replica_hourly_usd,
+    response_cache,
 )
 from lamina.application.guards import input_guards, output_guards
-from lamina.compute import probe_inventory
+from lamina.compute import probe_inventory, sample_devices_forever
 from lamina.config import LaminaConfig
 from lamina.data import (
     AsyncEmbedder,
@@ -51,9 +56,10 @@ from lamina.models import (
     deploy,
     register_bundled,
 )
-from lamina.observability import DriftMetrics, Telemetry
+from lamina.observability import DeviceMetrics, DriftMetrics, Telemetry
 from lamina.orchestration import Controller, Dispatcher, LocalProcessBackend, WorkloadSpec
 from lamina.stack._data import DataStack, checked_config, open_data_stack, open_registry
+from lamina.stack._fit import check_fit, workload_needs
 from lamina.store import Store
 
 log = logging.getLogger("lamina")
@@ -114,6 +120,8 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     orch = config.orchestration
     run_dir = state_dir / "run"
     deployed = [deploy(d, registry, run_dir, orch.ready_timeout_s) for d in config.deployments]
+    # before anything starts: every replica must fit in what this machine has free (README, "Compute")
+    check_fit(workload_needs(registry, [(s.model_ref, w) for s, w in deployed]), [probe_inventory()])
     telemetry = Telemetry(
         service_name=config.observability.service_name,
         store=store if config.observability.store_spans else None,
@@ -185,22 +193,29 @@ def create_gateway(
         loop_task = asyncio.create_task(stack.controller.run(stop), name="lamina-control-loop")
         ready_task = asyncio.create_task(_announce_ready(stack, on_ready))
         drift_task = asyncio.create_task(_publish_drift_forever(stack), name="lamina-drift-metrics")
+        devices = DeviceMetrics(stack.telemetry.metrics.registry)
+        device_task = asyncio.create_task(sample_devices_forever(devices), name="lamina-device-metrics")
         warm_task = asyncio.create_task(asyncio.to_thread(stack.warm_search), name="lamina-warm-search")
         try:
             yield
         finally:
             ready_task.cancel()
             drift_task.cancel()
+            device_task.cancel()
             warm_task.cancel()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
             await close_policies(policies)
+            if cache is not None:
+                await cache.aclose()
             await stack.aclose()
 
     policies = _policies(stack)
+    cache = _response_cache(stack)
+    router = _router(stack)
     deps = GatewayDeps(
-        catalog=stack.catalog,
+        catalog=stack.catalog if router is None else router.catalog,
         dispatcher=stack.dispatcher,
         readiness=stack.readiness,
         telemetry=stack.telemetry,
@@ -217,6 +232,9 @@ def create_gateway(
         policies=policies,
         output_guards=output_guards(stack.config.guards, stack.telemetry.metrics, stack.registry),
         limits=stack.config.limits,
+        router=router,
+        cache=cache,
+        prompts=PromptStore(stack.store),
     )
     return create_app(deps, lifespan=lifespan)
 
@@ -227,6 +245,7 @@ def _policies(stack: Stack) -> list[Policy]:
 
     config = stack.config
     served = [d.name for d in config.deployments] + [a.name for a in config.rag]
+    served += [g.name for g in config.groups]
     # always on, even with no limit configured: a key created while the gateway runs may carry limits,
     # and a call that no limit applies to costs a few attribute reads (README, "Rate limits")
     policies: list[Policy] = [RateLimitPolicy(config.rate_limits, known_models=served)]
@@ -236,6 +255,44 @@ def _policies(stack: Stack) -> list[Policy]:
     if guards is not None:
         policies.append(guards)
     return policies
+
+
+def _router(stack: Stack) -> ModelRouter | None:
+    """The model groups of the config (None: none), priced for lowest_cost in USD per million tokens: a
+    member's token prices (costs.models, input and output averaged), else its replica's hourly compute
+    price over its conservative tokens/s (costs.tokens_per_second)."""
+    config = stack.config
+    if not config.groups:
+        return None
+    costs = config.costs
+    hourly = _replica_hourly_usd(stack) if any(g.strategy == "lowest_cost" for g in config.groups) else {}
+
+    def cost_of(member: str) -> float | None:
+        price = costs.models.get(member)
+        if price is not None:
+            return (price.input_per_million + price.output_per_million) / 2
+        if member not in hourly:
+            return None
+        rate = costs.tokens_per_second.get(member, costs.default_tokens_per_second)
+        return hourly[member] / (rate * 3600) * 1e6
+
+    return ModelRouter(config.groups, stack.catalog, stack.telemetry, stack.readiness, cost_of=cost_of)
+
+
+def _response_cache(stack: Stack) -> ResponseCache | None:
+    """The response cache of the config (None: off). Its key is salted with the guard configuration; the
+    semantic cache embeds with a query embedder built like the retriever's, into the vector store."""
+    config = stack.config
+    semantic = None
+    if config.cache.enabled and config.cache.semantic.enabled:
+        queries, _ = _query_embedder(config, stack.registry, stack.catalog, stack.dispatcher, stack.data)
+        semantic = SemanticIndex(
+            stack.data.vectors,
+            queries,
+            min_similarity=config.cache.semantic.min_similarity,
+            max_entries=config.cache.max_entries,
+        )
+    return response_cache(config.cache, stack.store, salt=config.guards.model_dump_json(), semantic=semantic)
 
 
 def _replica_hourly_usd(stack: Stack) -> dict[str, float]:

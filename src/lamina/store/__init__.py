@@ -18,6 +18,7 @@ from lamina.store._schema import (
     metadata,
     model_aliases,
     model_versions,
+    prompt_versions,
     spans,
 )
 from lamina.store._store import HeldLock, Store
@@ -42,5 +43,6 @@ __all__ = [
     "metadata",
     "model_aliases",
     "model_versions",
+    "prompt_versions",
     "spans",
 ]

@@ -248,3 +248,19 @@ cost_ledger = Table(
     Index("ix_cost_ledger_ts", "ts"),
     Index("ix_cost_ledger_key_id_ts", "key_id", "ts"),
 )
+
+
+# -- prompt templates (migration 0007) ----------------------------------------------------------------------
+
+prompt_versions = Table(
+    "prompt_versions",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("version", Integer, primary_key=True, comment="1, 2, ... per name; a version never changes"),
+    Column("messages", JSON, nullable=True, comment="[{role, content}], each content a Jinja2 template"),
+    Column("prompt", Text, nullable=True, comment="a plain prompt template; null for a chat template"),
+    Column("variables", JSON, nullable=False, comment="a JSON Schema per variable name"),
+    Column("description", Text, nullable=False),
+    Column("sha256", String(64), nullable=False, comment="of the canonical templates and variables"),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
