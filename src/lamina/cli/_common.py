@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -11,8 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from lamina.config import LaminaConfig, load_config, resolve_state_dir
-from lamina.errors import ConfigError, LaminaError
-from lamina.stack import checked_config
+from lamina.errors import ConfigError, InvalidRequestError, LaminaError
+from lamina.stack import checked_config, open_store
+from lamina.store import Store
 
 StateDirOption = Annotated[
     Path | None,
@@ -50,3 +53,22 @@ def load(config: Path | None, state_dir: Path | None) -> tuple[LaminaConfig, Pat
 
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@contextmanager
+def state_store(config: Path | None, state_dir: Path | None) -> Iterator[Store]:
+    """The metadata store of the state directory, closed at the end; a bad input (InvalidRequestError)
+    exits 2, any other Lamina error 1, each on one line."""
+    cfg, root = load(config, state_dir)
+    try:
+        store = open_store(cfg, root)
+    except LaminaError as exc:
+        fail(exc)
+    try:
+        yield store
+    except InvalidRequestError as exc:
+        fail(exc, exit_code=2)
+    except LaminaError as exc:
+        fail(exc)
+    finally:
+        store.close()

@@ -25,13 +25,13 @@ from lamina.cli._common import (
     StateDirOption,
     err_console,
     fail,
-    load,
     out_console,
     print_json,
+    state_store,
 )
 from lamina.clock import utcnow
 from lamina.config import LaminaConfig
-from lamina.errors import InvalidRequestError, LaminaError
+from lamina.errors import LaminaError
 from lamina.stack import open_store
 
 if TYPE_CHECKING:
@@ -63,19 +63,8 @@ def _keys(config: ConfigOption, state_dir: StateDirOption) -> Iterator[KeyStore]
     """The keys of the state directory; a bad option exits 2, any other Lamina error 1, on one line."""
     from lamina.application import KeyStore  # the web stack: only for the commands that need it
 
-    cfg, root = load(config, state_dir)
-    try:
-        store = open_store(cfg, root)
-    except LaminaError as exc:
-        fail(exc)
-    try:
+    with state_store(config, state_dir) as store:
         yield KeyStore(store)
-    except InvalidRequestError as exc:
-        fail(exc, exit_code=2)
-    except LaminaError as exc:
-        fail(exc)
-    finally:
-        store.close()
 
 
 def _names(value: str | None) -> list[str] | None:

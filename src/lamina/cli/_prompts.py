@@ -22,12 +22,10 @@ from lamina.cli._common import (
     JsonOption,
     StateDirOption,
     fail,
-    load,
     out_console,
     print_json,
+    state_store,
 )
-from lamina.errors import InvalidRequestError, LaminaError
-from lamina.stack import open_store
 
 if TYPE_CHECKING:
     from lamina.application import PromptSpec, PromptStore, PromptVersion
@@ -46,19 +44,8 @@ def _prompts(config: ConfigOption, state_dir: StateDirOption) -> Iterator[Prompt
     """The templates of the state directory; a bad input exits 2, any other Lamina error 1, on one line."""
     from lamina.application import PromptStore  # the web stack: only for the commands that need it
 
-    cfg, root = load(config, state_dir)
-    try:
-        store = open_store(cfg, root)
-    except LaminaError as exc:
-        fail(exc)
-    try:
+    with state_store(config, state_dir) as store:
         yield PromptStore(store)
-    except InvalidRequestError as exc:
-        fail(exc, exit_code=2)
-    except LaminaError as exc:
-        fail(exc)
-    finally:
-        store.close()
 
 
 def _spec(
