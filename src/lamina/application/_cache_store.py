@@ -22,13 +22,6 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy import (
-    Column,
-    Float,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
     delete,
     func,
     select,
@@ -37,21 +30,9 @@ from sqlalchemy import (
 
 from lamina.config import redact_url
 from lamina.errors import UnavailableError
-from lamina.store import Store
+from lamina.store import Store, cache_entries
 
 Clock = Callable[[], float]
-
-_metadata = MetaData()
-#: created by migration 0006
-cache_entries = Table(
-    "cache_entries",
-    _metadata,
-    Column("key", String(64), primary_key=True),
-    Column("value", LargeBinary, nullable=False),
-    Column("size_bytes", Integer, nullable=False),
-    Column("expires_at", Float, nullable=False),
-    Column("used_at", Float, nullable=False),
-)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from lamina.store._columns import UTCDateTime
 from lamina.store._schema import (
     api_keys,
     budget_spend,
+    cache_entries,
     chunk_lineage,
     cost_ledger,
     dataset_members,
@@ -29,6 +30,7 @@ __all__ = [
     "UTCDateTime",
     "api_keys",
     "budget_spend",
+    "cache_entries",
     "chunk_lineage",
     "cost_ledger",
     "dataset_members",

@@ -264,3 +264,19 @@ prompt_versions = Table(
     Column("sha256", String(64), nullable=False, comment="of the canonical templates and variables"),
     Column("created_at", UTCDateTime(), nullable=False),
 )
+
+#: the response cache's answers (application/_cache_store.py): keyed by the request's digest, times in
+#: seconds since the epoch, ``used_at`` for least-recently-used eviction
+cache_entries = Table(
+    "cache_entries",
+    metadata,
+    Column("key", String(64), primary_key=True, comment="SHA-256 of the normalised request and its versions"),
+    Column("value", LargeBinary, nullable=False, comment="the stored answer"),
+    Column("size_bytes", Integer, nullable=False),
+    Column("expires_at", Float, nullable=False, comment="seconds since the epoch"),
+    Column(
+        "used_at", Float, nullable=False, comment="last served or stored, for least-recently-used eviction"
+    ),
+    Index("ix_cache_entries_used_at", "used_at"),
+    Index("ix_cache_entries_expires_at", "expires_at"),
+)
