@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -140,13 +141,27 @@ def test_up_refuses_a_deployment_that_cannot_fit_before_starting_anything(tmp_pa
     assert not (state / "logs").exists(), "no replica process was started"
 
 
-def test_the_running_stack_exports_device_gauges(tmp_path: Path) -> None:
+def test_the_running_stack_exports_device_gauges_and_promtool_accepts_its_metrics(tmp_path: Path) -> None:
+    """Device gauges in /metrics, and the whole page (gateway, engine, device, guard... series, after a
+    plain, a streamed and a refused request) passes Prometheus' own linter, `promtool check metrics`."""
     config = "register_bundled: false\ndeployments:\n  - name: echo\n    engine: fake\n"
     stack = start_stack(tmp_path, config)
     try:
+        chat = {"model": "echo", "messages": [{"role": "user", "content": "hello"}]}
+        assert httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat, timeout=30).status_code == 200
+        streamed = httpx.post(
+            f"{stack.base_url}/v1/chat/completions", json={**chat, "stream": True}, timeout=30
+        )
+        assert streamed.status_code == 200
+        refused = httpx.post(
+            f"{stack.base_url}/v1/chat/completions", json={**chat, "model": "nope"}, timeout=30
+        )
+        assert refused.status_code == 404
         metrics = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
     finally:
         stop_stack(stack)
+    checked = subprocess.run([_promtool(), "check", "metrics"], input=metrics, capture_output=True, text=True)
+    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
     samples = {
         (s.name, s.labels.get("node")): s.value
         for family in text_string_to_metric_families(metrics)
@@ -179,3 +194,14 @@ def test_the_listing_shows_each_gpu_reading(capsys: pytest.CaptureFixture[str]) 
     for text in ("NVIDIA H100", "GPU-aaaa", "2.00 GiB / 80.00 GiB", "37%", "41 C", "250 W / 700 W", "4242"):
         assert text in out
     assert "PCIe gen5 x16, NVLink x1" in out and "driver 570.124.06" in out
+
+
+def _promtool() -> str:
+    """Debian's `promtool` (package prometheus; .ci/run installs it); skipped where it is missing, except
+    in CI, where its absence is a failure."""
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: apt-get install prometheus (.ci/run does)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return found
