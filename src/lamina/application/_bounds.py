@@ -23,13 +23,12 @@ from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect, Request
 
-from lamina.application._requests import invalid_fields
+from lamina.application._requests import parse_body
 from lamina.config import RequestLimitsConfig
 from lamina.errors import InvalidRequestError, PayloadTooLargeError
-from lamina.models import read_json
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
@@ -153,14 +152,6 @@ def parse_bounded(
     raw: bytes, model: type[RequestT], limits: RequestLimitsConfig
 ) -> tuple[dict[str, Any], RequestT]:
     """The JSON object of ``raw`` within ``limits``, and its validated form; a 400 names what is wrong."""
-    data = read_json(raw, limits.max_json_depth)
-    if not isinstance(data, dict):
-        raise InvalidRequestError(
-            f"the request body must be a JSON object, not a JSON {type(data).__name__}; "
-            'send e.g. {"model": ..., ...}'
-        )
-    check_bounds(data, limits)
-    try:
-        return data, model.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_fields(exc.errors(include_url=False)) from None
+    return parse_body(
+        raw, model, max_depth=limits.max_json_depth, check=lambda data: check_bounds(data, limits)
+    )

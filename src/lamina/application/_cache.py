@@ -53,9 +53,8 @@ from lamina.application._cache_store import (
     RedisBackend,
     StoreBackend,
 )
-from lamina.application._policy import Admission, Call, Policy, Usage
+from lamina.application._policy import Admission, Call, Policy, Usage, for_cached_answers
 from lamina.application._rag import citations_event, last_user_text
-from lamina.application._ratelimit import RateLimitPolicy
 from lamina.config import CacheConfig
 from lamina.data import Retrieval
 from lamina.errors import ConflictError, InvalidRequestError, LaminaError
@@ -239,7 +238,7 @@ class CacheLookup:
         """The response of a hit: admitted by the rate limits alone, as one request with no tokens."""
         assert self.entry is not None
         counted = replace(self.call, prompt_tokens=0, completion_tokens=0)
-        admission = await Admission.of(counted, [p for p in policies if isinstance(p, RateLimitPolicy)])
+        admission = await Admission.of(counted, for_cached_answers(policies))
         await admission.settle(Usage(prompt_tokens=0, completion_tokens=0))
         headers = {**self.call.headers, HEADER: "hit"}
         if self.call.stream:

@@ -144,6 +144,13 @@ class Policy(Protocol):
         ...
 
 
+def for_cached_answers(policies: Sequence[Policy]) -> list[Policy]:
+    """The policies that also admit an answer served from the response cache (as one request of no
+    tokens): those whose class says ``applies_to_cached = True`` (rate limits). Costs and guards do not:
+    a cached answer costs nothing and was checked when it was stored."""
+    return [p for p in policies if getattr(type(p), "applies_to_cached", False)]
+
+
 @runtime_checkable
 class Closing(Protocol):
     """A policy that holds resources (a connection pool, a writer thread) and releases them at shutdown."""

@@ -6,7 +6,7 @@ field, known or not) and uses the model only to route, check and annotate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -68,14 +68,23 @@ def invalid_fields(errors: Sequence[Mapping[str, Any]]) -> InvalidRequestError:
     )
 
 
-def parse_body(raw: bytes, model: type[RequestT]) -> tuple[dict[str, Any], RequestT]:
-    """The JSON object of ``raw`` and its validated form; InvalidRequestError names what is wrong."""
-    data = read_json(raw)
+def parse_body(
+    raw: bytes,
+    model: type[RequestT],
+    *,
+    max_depth: int | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], RequestT]:
+    """The JSON object of ``raw`` and its validated form; InvalidRequestError names what is wrong.
+    ``check`` sees the decoded object before it is validated (the gateway's request limits)."""
+    data = read_json(raw) if max_depth is None else read_json(raw, max_depth)
     if not isinstance(data, dict):
         raise InvalidRequestError(
             f"the request body must be a JSON object, not a JSON {type(data).__name__}; "
             'send e.g. {"model": ..., ...}'
         )
+    if check is not None:
+        check(data)
     try:
         return data, model.model_validate(data)
     except ValidationError as exc:

@@ -80,8 +80,21 @@ _IBAN_HINT = re.compile(r"\b[A-Za-z]{2}\d{2}")
 def _analyzer(entities: Sequence[str]) -> AnalyzerEngine:
     """Presidio's analyzer with only the recognizers of ``entities`` and the no-op NLP engine (imported
     here: Presidio imports spaCy, seconds that a gateway without a pii guard need not spend)."""
-    from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine import NoOpNlpEngine
+
+    registry = RecognizerRegistry(recognizers=_recognizers(entities), supported_languages=["en"])
+    return AnalyzerEngine(
+        registry=registry,
+        nlp_engine=NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}]),
+        supported_languages=["en"],
+    )
+
+
+def _recognizers(entities: Sequence[str]) -> list[EntityRecognizer]:
+    """Presidio's pattern and checksum recognizers for ``entities``, with the offline email check, the
+    secret patterns and the phone-shape fallback."""
+    from presidio_analyzer import Pattern, PatternRecognizer
     from presidio_analyzer.predefined_recognizers import (
         CreditCardRecognizer,
         EmailRecognizer,
@@ -134,13 +147,7 @@ def _analyzer(entities: Sequence[str]) -> AnalyzerEngine:
         ],
         "US_SSN": lambda: [UsSsnRecognizer()],
     }
-    recognizers = [r for e in entities for r in makers[e]()]
-    registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])
-    return AnalyzerEngine(
-        registry=registry,
-        nlp_engine=NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "none"}]),
-        supported_languages=["en"],
-    )
+    return [r for e in entities for r in makers[e]()]
 
 
 def plausible(text: str, entities: Sequence[str]) -> list[str]:
