@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from lamina.config._base import Strict as _Strict
 from lamina.config._gateway import (
@@ -48,6 +48,11 @@ from lamina.config._gateway import check_groups
 from lamina.config._redact import REDACTED as REDACTED
 from lamina.config._redact import mask_secrets, scrub
 from lamina.config._redact import redact_url as redact_url
+from lamina.config._serving import DEFAULT_WATCHDOG_S as DEFAULT_WATCHDOG_S
+from lamina.config._serving import BatchingConfig as BatchingConfig
+from lamina.config._serving import DeploymentConfig as DeploymentConfig
+from lamina.config._serving import ObservabilityConfig as ObservabilityConfig
+from lamina.config._serving import OrchestrationConfig as OrchestrationConfig
 from lamina.errors import ConfigError
 
 #: The environment variable that names the state directory when ``--state-dir`` is not given.
@@ -55,8 +60,6 @@ STATE_DIR_ENV = "LAMINA_STATE_DIR"
 #: The bundled models, registered on first start.
 BUNDLED_CHAT_MODEL = "smollm2-135m-instruct"
 BUNDLED_EMBEDDING_MODEL = "minilm-l6-v2"
-#: Seconds an engine step may run without progress before a replica reports itself stuck.
-DEFAULT_WATCHDOG_S = 60.0
 
 
 class ServerConfig(_Strict):
@@ -86,118 +89,6 @@ class StoreConfig(_Strict):
         description="SQLAlchemy URL of the metadata store. Empty: a SQLite file `lamina.db` in the state "
         "directory. PostgreSQL: `postgresql+psycopg://user:pass@host/db`.",
     )
-
-
-class BatchingConfig(_Strict):
-    """How an embedding replica gathers concurrent requests into one engine call (micro-batching)."""
-
-    window_ms: float = Field(
-        1.0,
-        ge=0,
-        le=1000,
-        allow_inf_nan=False,
-        description="Milliseconds (0 to 1000) an open batch waits for more requests while the engine is idle "
-        "(0: it goes at once). While the engine is busy, requests gather anyway, so only an idle replica's "
-        "lone request pays the window.",
-    )
-    max_texts: int = Field(
-        32,
-        ge=1,
-        description="Texts per engine call; a request that would overflow the open batch starts the next "
-        "one (a larger request alone is one batch).",
-    )
-
-
-class DeploymentConfig(_Strict):
-    name: str = Field(description="The model name clients ask for (OpenAI `model` field).")
-    model: str | None = Field(
-        None,
-        description="Registry reference NAME, NAME@VERSION or NAME@ALIAS. Empty: same as `name`. "
-        "Not used by engines that take no model file (the fake engine).",
-    )
-    engine: str | None = Field(
-        None,
-        description="Engine plugin to run it with (`lamina engines` lists those installed: gguf, onnx, "
-        "fake, and any plugin's). Empty: the engine that loads the registered file's format.",
-    )
-    replicas: int = Field(1, ge=0, description="Replica worker processes to keep running.")
-    batching: BatchingConfig = Field(
-        default_factory=BatchingConfig,
-        description="Micro-batching of concurrent embedding requests on each replica (embedding models).",
-    )
-    watchdog_s: float = Field(
-        DEFAULT_WATCHDOG_S,
-        ge=1,
-        allow_inf_nan=False,
-        description="Seconds an engine step may run without progress before the replica's /health answers "
-        "503 (stuck), so that the controller replaces it. Keep it above the longest single step (a long "
-        "prompt's prefill on this hardware).",
-    )
-    options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="Engine options by engine name, e.g. `{gguf: {n_ctx: 4096}}`; checked against the "
-        "engine's own options when the config is loaded (`lamina engines` lists them). A block may also "
-        "be written under the engine's name beside the other fields (`gguf: {n_ctx: 4096}`).",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _engine_blocks(cls, data: Any) -> Any:
-        """Fold ``gguf: {...}``-style blocks (a mapping under a name that is not a field) into ``options``."""
-        if not isinstance(data, dict):
-            return data
-        blocks = {
-            key: value.model_dump() if isinstance(value, BaseModel) else value
-            for key, value in data.items()
-            if key not in cls.model_fields and isinstance(value, dict | BaseModel)
-        }
-        if not blocks:
-            return data
-        rest = {key: value for key, value in data.items() if key not in blocks}
-        return rest | {"options": {**blocks, **dict(rest.get("options") or {})}}
-
-    @property
-    def model_ref(self) -> str:
-        return self.model or self.name
-
-    def options_for(self, engine: str) -> dict[str, Any]:
-        """This deployment's options block for ``engine`` (empty: the engine's defaults)."""
-        return dict(self.options.get(engine, {}))
-
-
-class OrchestrationConfig(_Strict):
-    ready_timeout_s: float = Field(
-        120.0, gt=0, description="How long a new replica may take to become ready."
-    )
-    health_interval_s: float = Field(1.0, gt=0, description="Seconds between replica health checks.")
-    unhealthy_checks: int = Field(
-        3,
-        ge=1,
-        description="A ready replica leaves rotation at its first failed health check (any answer but 200, "
-        "or none in time) and is stopped and replaced after this many failed in a row (a stuck engine).",
-    )
-    restart_backoff_s: float = Field(0.5, ge=0, description="First delay before restarting a dead replica.")
-    restart_backoff_max_s: float = Field(30.0, ge=0, description="Longest delay between restarts.")
-    retry_deadline_s: float = Field(
-        60.0, gt=0, description="How long a non-streaming request may wait and retry for a live replica."
-    )
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> OrchestrationConfig:
-        if self.restart_backoff_max_s < self.restart_backoff_s:
-            raise ValueError(
-                f"restart_backoff_max_s ({self.restart_backoff_max_s}) must be at least "
-                f"restart_backoff_s ({self.restart_backoff_s})"
-            )
-        return self
-
-
-class ObservabilityConfig(_Strict):
-    otlp_endpoint: str | None = Field(
-        None, description="OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces. Empty: none."
-    )
-    service_name: str = Field("lamina", description="OpenTelemetry service.name of the gateway.")
-    store_spans: bool = Field(True, description="Keep every span in the metadata store.")
 
 
 class DataConfig(_Strict):
