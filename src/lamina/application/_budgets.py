@@ -19,8 +19,8 @@ wait on each other in a cycle.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -160,6 +160,9 @@ class Reservation:
     budgets: Sequence[Budget]
     nusd: int
     now: datetime
+    #: what the asking process holds reserved and unused (its lease) per budget scope: a refusal's message
+    #: counts it out of "reserved by calls in flight"
+    unused: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ class CostLedger:
     def _hold_all(self, conn: Connection, op: Reservation) -> Outcome:
         holds: list[Hold] = []
         for budget in op.budgets:
-            outcome = self._hold(conn, budget, op.nusd, op.now)
+            outcome = self._hold(conn, budget, op.nusd, op.now, op.unused.get(budget.scope, 0))
             if isinstance(outcome, BudgetExceededError):  # give back what this call took before
                 self._charge(conn, {(h.budget.scope, _epoch(h.period_start)): [0, h.nusd] for h in holds})
                 return outcome
@@ -245,7 +248,9 @@ class CostLedger:
         return holds
 
     @staticmethod
-    def _hold(conn: Connection, budget: Budget, nusd: int, now: datetime) -> Hold | BudgetExceededError:
+    def _hold(
+        conn: Connection, budget: Budget, nusd: int, now: datetime, unused: int = 0
+    ) -> Hold | BudgetExceededError:
         start, resets = period_window(budget.period, now)
         limit = usd_to_nano(budget.limit_usd)
         key = {"scope": budget.scope, "start": _epoch(start)}
@@ -253,6 +258,7 @@ class CostLedger:
         if row is not None:
             return Hold(budget, start, resets, nusd, row.spent_nusd, row.reserved_nusd)
         spent, reserved = conn.execute(_READ, key).one()
+        reserved = max(0, reserved - unused)
         reset = f"{resets:%Y-%m-%dT%H:%M:%SZ}"
         return BudgetExceededError(
             f"{budget.label} of {_usd(limit)} per {budget.period} would be exceeded: spent {_usd(spent)}, "

@@ -9,39 +9,34 @@ root works out per deployment from its cores and GPUs (:func:`replica_hourly_usd
 At admission :class:`CostPolicy` reserves an upper bound of the cost against the key's budget and the
 gateway's: the request's prompt (as estimated) and max_tokens at the token prices, or for compute that
 many tokens at a conservative tokens per second of the deployment. Settling replaces the reservation
-with the actual cost (see ``_budgets``). With no budget in play admission touches no database. The store
-is written by one :class:`LedgerWriter` thread per policy, in batches; an answer never waits for it.
+with the actual cost (see ``_budgets``). Holds come out of this process's lease of each budget
+(``_budget_leases``), so most admissions touch no database; with no budget in play none does. The store is
+written by one :class:`LedgerWriter` thread per policy, in batches; an answer never waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-import time
-import weakref
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from lamina.application._budget_leases import BudgetLeases
 from lamina.application._budgets import (
     NANO,
     Budget,
     CostLedger,
     Hold,
     LedgerEntry,
-    Outcome,
-    Reservation,
-    Settlement,
     usd_to_nano,
 )
+from lamina.application._ledger_writer import LedgerWriter
 from lamina.application._policy import Call, Principal, Usage
 from lamina.clock import Clock, utcnow
 from lamina.config import CostsConfig
-from lamina.errors import BudgetExceededError, ConfigError
+from lamina.errors import ConfigError
 from lamina.store import Store
 
 log = logging.getLogger("lamina.costs")
@@ -135,141 +130,6 @@ class Prices:
         return Cost(seconds * self.hourly_usd(call.deployment) / 3600, "compute", usage.engine_s)
 
 
-@dataclass
-class _Queued:
-    op: Reservation | Settlement
-    #: a reservation's outcome; None for a settlement (nobody waits for it)
-    future: Future[Outcome] | None = None
-    attempts: int = 0
-
-
-@dataclass
-class _WriterState:
-    """What the writer thread shares with the policy (not the policy itself, so that it can be collected)."""
-
-    ledger: CostLedger
-    linger_s: float
-    max_batch: int
-    queue: queue.SimpleQueue[_Queued | None] = field(default_factory=queue.SimpleQueue)
-    changed: threading.Condition = field(default_factory=threading.Condition)
-    submitted: int = 0
-    done: int = 0
-
-    def put(self, item: _Queued) -> None:
-        with self.changed:
-            self.submitted += 1
-        self.queue.put(item)
-
-
-class LedgerWriter:
-    """One thread per policy that applies reservations and settlements to the ledger in the order they
-    come, all those waiting in one transaction: the commit is most of the cost (on SQLite, an fsync), so a
-    busy gateway pays it once per batch, not per call. A settlement waits up to ``linger_s`` for company and
-    nobody waits for it (the answer is already out; its hold stays until then, which can only refuse more,
-    never spend more); a reservation goes at once, with whatever is queued before it."""
-
-    def __init__(self, ledger: CostLedger, linger_s: float = 0.05, max_batch: int = 256) -> None:
-        self._state = _WriterState(ledger, linger_s, max_batch)
-        self._thread: threading.Thread | None = None
-        self._start = threading.Lock()
-
-    def _submit(self, item: _Queued) -> None:
-        with self._start:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=_write_forever, args=(self._state,), name="lamina-cost-ledger", daemon=True
-                )
-                self._thread.start()
-                weakref.finalize(self, _stop, self._state, self._thread)  # at exit, or when collected
-        self._state.put(item)
-
-    async def reserve(self, budgets: Sequence[Budget], nusd: int, now: datetime) -> list[Hold]:
-        future: Future[Outcome] = Future()
-        self._submit(_Queued(Reservation(budgets, nusd, now), future))
-        try:
-            outcome = await asyncio.wrap_future(future)
-        except BaseException:  # the caller left (cancelled): what is taken after that goes back
-            future.add_done_callback(self._give_back)
-            raise
-        if isinstance(outcome, BudgetExceededError):
-            raise outcome
-        return outcome
-
-    def _give_back(self, future: Future[Outcome]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            outcome = future.result()
-            if isinstance(outcome, list):
-                self.settle(outcome, 0, None)
-
-    def settle(self, holds: Sequence[Hold], cost_nusd: int, entry: LedgerEntry | None) -> None:
-        if holds or entry is not None:
-            self._submit(_Queued(Settlement(holds, cost_nusd, entry)))
-
-    def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until everything submitted so far is written (False if that took over ``timeout_s``)."""
-        state = self._state
-        with state.changed:
-            target = state.submitted
-            return state.changed.wait_for(lambda: state.done >= target, timeout_s)
-
-    def close(self) -> None:
-        """Write what is queued and stop the thread (a later call starts another)."""
-        with self._start:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            _stop(self._state, thread)
-
-
-def _stop(state: _WriterState, thread: threading.Thread) -> None:
-    if thread.is_alive():
-        state.queue.put(None)
-        thread.join(30.0)
-
-
-def _write_forever(state: _WriterState) -> None:
-    while (first := state.queue.get()) is not None:
-        batch, deadline = [first], time.monotonic() + state.linger_s
-        waiting = first.future is not None  # a reservation waits: take only what is queued already
-        while len(batch) < state.max_batch:
-            timeout = 0.0 if waiting else deadline - time.monotonic()
-            try:
-                item = state.queue.get(timeout=timeout) if timeout > 0 else state.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:  # stop, after this batch
-                _write(state, batch)
-                return
-            batch.append(item)
-            waiting = waiting or item.future is not None
-        _write(state, batch)
-
-
-def _write(state: _WriterState, batch: list[_Queued]) -> None:
-    live = [q for q in batch if q.future is None or q.future.set_running_or_notify_cancel()]
-    try:
-        outcomes = iter(state.ledger.apply([q.op for q in live]))
-    except Exception as exc:  # the store failed: reservations fail with it, settlements are tried again
-        log.exception("writing %d budget and ledger changes failed", len(live))
-        for q in live:
-            if q.future is not None:
-                q.future.set_exception(exc)
-        retry = [q for q in live if q.future is None and q.attempts < 5]
-        if len(retry) < sum(q.future is None for q in live):
-            log.error("gave up on settlements after 5 attempts; their holds stay until the period ends")
-        if retry:
-            time.sleep(0.5)
-            for q in retry:
-                state.put(_Queued(q.op, None, q.attempts + 1))
-    else:
-        for q in live:
-            if q.future is not None:
-                q.future.set_result(next(outcomes))
-    finally:
-        with state.changed:
-            state.done += len(batch)
-            state.changed.notify_all()
-
-
 @dataclass(frozen=True)
 class _CostTicket:
     policy: CostPolicy
@@ -294,6 +154,7 @@ class CostPolicy:
         self.prices = Prices(config, hourly_usd)
         self.ledger = CostLedger(store)
         self.writer = LedgerWriter(self.ledger)
+        self.leases = BudgetLeases(self.writer)
         self._soft = config.soft_fraction
         self._clock = clock
         self._global = (
@@ -324,7 +185,7 @@ class CostPolicy:
         if not budgets:
             return _CostTicket(self, ())
         need = usd_to_nano(self.prices.estimate(call), up=True)
-        holds = await self.writer.reserve(budgets, need, self._clock())
+        holds = await self.leases.take(budgets, need, self._clock())
         warnings = [self._warning(h) for h in holds if h.used_fraction >= self._soft]
         if warnings:
             call.headers[WARNING_HEADER] = "; ".join(warnings)
@@ -345,7 +206,7 @@ class CostPolicy:
     async def settle(self, call: Call, usage: Usage | None, holds: Sequence[Hold]) -> None:
         """Charge ``usage``'s cost in place of the holds and write the ledger row; None releases the holds."""
         if usage is None:
-            self.writer.settle(holds, 0, None)
+            self.leases.settle(holds, None, None)
             return
         cost = self.prices.cost(call, usage)
         call.headers[COST_HEADER] = cost.header()
@@ -360,19 +221,23 @@ class CostPolicy:
                 min(h.nusd for h in holds) / NANO,
                 call.deployment,
             )
-        self.writer.settle(holds, charged, self._entry(call, usage, cost))
+        self.leases.settle(holds, charged, self._entry(call, usage, cost))
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every reservation and settlement so far is in the store."""
+        """Give back the unused leases and wait until every reservation and settlement so far is in the
+        store (on the event loop's thread, or once it stopped)."""
+        self.leases.give_back()
         return self.writer.flush(timeout_s)
 
     def close(self) -> None:
-        """Write what is queued and stop the writer thread."""
+        """Give back the unused leases, write what is queued and stop the writer thread."""
+        self.leases.give_back()
         self.writer.close()
 
     async def aclose(self) -> None:
-        """``close`` off the event loop (the composition root calls it at shutdown)."""
-        await asyncio.to_thread(self.close)
+        """``close``, the writer's part off the event loop (the composition root calls it at shutdown)."""
+        self.leases.give_back()
+        await asyncio.to_thread(self.writer.close)
 
     def _entry(self, call: Call, usage: Usage, cost: Cost) -> LedgerEntry:
         context = call.span.get_span_context()
