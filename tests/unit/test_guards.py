@@ -323,3 +323,31 @@ def test_decisions_are_recorded_on_the_span_and_counted() -> None:
     text = metrics.render()[0].decode()
     assert 'lamina_guard_decisions_total{action="block",direction="input",guard="pii"} 1.0' in text
     assert 'lamina_guard_decisions_total{action="fail_open",direction="output",guard="toxicity"} 1.0' in text
+
+
+@pytest.mark.anyio
+async def test_cheap_checks_run_on_the_event_loop_and_the_rest_in_a_worker_thread() -> None:
+    """Patterns on a short text cost less than the thread hop; Presidio's analysis, a long text or a
+    guard that does not say it is cheap go to the worker thread."""
+    import threading
+
+    from lamina.application.guards._base import INLINE_CHARS, FindingGuard, GuardSettings, run_chain
+    from lamina.application.guards._pii import PiiGuard
+
+    on_loop: list[bool] = []
+
+    class Probe(FindingGuard):
+        def find(self, text: str) -> list[Any]:
+            on_loop.append(threading.current_thread() is threading.main_thread())
+            return []
+
+    limiter = anyio.CapacityLimiter(1)
+    probe = Probe("probe", GuardSettings())
+    await run_chain([probe], ["a short prompt"], limiter)
+    await run_chain([probe], ["x" * (INLINE_CHARS + 1)], limiter)
+    assert on_loop == [True, False]
+    pii = PiiGuard(GuardSettings(action="redact"))
+    assert pii.cheap("the review moved to Thursday")
+    assert not pii.cheap("mail jane.doe@example.com")  # plausible: Presidio reads it, in the thread
+    [[decision]] = await run_chain([pii], ["mail jane.doe@example.com"], limiter)
+    assert decision.text == "mail <EMAIL_ADDRESS>"

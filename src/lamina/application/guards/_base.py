@@ -28,6 +28,8 @@ Direction = Literal["input", "output"]
 #: entity names of the findings a failing guard reports (never a secret: safe to show the client)
 GUARD_ERROR = "GUARD_ERROR"
 GUARD_TIMEOUT = "GUARD_TIMEOUT"
+#: the longest text a cheap guard checks on the event loop rather than in a worker thread
+INLINE_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,11 @@ class FindingGuard:
     def find(self, text: str) -> list[Finding]:
         raise NotImplementedError
 
+    def cheap(self, text: str) -> bool:
+        """Whether checking ``text`` is quick enough for the event loop (see ``run_chain``): patterns and
+        word lists on a text of at most ``INLINE_CHARS``; subclasses that do more narrow it."""
+        return len(text) <= INLINE_CHARS
+
     def check(self, text: str) -> Decision:
         findings = self.find(text)
         if not findings:
@@ -154,7 +161,17 @@ async def run_chain(
     decision, and so does one that took longer than its timeout (its verdict is discarded). One that hangs
     is abandoned when the chain's time is up (the sum of the timeouts of the guards still to run), and
     the guards after it run in a new worker thread.
+
+    When every guard says its check of every text is cheap (``cheap(text)``: pattern and word-list work on
+    a short text, no model inference and no Presidio analysis), the chain runs on the event loop instead:
+    a thread hop costs about as much CPU as those checks (0.01 to 0.06 ms for a prompt of 150 to 900
+    characters). Their timeouts still turn an overrun into its failure decision. A guard without
+    ``cheap`` always runs in the thread.
     """
+    if all(_cheap(guard, text) for guard in guards for text in texts):  # the hop would cost more
+        inline = _Chain(list(guards), list(texts), chained)
+        inline.run()
+        return inline.results
     out: list[list[Decision]] = []
     current, remaining = list(texts), list(guards)
     while remaining:
@@ -203,6 +220,11 @@ class _Chain:
                 if decision.verdict == "redact" and decision.text is not None:
                     self.texts[j] = decision.text
         self.at = len(self.guards)
+
+
+def _cheap(guard: Guard, text: str) -> bool:
+    cheap = getattr(guard, "cheap", None)
+    return bool(cheap(text)) if callable(cheap) else False
 
 
 def _checked(guard: Guard, texts: Sequence[str]) -> list[Decision]:

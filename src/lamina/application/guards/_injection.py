@@ -182,6 +182,14 @@ class InjectionGuard(FindingGuard):
         self._classifier = classifier
         self._mode = mode
 
+    def cheap(self, text: str) -> bool:
+        """Cheap when the classifier will not read it (the heuristics alone run)."""
+        if not super().cheap(text):
+            return False
+        if self._classifier is None or self._mode == "never":
+            return True
+        return self._mode == "suspicious" and not looks_suspicious(text)
+
     def find(self, text: str) -> list[Finding]:
         found = heuristic_findings(text)
         if found or self._classifier is None or self._mode == "never":
