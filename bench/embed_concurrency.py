@@ -62,6 +62,7 @@ def start_worker(directory: Path, threads: int | None) -> tuple[subprocess.Popen
     spec_path.write_text(json.dumps(spec))
     port = free_port()
     cmd = [sys.executable, "-m", "lamina.models._worker", "--port", str(port), "--spec", str(spec_path)]
+    cmd.append("--no-secret")  # the bench calls it directly
     log = (directory / "worker.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -150,6 +150,7 @@ def fake_worker(tmp: Path) -> Iterator[str]:
     path = tmp / "worker.json"
     path.write_text(json.dumps(spec))
     argv = [sys.executable, "-m", "lamina.models._worker", "--port", str(port), "--spec", str(path)]
+    argv.append("--no-secret")  # LiteLLM and the baseline call it directly
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(f"http://127.0.0.1:{port}/health")

@@ -35,16 +35,15 @@ async def _serving(
 ) -> AsyncIterator[tuple[Controller, Dispatcher]]:
     """A controller running its loop over ``spec``, and a dispatcher over it."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as http:
-        controller = Controller(
-            LocalProcessBackend(tmp_path / "logs"), http=http, health_interval_s=0.1, restart_backoff_s=0.05
-        )
+        backend = LocalProcessBackend(tmp_path / "logs")
+        controller = Controller(backend, http=http, health_interval_s=0.1, restart_backoff_s=0.05)
         controller.apply([spec])
         stop = asyncio.Event()
         loop = asyncio.create_task(controller.run(stop))
         try:
             if wait_ready:
                 assert await controller.wait_ready(PROCESS_WAIT_S), controller.status()
-            yield controller, Dispatcher(controller, http, **dispatcher_kw)
+            yield controller, Dispatcher(controller, http, backend, **dispatcher_kw)
         finally:
             stop.set()
             await loop

@@ -61,7 +61,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     }
     (directory / "spec.json").write_text(json.dumps(spec))
     port, log_path = free_port(), directory / "worker.log"
-    cmd = [sys.executable, "-m", "lamina.models._worker", "--port", str(port)]
+    cmd = [sys.executable, "-m", "lamina.models._worker", "--port", str(port), "--no-secret"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [*cmd, "--spec", str(directory / "spec.json")], stdout=log, stderr=subprocess.STDOUT

@@ -254,6 +254,7 @@ def start_worker(
     spec_path = log_path.with_suffix(".json")
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "lamina.models._worker", "--port", str(port), "--spec", str(spec_path)]
+    cmd.append("--no-secret")  # the tests talk to the worker directly
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     worker = RunningWorker(proc, f"http://127.0.0.1:{port}", log_path)

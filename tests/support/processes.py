@@ -98,5 +98,5 @@ def echo_spec(
     name: str = "echo", replicas: int = 1, env: dict[str, str] | None = None, **kw: Any
 ) -> WorkloadSpec:
     """A workload of ``replicas`` echo servers (``env`` steers them: ECHO_DELAY_S, ECHO_CRASH_EXIT, ...)."""
-    argv = (sys.executable, str(ECHO_SERVER), "--port", "{port}")
+    argv = (sys.executable, str(ECHO_SERVER))
     return WorkloadSpec(name=name, argv=argv, replicas=replicas, env=env or {}, **kw)

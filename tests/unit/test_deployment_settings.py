@@ -117,9 +117,10 @@ def test_the_worker_builds_its_app_with_the_deployments_settings(built_with: dic
     spec = WorkerSpec(
         served_name="e", engine="fake", batching=BatchingConfig(window_ms=5.0, max_texts=8), watchdog_s=12.0
     )
-    worker = _worker.Worker(spec, "127.0.0.1", 0)
+    worker = _worker.Worker(spec, _worker.listen("127.0.0.1", 0), secret="s3cret")
     try:
         assert built_with == {"batching": BatchPolicy(window_s=0.005, max_texts=8), "watchdog_s": 12.0}
         assert worker.app.batcher.policy == BatchPolicy(window_s=0.005, max_texts=8)
     finally:
+        worker.sock.close()
         assert worker.replica.runner.close(5)

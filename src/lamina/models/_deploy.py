@@ -138,7 +138,7 @@ def worker_workload(
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / spec_file_name(deployment.name)
     spec_path.write_text(spec.model_dump_json(indent=2), encoding="utf-8")
-    argv = (sys.executable, "-m", "lamina.models._worker", "--host", "127.0.0.1", "--port", "{port}")
+    argv = (sys.executable, "-m", "lamina.models._worker", "--host", "127.0.0.1")
     return WorkloadSpec(
         name=deployment.name,
         argv=(*argv, "--spec", str(spec_path)),

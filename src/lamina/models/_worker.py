@@ -1,9 +1,13 @@
 """The replica worker process: one engine served over HTTP on loopback.
 
-    python -m lamina.models._worker --host 127.0.0.1 --port PORT --spec SPEC.json
+    LAMINA_REPLICA_SECRET=... python -m lamina.models._worker [--host 127.0.0.1] [--port 0] --spec SPEC.json
 
 Orchestration starts it from a generic workload spec (see ``lamina.models._deploy``) and only knows that
-``GET /health`` answers 200 once it is ready. The process checks its model file and its companion files
+``GET /health`` answers 200 once it is ready. It follows orchestration's handshake: it binds a port of its
+own choosing (``--port 0``, the default), reports the number on the pipe named by
+``LAMINA_REPLICA_PORT_FD`` (or only logs it, when started by hand), and refuses any request without the
+secret from ``LAMINA_REPLICA_SECRET`` or addressed to a Host other than loopback (``_worker_guard``). The
+process checks its model file and its companion files
 (tokenizer, external data) against the registry's sha256 (exit 3 on a mismatch), starts the HTTP server,
 then loads the engine on the engine thread, so that health answers 503 "loading" meanwhile. A failed load
 exits non-zero and the controller restarts it; SIGTERM stops it cleanly with exit 0. The spec also carries
@@ -17,7 +21,9 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import cast
@@ -30,7 +36,9 @@ from lamina.models._deploy import WorkerSpec
 from lamina.models._engine import BatchingEngine, Capability, load_engine
 from lamina.models._microbatch import BatchPolicy
 from lamina.models._worker_app import Replica, WorkerApp
+from lamina.models._worker_guard import gated
 from lamina.models._worker_stream import EngineRunner
+from lamina.orchestration import PORT_FD_ENV, SECRET_ENV, report_port
 
 log = logging.getLogger("lamina.models.worker")
 
@@ -79,12 +87,16 @@ class _Server(uvicorn.Server):
 class Worker:
     """The process: HTTP server on the main thread, engine load and requests on the engine thread."""
 
-    def __init__(self, spec: WorkerSpec, host: str, port: int) -> None:
+    def __init__(
+        self, spec: WorkerSpec, sock: socket.socket, secret: str | None, allow_hosts: Sequence[str] = ()
+    ) -> None:
         self.spec = spec
+        self.sock = sock
         self.replica = Replica(spec.served_name, spec.model_version, EngineRunner())
         self.failed = False
         self.app = WorkerApp(self.replica, batching=batch_policy(spec), watchdog_s=spec.watchdog_s)
-        app = self.app.starlette(on_startup=self._start_loading)
+        app = gated(self.app.starlette(on_startup=self._start_loading), secret or None, allow_hosts)
+        host, port = sock.getsockname()[:2]
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
         )
@@ -111,7 +123,7 @@ class Worker:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT or a failed load; 0 after a clean stop."""
         self._quiet_signals()
-        self.server.run()
+        self.server.run(sockets=[self.sock])
         stopped = self.replica.runner.close(STOP_GRACE_S)
         if not stopped:
             # the engine is still inside native code; leaving now beats hanging or crashing in teardown
@@ -135,15 +147,44 @@ class Worker:
             signal.signal(sig, ignore)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``; port 0 lets the kernel pick a free one (no race for it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lamina.models._worker", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind (loopback by default).")
-    parser.add_argument("--port", type=int, required=True, help="TCP port to serve on.")
+    parser.add_argument(
+        "--port", type=int, default=0, help="TCP port to serve on; 0 (default): any free one."
+    )
     parser.add_argument("--spec", type=Path, required=True, help="WorkerSpec JSON file.")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="A Host name to answer besides 127.0.0.1 and localhost (a pod's, behind a Service).",
+    )
+    parser.add_argument(
+        "--no-secret",
+        action="store_true",
+        help=f"Serve without a secret ({SECRET_ENV} unset): anyone on this machine may call it. For a "
+        "worker run by hand or by a test, never for one behind the gateway.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: a line per upstream call of a remote engine
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # this process's own configuration (its entry point), read once; not inherited by what it starts
+    secret, report_fd = os.environ.pop(SECRET_ENV, ""), os.environ.pop(PORT_FD_ENV, None)
     try:
         spec = WorkerSpec.read(args.spec)
     except ConfigError as exc:
@@ -153,7 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"error [checksum_mismatch]: {problem}", file=sys.stderr)
         return EXIT_CHECKSUM_MISMATCH
-    return Worker(spec, args.host, args.port).run()
+    if not secret and not args.no_secret:
+        print(f"error [config_invalid]: set {SECRET_ENV} to the secret requests must carry", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    sock = listen(args.host, args.port)
+    port = int(sock.getsockname()[1])
+    log.info("replica of %r serving on %s:%d", spec.served_name, args.host, port)
+    if report_fd is not None:
+        report_port(int(report_fd), port)
+    return Worker(spec, sock, secret or None, args.allow_host).run()
 
 
 if __name__ == "__main__":

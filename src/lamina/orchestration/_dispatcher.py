@@ -5,23 +5,32 @@ the request goes again to another ready replica, waiting for one (a restart) whi
 allows. What a replica answers, error statuses included, is returned as it is: the replica spoke, so
 there is nothing to fail over from. Requests are never refused for load: each goes to the least-loaded
 ready replica and queues there.
+
+A request that was on a replica when its process exited may be what killed it (a prompt that crashes the
+engine). Replaying such a request on every replica would take the whole deployment down, again and again,
+so a request that two replicas died serving is failed with :class:`~lamina.errors.PoisonRequestError`.
+"Died" means the controller saw the process exit (or restarted it); a transport error from a process
+that is still running, or a refused connection (the request never reached the replica), is a plain retry.
+Each request carries the secret of the replica it goes to (see ``_handshake``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
-from lamina.errors import NoReadyReplicaError
+from lamina.errors import NoReadyReplicaError, PoisonRequestError
 from lamina.orchestration._controller import Controller
+from lamina.orchestration._handshake import SECRET_HEADER, ReplicaSecrets
 from lamina.orchestration._policy import ReplicaLoad, pick_replica
-from lamina.orchestration._workload import ReplicaStatus
+from lamina.orchestration._workload import ReplicaState, ReplicaStatus
 
 #: failures that mean the replica is gone (dead, restarting, port closed), so the request never ran to
 #: completion there and may go to another replica. A ReadTimeout is not one: the replica may be busy.
@@ -32,6 +41,20 @@ RETRYABLE_ERRORS: tuple[type[httpx.TransportError], ...] = (
     httpx.WriteError,
     httpx.RemoteProtocolError,
 )
+#: failures before the request reached the replica: it cannot have crashed it
+NOT_SENT_ERRORS: tuple[type[httpx.TransportError], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
+#: replicas that may die serving one request before it is failed instead of retried
+POISON_AFTER_DEATHS = 2
+#: reconcile steps to wait for the controller to tell whether a failed replica's process exited
+_DEATH_CHECK_STEPS = 4
+
+
+class _SecretUnknownError(httpx.TransportError):
+    """No live replica reported the chosen URL any more (it exited since it was picked)."""
+
+
+#: what ``request`` and ``stream`` fail over from
+FAILOVER_ERRORS: tuple[type[httpx.TransportError], ...] = (*RETRYABLE_ERRORS, _SecretUnknownError)
 
 
 @dataclass(frozen=True)
@@ -48,13 +71,30 @@ class DispatchResult:
     attempts: int
 
 
+class ReplicaClient(Protocol):
+    """The HTTP client the dispatcher sends with: :class:`~lamina.orchestration._http1.Http1Client` in
+    the stack, any ``httpx.AsyncClient`` too."""
+
+    async def post(
+        self, url: str, *, json: Any = None, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response: ...
+
+    def stream(
+        self, method: str, url: str, *, json: Any = None, headers: Mapping[str, str] | None = None
+    ) -> AbstractAsyncContextManager[httpx.Response]: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Dispatcher:
-    """Routes requests of each deployment over the controller's ready replicas."""
+    """Routes requests of each deployment over the controller's ready replicas; ``secrets`` is the backend
+    that started them, which knows each one's secret."""
 
     def __init__(
         self,
         controller: Controller,
-        http: httpx.AsyncClient,
+        http: ReplicaClient,
+        secrets: ReplicaSecrets,
         *,
         retry_deadline_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -62,11 +102,16 @@ class Dispatcher:
     ) -> None:
         self._controller = controller
         self._http = http
+        self._secrets = secrets
         self._retry_deadline_s = retry_deadline_s
         self._clock = clock
         self._poll_interval_s = poll_interval_s
         self._in_flight: Counter[str] = Counter()
         self._picks = 0
+
+    async def aclose(self) -> None:
+        """Close the connections to the replicas (the client given, which this dispatcher owns)."""
+        await self._http.aclose()
 
     def in_flight(self) -> dict[str, int]:
         """Requests this dispatcher has open, by replica id."""
@@ -81,8 +126,8 @@ class Dispatcher:
     ) -> DispatchResult:
         """POST ``json_body`` to ``path`` on a ready replica and read the whole answer.
 
-        Raises ModelNotFoundError for an unknown deployment and NoReadyReplicaError when no replica could
-        answer before the retry deadline.
+        Raises ModelNotFoundError for an unknown deployment, NoReadyReplicaError when no replica could
+        answer before the retry deadline, and PoisonRequestError once two replicas died serving it.
         """
         attempt = _Attempts(deployment, self._clock() + self._retry_deadline_s)
         while True:
@@ -91,10 +136,10 @@ class Dispatcher:
             try:
                 with self._counted(replica.replica_id):
                     response = await self._http.post(
-                        replica.url + path, json=dict(json_body), headers=dict(headers or {})
+                        replica.url + path, json=dict(json_body), headers=self._headers(replica, headers)
                     )
-            except RETRYABLE_ERRORS as exc:
-                self._failed(attempt, replica, exc)
+            except FAILOVER_ERRORS as exc:
+                await self._failed(attempt, replica, exc)
                 continue
             return DispatchResult(response, replica.replica_id, replica.url, attempt.count)
 
@@ -116,19 +161,29 @@ class Dispatcher:
             replica = await self._acquire(attempt)
             assert replica.url is not None
             with self._counted(replica.replica_id):
-                request = self._http.build_request(
-                    "POST", replica.url + path, json=dict(json_body), headers=dict(headers or {})
-                )
-                try:
-                    response = await self._http.send(request, stream=True)
-                except RETRYABLE_ERRORS as exc:
-                    self._failed(attempt, replica, exc)
-                    continue
-                try:
+                async with contextlib.AsyncExitStack() as opened:
+                    try:
+                        response = await opened.enter_async_context(
+                            self._http.stream(
+                                "POST",
+                                replica.url + path,
+                                json=dict(json_body),
+                                headers=self._headers(replica, headers),
+                            )
+                        )
+                    except FAILOVER_ERRORS as exc:
+                        await self._failed(attempt, replica, exc)
+                        continue
                     yield DispatchResult(response, replica.replica_id, replica.url, attempt.count)
-                finally:
-                    await response.aclose()
-                return
+                    return
+
+    def _headers(self, replica: ReplicaStatus, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """The caller's headers plus the replica's secret (raises _SecretUnknownError once it is gone)."""
+        assert replica.url is not None
+        secret = self._secrets.secret_for(replica.url)
+        if secret is None:
+            raise _SecretUnknownError(f"{replica.replica_id} at {replica.url} is no longer running")
+        return {**(headers or {}), SECRET_HEADER: secret}
 
     @contextmanager
     def _counted(self, replica_id: str) -> Iterator[None]:
@@ -155,12 +210,51 @@ class Dispatcher:
                 raise self._no_replica(attempt)
             await self._controller.wait_for_change(min(remaining, self._poll_interval_s))
 
-    def _failed(self, attempt: _Attempts, replica: ReplicaStatus, exc: httpx.TransportError) -> None:
+    async def _failed(self, attempt: _Attempts, replica: ReplicaStatus, exc: httpx.TransportError) -> None:
+        """Take the replica out of rotation; fail the request if it was the second to die serving it."""
         reason = f"{type(exc).__name__} from {replica.url}: {exc}"
         attempt.failures.append(f"{replica.replica_id}: {type(exc).__name__}")
         self._controller.report_failure(replica.replica_id, reason)
+        sent = not isinstance(exc, (*NOT_SENT_ERRORS, _SecretUnknownError))
+        if sent and await self._died(attempt.deployment, replica):
+            attempt.deaths.append(replica.replica_id)
+            if len(attempt.deaths) >= POISON_AFTER_DEATHS:
+                raise self._poison(attempt) from exc
         if self._clock() >= attempt.deadline:
             raise self._no_replica(attempt) from exc
+
+    async def _died(self, deployment: str, sent_to: ReplicaStatus) -> bool:
+        """Whether the process that ``sent_to`` was exited: the controller, woken by ``report_failure``,
+        marks it dead (or has restarted it, with a new pid) within a step or two. A replica back in
+        rotation with the same pid, or one still running after those steps, did not die."""
+        for _ in range(_DEATH_CHECK_STEPS):
+            now = next(
+                (
+                    r
+                    for d in self._controller.status()
+                    if d.name == deployment
+                    for r in d.replicas
+                    if r.replica_id == sent_to.replica_id
+                ),
+                None,
+            )
+            if now is None or (now.state is ReplicaState.READY and now.pid == sent_to.pid):
+                return False
+            if now.state is ReplicaState.DEAD or now.pid != sent_to.pid:
+                return True
+            await self._controller.wait_for_change(self._poll_interval_s)
+        return False
+
+    def _poison(self, attempt: _Attempts) -> PoisonRequestError:
+        replicas = ", ".join(attempt.deaths)
+        return PoisonRequestError(
+            f"this request crashed {len(attempt.deaths)} replicas of {attempt.deployment!r} ({replicas}): "
+            "their processes exited while serving it, so it was not retried further (it would take every "
+            "replica down). The replicas' logs (see `lamina status`) show the crash; change the request, "
+            "or fix or change the engine, before sending it again.",
+            deployment=attempt.deployment,
+            replicas=list(attempt.deaths),
+        )
 
     def _no_replica(self, attempt: _Attempts) -> NoReadyReplicaError:
         failed = f" after {len(attempt.failures)} failed attempt(s) ({', '.join(attempt.failures)})"
@@ -181,3 +275,5 @@ class _Attempts:
     deadline: float
     count: int = 0
     failures: list[str] = field(default_factory=list)
+    #: replicas whose process exited while this request was on them
+    deaths: list[str] = field(default_factory=list)

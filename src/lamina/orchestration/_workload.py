@@ -17,8 +17,8 @@ class Resources:
 class WorkloadSpec:
     """One deployment's replicas: a process started from ``argv`` that serves HTTP on loopback.
 
-    ``argv`` may hold the placeholder ``{port}``; the backend replaces it with the port it chose for the
-    replica. The replica is ready once ``GET health_path`` answers 200.
+    The process binds a port of its own choosing, reports it and checks the secret it is given (the
+    handshake in ``lamina.orchestration._handshake``); it is ready once ``GET health_path`` answers 200.
     """
 
     name: str

@@ -1,6 +1,11 @@
 """A tiny replica workload for orchestration tests: a real HTTP server on 127.0.0.1 (stdlib only).
 
-    python echo_server.py --port PORT
+    python echo_server.py [--port PORT]
+
+It follows orchestration's handshake (``lamina.orchestration._handshake``) on its own, from the contract
+alone: it binds port 0 (unless told a port), reports it as ``{"port": N}`` on the file descriptor named by
+LAMINA_REPLICA_PORT_FD, and when LAMINA_REPLICA_SECRET is set answers 401 to every request without it in
+the X-Lamina-Replica-Secret header.
 
 GET /health     200 {"pid": ...} once ready; 503 while "loading"
 POST /echo      200 {"body": <the JSON body>, "pid": ...}
@@ -14,11 +19,15 @@ ECHO_READY_DELAY_S=S      answer 503 to health checks for S seconds after start
 ECHO_STUCK_FILE=PATH      answer 503 {"status": "stuck"} to health checks while PATH exists
 ECHO_DELAY_S=S            spend S seconds on each /echo and /stream request
 ECHO_CHUNK_DELAY_S=S      pause S seconds between the chunks of /stream
+ECHO_CRASH_MARKER=TEXT    die at once (os._exit(13), no answer) on a POST whose body contains TEXT
+ECHO_DROP_MARKER=TEXT     close the connection without an answer (and live on) on a POST containing TEXT
+ECHO_REPORT=TEXT          report TEXT instead of the port (a replica that reports nonsense)
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import sys
@@ -32,6 +41,9 @@ READY_DELAY_S = float(os.environ.get("ECHO_READY_DELAY_S", "0"))
 DELAY_S = float(os.environ.get("ECHO_DELAY_S", "0"))
 CHUNK_DELAY_S = float(os.environ.get("ECHO_CHUNK_DELAY_S", "0"))
 STUCK_FILE = os.environ.get("ECHO_STUCK_FILE")
+CRASH_MARKER = os.environ.get("ECHO_CRASH_MARKER")
+DROP_MARKER = os.environ.get("ECHO_DROP_MARKER")
+SECRET = os.environ.pop("LAMINA_REPLICA_SECRET", None)
 _checks = 0
 _checks_lock = threading.Lock()
 
@@ -62,7 +74,17 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", "0"))
         return json.loads(self.rfile.read(length) or b"null")
 
+    def _refused(self) -> bool:
+        """Answer 401 unless the request carries the replica's secret (when it has one)."""
+        sent = self.headers.get("X-Lamina-Replica-Secret") or ""
+        if SECRET is None or hmac.compare_digest(sent.encode(), SECRET.encode()):
+            return False
+        self._send_json(401, {"error": {"code": "invalid_api_key", "message": "no replica secret"}})
+        return True
+
     def do_GET(self) -> None:
+        if self._refused():
+            return
         if self.path != "/health":
             self._send_json(404, {"error": "not found"})
         elif STUCK_FILE is not None and os.path.exists(STUCK_FILE):
@@ -73,7 +95,15 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(503, {"loading": True})
 
     def do_POST(self) -> None:
+        if self._refused():
+            return
         body = self._body()
+        if CRASH_MARKER is not None and CRASH_MARKER in json.dumps(body):
+            print(f"echo_server: crashing on the marker in {body}", flush=True)
+            os._exit(13)
+        if DROP_MARKER is not None and DROP_MARKER in json.dumps(body):
+            self.close_connection = True  # no answer at all: the client sees the connection close
+            return
         if self.path.startswith("/status/"):
             self._send_json(int(self.path.rsplit("/", 1)[1]), {"error": "asked for", "pid": os.getpid()})
             return
@@ -101,7 +131,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     crash = os.environ.get("ECHO_CRASH_EXIT")
     if crash is not None:
@@ -109,7 +139,13 @@ def main() -> None:
         sys.exit(int(crash))
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
-    print(f"echo_server: pid {os.getpid()} serving on 127.0.0.1:{args.port}", flush=True)
+    port = server.server_address[1]
+    print(f"echo_server: pid {os.getpid()} serving on 127.0.0.1:{port}", flush=True)
+    report_fd = os.environ.pop("LAMINA_REPLICA_PORT_FD", None)
+    if report_fd is not None:
+        report = os.environ.get("ECHO_REPORT", json.dumps({"port": port}))
+        os.write(int(report_fd), (report + "\n").encode())
+        os.close(int(report_fd))
     server.serve_forever()
 
 
