@@ -6,6 +6,8 @@ it notices dead processes, health-checks the live ones, and carries out what
 on a replica that never became ready, or that was ready and then failed ``unhealthy_checks`` health
 checks in a row: a stuck engine is replaced, not waited for). A failure while reconciling one deployment
 is logged and retried at the next step; the loop itself never dies (the shape of Ray Serve's controller).
+Deployments are also added and removed at run time (``add``, ``remove``); an autoscaled one's desired count
+comes from its ReplicaAutoscaler at each step, and a replica scaled away or removed is drained first.
 """
 
 from __future__ import annotations
@@ -14,76 +16,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 
 import httpx
 
-from lamina.errors import ConfigError, ModelNotFoundError, UnavailableError
-from lamina.orchestration._local import ReplicaBackend, ReplicaHandle
-from lamina.orchestration._policy import Plan, ReconcileTimings, ReplicaView, reconcile_plan
+from lamina.errors import ConfigError, ConflictError, ModelNotFoundError, UnavailableError
+from lamina.orchestration._autoscale import AutoscalePolicy, ReplicaAutoscaler, ScaleDecision
+from lamina.orchestration._handshake import probe_health
+from lamina.orchestration._local import ReplicaBackend
+from lamina.orchestration._policy import Plan, ReconcileTimings, reconcile_plan
+from lamina.orchestration._replicas import DeploymentRecord, ReplicaRecord, drained, explain, given_up
 from lamina.orchestration._workload import DeploymentStatus, ReplicaState, ReplicaStatus, WorkloadSpec
 
 log = logging.getLogger(__name__)
 
 _LIVE = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY)
 
-
-@dataclass
-class _Replica:
-    """The controller's mutable record of one replica; ``since`` is the clock at its last state change."""
-
-    replica_id: str
-    deployment: str
-    state: ReplicaState
-    since: float
-    handle: ReplicaHandle | None = None
-    restarts: int = 0
-    failures: int = 0
-    #: health checks failed in a row since the replica was last ready (0 while starting)
-    failed_checks: int = 0
-    last_exit_code: int | None = None
-    #: one line on the last failure, and the end of the replica's log when it died
-    last_reason: str | None = None
-    last_log_tail: str = ""
-    log_path: Path | None = None
-
-    @property
-    def last_error(self) -> str | None:
-        if self.last_reason and self.last_log_tail:
-            return f"{self.last_reason}; last lines of {self.log_path}:\n{self.last_log_tail}"
-        return self.last_reason
-
-    def view(self) -> ReplicaView:
-        return ReplicaView(self.replica_id, self.state, self.since, self.failures, self.failed_checks)
-
-    def status(self) -> ReplicaStatus:
-        h = self.handle
-        return ReplicaStatus(
-            replica_id=self.replica_id,
-            deployment=self.deployment,
-            state=self.state,
-            pid=h.pid if h else None,
-            url=h.url if h else None,
-            restarts=self.restarts,
-            last_exit_code=self.last_exit_code,
-            last_error=self.last_error,
-        )
-
-
-@dataclass
-class _Deployment:
-    spec: WorkloadSpec
-    desired: int
-    replicas: dict[str, _Replica] = field(default_factory=dict)
-    next_index: int = 0
-    #: no longer in the applied specs: scaled to zero, then forgotten
-    removed: bool = False
-
-    def ready(self) -> int:
-        return sum(1 for r in self.replicas.values() if r.state is ReplicaState.READY)
+#: the records under their old names, which ``_launch`` and ``_probe`` annotate with
+_Replica = ReplicaRecord
+_Deployment = DeploymentRecord
 
 
 class Controller:
@@ -107,6 +58,8 @@ class Controller:
         health_timeout_s: float = 2.0,
         stop_grace_s: float = 5.0,
         unhealthy_checks: int = 3,
+        load: Callable[[], Mapping[str, int]] | None = None,
+        drain_grace_s: float = 30.0,
     ) -> None:
         if unhealthy_checks < 1:
             raise ConfigError(f"unhealthy_checks must be 1 or more, not {unhealthy_checks}")
@@ -118,6 +71,10 @@ class Controller:
         self._health_timeout_s = health_timeout_s
         self._stop_grace_s = stop_grace_s
         self._unhealthy_checks = unhealthy_checks
+        #: requests in flight by replica id (the dispatcher's ``in_flight``): autoscaling and draining
+        self._load = load or dict
+        self._drain_grace_s = drain_grace_s
+        self._drains: set[asyncio.Task[None]] = set()
         self._deployments: dict[str, _Deployment] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -142,11 +99,43 @@ class Controller:
             if dep is None:
                 self._deployments[spec.name] = _Deployment(spec, spec.replicas)
             else:
-                dep.spec, dep.desired, dep.removed = spec, spec.replicas, False
+                dep.spec, dep.desired, dep.removed, dep.dynamic = spec, spec.replicas, False, False
         for name, dep in self._deployments.items():
-            if name not in names:
+            if name not in names and not dep.dynamic:
                 dep.desired, dep.removed = 0, True
         self._wake.set()
+
+    def add(self, spec: WorkloadSpec, autoscale: AutoscalePolicy | None = None) -> None:
+        """Add a deployment at run time (``apply`` leaves it alone); with ``autoscale``, its replica count
+        follows traffic between the policy's limits (starting at ``autoscale.initial``)."""
+        if self._closed:
+            raise UnavailableError("the controller has shut down; start the stack again to add deployments")
+        if spec.name in self._deployments:
+            raise ConflictError(
+                f"a deployment named {spec.name!r} exists already (or is still draining); undeploy it "
+                "first or choose another name"
+            )
+        now = self._clock()
+        scaler = None if autoscale is None else ReplicaAutoscaler(autoscale, now)
+        desired = spec.replicas if autoscale is None else autoscale.initial
+        self._deployments[spec.name] = _Deployment(spec, desired, dynamic=True, autoscaler=scaler)
+        self._wake.set()
+
+    def remove(self, deployment: str) -> None:
+        """Stop routing to ``deployment``: its replicas are drained (in-flight requests finish, up to the
+        drain grace), stopped, and the deployment forgotten; ``gone`` says when."""
+        dep = self._get(deployment)
+        dep.desired, dep.removed, dep.autoscaler = 0, True, None  # no longer routed to: see ``_get``
+        self._wake.set()
+
+    def gone(self, deployment: str) -> bool:
+        """Whether ``deployment`` is no longer known: never added, or removed and every replica stopped."""
+        return deployment not in self._deployments
+
+    def decision(self, deployment: str) -> ScaleDecision | None:
+        """The autoscaler's last decision for ``deployment`` (None: not autoscaled, or none made yet)."""
+        scaler = self._get(deployment).autoscaler
+        return None if scaler is None else scaler.last
 
     def status(self) -> list[DeploymentStatus]:
         """Every deployment (by name) with its replicas (in creation order)."""
@@ -156,29 +145,22 @@ class Controller:
         ]
 
     def ready_replicas(self, deployment: str) -> list[ReplicaStatus]:
-        """The replicas of ``deployment`` that may take requests now."""
+        """The replicas of ``deployment`` that may take requests now.
+
+        None ready for an autoscaled deployment counts as demand: at zero replicas, one is started at once
+        (a cold start), and once the cold start has taken longer than the policy's budget, a
+        NoReadyReplicaError naming the budget is raised.
+        """
         dep = self._get(deployment)
-        return [r.status() for r in dep.replicas.values() if r.state is ReplicaState.READY and r.handle]
+        ready = [r.status() for r in dep.replicas.values() if r.state is ReplicaState.READY and r.handle]
+        if ready:
+            dep.cold_since = None
+        elif dep.demand(deployment, self._clock()):  # a cold start: at zero replicas, one starts now
+            self._wake.set()
+        return ready
 
     def explain(self, deployment: str) -> str:
-        """One line on why ``deployment`` has no ready replica, for error messages."""
-        dep = self._get(deployment)
-        if dep.desired == 0:
-            return f"deployment {deployment!r} has 0 replicas desired; set `replicas` to 1 or more"
-        counts = Counter(r.state.value for r in dep.replicas.values())
-        text = f"{dep.desired} replica(s) desired: " + (
-            ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none started yet"
-        )
-        failed = [r for r in dep.replicas.values() if r.last_reason]
-        if failed:
-            r = max(failed, key=lambda f: f.since)
-            exit_info = f", last exit {r.last_exit_code}" if r.last_exit_code is not None else ""
-            text += f"; {r.replica_id} restarted {r.restarts} time(s){exit_info}: {r.last_reason}"
-            if r.last_log_tail:
-                text += f"; its log ends with {r.last_log_tail.splitlines()[-1]!r}"
-            if r.log_path is not None:
-                text += f"; see {r.log_path}"
-        return text
+        return explain(deployment, self._get(deployment))  # one line, for error messages
 
     def report_failure(self, replica_id: str, reason: str) -> None:
         """Take a replica out of rotation at once (a request to it failed) and check it now."""
@@ -254,12 +236,22 @@ class Controller:
             if self._closed:
                 return
             names = list(self._deployments)
+            for name in names:
+                self._autoscale(name, self._deployments[name])
             await asyncio.gather(*(self._reconcile_safely(n) for n in names))
             for name in names:
                 dep = self._deployments[name]
                 if dep.removed and not dep.replicas:
                     del self._deployments[name]
         self._notify_changed()
+
+    def _autoscale(self, name: str, dep: _Deployment) -> None:
+        """Feed the deployment's autoscaler (if any) its load now, and take its replica count."""
+        if dep.autoscaler is not None and not dep.removed:
+            try:
+                dep.autoscale(name, self._load(), self._clock())
+            except Exception:
+                log.exception("autoscaling deployment %r failed; keeping %d replica(s)", name, dep.desired)
 
     def _notify_changed(self) -> None:
         self._changed.set()
@@ -299,12 +291,8 @@ class Controller:
     async def _probe(self, spec: WorkloadSpec, replica: _Replica) -> str | None:
         """None when the replica's health endpoint answers 200, else what went wrong."""
         assert replica.handle is not None
-        url = replica.handle.url + spec.health_path
-        try:
-            response = await self._http.get(url, timeout=self._health_timeout_s)
-        except httpx.HTTPError as exc:
-            return f"GET {url} failed: {type(exc).__name__}: {exc}"
-        return None if response.status_code == 200 else f"GET {url} answered HTTP {response.status_code}"
+        url, timeout_s = replica.handle.url, self._health_timeout_s
+        return await probe_health(self._http, self._backend, url, spec.health_path, timeout_s)
 
     def _mark_ready(self, replica: _Replica) -> None:
         replica.failed_checks = 0
@@ -364,27 +352,38 @@ class Controller:
         return await asyncio.to_thread(self._backend.stop, replica.handle, grace_s)
 
     async def _stop_and_forget(self, dep: _Deployment, replica_id: str) -> None:
+        """Take the replica out of rotation; stop it now if it has no request in flight, else drain it
+        in the background (the loop goes on) and stop it once idle or after the drain grace."""
         replica = dep.replicas[replica_id]
         replica.state = ReplicaState.STOPPING
+        if not self._load().get(replica_id, 0):
+            await self._stop_forgotten(dep, replica)
+            return
+        task = asyncio.create_task(self._drain(dep, replica), name=f"lamina-drain-{replica_id}")
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, dep: _Deployment, replica: _Replica) -> None:
+        await drained(replica.replica_id, self._load, self._drain_grace_s)
+        await self._stop_forgotten(dep, replica)
+        self._wake.set()
+
+    async def _stop_forgotten(self, dep: _Deployment, replica: _Replica) -> None:
         await self._stop(replica, self._stop_grace_s)
-        del dep.replicas[replica_id]
-        log.info("replica %s stopped (scaled down)", replica_id)
+        dep.replicas.pop(replica.replica_id, None)
+        log.info("replica %s stopped (%s)", replica.replica_id, "removed" if dep.removed else "scaled down")
 
     async def _give_up_on(self, dep: _Deployment, replica: _Replica) -> None:
         """Stop a replica the plan gave up on (see ``reconcile_plan``); it is restarted after backoff."""
-        was, checks, last = replica.state, replica.failed_checks, replica.last_reason
+        reason = given_up(dep.spec, replica, self._unhealthy_checks)
         code = await self._stop(replica, self._stop_grace_s)
-        limit = f"{dep.spec.ready_timeout_s:g} s"
-        if was is ReplicaState.STARTING:
-            reason = f"not ready within {limit} (GET {dep.spec.health_path} never answered 200)"
-        elif checks >= self._unhealthy_checks:
-            reason = f"replaced after failing {checks} health checks in a row (last: {last})"
-        else:
-            reason = f"unhealthy for more than {limit}"
         self._mark_dead(replica, code, reason)
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop every replica process (SIGTERM, then SIGKILL after ``grace_s``); the controller is done."""
+        for task in list(self._drains):
+            task.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)
         async with self._lock:
             self._closed = True
             replicas = [r for dep in self._deployments.values() for r in dep.replicas.values()]

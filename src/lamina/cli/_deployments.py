@@ -1,0 +1,178 @@
+"""``lamina deploy``, ``lamina deployments``, ``lamina undeploy``: deployments of the running stack.
+
+These talk to the admin API of a running ``lamina up`` over HTTP (``/admin/v1/deployments``): the gateway's
+URL comes from --url, else from the config's server host and port; the admin key from --api-key or
+$LAMINA_API_KEY. A deployment made here is stored by the stack and restored when it starts again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.table import Table
+
+from lamina.cli._common import ConfigOption, JsonOption, fail, load, out_console, print_json
+from lamina.errors import ConfigError, LaminaError, NotFoundError
+
+PATH = "/admin/v1/deployments"
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url", help="The gateway's base URL (default: http://server.host:server.port of the config)."
+    ),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="LAMINA_API_KEY", help="An admin API key (default: $LAMINA_API_KEY)."),
+]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the gateway's answer.")]
+
+
+def _base_url(url: str | None, config: ConfigOption) -> str:
+    if url:
+        return url.rstrip("/")
+    cfg, _ = load(config, None)
+    host = cfg.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # a wildcard bind answers on loopback
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{cfg.server.port}"
+
+
+def _call(method: str, base: str, path: str, key: str | None, timeout_s: float, body: Any = None) -> Any:
+    """The JSON answer of the admin API; any failure exits with one line saying what to do."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.request(method, base + path, json=body, headers=headers, timeout=timeout_s)
+    except httpx.ConnectError:
+        fail(f"no Lamina stack answers at {base}; start it with `lamina up` (or pass its address with --url)")
+    except httpx.HTTPError as exc:
+        fail(f"{method} {base}{path} failed: {type(exc).__name__}: {exc}")
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if response.status_code >= 400:
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        message = error.get("message") or f"HTTP {response.status_code}: {response.text[:300]}"
+        code = error.get("code") or "http_error"
+        exit_code = 2 if response.status_code in (400, 404, 409, 413, 422) else 1
+        fail(_Remote(str(message), str(code)), exit_code=exit_code)
+    return data
+
+
+class _Remote(LaminaError):
+    """An error the gateway answered with, for ``fail``'s one line."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code  # type: ignore[misc]
+
+
+def deploy(
+    model: Annotated[str, typer.Argument(help="Registry reference NAME, NAME@VERSION or NAME@ALIAS.")],
+    name: Annotated[
+        str | None, typer.Option(help="The name clients ask for (default: the model's name).")
+    ] = None,
+    replicas: Annotated[
+        str,
+        typer.Option(
+            help="N replicas, or MIN..MAX to autoscale on in-flight requests (0..N scales to zero)."
+        ),
+    ] = "1",
+    target_concurrency: Annotated[
+        float, typer.Option(help="Requests in flight per replica the autoscaler aims at.")
+    ] = 2.0,
+    engine: Annotated[str | None, typer.Option(help="Engine plugin (default: the file format's).")] = None,
+    options: Annotated[
+        str | None, typer.Option(help='Engine options as JSON by engine, e.g. \'{"gguf": {"n_ctx": 4096}}\'.')
+    ] = None,
+    window: Annotated[float | None, typer.Option(help="Seconds the load is averaged over.")] = None,
+    upscale_delay: Annotated[float | None, typer.Option(help="Seconds of need before scaling up.")] = None,
+    downscale_delay: Annotated[
+        float | None, typer.Option(help="Seconds of slack before scaling down.")
+    ] = None,
+    idle_delay: Annotated[float | None, typer.Option(help="Idle seconds before scaling to zero.")] = None,
+    cold_start_budget: Annotated[
+        float | None, typer.Option(help="Seconds a request at zero replicas waits for one.")
+    ] = None,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+    config: ConfigOption = None,
+    timeout: TimeoutOption = 120.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Deploy a registered model on the running stack; it serves once a replica is ready."""
+    body: dict[str, Any] = {"model": model, "replicas": replicas, "target_concurrency": target_concurrency}
+    body |= {"name": name} if name else {}
+    body |= {"engine": engine} if engine else {}
+    if options:
+        try:
+            body["options"] = json.loads(options)
+        except ValueError as exc:
+            fail(ConfigError(f'--options is not JSON ({exc}); e.g. \'{{"fake": {{"n_ctx": 512}}}}\''), 2)
+    timings = {
+        "window_s": window,
+        "upscale_delay_s": upscale_delay,
+        "downscale_delay_s": downscale_delay,
+        "idle_delay_s": idle_delay,
+        "cold_start_budget_s": cold_start_budget,
+    }
+    body |= {k: v for k, v in timings.items() if v is not None}
+    described = _call("POST", _base_url(url, config), PATH, api_key, timeout, body)
+    if json_out:
+        print_json(described)
+        return
+    out_console.print(
+        f"deployed [bold]{described['name']}[/] ({described['model']}, replicas "
+        f"{described['min_replicas']}..{described['max_replicas']}): {described['state']}; "
+        "`lamina deployments` shows when it is ready"
+    )
+
+
+def deployments(
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+    config: ConfigOption = None,
+    timeout: TimeoutOption = 30.0,
+    json_out: JsonOption = False,
+) -> None:
+    """List the running stack's deployments: replicas desired and ready, state, the autoscaler's reason."""
+    data = _call("GET", _base_url(url, config), PATH, api_key, timeout)["data"]
+    if json_out:
+        print_json(data)
+        return
+    table = Table("NAME", "SOURCE", "MODEL", "REPLICAS", "READY/DESIRED", "STATE", "AUTOSCALER")
+    for d in data:
+        scaler = d.get("autoscaler") or {}
+        table.add_row(
+            d["name"],
+            d["source"],
+            d.get("model_version") or d["model"],
+            f"{d['min_replicas']}..{d['max_replicas']}",
+            f"{d['ready']}/{d['desired']}",
+            d["state"] if not d.get("error") else f"{d['state']}: {d['error']}",
+            scaler.get("reason", ""),
+        )
+    out_console.print(table)
+
+
+def undeploy(
+    name: Annotated[str, typer.Argument(help="The deployment to remove (one made with `lamina deploy`).")],
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+    config: ConfigOption = None,
+    timeout: TimeoutOption = 120.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Stop routing to a deployment, let its in-flight requests finish, stop its replicas, forget it."""
+    if not name.strip():
+        fail(NotFoundError("give the name of a deployment (`lamina deployments` lists them)"), 2)
+    done = _call("DELETE", _base_url(url, config), f"{PATH}/{name}", api_key, timeout)
+    if json_out:
+        print_json(done)
+        return
+    out_console.print(f"undeployed [bold]{name}[/] (drained in {done['drained_s']:g} s)")
