@@ -1,0 +1,358 @@
+"""The job scheduler: a loop that gathers the queue's facts, asks ``schedule_jobs`` what to do, and does it.
+
+Each step (``step``):
+
+1. reads the job processes' events files (progress, lineage, result) into the store, and finishes the
+   jobs whose process exited: succeeded, failed (retried after a backoff while attempts remain),
+   cancelled, or preempted (back to the queue, not counted as an attempt);
+2. stops running jobs whose cancel was asked for (SIGTERM to the process group, SIGKILL after a grace);
+3. decides (``schedule_jobs``) on what the machine has free after the serving replicas, preempts what
+   it says, fails the jobs that can never fit, and starts the rest as processes of the replicas'
+   ``LocalProcessBackend`` (own session, log file, dies with the gateway).
+
+Jobs found running in the store but not started by this scheduler were cut off by a previous gateway's
+exit (their processes died with it): they go back to the queue, not counted as an attempt. The loop
+never dies: a failing step is logged and the next one runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from lamina.clock import Clock, utcnow
+from lamina.compute import ClusterSnapshot, Demand, Placement
+from lamina.orchestration._job_process import JobProcess
+from lamina.orchestration._jobs import WAITING, Job, JobQueue, JobState
+from lamina.orchestration._jobs_policy import (
+    QueueContext,
+    RunningJob,
+    WaitingJob,
+    job_demand,
+    reserve,
+    retry_delay,
+    schedule_jobs,
+)
+
+log = logging.getLogger("lamina.jobs")
+
+#: the job process's script, run by path (see its docstring)
+_JOB_MAIN = str(Path(__file__).with_name("_job_main.py"))
+#: the last lines of a failed job's log quoted in its error
+_TAIL_LINES = 8
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """How often the scheduler looks, how failed jobs back off, how long a stopped job may take."""
+
+    interval_s: float = 1.0
+    retry_backoff_s: float = 5.0
+    retry_backoff_max_s: float = 300.0
+    stop_grace_s: float = 10.0
+
+
+@dataclass
+class _Run:
+    """One job process this scheduler started."""
+
+    job: Job
+    handle: JobProcess
+    placement: Placement
+    started: float
+    events: Path
+    offset: int = 0
+    stopping: Literal["cancel", "preempt", "shutdown"] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    progress: tuple[float, str] | None = None
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class JobScheduler:
+    """Runs the queue's jobs on what ``total`` has left after ``serving()``; files under ``run_dir``."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        run_dir: Path,
+        *,
+        total: ClusterSnapshot,
+        serving: Callable[[], Sequence[Demand]] = tuple,
+        settings: SchedulerSettings | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.queue = queue
+        self._dir = run_dir
+        self._total = total
+        self._serving = serving
+        self._settings = settings or SchedulerSettings()
+        self._clock = clock
+        self._runs: dict[str, _Run] = {}
+        self._waiting_reason: dict[str, str] = {}
+        self._adopted = False
+
+    def log_path(self, job_id: str) -> Path:
+        return self._dir / "logs" / f"{job_id}.log"
+
+    @property
+    def running(self) -> list[str]:
+        return sorted(self._runs)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Step every ``interval_s`` until ``stop`` is set, then stop the jobs (they are queued again)."""
+        try:
+            while not stop.is_set():
+                try:
+                    await self.step()
+                except Exception:
+                    log.exception("job scheduler step failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._settings.interval_s)
+        finally:
+            await self.shutdown()
+
+    async def step(self) -> None:
+        for run in list(self._runs.values()):
+            await asyncio.to_thread(self._follow, run)
+        rows = await asyncio.to_thread(self.queue.list, [JobState.RUNNING, *WAITING], None)
+        if not self._adopted:  # once: later, a running job not ours may be another scheduler's
+            await asyncio.to_thread(self._requeue_orphans, [j for j in rows if j.state is JobState.RUNNING])
+            self._adopted = True
+            rows = await asyncio.to_thread(self.queue.list, [JobState.RUNNING, *WAITING], None)
+        cancels = [r for j in rows if j.cancel_requested and (r := self._runs.get(j.id)) is not None]
+        await self._stop_all(cancels, "cancel")
+        waiting = [j for j in rows if j.state in WAITING]
+        await self._schedule(waiting)
+
+    async def shutdown(self) -> None:
+        """Stop every job process; their jobs go back to the queue for the next start."""
+        await self._stop_all(list(self._runs.values()), "shutdown")
+
+    # -- following and finishing ---------------------------------------------------------------------
+
+    def _follow(self, run: _Run) -> None:
+        """Read the events the job wrote since last time; finish it if its process exited."""
+        code = run.handle.poll()
+        self._read_events(run)
+        if code is not None:
+            self._finish(run, code)
+
+    def _read_events(self, run: _Run) -> None:
+        try:
+            with run.events.open("rb") as f:
+                f.seek(run.offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # a line being written is read next time
+        run.offset += end
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                self._event(run, json.loads(line))
+        changes: dict[str, Any] = {}
+        if run.progress is not None:
+            changes["progress"], changes["message"] = run.progress
+            run.progress = None
+        if end and (run.inputs or run.outputs):
+            changes["inputs"], changes["outputs"] = run.inputs, run.outputs
+        if changes:
+            self.queue.update(run.job.id, expect=JobState.RUNNING, **changes)
+
+    @staticmethod
+    def _event(run: _Run, event: dict[str, Any]) -> None:
+        kind = event.pop("type", None)
+        if kind == "progress":
+            run.progress = (float(event.get("progress", 0.0)), str(event.get("message", "")))
+        elif kind == "input":
+            run.inputs.append(event)
+        elif kind == "output":
+            run.outputs.append(event)
+        elif kind == "result":
+            run.result = event.get("result") or {}
+        elif kind == "error":
+            run.error = str(event.get("error"))
+
+    def _finish(self, run: _Run, code: int) -> None:
+        self._runs.pop(run.job.id, None)
+        job, now = run.job, self._clock()
+        common: dict[str, Any] = {"pid": None, "finished_at": now, "cancel_requested": False}
+        if code == 0 and run.result is not None:  # done, even if a stop came as it finished
+            state = JobState.SUCCEEDED
+            common.update(result=run.result, progress=1.0, message="succeeded")
+        elif run.stopping == "cancel":
+            state, common["message"] = JobState.CANCELLED, "cancelled while running"
+        elif run.stopping in ("preempt", "shutdown"):
+            preempted = run.stopping == "preempt"
+            why = (
+                "preempted for serving or a higher-priority job" if preempted else "stopped with the gateway"
+            )
+            state = JobState.PREEMPTED if preempted else JobState.QUEUED
+            common.update(message=f"{why}; waits in the queue to run again", attempts=job.attempts - 1)
+            common["finished_at"] = None
+            if preempted:
+                common["preemptions"] = job.preemptions + 1
+        else:
+            state = self._failed(run, code, common)
+        self.queue.update(job.id, expect=JobState.RUNNING, state=state, **common)
+        log.info("job %s (%s): %s", job.id, job.kind, state.value)
+
+    def _failed(self, run: _Run, code: int, common: dict[str, Any]) -> JobState:
+        job = run.job
+        error = run.error or f"the job process exited with code {code}: {self._tail(run)}"
+        common["error"] = error
+        if job.attempts < job.max_attempts:
+            settings = self._settings
+            delay = retry_delay(job.attempts, settings.retry_backoff_s, settings.retry_backoff_max_s)
+            common["not_before"] = self._clock() + timedelta(seconds=delay)
+            common["finished_at"] = None
+            common["message"] = (
+                f"attempt {job.attempts} of {job.max_attempts} failed; retrying in {delay:.0f}s: {error}"
+            )
+            return JobState.QUEUED
+        common["message"] = f"failed after {job.attempts} attempts: {error}"
+        return JobState.FAILED
+
+    def _tail(self, run: _Run) -> str:
+        return run.handle.tail_log(_TAIL_LINES).strip() or "(no output)"
+
+    def _requeue_orphans(self, running: Sequence[Job]) -> None:
+        for job in running:
+            if job.id in self._runs:
+                continue
+            if job.cancel_requested:  # its process died with the last scheduler; the cancel is done
+                self.queue.update(
+                    job.id,
+                    expect=JobState.RUNNING,
+                    state=JobState.CANCELLED,
+                    pid=None,
+                    finished_at=self._clock(),
+                    message="cancelled while running",
+                )
+                continue
+            self.queue.update(
+                job.id,
+                expect=JobState.RUNNING,
+                state=JobState.QUEUED,
+                attempts=max(job.attempts - 1, 0),
+                pid=None,
+                message="interrupted by a restart of the scheduler; waits in the queue to run again",
+            )
+
+    async def _stop_all(self, runs: Sequence[_Run], why: Literal["cancel", "preempt", "shutdown"]) -> None:
+        for run in runs:
+            run.stopping = why
+
+        async def stop(run: _Run) -> None:
+            code = await asyncio.to_thread(run.handle.stop, self._settings.stop_grace_s)
+            await asyncio.to_thread(self._read_events, run)
+            await asyncio.to_thread(self._finish, run, code)
+
+        await asyncio.gather(*(stop(r) for r in runs))
+
+    # -- deciding and starting -----------------------------------------------------------------------
+
+    async def _schedule(self, waiting: Sequence[Job]) -> None:
+        now = self._clock().timestamp()
+        ctx = QueueContext(
+            free=reserve(self._total, list(self._serving())),
+            total=self._total,
+            running=tuple(
+                RunningJob(r.job.id, r.job.priority, r.started, r.placement)
+                for r in self._runs.values()
+                if r.stopping is None
+            ),
+            waiting=tuple(_waiting(j) for j in waiting),
+            now=now,
+        )
+        decision = schedule_jobs(ctx)
+        await self._stop_all([self._runs[i] for i in decision.preempt if i in self._runs], "preempt")
+        by_id = {j.id: j for j in waiting}
+        for job_id, reason in decision.unfit:
+            message = f"refused: {reason}; submit it again with smaller --cpus/--memory/--gpus"
+            await asyncio.to_thread(
+                self.queue.update,
+                job_id,
+                expect=WAITING,
+                state=JobState.FAILED,
+                error=reason,
+                message=message,
+                finished_at=self._clock(),
+            )
+        for job_id, placement in decision.start:
+            self._launch(by_id[job_id], placement, now)
+        self._waiting_reason = {k: v for k, v in self._waiting_reason.items() if k in decision.waiting}
+        for job_id, reason in decision.waiting.items():
+            if self._waiting_reason.get(job_id) != reason:
+                self._waiting_reason[job_id] = reason
+                await asyncio.to_thread(self.queue.update, job_id, expect=WAITING, message=reason)
+
+    def _launch(self, job: Job, placement: Placement, now: float) -> None:
+        """Start ``job``'s process (on the loop's thread: the process dies with that thread)."""
+        claimed = self.queue.claim(job.id, log_path=str(self.log_path(job.id)))
+        if claimed is None:
+            return
+        self._waiting_reason.pop(job.id, None)
+        kind = self.queue.kinds.get(job.kind)
+        if kind is None:
+            self.queue.update(
+                job.id,
+                state=JobState.FAILED,
+                finished_at=self._clock(),
+                error=f"no job kind {job.kind!r} in this stack",
+                message="failed: unknown kind",
+            )
+            return
+        job_dir = self._dir / job.id
+        job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        events = job_dir / f"events-{claimed.attempts}-{claimed.preemptions}.jsonl"
+        spec_path = job_dir / "spec.json"
+        spec = {
+            "job_id": job.id,
+            "kind": job.kind,
+            "attempt": claimed.attempts,
+            "entrypoint": kind.entrypoint,
+            "args": job.args,
+            "context": dict(kind.context),
+            "resources": job.resources.__dict__,
+            "events": str(events),
+        }
+        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        argv = [sys.executable, _JOB_MAIN, str(os.getpid()), str(spec_path)]
+        try:
+            handle = JobProcess.start(job.id, argv, self.log_path(job.id))
+        except OSError as exc:
+            self.queue.update(
+                job.id,
+                state=JobState.FAILED,
+                finished_at=self._clock(),
+                error=f"could not start the job process: {exc}",
+                message="failed to start",
+            )
+            return
+        self.queue.update(job.id, pid=handle.pid, message="running")
+        self._runs[job.id] = _Run(claimed, handle, placement, now, events)
+        log.info("job %s (%s) started, attempt %d, pid %d", job.id, job.kind, claimed.attempts, handle.pid)
+
+
+def _waiting(job: Job) -> WaitingJob:
+    r = job.resources
+    return WaitingJob(
+        job_id=job.id,
+        priority=job.priority,
+        created=job.created_at.timestamp(),
+        demand=job_demand(r.cpus, r.memory_bytes, r.gpus, r.gpu_milli),
+        not_before=0.0 if job.not_before is None else job.not_before.timestamp(),
+    )

@@ -1,0 +1,28 @@
+"""A job kind for the job queue's tests, registered like a user's own (``jobs.kinds``, by file path, so
+that the job process imports nothing of the test suite): it prints, sleeps, reports progress and lineage
+through its ``JobContext``, and fails on request."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def sleepy(args: dict[str, Any], job: Any) -> dict[str, Any]:
+    """``steps`` steps of ``step_s`` seconds each, a progress report and a log line per step.
+
+    ``fail``: raise after the steps; ``fail_until``: raise while the attempt is below it (retries);
+    ``reads``: a dataset ref recorded as the job's input.
+    """
+    steps, step_s = int(args.get("steps", 3)), float(args.get("step_s", 0.1))
+    print(f"sleepy attempt {job.attempt}: {steps} steps of {step_s}s", flush=True)
+    if args.get("reads"):
+        job.read("dataset", str(args["reads"]))
+    for i in range(1, steps + 1):
+        time.sleep(step_s)
+        print(f"step {i}", flush=True)
+        job.progress(i / steps, f"step {i} of {steps}")
+    if args.get("fail") or job.attempt < int(args.get("fail_until", 0)):
+        raise RuntimeError(f"asked to fail on attempt {job.attempt}")
+    job.produced("note", f"sleepy-{job.job_id}")
+    return {"steps": steps, "attempt": job.attempt}
