@@ -18,6 +18,7 @@ from lamina.cli._common import (
     out_console,
     print_json,
 )
+from lamina.cli._quantize import quantize
 from lamina.errors import LaminaError
 from lamina.models import ModelVersion, Registry
 from lamina.stack import open_registry
@@ -26,6 +27,8 @@ models_app = typer.Typer(
     help="The model registry: add GGUF and ONNX files, list, show, alias, verify and remove versions.",
     no_args_is_help=True,
 )
+
+models_app.command("quantize")(quantize)
 
 RefArgument = Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS.", show_default=False)]
 
@@ -95,10 +98,13 @@ def list_(
     if not versions:
         out_console.print("no models registered; add one with `lamina models add SOURCE --name NAME`")
         return
-    table = Table("model", "aliases", "format", "size", "created", Column("source", overflow="fold"))
+    table = Table("model", "aliases", "format", "size", "gate", "created", Column("source", overflow="fold"))
     for mv in versions:
         created = f"{mv.created_at:%Y-%m-%d %H:%M}"
-        table.add_row(mv.ref, ", ".join(mv.aliases), mv.format, _size(mv.size_bytes), created, mv.source)
+        gate = "-" if mv.gate is None else f"{mv.gate.status} ({mv.gate.method})"
+        table.add_row(
+            mv.ref, ", ".join(mv.aliases), mv.format, _size(mv.size_bytes), gate, created, mv.source
+        )
     out_console.print(table)
 
 
@@ -109,9 +115,10 @@ def show(
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """One version: its file, checksum and what the file says about itself."""
+    """One version: its file, checksum, accuracy gate (for a quantized variant) and what the file says
+    about itself."""
     with _registry(config, state_dir) as registry:
-        mv = registry.get(ref)
+        mv = registry.get(ref, refused_ok=True)
     if json_output:
         print_json(mv.to_json())
         return
@@ -146,7 +153,7 @@ def verify(
     """Hash the version's files again (the model file and its companions: tokenizer, external data) and
     compare with the sha256 recorded when it was added."""
     with _registry(config, state_dir) as registry:
-        mv = registry.get(ref)
+        mv = registry.get(ref, refused_ok=True)
         registry.verify(mv)
     n = len(mv.extra_files)
     companions = f"; {n} companion file{'s' if n != 1 else ''} intact too" if n else ""
@@ -179,6 +186,8 @@ def _details(mv: ModelVersion) -> list[tuple[str, str]]:
         ("path", str(mv.path)),
         ("created", mv.created_at.isoformat(timespec="seconds")),
     ]
+    if mv.gate is not None:
+        rows.append(("gate", mv.gate.summary()))
     rows += [(f"file: {role}", _companion(mv, role)) for role in mv.extra_files]
     rows += [(key, _describe(value)) for key, value in mv.meta.items()]
     return rows

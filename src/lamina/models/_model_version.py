@@ -22,6 +22,7 @@ from lamina.errors import RegistryError
 from lamina.models._blobs import content_address
 from lamina.models._checksums import MODEL_ROLE, RecordedFile
 from lamina.models._formats import ModelFormat
+from lamina.models._gate_record import GateMap, GateRecord
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*", re.IGNORECASE)
 
@@ -45,6 +46,13 @@ class ModelVersion:
     aliases: tuple[str, ...] = field(default=())
     #: the sha256 recorded for each companion file, by role
     extra_sha256: dict[str, str] = field(default_factory=dict)
+    #: for a quantized variant: its parent, method and the accuracy gate's verdict; None for the others
+    gate: GateRecord | None = None
+
+    @property
+    def servable(self) -> bool:
+        """False for a variant that failed its accuracy gate: it never serves."""
+        return self.gate is None or self.gate.passed
 
     @property
     def ref(self) -> str:
@@ -75,6 +83,7 @@ class ModelVersion:
             "meta": copy.deepcopy(self.meta),  # callers may edit what they get
             "created_at": self.created_at.isoformat(),
             "aliases": list(self.aliases),
+            "gate": None if self.gate is None else self.gate.to_json(),
         }
 
 
@@ -90,7 +99,10 @@ def check_name(kind: str, value: str, max_len: int = 100) -> str:
 
 
 def version_from_row(
-    row: Row[Any], blob_dir: Path, aliases: Mapping[tuple[str, str], Sequence[str]]
+    row: Row[Any],
+    blob_dir: Path,
+    aliases: Mapping[tuple[str, str], Sequence[str]],
+    gates: GateMap | None = None,
 ) -> ModelVersion:
     companions = {role: _companion(info) for role, info in row.extra_files.items()}
     return ModelVersion(
@@ -106,6 +118,7 @@ def version_from_row(
         created_at=row.created_at,
         aliases=tuple(sorted(aliases.get((row.name, row.version), ()))),
         extra_sha256={role: sha for role, (_, sha) in companions.items() if sha is not None},
+        gate=(gates or {}).get((row.name, row.version)),
     )
 
 

@@ -23,6 +23,7 @@ from lamina.errors import ConflictError, ModelNotFoundError, RegistryError
 from lamina.models._blobs import Blob, BlobStore
 from lamina.models._checksums import check_files, remedy_for
 from lamina.models._formats import ModelFormat, check_tokenizer_json, detect_format, read_metadata, takes_text
+from lamina.models._gate_record import GateRecord, drop_gate, gates_by_version, refusal, write_gate
 from lamina.models._lookup import (
     AliasMap,
     aliases_by_version,
@@ -100,28 +101,69 @@ class Registry:
         with self._store.begin() as conn:
             rows = conn.execute(select(model_versions).order_by(model_versions.c.name, model_versions.c.id))
             aliases = aliases_by_version(conn, None)
-            return [version_from_row(row, self._blob_dir, aliases) for row in rows]
+            gates = gates_by_version(conn, None)
+            return [version_from_row(row, self._blob_dir, aliases, gates) for row in rows]
 
-    def get(self, ref: str) -> ModelVersion:
+    def get(self, ref: str, *, refused_ok: bool = False) -> ModelVersion:
         """``NAME``, ``NAME@VERSION`` or ``NAME@ALIAS``. NAME alone is its alias ``latest`` if set, else
-        its newest version."""
+        its newest version that is not a quantized variant (a variant serves when named, so quantizing
+        never changes what a bare name serves).
+
+        A variant that failed its accuracy gate raises GateFailedError with its figures, unless
+        ``refused_ok`` (for showing it, never for serving it)."""
         name, _, tag = ref.strip().lower().partition("@")
         with self._store.begin() as conn:
             rows = version_rows(conn, name)
             aliases = aliases_by_version(conn, name)
+            gates = gates_by_version(conn, name)
             if not rows:
                 raise ModelNotFoundError(unknown_name(conn, ref), param="model")
         by_version = {row.version: row for row in rows}
         alias_target = {alias: v for (_, v), names in aliases.items() for alias in names}
         if not tag:
-            tag = "latest" if "latest" in alias_target else rows[-1].version
+            originals = [r for r in rows if (name, r.version) not in gates] or rows
+            tag = "latest" if "latest" in alias_target else originals[-1].version
         row = by_version.get(tag) or by_version.get(alias_target.get(tag, ""))
         if row is None:
             raise ModelNotFoundError(f"{name} has no version or alias {tag!r}; {known(rows, aliases)}")
-        return version_from_row(row, self._blob_dir, aliases)
+        mv = version_from_row(row, self._blob_dir, aliases, gates)
+        if mv.gate is not None and not mv.gate.passed and not refused_ok:
+            raise refusal(mv.ref, mv.gate)
+        return mv
+
+    def add_variant(
+        self, path: Path, parent: ModelVersion, record: GateRecord, version: str | None = None
+    ) -> ModelVersion:
+        """Register the quantized file ``path`` as a new version of ``parent``'s name, with ``parent``'s
+        companion files and the gate's ``record``, in one transaction. The same bytes again keep their
+        version and take the new record (the latest evaluation decides)."""
+        version = check_name("version", version or f"{parent.version}-{record.method}")
+        main = Blob.of(Fetched(path, f"quantized:{parent.ref}:{record.method}"))
+        extras = {
+            role: Blob(Fetched(p, f"{parent.ref}:{role}"), f.sha256 or "", p.stat().st_size)
+            for role, p in parent.extra_files.items()
+            if (f := parent.companion(role)).sha256
+        }
+        with self._store.begin() as conn:
+            gated = gates_by_version(conn, parent.name)
+        existing = self._existing(parent.name, None, main, extras)
+        if existing is not None and (existing.name, existing.version) not in gated:
+            raise RegistryError(
+                f"quantizing {parent.ref} with {record.method} gave back the bytes of {existing.ref}, which "
+                "is not a variant; pick another --method",
+                param="method",
+            )
+        if existing is not None:
+            with self._store.begin() as conn:
+                write_gate(conn, existing.name, existing.version, record)
+            return self.get(existing.ref, refused_ok=True)
+        self._existing(parent.name, version, main, extras)  # ConflictError if the version is taken
+        meta = read_metadata(path, parent.format, label=main.fetched.source)
+        return self._store_version(parent.name, version, parent.format, meta, main, extras, record)
 
     def alias(self, name: str, alias: str, version: str) -> ModelVersion:
-        """Point ``name@alias`` at ``version`` (moving it if it pointed elsewhere)."""
+        """Point ``name@alias`` at ``version`` (moving it if it pointed elsewhere); never at a variant that
+        failed its accuracy gate (GateFailedError)."""
         name, alias = check_name("name", name, 200), check_name("alias", alias)
         version = check_name("version", version)
         with self._store.begin() as conn:
@@ -133,10 +175,14 @@ class Registry:
                 raise ConflictError(
                     f"{name}@{alias} already names a version; an alias must differ from every version"
                 )
+            gates = gates_by_version(conn, name)
+            gate = gates.get((name, version))
+            if gate is not None and not gate.passed:
+                raise refusal(f"{name}@{version}", gate)
             where = (model_aliases.c.name == name) & (model_aliases.c.alias == alias)
             conn.execute(delete(model_aliases).where(where))
             conn.execute(insert(model_aliases).values(name=name, alias=alias, version=version))
-            return version_from_row(target, self._blob_dir, aliases_by_version(conn, name))
+            return version_from_row(target, self._blob_dir, aliases_by_version(conn, name), gates)
 
     def remove(self, name: str, version: str) -> ModelVersion:
         """Drop ``name@version`` and the aliases that point at it; delete its files unless another
@@ -151,6 +197,7 @@ class Registry:
             alias_rows = (model_aliases.c.name == name) & (model_aliases.c.version == version)
             conn.execute(delete(model_aliases).where(alias_rows))
             conn.execute(delete(model_versions).where(model_versions.c.id == row.id))
+            drop_gate(conn, name, version)
             still_used = {digest for r in conn.execute(select(model_versions)) for digest in row_digests(r)}
         self._blobs.discard(set(row_digests(row)) - still_used)
         return removed
@@ -192,8 +239,10 @@ class Registry:
         meta: dict[str, Any],
         main: Blob,
         extras: dict[str, Blob],
+        gate: GateRecord | None = None,
     ) -> ModelVersion:
-        """Move the files into place, then insert the row; on failure remove the files it added."""
+        """Move the files into place, then insert the row (and a variant's gate record); on failure remove
+        the files it added."""
         with self._blobs.placing([main, *extras.values()]), self._store.begin() as conn:
             if version is None:
                 version = next_version(version_rows(conn, name))
@@ -211,7 +260,9 @@ class Registry:
                     created_at=self._clock(),
                 )
             )
-        return self.get(f"{name}@{version}")
+            if gate is not None:
+                write_gate(conn, name, version, gate)
+        return self.get(f"{name}@{version}", refused_ok=True)
 
 
 def _is_alias(version: str, aliases: AliasMap) -> bool:
