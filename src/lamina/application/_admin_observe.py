@@ -1,0 +1,95 @@
+"""``/admin/v1`` for observing the stack: stored traces and the doctor's verdict (admin keys only).
+
+- ``GET /admin/v1/traces?since=15m&limit=50``: the newest traces (``lamina traces --json`` prints the same);
+- ``GET /admin/v1/traces/{trace_id}``: one trace, its spans as a tree (``lamina trace ID --json``);
+- ``GET /admin/v1/doctor?window=15m``: the bottleneck layer with its evidence and next action, and what is
+  broken (``lamina doctor --json``).
+
+Store reads run in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from lamina.clock import Clock, utcnow
+from lamina.data.drift import parse_window
+from lamina.errors import InvalidRequestError, NotFoundError, UnavailableError
+from lamina.observability import Verdict, recent_traces, trace_json
+from lamina.store import Store
+
+#: the doctor over a window (``15m``, ``1h``...), gathered by the composition root
+Doctor = Callable[[str], Awaitable[Verdict]]
+MAX_LIMIT = 1_000
+_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def since_of(text: str, now: datetime) -> datetime:
+    """A duration back from ``now`` (``15m``, ``2h``) or an ISO date or time (UTC when it names no zone)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            return now - parse_window(text)
+        except InvalidRequestError:
+            raise InvalidRequestError(
+                f"cannot read since={text!r}: give a duration such as 15m or 2h, or an ISO time such as "
+                "2025-01-31T12:00:00Z",
+                param="since",
+            ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def check_trace_id(trace_id: str) -> str:
+    if not _TRACE_ID.fullmatch(trace_id):
+        raise InvalidRequestError(
+            f"{trace_id!r} is not a trace id: give the 32 hex digits of an answer's x-lamina-trace-id header",
+            param="trace_id",
+        )
+    return trace_id.lower()
+
+
+def observe_router(
+    store: Store,
+    doctor: Doctor | None,
+    authenticate: Callable[[Request], Awaitable[None]],
+    clock: Clock = utcnow,
+) -> APIRouter:
+    """The routes of the module doc, behind the gateway's admin key check."""
+    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(authenticate)])
+
+    @router.get("/traces")
+    async def list_traces(since: str = "15m", limit: int = 50) -> Response:
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidRequestError(f"limit must be 1 to {MAX_LIMIT}, got {limit}", param="limit")
+        start = since_of(since, clock())
+        lines = await asyncio.to_thread(recent_traces, store, start, limit)
+        body: dict[str, Any] = {"since": start.isoformat(), "traces": [line.to_json() for line in lines]}
+        return JSONResponse(body)
+
+    @router.get("/traces/{trace_id}")
+    async def get_trace(trace_id: str) -> Response:
+        found = await asyncio.to_thread(trace_json, store, check_trace_id(trace_id))
+        if found is None:
+            raise NotFoundError(
+                f"no stored trace {trace_id}: it was sampled out, deleted by retention, or its spans are "
+                "still being written (a few seconds); GET /admin/v1/traces lists the stored ones"
+            )
+        return JSONResponse(found)
+
+    @router.get("/doctor")
+    async def get_doctor(window: str = "15m") -> Response:
+        if doctor is None:
+            raise UnavailableError("the doctor is not wired into this gateway")
+        parse_window(window)  # a bad window is a 400 before anything is gathered
+        return JSONResponse((await doctor(window)).to_json())
+
+    return router

@@ -1,0 +1,179 @@
+"""The doctor's rules, table-tested on frozen inputs (no stack): the layer named, its evidence, the action."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from lamina.observability import (
+    BudgetState,
+    DatasetState,
+    DeploymentState,
+    DeviceState,
+    DoctorInputs,
+    DriftState,
+    TraceLine,
+    diagnose,
+)
+from lamina.observability._doctor import p95
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def line(layers: dict[str, float], stages: dict[str, float] | None = None, *, status: int = 200) -> TraceLine:
+    return TraceLine(
+        trace_id="0" * 32,
+        start=T0,
+        duration_ms=sum(layers.values()),
+        route="/v1/chat/completions",
+        model="chat",
+        status=status,
+        error=status >= 500,
+        layers_ms=layers,
+        bottleneck=max(layers, key=lambda k: layers[k]),
+        stages_ms=stages or {},
+    )
+
+
+SATURATED = [line({"application": 2, "orchestration": 900, "models": 400}, {"queue": 900, "engine": 400})] * 5
+SLOW_DATA = [line({"application": 2, "data": 700, "models": 100}, {"retrieve": 700, "engine": 100})] * 5
+SLOW_GUARDS = [line({"application": 600, "models": 100}, {"engine": 100})] * 5
+ONE_BUSY = DeploymentState("chat", ready=1, desired=1, in_flight=4)
+TWO_BUSY = DeploymentState("chat", ready=2, desired=2, in_flight=6)
+
+
+def inputs(traces: list[TraceLine], **kw: object) -> DoctorInputs:
+    return DoctorInputs(window="15m", traces=traces, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("case", "expected_layer", "evidence", "action"),
+    [
+        (
+            inputs(SATURATED, deployments=[TWO_BUSY]),
+            "orchestration",
+            "both replicas busy",
+            "add a replica to chat",
+        ),
+        (
+            inputs(SATURATED, deployments=[ONE_BUSY]),
+            "orchestration",
+            "its one replica busy",
+            "replicas: 1 -> 2",
+        ),
+        (
+            inputs(SATURATED, deployments=[TWO_BUSY], device=DeviceState(cpu_percent=97.0)),
+            "orchestration",
+            "compute: CPU 97%",
+            "the CPU is saturated",
+        ),
+        (
+            inputs(SATURATED, deployments=[TWO_BUSY], device=DeviceState(cpu_percent=40.0, gpus=1)),
+            "orchestration",
+            "queue wait p95 900 ms",
+            "move chat to a GPU",
+        ),
+        (inputs(SLOW_DATA), "data", "retrieval p95 700 ms", "retrieve fewer passages"),
+        (
+            inputs(SLOW_DATA, datasets=[DatasetState("docs", True, "5000 chunks searched without a graph")]),
+            "data",
+            "docs's search index is stale",
+            "rebuild the search index of docs",
+        ),
+        (
+            inputs(SLOW_GUARDS, guards=["pii", "slow"]),
+            "application",
+            "input guards configured: pii, slow",
+            "relax",
+        ),
+        (inputs(SLOW_GUARDS), "application", "gateway self time p95 600 ms", "profile the gateway"),
+    ],
+)
+def test_the_bottleneck_layer_its_evidence_and_the_next_action(
+    case: DoctorInputs, expected_layer: str, evidence: str, action: str
+) -> None:
+    verdict = diagnose(case)
+    assert verdict.bottleneck == expected_layer
+    assert any(evidence in e for e in verdict.evidence), verdict.evidence
+    assert any(action in a for a in verdict.actions), verdict.actions
+    assert verdict.requests == 5
+
+
+def test_models_is_named_when_the_queue_wait_is_a_models_span() -> None:
+    traces = [
+        line({"application": 1, "orchestration": 5, "models": 1200}, {"queue": 800, "engine": 1200})
+    ] * 4
+    verdict = diagnose(inputs(traces, deployments=[TWO_BUSY]))
+    assert verdict.bottleneck == "models"
+    assert verdict.evidence[0].startswith("models: 100% of the time of 4 requests")
+    assert "turn on the response cache (cache.enabled: true) if requests repeat" in verdict.actions
+
+
+def test_the_cache_is_not_suggested_when_it_is_on() -> None:
+    verdict = diagnose(inputs(SATURATED, deployments=[TWO_BUSY], cache_enabled=True))
+    assert not any("cache" in a for a in verdict.actions)
+
+
+def test_too_few_traces_name_no_bottleneck_but_still_report_problems() -> None:
+    verdict = diagnose(inputs(SATURATED[:2], deployments=[DeploymentState("chat", ready=0, desired=1)]))
+    assert verdict.bottleneck is None
+    assert "too few to name a bottleneck" in verdict.evidence[0]
+    assert [p.what for p in verdict.problems] == ["chat: 0/1 replicas ready"]
+
+
+@pytest.mark.parametrize(
+    ("case", "layer", "what"),
+    [
+        (
+            inputs([], deployments=[DeploymentState("chat", ready=1, desired=2)]),
+            "orchestration",
+            "1/2 replicas",
+        ),
+        (
+            inputs([], datasets=[DatasetState("docs", True, "stale graph")]),
+            "data",
+            "docs: search index stale",
+        ),
+        (
+            inputs([], drift=[DriftState("docs", True, "PSI 0.4 > 0.2")]),
+            "data",
+            "docs: drift (PSI 0.4 > 0.2)",
+        ),
+        (inputs([], budgets=[BudgetState("global", 9.5, 10.0)]), "application", "9.50 of 10.00 USD"),
+        (inputs([line({"application": 1}, status=500)] * 3), "application", "3 of 3 requests failed"),
+    ],
+)
+def test_what_is_broken(case: DoctorInputs, layer: str, what: str) -> None:
+    problems = diagnose(case).problems
+    assert len(problems) == 1
+    assert problems[0].layer == layer and what in problems[0].what
+    assert problems[0].action
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        inputs([], deployments=[DeploymentState("chat", ready=2, desired=2)]),
+        inputs([], datasets=[DatasetState("docs", False)]),
+        inputs([], drift=[DriftState("docs", False)]),
+        inputs([], budgets=[BudgetState("global", 5.0, 10.0)]),
+        inputs([line({"application": 1})] * 30 + [line({"application": 1}, status=500)]),
+    ],
+)
+def test_healthy_parts_are_not_reported(case: DoctorInputs) -> None:
+    assert diagnose(case).problems == []
+
+
+def test_p95_is_the_nearest_rank() -> None:
+    assert p95([]) == 0.0
+    assert p95([5.0]) == 5.0
+    assert p95([float(i) for i in range(1, 101)]) == 95.0
+    assert p95([float(i) for i in range(1, 21)]) == 19.0
+
+
+def test_the_verdict_is_json() -> None:
+    body = diagnose(inputs(SLOW_DATA)).to_json()
+    assert body["bottleneck"] == "data" and body["requests"] == 5
+    assert body["layers_ms"] == {"application": 10.0, "data": 3500.0, "models": 500.0}
+    assert body["share"] == pytest.approx(3500 / 4010, abs=1e-3)
