@@ -33,8 +33,8 @@ from lamina.application import (
     gpu_hour_usd,
     replica_hourly_usd,
 )
-from lamina.cli._costs import since_of
 from lamina.config import CostsConfig, ModelPriceConfig
+from lamina.data.drift import since_of
 from lamina.errors import InvalidRequestError, NoReadyReplicaError
 from lamina.observability import Telemetry
 from lamina.store import Store, cost_ledger
@@ -344,5 +344,5 @@ def test_costs_since_takes_a_duration_or_an_iso_time() -> None:
     assert since_of("7d", T0) == T0 - timedelta(days=7)
     assert since_of("2024-12-31", T0) == datetime(2024, 12, 31, tzinfo=UTC)
     assert since_of("2024-12-31T12:00:00+02:00", T0) == datetime(2024, 12, 31, 10, tzinfo=UTC)
-    with pytest.raises(InvalidRequestError, match="give a duration such as 7d or 12h, or an ISO date"):
-        since_of("last week", T0)
+    with pytest.raises(InvalidRequestError, match="cannot read --since 'last week': give a duration such as"):
+        since_of("last week", T0, "--since")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -21,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lamina.clock import Clock, utcnow
-from lamina.data.drift import parse_window
+from lamina.data.drift import parse_window, since_of
 from lamina.errors import InvalidRequestError, NotFoundError, UnavailableError
 from lamina.observability import Verdict, recent_traces, trace_json
 from lamina.store import Store
@@ -30,22 +29,6 @@ from lamina.store import Store
 Doctor = Callable[[str], Awaitable[Verdict]]
 MAX_LIMIT = 1_000
 _TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
-
-
-def since_of(text: str, now: datetime) -> datetime:
-    """A duration back from ``now`` (``15m``, ``2h``) or an ISO date or time (UTC when it names no zone)."""
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        try:
-            return now - parse_window(text)
-        except InvalidRequestError:
-            raise InvalidRequestError(
-                f"cannot read since={text!r}: give a duration such as 15m or 2h, or an ISO time such as "
-                "2025-01-31T12:00:00Z",
-                param="since",
-            ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def check_trace_id(trace_id: str) -> str:

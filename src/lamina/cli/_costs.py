@@ -6,7 +6,6 @@ from the state directory's store (no running stack needed) and sums them per key
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import typer
@@ -14,27 +13,11 @@ from rich.table import Table
 
 from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
 from lamina.clock import utcnow
-from lamina.data.drift import parse_window
-from lamina.errors import InvalidRequestError, LaminaError
+from lamina.data.drift import since_of
+from lamina.errors import LaminaError
 from lamina.stack import open_store
 
 GROUPS: dict[str, Literal["key", "model", "day"]] = {"key": "key", "model": "model", "day": "day"}
-
-
-def since_of(text: str, now: datetime) -> datetime:
-    """``--since``: a duration back from now (``7d``, ``12h``) or an ISO date or time (UTC if no zone)."""
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        try:
-            return now - parse_window(text)
-        except InvalidRequestError:
-            raise InvalidRequestError(
-                f"cannot read --since {text!r}: give a duration such as 7d or 12h, or an ISO date such as "
-                "2025-01-31 or 2025-01-31T12:00:00Z",
-                param="since",
-            ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def costs(
@@ -56,7 +39,7 @@ def costs(
         fail(f"--by {by!r}: use key, model or day")
     cfg, root = load(config, state_dir)
     try:
-        start = since_of(since, utcnow())
+        start = since_of(since, utcnow(), "--since")
         store = open_store(cfg, root)
         try:
             lines = CostLedger(store).summary(group, start)

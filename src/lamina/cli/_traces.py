@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, out_console, print_json, state_store
-from lamina.cli._costs import since_of
 from lamina.clock import utcnow
+from lamina.data.drift import since_of
 from lamina.errors import NotFoundError
 from lamina.observability import TraceLine, TreeSpan, read_trace, recent_traces, summarize, tree
 
@@ -43,7 +43,7 @@ def traces(
 ) -> None:
     """Recent traces: id, start, duration, route, model, HTTP status and the layer that took longest."""
     with state_store(config, state_dir) as store:
-        start = since_of(since, utcnow())
+        start = since_of(since, utcnow(), "--since")
         lines = recent_traces(store, start, limit)
     if json_out:
         print_json({"since": start.isoformat(), "traces": [line.to_json() for line in lines]})

@@ -8,16 +8,15 @@ is why it must be started from a long-lived thread (the event loop's).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lamina.orchestration._procs import signal_group, tail_lines
+
 #: bytes read from the end of a log to find its last lines
-_TAIL_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,22 +59,8 @@ class JobProcess:
             return self.process.wait()
 
     def _signal(self, sig: signal.Signals) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(sig)
+        signal_group(self.process, sig)
 
     def tail_log(self, lines: int) -> str:
         """The last ``lines`` lines of the job's log ('' if there is none)."""
-        try:
-            with self.log_path.open("rb") as log:
-                size = log.seek(0, os.SEEK_END)
-                log.seek(max(size - _TAIL_BYTES, 0))
-                data = log.read()
-        except OSError:
-            return ""
-        text = data.decode("utf-8", errors="replace").rstrip("\n")
-        return "\n".join(text.splitlines()[-lines:])
+        return tail_lines(self.log_path, lines)

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lamina.orchestration._handshake import PORT_FD_ENV, SECRET_ENV, new_secret, parse_report
+from lamina.orchestration._procs import signal_group, tail_lines
 from lamina.orchestration._workload import WorkloadSpec
 
 log = logging.getLogger(__name__)
 
 #: bytes read from the end of a log to find its last lines
-_TAIL_BYTES = 64 * 1024
 
 
 class ReplicaHandle(Protocol):
@@ -209,22 +209,8 @@ class LocalProcessBackend:
     @staticmethod
     def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         """Signal the replica's whole process group (it leads its own session), or it alone."""
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
+        signal_group(process, sig)
 
     def tail_log(self, handle: ProcessHandle, lines: int = 20) -> str:
         """The last ``lines`` lines of the replica's log, for error messages ('' if there is none)."""
-        try:
-            with handle.log_path.open("rb") as log_file:
-                size = log_file.seek(0, os.SEEK_END)
-                log_file.seek(max(size - _TAIL_BYTES, 0))
-                data = log_file.read()
-        except OSError:
-            return ""
-        text = data.decode("utf-8", errors="replace").rstrip("\n")
-        return "\n".join(text.splitlines()[-lines:])
+        return tail_lines(handle.log_path, lines)

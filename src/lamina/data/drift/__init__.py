@@ -13,7 +13,14 @@ from lamina.data.drift._report import (
     VersionResolver,
     publish_drift_metrics,
 )
-from lamina.data.drift._window import MAX_SAMPLE_CHARS, DriftWindow, Sample, WindowPolicy, parse_window
+from lamina.data.drift._window import (
+    MAX_SAMPLE_CHARS,
+    DriftWindow,
+    Sample,
+    WindowPolicy,
+    parse_window,
+    since_of,
+)
 
 __all__ = [
     "MAX_SAMPLE_CHARS",
@@ -30,5 +37,6 @@ __all__ = [
     "coverage",
     "parse_window",
     "publish_drift_metrics",
+    "since_of",
     "top_terms",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,23 @@ def parse_window(text: str) -> timedelta:
     if seconds <= 0:
         raise InvalidRequestError(f"the window must be longer than zero, got {text!r}", param="window")
     return timedelta(seconds=seconds)
+
+
+def since_of(text: str, now: datetime, name: str = "since") -> datetime:
+    """A moment given as a duration back from ``now`` (``15m``, ``7d``) or as an ISO date or time (UTC when
+    it names no zone); ``name`` is the option or parameter it came in, for the error."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            return now - parse_window(text)
+        except InvalidRequestError:
+            raise InvalidRequestError(
+                f"cannot read {name} {text!r}: give a duration such as 15m or 7d, or an ISO date or time "
+                "such as 2025-01-31 or 2025-01-31T12:00:00Z",
+                param=name.lstrip("-"),
+            ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
