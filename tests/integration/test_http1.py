@@ -18,6 +18,14 @@ from lamina.orchestration._http1 import Http1Client
 from tests.support import free_port
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=[pytest.param(False, id="asyncio"), pytest.param(True, id="uvloop")])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """The gateway runs on uvloop (uvicorn's choice when installed); tests elsewhere on asyncio's loop."""
+    return ("asyncio", {"use_uvloop": request.param})
+
+
 APP_DIR = Path(__file__).resolve().parents[1] / "support"
 
 
