@@ -338,7 +338,8 @@ async def test_a_stream_is_redacted_as_it_flows(guards: Guards) -> None:
         for e in events[:-1]
         if json.loads(e).get("choices") and json.loads(e)["choices"][0].get("finish_reason")
     ]
-    assert len(finishes) == 1 and events.index(finishes[0]) == len(events) - 2  # after all the text
+    assert len(finishes) == 1 and events.index(finishes[0]) == len(events) - 3  # after all the text
+    assert "lamina" in json.loads(events[-2])  # then the gateway's per-layer breakdown
     assert len([e for e in events if '"content"' in e]) > 2  # sent on in several chunks, not at the end
 
 

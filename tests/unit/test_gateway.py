@@ -106,7 +106,7 @@ async def test_chat_forwards_the_clients_body_and_strips_the_extension(gw: Gatew
     r = await gw.client.post("/v1/chat/completions", json=chat(f"{CHAT}@1", user="u-1", max_tokens=5))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert "lamina" not in body
+    assert set(body["lamina"]) == {"layers", "bottleneck", "total_ms"}  # the gateway's, not the replica's
     assert body["choices"][0]["message"]["content"] == "Hello world"
     assert body["usage"]["completion_tokens"] == 2
     [sent] = gw.dispatcher.sent
@@ -119,14 +119,14 @@ async def test_chat_forwards_the_clients_body_and_strips_the_extension(gw: Gatew
 async def test_completion(gw: Gateway) -> None:
     r = await gw.client.post("/v1/completions", json={"model": CHAT, "prompt": "The sky is"})
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["text"] == " blue" and "lamina" not in r.json()
+    assert r.json()["choices"][0]["text"] == " blue" and "start_ns" not in r.json()["lamina"]
 
 
 async def test_embeddings(gw: Gateway) -> None:
     r = await gw.client.post("/v1/embeddings", json={"model": EMBED, "input": ["a text"]})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["data"][0]["embedding"] == [0.6, 0.8] and "lamina" not in body
+    assert body["data"][0]["embedding"] == [0.6, 0.8] and "start_ns" not in body["lamina"]
     assert gw.dispatcher.sent[0].path == "/v1/embeddings"
 
 
@@ -144,8 +144,11 @@ async def test_stream_relays_the_events_and_drops_the_usage_chunk(gw: Gateway, p
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["choices"] for c in chunks), "the usage chunk was not dropped"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello world"
-    assert "lamina" not in r.text
-    assert r.text.encode() == b"".join(chat_events(CHAT)[:-2] + chat_events(CHAT)[-1:])  # bytes untouched
+    assert "start_ns" not in r.text  # the replica's extension stays behind; the last chunk is the gateway's
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["lamina"]["bottleneck"] is not None
+    sent, breakdown = r.text.encode(), events[-2].encode()
+    relayed = sent[: sent.index(b"data: " + breakdown)] + b"data: [DONE]\n\n"
+    assert relayed == b"".join(chat_events(CHAT)[:-2] + chat_events(CHAT)[-1:])  # bytes untouched
     assert gw.dispatcher.closed == 1
 
 
@@ -158,7 +161,7 @@ async def test_stream_keeps_the_usage_chunk_without_the_extension_when_asked(gw:
     usage_chunk = json.loads(events[-2])
     assert usage_chunk["choices"] == []
     assert usage_chunk["usage"] == {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
-    assert "lamina" not in usage_chunk
+    assert set(usage_chunk["lamina"]) == {"layers", "bottleneck", "total_ms"}  # the gateway's extension
 
 
 @pytest.mark.parametrize(
@@ -412,10 +415,20 @@ async def test_one_request_leaves_a_span_per_layer(gw: Gateway, stream: bool) ->
     assert r.status_code == 200
     assert gw.telemetry.force_flush()
     spans = {s["name"]: s for s in read_trace(gw.store, r.headers["x-lamina-trace-id"])}
-    assert set(spans) == {"POST /v1/chat/completions", "route", "dispatch", "engine"}
+    engine_parts = {"queue", "prefill", "decode", "device"}  # the replica's timings, and the compute span
+    steps = {"admission", "respond"}  # the gateway's own work before the dispatch and after the reply
+    assert set(spans) == {"POST /v1/chat/completions", "route", "dispatch", "engine", *engine_parts, *steps}
     root, route, dispatch, engine = (
         spans[n] for n in ("POST /v1/chat/completions", "route", "dispatch", "engine")
     )
+    assert all(spans[n]["parent_span_id"] == engine["span_id"] for n in engine_parts)
+    layers = [spans[n]["layer"] for n in ("queue", "prefill", "decode", "device")]
+    assert layers == ["models", "models", "models", "compute"]
+    started = int(str(LAMINA["start_ns"]))
+    queued, first = started - 1_500_000, started + 6_500_000  # ttft 8 ms from receipt
+    assert (spans["queue"]["start_ns"], spans["queue"]["end_ns"]) == (queued, LAMINA["start_ns"])
+    assert (spans["prefill"]["start_ns"], spans["prefill"]["end_ns"]) == (LAMINA["start_ns"], first)
+    assert (spans["decode"]["start_ns"], spans["decode"]["end_ns"]) == (first, LAMINA["end_ns"])
     assert [s["layer"] for s in (root, route, dispatch, engine)] == [
         "application",
         "models",
@@ -424,8 +437,17 @@ async def test_one_request_leaves_a_span_per_layer(gw: Gateway, stream: bool) ->
     ]
     assert root["parent_span_id"] is None
     assert route["parent_span_id"] == dispatch["parent_span_id"] == root["span_id"]
+    assert all(
+        spans[n]["parent_span_id"] == root["span_id"] and spans[n]["layer"] == "application" for n in steps
+    )
+    assert (
+        route["end_ns"]
+        <= spans["admission"]["start_ns"]
+        <= spans["admission"]["end_ns"]
+        <= dispatch["start_ns"]
+    )
     assert engine["parent_span_id"] == dispatch["span_id"]
-    assert (engine["start_ns"], engine["end_ns"]) == (LAMINA["start_ns"], LAMINA["end_ns"])
+    assert (engine["start_ns"], engine["end_ns"]) == (queued, LAMINA["end_ns"])
     assert engine["attributes"]["lamina.queue_ms"] == 1.5 and engine["attributes"]["lamina.ttft_ms"] == 8.0
     assert dispatch["attributes"]["lamina.replica.id"] == "chat-model-0"
     assert dispatch["attributes"]["lamina.dispatch.attempts"] == 1

@@ -98,7 +98,7 @@ async def test_a_stream_is_settled_when_its_usage_arrives(gw: Gw) -> None:
     r = await gw.client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.headers["x-a"] == "admitted"
     usage = [e for e in events_of(r.text) if e.startswith("{") and '"choices":[]' in e]
-    assert usage and '"a":' in usage[0] and '"lamina"' not in usage[0]
+    assert usage and '"a":' in usage[0] and '"start_ns"' not in usage[0]  # the replica's extension
     settled = [u for name, step, u in gw.log if step == "settle"]
     assert len(settled) == 2 and all(isinstance(u, Usage) and u.completion_tokens > 0 for u in settled)
 

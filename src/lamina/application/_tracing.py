@@ -8,6 +8,7 @@ paths get a trace id too, from a span that is not recorded, so the spans table h
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -16,6 +17,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import SpanContext, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -26,14 +28,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lamina.application._ports import DispatchResult, Route
 from lamina.errors import LaminaError
-from lamina.observability import LAYER, Layer, Telemetry
+from lamina.observability import LAYER, Breakdown, Layer, Telemetry
 
 log = logging.getLogger("lamina.gateway")
 
 TRACE_HEADER = "x-lamina-trace-id"
+#: the per-layer breakdown, ``layer=ms;...`` (observability/_breakdown.py documents the format)
+LAYERS_HEADER = "x-lamina-layers"
 #: the routes that get a recorded root span and request metrics
 METERED = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _SCOPE_KEY = "lamina.exchange"
+_LAYERS_HEADER = LAYERS_HEADER.encode()
 _IDS = RandomIdGenerator()
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -62,6 +67,13 @@ class Exchange:
         self.outcome: int | None = None
         self._in_flight = False
         self._first_token = False
+        #: the deployment counted in lamina_num_requests_waiting, until its first dispatch
+        self._waiting: str | None = None
+        #: the breakdown the answer's body reports (the header repeats it)
+        self.reported: Breakdown | None = None
+        #: when it was routed, and when the (last) reply came: the bounds of the application steps
+        self._bound_ns = 0
+        self._replied_ns = 0
 
     @staticmethod
     def of(request: Request) -> Exchange:
@@ -80,8 +92,62 @@ class Exchange:
         self.span.set_attribute("gen_ai.response.model", route.served_name)
         if route.model_version:
             self.span.set_attribute("lamina.model_version", route.model_version)
-        self.telemetry.metrics.in_flight.labels(self.model).inc()
+        metrics = self.telemetry.metrics
+        metrics.child(metrics.in_flight, self.model).inc()
         self._in_flight = True
+        metrics.child(metrics.engine.waiting, self.model).inc()
+        self._waiting = self.model
+        self._bound_ns = time.time_ns()
+
+    def breakdown(self) -> Breakdown | None:
+        """Where this request's time went so far, per layer (None when its spans are not recorded)."""
+        span = self.span
+        return self.telemetry.keeper.breakdown(span) if isinstance(span, ReadableSpan) else None
+
+    def extension(self) -> dict[str, Any] | None:
+        """The ``lamina`` extension of the answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``;
+        the response's ``x-lamina-layers`` header, if not sent yet, says the same."""
+        result = self.reported = self.breakdown()
+        return None if result is None else result.as_json()
+
+    def final_event(self, chunk: Mapping[str, Any] | None) -> bytes:
+        """The stream's last chunk before ``[DONE]`` when the client asked for no usage chunk: one empty
+        choice (no text, no finish reason, so a client reading ``choices[0]`` of every chunk still works)
+        and the ``lamina`` extension; ``id``, ``object``, ``created``, ``model`` are the replica's."""
+        ext = self.extension()
+        if ext is None:
+            return b""
+        event: dict[str, Any] = {
+            k: chunk[k] for k in ("id", "object", "created", "model") if chunk and k in chunk
+        }
+        completion = event.get("object") == "text_completion"
+        empty: dict[str, Any] = {"text": ""} if completion else {"delta": {}}
+        event["choices"] = [{"index": 0, **empty, "finish_reason": None}]
+        event["lamina"] = ext
+        return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+    @contextmanager
+    def step(self, name: str, layer: Layer = Layer.APPLICATION) -> Iterator[trace.Span]:
+        """A child span of this request for one step (auth, limits, guards, cache, template, ...)."""
+        with self.telemetry.span(name, layer) as span:
+            yield span
+
+    def _dispatching(self, deployment: str) -> None:
+        metrics = self.telemetry.metrics
+        if self._waiting is not None:  # the first try: the gateway's checks before it are one span
+            metrics.child(metrics.engine.waiting, self._waiting).dec()
+            self._waiting = None
+            self._step("admission", self._bound_ns)
+        metrics.child(metrics.engine.running, deployment).inc()
+
+    def _step(self, name: str, since_ns: int) -> None:
+        """An application span of the root from ``since_ns`` to now, recorded after the fact (cheap):
+        ``admission`` (cache lookup, rate limits, budgets, input guards, between routing and the first
+        dispatch) and ``respond`` (output guards, cache store, settling, sending, after the reply)."""
+        if since_ns and self.span.is_recording():
+            ctx = self.span.get_span_context()
+            attrs: dict[str, AttributeValue] = {LAYER: Layer.APPLICATION.value}
+            self.telemetry.keeper.add(ctx.trace_id, ctx.span_id, name, attrs, since_ns, time.time_ns())
 
     def fail(self, exc: LaminaError) -> None:
         """Mark the request failed with ``exc`` (the error body the client gets says the same)."""
@@ -101,10 +167,15 @@ class Exchange:
     def dispatch_span(self, deployment: str) -> Iterator[tuple[trace.Span, dict[str, str]]]:
         """The orchestration span around a dispatcher call, and the headers that carry it to the replica."""
         attrs: dict[str, AttributeValue] = {LAYER: Layer.ORCHESTRATION.value, "lamina.deployment": deployment}
-        with self.telemetry.tracer.start_as_current_span("dispatch", attributes=attrs) as span:
-            headers: dict[str, str] = {}
-            _PROPAGATOR.inject(headers)
-            yield span, headers
+        self._dispatching(deployment)
+        try:
+            with self.telemetry.tracer.start_as_current_span("dispatch", attributes=attrs) as span:
+                headers: dict[str, str] = {}
+                _PROPAGATOR.inject(headers)
+                yield span, headers
+        finally:
+            metrics = self.telemetry.metrics
+            metrics.child(metrics.engine.running, deployment).dec()
 
     @staticmethod
     def dispatched(span: trace.Span, result: DispatchResult) -> None:
@@ -129,29 +200,75 @@ class Exchange:
         if tokens_out is not None:
             self.span.set_attribute("gen_ai.usage.output_tokens", int(tokens_out))
         engine_ms = _number(ext.get("engine_ms"))
-        self.telemetry.metrics.observe_tokens(
+        metrics = self.telemetry.metrics
+        metrics.observe_tokens(
             model=self.model,
             input_tokens=int(tokens_in or 0),
             output_tokens=int(tokens_out or 0),
             seconds=engine_ms / 1000 if engine_ms is not None else None,
         )
-        self._engine_span(dispatch, ext)
+        queue_ms, ttft_ms = _number(ext.get("queue_ms")), _number(ext.get("ttft_ms"))
+        prefill_ms = None if ttft_ms is None or queue_ms is None else max(ttft_ms - queue_ms, 0.0)
+        decode_ms = None
+        if engine_ms is not None and prefill_ms is not None and tokens_out is not None:
+            decode_ms = max(engine_ms - prefill_ms, 0.0)
+        metrics.engine.observe_engine(
+            self.model,
+            queue_ms=queue_ms,
+            prefill_ms=prefill_ms if tokens_out is not None else None,
+            decode_ms=decode_ms,
+            output_tokens=int(tokens_out or 0),
+        )
+        details = usage.get("prompt_tokens_details")
+        cached = _number(details.get("cached_tokens")) if isinstance(details, dict) else None
+        if cached is not None and tokens_in is not None:
+            metrics.engine.observe_prefix_cache(
+                self.model, prompt_tokens=int(tokens_in), cached_tokens=int(cached)
+            )
+        if self.span.is_recording():
+            self._replied_ns = time.time_ns()
+            self._engine_span(dispatch, ext, prefill_ms, tokens_out is not None)
         return ext
 
-    def _engine_span(self, parent: trace.Span, ext: Mapping[str, Any]) -> None:
-        """The replica's engine work as a span of its own, timed by the replica's clock (same host)."""
+    def _engine_span(
+        self, parent: trace.Span, ext: Mapping[str, Any], prefill_ms: float | None, generates: bool
+    ) -> None:
+        """The replica's work as spans timed by the replica's clock (same host): ``engine`` (models) from
+        receipt to the end, with ``queue``, then ``prefill`` up to the first token and ``decode`` after it
+        (``embed`` for an embedding), and ``device`` (compute): the device and its utilisation then."""
         start, end = ext.get("start_ns"), ext.get("end_ns")
         if not (isinstance(start, int) and isinstance(end, int)) or isinstance(start, bool) or end < start:
             return
+        queue_ms = _number(ext.get("queue_ms")) or 0.0
+        received = max(start - int(queue_ms * 1e6), 0)
         attrs: dict[str, AttributeValue] = {LAYER: Layer.MODELS.value}
-        for key in ("queue_ms", "ttft_ms", "engine_ms"):
+        for key in ("queue_ms", "ttft_ms", "engine_ms", "compute_ms"):
             value = _number(ext.get(key))
             if value is not None:
                 attrs[f"lamina.{key}"] = value
         if isinstance(ext.get("model_version"), str):
             attrs["lamina.model_version"] = ext["model_version"]
-        context = trace.set_span_in_context(parent)
-        self.telemetry.tracer.start_span("engine", context, attributes=attrs, start_time=start).end(end)
+        keep = self.telemetry.keeper.add  # records, not spans: cheap unless the trace is kept
+        ctx = parent.get_span_context()
+        trace_id = ctx.trace_id
+
+        def add(parent_id: int, name: str, attrs: dict[str, AttributeValue], start: int, end: int) -> None:
+            keep(trace_id, parent_id, name, attrs, start, end)
+
+        engine = keep(trace_id, ctx.span_id, "engine", attrs, received, end)
+        if engine is None:
+            return
+        models: dict[str, AttributeValue] = {LAYER: Layer.MODELS.value}
+        if start > received:
+            add(engine, "queue", models, received, start)
+        if generates and prefill_ms is not None:
+            first = min(max(start + int(prefill_ms * 1e6), start), end)
+            add(engine, "prefill", models, start, first)
+            if end > first:
+                add(engine, "decode", models, first, end)
+        else:
+            add(engine, "embed" if not generates else "generate", models, start, end)
+        add(engine, "device", self.telemetry.device_span(self.model), start, start)
 
     def finish(self, status: int) -> None:
         """The last byte is sent (or the client left): count the request and end its root span."""
@@ -159,14 +276,42 @@ class Exchange:
         self.span.set_attribute("http.response.status_code", status)
         if status >= 500:
             self.span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+        metrics = self.telemetry.metrics
         if self._in_flight:
-            self.telemetry.metrics.in_flight.labels(self.model).dec()
+            metrics.child(metrics.in_flight, self.model).dec()
+        if self._waiting is not None:
+            metrics.child(metrics.engine.waiting, self._waiting).dec()
+            self._waiting = None
         if self.endpoint is not None:
             seconds = time.perf_counter() - self.started
-            self.telemetry.metrics.observe_request(
-                endpoint=self.endpoint, model=self.model, status=status, seconds=seconds
-            )
+            metrics.observe_request(endpoint=self.endpoint, model=self.model, status=status, seconds=seconds)
+            if self.model:
+                metrics.child(metrics.engine.e2e, self.model).observe(seconds)
+        self._step("respond", self._replied_ns)
+        self._count_outcomes()
         self.span.end()
+
+    def _count_outcomes(self) -> None:
+        """The per-layer time and what the policies recorded on the root span, as metrics: the breakdown
+        the answer reported (all but the sending of its last bytes), else the one of now."""
+        result = self.reported or self.breakdown()
+        if result is None:
+            return
+        traffic, child = self.telemetry.metrics.traffic, self.telemetry.metrics.child
+        for layer, ms in result.layers.items():
+            if ms > 0:
+                child(traffic.layer_seconds, layer).inc(ms / 1000)
+        bottleneck = result.bottleneck
+        if bottleneck is not None:
+            child(traffic.bottleneck, bottleneck).inc()
+            self.span.set_attribute("lamina.bottleneck", bottleneck)
+        attributes = getattr(self.span, "attributes", None) or {}
+        cache = attributes.get("lamina.cache")
+        if isinstance(cache, str):
+            child(traffic.cache, cache).inc()
+        limited = attributes.get("lamina.rate_limited")
+        if isinstance(limited, str):
+            child(traffic.rate_limited, limited).inc()
 
 
 def internal_error(trace_id: str) -> LaminaError:
@@ -215,7 +360,11 @@ class TelemetryMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                headers = [*message.get("headers", []), header]
+                layers = exchange.reported or exchange.breakdown()  # a stream's: up to its first byte
+                if layers is not None:
+                    headers.append((_LAYERS_HEADER, layers.header().encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:

@@ -18,6 +18,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from lamina.observability._serving_metrics import EngineMetrics, LabelCache, TrafficMetrics
+
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TPS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
@@ -70,27 +72,32 @@ class GatewayMetrics:
             ("guard", "action", "direction"),
             registry=reg,
         )
+        #: the engine's series under vLLM's names, and the cache, rate-limit, layer and trace ones
+        #: ``child(metric, *labels)``: a labelled series, looked up once
+        self.child = LabelCache()
+        self.engine = EngineMetrics(reg, self.child)
+        self.traffic = TrafficMetrics(reg)
 
     def observe_request(self, *, endpoint: str, model: str, status: int, seconds: float) -> None:
         """Count one finished request and its duration."""
-        self.requests.labels(endpoint, model, str(status)).inc()
-        self.request_duration.labels(endpoint, model).observe(seconds)
+        self.child(self.requests, endpoint, model, str(status)).inc()
+        self.child(self.request_duration, endpoint, model).observe(seconds)
 
     def observe_guard(self, *, guard: str, action: str, direction: str) -> None:
         """Count one guard's decision on one request (``guard`` is a configured guard's name)."""
         self.guard_decisions.labels(guard, action, direction).inc()
 
     def observe_first_token(self, *, model: str, seconds: float) -> None:
-        self.time_to_first_token.labels(model).observe(seconds)
+        self.child(self.time_to_first_token, model).observe(seconds)
 
     def observe_tokens(
         self, *, model: str, input_tokens: int, output_tokens: int, seconds: float | None
     ) -> None:
         """Count tokens; ``seconds`` is the generation time the speed is measured over (None: unknown)."""
-        self.input_tokens.labels(model).inc(max(input_tokens, 0))
-        self.output_tokens.labels(model).inc(max(output_tokens, 0))
+        self.child(self.input_tokens, model).inc(max(input_tokens, 0))
+        self.child(self.output_tokens, model).inc(max(output_tokens, 0))
         if output_tokens > 0 and seconds is not None and seconds > 0:
-            self.tokens_per_second.labels(model).observe(output_tokens / seconds)
+            self.child(self.tokens_per_second, model).observe(output_tokens / seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every series, and its content type."""
@@ -215,10 +222,15 @@ class DeviceMetrics:
         )
         #: the label sets of every GPU series set so far
         self._gpus: set[tuple[str, str, str, str]] = set()
+        #: the latest sample, for the compute span of each request: node -> (load1, usable cores), and
+        #: (node, gpu index) -> (model name, utilization %)
+        self.nodes: dict[str, tuple[float, int]] = {}
+        self.gpus: dict[tuple[str, str], tuple[str, float | None]] = {}
 
     def set_node(
         self, node: str, *, load1: float, usable_cores: int, memory_total: int, memory_available: int
     ) -> None:
+        self.nodes[node] = (load1, usable_cores)
         self.cpu_load.labels(node).set(load1)
         self.cpu_usable.labels(node).set(usable_cores)
         self.memory_total.labels(node).set(memory_total)
@@ -237,6 +249,7 @@ class DeviceMetrics:
         """One GPU's readings; ``labels`` is (node, gpu index, uuid, model name). A reading the device
         does not give (None) is left unset."""
         self._gpus.add(labels)
+        self.gpus[(labels[0], labels[1])] = (labels[3], utilization_pct)
         values = (utilization_pct, memory_used, memory_free, temperature_c, power_w)
         for gauge, value in zip(self.gpu_gauges, values, strict=True):
             if value is not None:
@@ -249,3 +262,5 @@ class DeviceMetrics:
                 with contextlib.suppress(KeyError):  # a reading the GPU never gave has no series
                     gauge.remove(*labels)
         self._gpus &= keep
+        kept = {(labels[0], labels[1]) for labels in keep}
+        self.gpus = {k: v for k, v in self.gpus.items() if k in kept}

@@ -1,26 +1,44 @@
 """Spans kept in the metadata store, so a trace can be read back by its id without a tracing backend.
 
-The exporter runs on the BatchSpanProcessor's thread: a failing store loses that batch (logged) and never
-reaches the request path.
+:class:`SpanWriter` is the path kept traces take (see ``_keeper.py``): a thread of its own that turns
+spans into rows and writes them with SQLAlchemy Core ``executemany`` inserts, in transactions of at most
+:data:`ROWS_PER_TRANSACTION` spans, so SQLite's write lock is only ever held for a few milliseconds and
+the event loop's own reads and writes (keys, budgets) never wait long behind it. Each trace also gets
+its row in ``traces`` (its per-layer breakdown, for listing and retention). A failing store loses that
+batch (logged) and never reaches the request path; a writer that falls behind drops whole traces
+(counted in :attr:`SpanWriter.dropped`) rather than hold memory without bound.
+
+:class:`StoreSpanExporter` is the same rows as a plain OpenTelemetry exporter (every span it is given).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from lamina.errors import StoreError
-from lamina.store import Store, spans
+from lamina.observability._breakdown import Timed, breakdown
+from lamina.observability._sampling import Kept
+from lamina.store import Store, spans, traces
 
 log = logging.getLogger(__name__)
 
 #: the span attribute that names the layer a span belongs to (also its own column in the store)
 LAYER = "lamina.layer"
+#: the most span rows one transaction inserts
+ROWS_PER_TRANSACTION = 400
+#: the fixed part of a span row's size estimate (ids, name, times, status, three index entries): with it
+#: the estimate matches the SQLite file's growth per span (bench/tracing_overhead.py measured ~380 bytes)
+_ROW_OVERHEAD = 280
 
 
 class SpanRow(TypedDict):
@@ -69,6 +87,145 @@ def _row(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
+def _size(row: Mapping[str, Any]) -> int:
+    """About how many bytes ``row`` takes in the store (its attributes as JSON, plus a fixed part)."""
+    attrs = row["attributes"]
+    return _ROW_OVERHEAD + len(row["name"]) + sum(len(k) + len(str(v)) + 6 for k, v in attrs.items())
+
+
+def _summary(root: ReadableSpan, rows: Sequence[Mapping[str, Any]], kept: Kept, size: int) -> dict[str, Any]:
+    """The ``traces`` row of a kept trace whose root is ``root`` and spans are ``rows``."""
+    assert root.context is not None
+    root_id = format(root.context.span_id, "016x")
+    root_row = next(r for r in rows if r["span_id"] == root_id)
+    attrs = root_row["attributes"]
+    timings: list[Timed] = []
+    for r in rows:
+        parent = r["parent_span_id"]
+        timings.append(
+            Timed(
+                int(r["span_id"], 16),
+                int(parent, 16) if parent else None,
+                r["layer"],
+                r["start_ns"],
+                r["end_ns"],
+            )
+        )
+    result = breakdown(timings, int(root_row["span_id"], 16), root_row["end_ns"])
+    status = attrs.get("http.response.status_code")
+    error = any(r["status"] == "error" for r in rows)
+    return {
+        "trace_id": root_row["trace_id"],
+        "start_ns": root_row["start_ns"],
+        "duration_ms": round((root_row["end_ns"] - root_row["start_ns"]) / 1e6, 3),
+        "status": "error" if error else "ok",
+        "http_status": int(status) if isinstance(status, int) else None,
+        "route": str(attrs.get("http.route") or root_row["name"])[:100],
+        "model": str(attrs.get("lamina.deployment") or "")[:200],
+        "layers": result.layers,
+        "bottleneck": result.bottleneck,
+        "kept": kept.value,
+        "span_count": len(rows),
+        "size_bytes": size,
+    }
+
+
+def _insert(store: Store, span_rows: list[dict[str, Any]], trace_rows: list[dict[str, Any]]) -> None:
+    """Span rows in transactions of at most :data:`ROWS_PER_TRANSACTION`; the trace rows with the last."""
+    for at in range(0, max(len(span_rows), 1), ROWS_PER_TRANSACTION):
+        chunk = span_rows[at : at + ROWS_PER_TRANSACTION]
+        last = at + ROWS_PER_TRANSACTION >= len(span_rows)
+        with store.begin() as conn:
+            if chunk:
+                conn.execute(spans.insert(), chunk)
+            if last and trace_rows:
+                conn.execute(traces.insert(), trace_rows)
+
+
+_STOP = object()
+
+
+class SpanWriter:
+    """Writes kept traces to the store from a thread of its own (see the module doc)."""
+
+    def __init__(self, store: Store, *, max_queued: int = 2000, linger_s: float = 0.2) -> None:
+        self._store = store
+        self._linger_s = linger_s
+        self._queue: queue.Queue[object] = queue.Queue(max_queued)
+        self._idle = threading.Condition()
+        self._pending = 0
+        #: spans of traces dropped because the writer fell behind, and of batches the store refused
+        self.dropped = 0
+        self.lost = 0
+        self._thread = threading.Thread(target=self._run, name="lamina-span-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, root: ReadableSpan, spans_: Sequence[ReadableSpan], kept: Kept) -> None:
+        """Queue one kept trace (called on the request path: never blocks)."""
+        with self._idle:
+            self._pending += 1
+        try:
+            self._queue.put_nowait((root, spans_, kept))
+        except queue.Full:
+            self.dropped += len(spans_)
+            self._done(1)
+
+    def _done(self, n: int) -> None:
+        with self._idle:
+            self._pending -= n
+            if self._pending <= 0:
+                self._idle.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch, stop = [item], False
+            until = time.monotonic() + self._linger_s  # a moment for more traces: fewer transactions
+            while len(batch) < 200 and not stop:
+                try:
+                    more = self._queue.get(timeout=max(until - time.monotonic(), 0.0))
+                except queue.Empty:
+                    break
+                stop = more is _STOP
+                if not stop:
+                    batch.append(more)
+            self._write(batch)
+            if stop:
+                return
+
+    def _write(self, batch: list[Any]) -> None:
+        span_rows: list[dict[str, Any]] = []
+        trace_rows: list[dict[str, Any]] = []
+        try:
+            for root, spans_, kept in batch:
+                rows = [_row(s) for s in spans_]
+                size = sum(_size(r) for r in rows)
+                span_rows.extend(rows)
+                trace_rows.append(_summary(root, rows, kept, size))
+            _insert(self._store, span_rows, trace_rows)
+        except (StoreError, SQLAlchemyError) as exc:
+            self.lost += len(span_rows)
+            log.warning("lost %d spans of %d traces: %s", len(span_rows), len(batch), exc)
+        except Exception:  # a bug here must not end the writer for the process's life
+            self.lost += len(span_rows)
+            log.exception("lost %d spans of %d traces", len(span_rows), len(batch))
+        finally:
+            self._done(len(batch))
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every trace queued so far is written (or lost); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending <= 0, timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is queued, then stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout_s)
+
+
 class StoreSpanExporter(SpanExporter):
     """Writes finished spans to the ``spans`` table of a migrated store (the store stays the caller's)."""
 
@@ -80,10 +237,9 @@ class StoreSpanExporter(SpanExporter):
         if not rows:
             return SpanExportResult.SUCCESS
         try:
-            with self._store.begin() as conn:
-                conn.execute(spans.insert(), rows)
-        except StoreError as exc:
-            log.warning("lost %d spans: %s", len(rows), exc.message)
+            _insert(self._store, rows, [])
+        except (StoreError, SQLAlchemyError) as exc:
+            log.warning("lost %d spans: %s", len(rows), exc)
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 

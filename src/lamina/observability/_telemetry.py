@@ -1,28 +1,37 @@
 """Traces and metrics of one process, kept on one object that the composition root builds and passes in.
 
-OpenTelemetry's global tracer provider is left alone: ``Telemetry`` holds its own ``TracerProvider``, so
-two stacks (or two tests) in one process never mix their spans, and nothing depends on import order.
+OpenTelemetry's global tracer provider is left alone: ``Telemetry`` holds its own tracer, so two stacks
+(or two tests) in one process never mix their spans, and nothing depends on import order.
 Every span carries ``lamina.layer`` (:data:`LAYER`) with one of the :class:`Layer` names; that attribute
 is what lets a trace say which layer a request's time went to.
+
+Every span goes through one :class:`~lamina.observability._keeper.TraceKeeper`: it holds a trace's spans
+until its root ends, answers "where did this request's time go" meanwhile, and then keeps the trace (an
+error, a slow one, or sampled) for the store and the OTLP exporter, or drops it. With a store, a
+background :class:`~lamina.observability._traces.TraceRetention` keeps the stored traces within bounds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from enum import StrEnum
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.util.types import AttributeValue
 from prometheus_client import CollectorRegistry
 
-from lamina.observability._metrics import GatewayMetrics
-from lamina.observability._store_exporter import LAYER, StoreSpanExporter
+from lamina.config import ObservabilityConfig
+from lamina.observability._keeper import TraceKeeper
+from lamina.observability._light import LightTracer
+from lamina.observability._metrics import DeviceMetrics, GatewayMetrics
+from lamina.observability._sampling import SamplingPolicy, TraceSampler
+from lamina.observability._store_exporter import LAYER, SpanWriter
+from lamina.observability._traces import RetentionPolicy, TraceRetention
 from lamina.store import Store
 
 
@@ -37,9 +46,12 @@ class Layer(StrEnum):
 
 
 class Telemetry:
-    """A tracer whose spans go to the metadata store and/or an OTLP/HTTP collector, and the gateway metrics.
+    """A tracer whose kept traces go to the metadata store and/or an OTLP/HTTP collector, and the metrics.
 
-    Call :meth:`shutdown` when the process stops: it flushes the spans still queued for export.
+    ``tracing=False`` records no spans at all (no breakdown either). ``sampling`` decides which finished
+    traces are kept (default: errors, slow ones, and up to 2 others a second); ``retention`` bounds what
+    the store holds (default: 7 days, 50,000 traces, 64 MiB). Call :meth:`shutdown` when the process
+    stops: it writes the spans still queued and stops the background threads.
     """
 
     def __init__(
@@ -49,36 +61,89 @@ class Telemetry:
         store: Store | None = None,
         otlp_endpoint: str | None = None,
         registry: CollectorRegistry | None = None,
+        tracing: bool = True,
+        sampling: SamplingPolicy | None = None,
+        retention: RetentionPolicy | None = None,
+        retention_interval_s: float = 30.0,
     ) -> None:
         self.service_name = service_name
-        self._provider = TracerProvider(
-            sampler=ALWAYS_ON, resource=Resource({SERVICE_NAME: service_name}), shutdown_on_exit=False
-        )
-        if store is not None:
-            self._provider.add_span_processor(BatchSpanProcessor(StoreSpanExporter(store)))
+        self.tracing = tracing
+        resource = Resource({SERVICE_NAME: service_name})
+        self.metrics = GatewayMetrics(registry)
+        #: the compute layer's sampled devices (gauges, and the latest values for each request's span)
+        self.devices = DeviceMetrics(self.metrics.registry)
+        #: deployment -> the kind of device its replicas run on (``cpu`` or ``gpu``), set by the stack
+        self.device_kinds: dict[str, str] = {}
+        sinks: list[SpanProcessor] = []
         if otlp_endpoint:
             # the full signal URL, e.g. http://127.0.0.1:4318/v1/traces (the config documents it so)
-            self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
-        self.tracer: trace.Tracer = self._provider.get_tracer("lamina")
-        self.metrics = GatewayMetrics(registry)
+            sinks.append(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+        writer = SpanWriter(store) if store is not None and tracing else None
+        sampler = TraceSampler(sampling or SamplingPolicy())
+        self.keeper = TraceKeeper(
+            sampler, writer, sinks, decisions=self.metrics.traffic.traces, resource=resource
+        )
+        self.retention: TraceRetention | None = None
+        if writer is not None and store is not None:
+            self.retention = TraceRetention(store, retention or RetentionPolicy())
+            self.retention.start(retention_interval_s)
+        #: spans as plain records until their trace is kept (``_light.py``); OpenTelemetry's API all the same
+        self.tracer: trace.Tracer = LightTracer(self.keeper, resource, record=tracing)
 
-    @contextmanager
+    @classmethod
+    def of(cls, config: ObservabilityConfig, store: Store | None) -> Telemetry:
+        """The telemetry the ``observability:`` config section describes, storing spans in ``store``."""
+        return cls(
+            service_name=config.service_name,
+            store=store if config.store_spans else None,
+            otlp_endpoint=config.otlp_endpoint,
+            tracing=config.tracing,
+            sampling=SamplingPolicy(config.sample_rate, config.sampled_per_s, config.slow_ms),
+            retention=RetentionPolicy(
+                config.retention_max_age_s, config.retention_max_traces, config.retention_max_bytes
+            ),
+            retention_interval_s=config.retention_interval_s,
+        )
+
     def span(
         self, name: str, layer: Layer, attributes: Mapping[str, AttributeValue] | None = None
-    ) -> Iterator[trace.Span]:
+    ) -> AbstractContextManager[trace.Span]:
         """A child of the current span, tagged with its layer; an exception marks it ERROR and propagates."""
         attrs: dict[str, AttributeValue] = {LAYER: layer.value, **(attributes or {})}
-        with self.tracer.start_as_current_span(name, attributes=attrs) as span:
-            yield span
+        return self.tracer.start_as_current_span(name, attributes=attrs)
+
+    def device_span(self, deployment: str) -> dict[str, AttributeValue]:
+        """The attributes of a request's compute span: the kind of device ``deployment`` runs on and, from
+        the compute layer's latest sample, its node and utilisation (GPUs: their mean; CPU: the 1-minute
+        load over the usable cores)."""
+        kind = self.device_kinds.get(deployment, "cpu")
+        attrs: dict[str, AttributeValue] = {LAYER: Layer.COMPUTE.value, "lamina.device.kind": kind}
+        devices = self.devices
+        if kind == "gpu" and devices.gpus:
+            used = [u for _, u in devices.gpus.values() if u is not None]
+            attrs["lamina.device.name"] = next(iter(devices.gpus.values()))[0]
+            if used:
+                attrs["lamina.device.utilization_pct"] = round(sum(used) / len(used), 1)
+        elif devices.nodes:
+            node, (load1, cores) = next(iter(devices.nodes.items()))
+            attrs["lamina.device.node"] = node
+            if cores > 0:
+                attrs["lamina.device.utilization_pct"] = round(min(load1 / cores, 1.0) * 100, 1)
+        return attrs
 
     def render_metrics(self) -> tuple[bytes, str]:
         """The Prometheus exposition of the gateway metrics, and its content type."""
+        writer = self.keeper.writer
+        if writer is not None:
+            self.metrics.traffic.spans_lost.set(writer.dropped + writer.lost)
         return self.metrics.render()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """Export every finished span now; False if an exporter did not finish in time."""
-        return self._provider.force_flush(timeout_millis)
+        """Export every kept trace now; False if an exporter did not finish in time."""
+        return self.keeper.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
-        """Flush and stop the exporters; spans started afterwards are dropped."""
-        self._provider.shutdown()
+        """Flush and stop the exporters and the retention; spans started afterwards are dropped."""
+        if self.retention is not None:
+            self.retention.stop()
+        self.keeper.shutdown()

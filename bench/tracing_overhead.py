@@ -1,0 +1,331 @@
+"""What tracing, span storage and the per-layer breakdown cost the gateway, and how big the trace store gets.
+
+    apt-get install wrk                    # the load generator (C, so the client costs little CPU)
+    .venv/bin/python bench/tracing_overhead.py [--seconds 10] [--rounds 3] [--store-traces 100000]
+
+Part 1, HTTP (one run, side by side): two `lamina up` stacks serve the same fake-engine deployment (the
+chat request of bench/gateway_overhead.py, 8 tokens, non-streamed):
+
+- off: ``observability: {tracing: false, store_spans: false}``: no spans, no breakdown, nothing stored;
+- on: the defaults: every span recorded, the x-lamina-layers header and the ``lamina`` extension on every
+  answer, tail-aware sampling into the store (errors, slow ones, up to 2 others a second), retention.
+
+(the Prometheus metrics are on in both: they cannot be turned off, so their cost is in both numbers;
+``--keep-all`` adds a third stack that stores every trace, the worst case of an error storm.)
+wrk drives each stack in turn, ``--rounds`` times (off, on, off, on, ...) so that drift of a shared
+machine hits both alike, at 1 and 16 connections; reported: requests per second, p50/p99, and the
+gateway process's CPU time per request, with the cost of "on" against "off" (target: under 3%).
+
+Part 2, the store's bound (``--store-traces N``, default 100,000): N request-shaped traces (the spans one
+chat request records: root, route, dispatch, engine, queue, prefill, decode, device) through the real
+keeper, writer and retention on a SQLite store, as fast as the writer takes them, every trace kept (the
+worst case), with retention's default limits (50,000 traces, 64 MiB) running every second. Reported: the
+``traces`` and ``spans`` rows and the database's bytes at the end, against the bound; and the same N
+traces under the default sampling, driven at 1,000 requests a second of simulated time (how many are kept).
+This drives the exporter directly: 100k HTTP requests would take minutes per stack on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import psutil
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+from sqlalchemy import func, select, text
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+from gateway_overhead import MODEL, TOKENS, _machine, wrk  # noqa: E402
+from tests.support import CHAT, EMBED, ReplayDispatcher, StaticCatalog, start_stack, stop_stack  # noqa: E402
+
+from lamina.application import GatewayDeps, create_app  # noqa: E402
+from lamina.observability import (  # noqa: E402
+    LAYER,
+    RetentionPolicy,
+    SamplingPolicy,
+    Telemetry,
+    TraceRetention,
+    TraceSampler,
+)
+from lamina.observability._keeper import TraceKeeper  # noqa: E402
+from lamina.observability._store_exporter import SpanWriter  # noqa: E402
+from lamina.store import Store, spans, traces  # noqa: E402
+
+MODES: dict[str, dict[str, Any]] = {
+    "off": {"tracing": False, "store_spans": False},
+    "on": {},
+    "keep-all": {"sampled_per_s": 1_000_000.0},
+}
+
+
+@contextmanager
+def stack_of(tmp: Path, observability: dict[str, Any]) -> Iterator[tuple[str, psutil.Process]]:
+    deployment = {"name": MODEL, "engine": "fake", "options": {"fake": {"mode": "replay", "tokens": TOKENS}}}
+    config = {"register_bundled": False, "deployments": [deployment], "observability": observability}
+    tmp.mkdir(parents=True, exist_ok=True)
+    stack = start_stack(tmp, json.dumps(config))
+    try:
+        yield stack.base_url, psutil.Process(stack.proc.pid)
+    finally:
+        stop_stack(stack)
+
+
+def http_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    names = ["off", "on"] + (["keep-all"] if args.keep_all else [])
+    out: dict[str, Any] = {}
+    with ExitStack() as stacks:
+        targets = {n: stacks.enter_context(stack_of(tmp / n, MODES[n])) for n in names}
+        for url, _ in targets.values():  # warm up: imports, connection pools
+            wrk(f"{url}/v1/chat/completions", None, 4, 2, None)
+        for connections in (1, 16):
+            for rnd in range(args.rounds):
+                for name, (url, proc) in targets.items():
+                    load = wrk(f"{url}/v1/chat/completions", None, connections, args.seconds, proc)
+                    runs = out.setdefault(name, {}).setdefault(str(connections), [])
+                    runs.append(asdict(load) | {"cpu_ms_per_request": load.cpu_ms_per_request})
+                    print(
+                        f"round {rnd} {name:8s} c={connections:2d} {load.rps:8.1f} req/s  "
+                        f"p50 {load.p50_ms:6.2f} ms  p99 {load.p99_ms:6.2f} ms  "
+                        f"cpu {load.cpu_ms_per_request:6.3f} ms/req  err {load.errors}"
+                    )
+    return out
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+    requests = sum(r["requests"] for r in runs)
+    return {
+        "rps": sum(r["rps"] for r in runs) / len(runs),
+        "p50_ms": sorted(r["p50_ms"] for r in runs)[len(runs) // 2],
+        "p99_ms": sorted(r["p99_ms"] for r in runs)[len(runs) // 2],
+        "cpu_ms_per_request": sum(r["cpu_s"] for r in runs) * 1000 / max(requests, 1),
+        "errors": sum(r["errors"] for r in runs),
+    }
+
+
+def _request_trace(tracer: trace.Tracer, error: bool) -> None:
+    """The spans one chat request records, with attributes of the same size."""
+    with tracer.start_as_current_span("POST /v1/chat/completions", attributes={LAYER: "application"}) as root:
+        root.set_attributes(
+            {
+                "http.request.method": "POST",
+                "http.route": "/v1/chat/completions",
+                "url.path": "/v1/chat/completions",
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": MODEL,
+                "gen_ai.request.temperature": 0.0,
+                "lamina.deployment": MODEL,
+                "gen_ai.response.model": MODEL,
+                "gen_ai.usage.input_tokens": 41,
+                "gen_ai.usage.output_tokens": 8,
+                "http.response.status_code": 500 if error else 200,
+            }
+        )
+        with tracer.start_as_current_span(
+            "route", attributes={LAYER: "models", "gen_ai.request.model": MODEL}
+        ):
+            pass
+        attrs: dict[str, AttributeValue] = {
+            LAYER: "orchestration",
+            "lamina.deployment": MODEL,
+            "lamina.replica.id": f"{MODEL}-0",
+        }
+        with tracer.start_as_current_span("dispatch", attributes=attrs):
+            models: dict[str, AttributeValue] = {
+                LAYER: "models",
+                "lamina.queue_ms": 0.1,
+                "lamina.ttft_ms": 0.3,
+                "lamina.engine_ms": 0.9,
+            }
+            with tracer.start_as_current_span("engine", attributes=models):
+                for name in ("queue", "prefill", "decode"):
+                    with tracer.start_as_current_span(name, attributes={LAYER: "models"}):
+                        pass
+                compute: dict[str, AttributeValue] = {
+                    LAYER: "compute",
+                    "lamina.device.kind": "cpu",
+                    "lamina.device.utilization_pct": 42.0,
+                }
+                with tracer.start_as_current_span("device", attributes=compute):
+                    pass
+        if error:
+            root.set_status(Status(StatusCode.ERROR, "engine_error: bench"))
+
+
+def _db_bytes(store: Store, path: Path) -> int:
+    with store.begin() as conn:
+        conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def store_part(n: int, tmp: Path) -> dict[str, Any]:
+    path = tmp / "store" / "lamina.db"
+    path.parent.mkdir(parents=True)
+    store = Store(f"sqlite:///{path}")
+    store.migrate()
+    policy = RetentionPolicy()
+    retention = TraceRetention(store, policy)
+    retention.start(1.0)
+    writer = SpanWriter(store)
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(TraceKeeper(TraceSampler(SamplingPolicy(per_s=1e9)), writer))
+    tracer = provider.get_tracer("bench")
+    began = time.perf_counter()
+    for i in range(n):
+        _request_trace(tracer, error=i % 50 == 0)
+        if i % 1000 == 999:
+            writer.flush(60)  # as fast as the writer takes them: nothing dropped
+            if i % 20_000 == 19_999:
+                print(f"store: {i + 1} traces written, {time.perf_counter() - began:.0f} s")
+    writer.flush(60)
+    seconds = time.perf_counter() - began
+    retention.stop()
+    pruned = retention.run_once()  # the last pass, as the background one would
+    with store.begin() as conn:
+        n_traces = conn.execute(select(func.count()).select_from(traces)).scalar_one()
+        n_spans = conn.execute(select(func.count()).select_from(spans)).scalar_one()
+        stored = conn.execute(select(func.coalesce(func.sum(traces.c.size_bytes), 0))).scalar_one()
+    result = {
+        "traces_sent": n,
+        "seconds": round(seconds, 1),
+        "traces_per_s": round(n / seconds, 1),
+        "traces_rows": n_traces,
+        "spans_rows": n_spans,
+        "estimated_bytes": int(stored),
+        "database_bytes": _db_bytes(store, path),
+        "bound_traces": policy.max_traces,
+        "bound_bytes": policy.max_bytes,
+        "last_pass_deleted": asdict(pruned),
+        "lost": writer.lost + writer.dropped,
+    }
+    provider.shutdown()
+    store.close()
+    # the default sampling at a sustained 1,000 requests a second (simulated time): how many it keeps
+    clock = [0.0]
+    sampler = TraceSampler(SamplingPolicy(), clock=lambda: clock[0])
+    kept = 0
+    for i in range(n):
+        clock[0] = i / 1000
+        kept += sampler.decide(error=i % 1000 == 0, duration_ms=2.0) is not None
+    result["default_sampling_kept_of_n_at_1000_rps"] = kept
+    return result
+
+
+async def _inprocess(telemetry: Telemetry, n: int, stream: bool) -> float:
+    """Process CPU ms per request of ``n`` chat requests through the gateway app in this process."""
+    deps = GatewayDeps(StaticCatalog(), ReplayDispatcher(), lambda: {CHAT: True, EMBED: True}, telemetry, ())
+    transport = httpx.ASGITransport(app=create_app(deps))
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        for _ in range(50):  # warm up
+            await client.post("/v1/chat/completions", json=body)
+        began = time.process_time()
+        for _ in range(n):
+            r = await client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+        return (time.process_time() - began) * 1000 / n
+
+
+def cpu_part(n: int, rounds: int, tmp: Path) -> dict[str, Any]:
+    """The gateway's CPU per request in process (no network, the fake replies of tests/support): tracing
+    and span storage off against on, interleaved ``rounds`` times; what tracing adds per request."""
+    store = Store(f"sqlite:///{tmp / 'cpu.db'}")
+    store.migrate()
+    out: dict[str, Any] = {}
+    for stream in (False, True):
+        for _ in range(rounds):
+            for name in ("off", "on"):
+                telemetry = Telemetry(service_name="bench", store=store, tracing=name == "on")
+                ms = anyio.run(_inprocess, telemetry, n, stream)
+                telemetry.shutdown()
+                out.setdefault("stream" if stream else "plain", {}).setdefault(name, []).append(ms)
+                print(f"in process, {'stream' if stream else 'plain'} {name}: {ms:.3f} CPU ms/request")
+    store.close()
+    return {
+        kind: {name: min(values) for name, values in by.items()}
+        | {"added_ms": min(by["on"]) - min(by["off"])}
+        for kind, by in out.items()
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
+    ap.add_argument("--rounds", type=int, default=3, help="wrk runs per stack and concurrency, interleaved")
+    ap.add_argument("--keep-all", action="store_true", help="a third stack that stores every trace")
+    ap.add_argument("--store-traces", type=int, default=100_000, help="traces for the store bound (0: skip)")
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--cpu", type=int, default=2000, help="requests per in-process CPU run (0: skip)")
+    args = ap.parse_args()
+    result: dict[str, Any] = {"machine": _machine(), "args": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if not args.skip_http:
+            runs = http_part(args, tmp)
+            result["http_runs"] = runs
+            result["http"] = {n: {c: _summary(r) for c, r in levels.items()} for n, levels in runs.items()}
+        if args.cpu:
+            result["cpu"] = cpu_part(args.cpu, args.rounds, tmp)
+        if args.store_traces:
+            result["store"] = store_part(args.store_traces, tmp)
+    print(report(result))
+    out = ROOT / "bench" / "results" / f"tracing_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written to {out.relative_to(ROOT)}")
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [""]
+    http = result.get("http")
+    if http:
+        lines.append("| | connections | req/s | p50 ms | p99 ms | gateway CPU ms/req | throughput cost |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, levels in http.items():
+            for c, s in levels.items():
+                base = http["off"][c]["rps"]
+                cost = "" if name == "off" else f"{(1 - s['rps'] / base) * 100:+.1f}%"
+                lines.append(
+                    f"| {name} | {c} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+                    f"{s['cpu_ms_per_request']:.3f} | {cost} |"
+                )
+        for c in http["on"]:
+            extra = http["on"][c]["cpu_ms_per_request"] - http["off"][c]["cpu_ms_per_request"]
+            lines.append(f"tracing CPU per request at {c} connections: {extra:+.3f} ms")
+    for kind, c in (result.get("cpu") or {}).items():
+        lines.append(
+            f"in process ({kind}): {c['off']:.3f} CPU ms/request off, {c['on']:.3f} on: "
+            f"tracing adds {c['added_ms']:.3f} ms"
+        )
+    store = result.get("store")
+    if store:
+        lines.append(
+            f"store: {store['traces_sent']} traces written ({store['traces_per_s']:.0f}/s), every one "
+            f"kept: {store['traces_rows']} traces / {store['spans_rows']} spans left "
+            f"(bound {store['bound_traces']}), ~{store['estimated_bytes'] / 2**20:.1f} MiB estimated, "
+            f"database file {store['database_bytes'] / 2**20:.1f} MiB "
+            f"(bound {store['bound_bytes'] / 2**20:.0f} MiB of spans)"
+        )
+        lines.append(
+            f"default sampling at 1,000 req/s: {store['default_sampling_kept_of_n_at_1000_rps']} of "
+            f"{store['traces_sent']} kept"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

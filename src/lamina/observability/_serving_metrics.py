@@ -1,0 +1,188 @@
+"""The engine's metrics under the names users know from vLLM, and the gateway's traffic and tracing ones.
+
+vLLM names its series ``vllm:<name>``; colons in Prometheus metric names are reserved for recording rules
+by convention, so Lamina uses ``lamina_<name>`` with vLLM's suffixes and the label ``model`` (the
+deployment) where vLLM has ``model_name``:
+
+=========================================  ==============================================================
+Lamina                                     vLLM
+=========================================  ==============================================================
+lamina_time_to_first_token_seconds         vllm:time_to_first_token_seconds (gateway-measured, streams)
+lamina_inter_token_latency_seconds         vllm:inter_token_latency_seconds (a request's mean gap)
+lamina_request_queue_time_seconds          vllm:request_queue_time_seconds (the replica's queue)
+lamina_request_prefill_time_seconds        vllm:request_prefill_time_seconds
+lamina_request_decode_time_seconds         vllm:request_decode_time_seconds
+lamina_e2e_request_latency_seconds         vllm:e2e_request_latency_seconds (gateway, received to sent)
+lamina_num_requests_running                vllm:num_requests_running (dispatched to a replica)
+lamina_num_requests_waiting                vllm:num_requests_waiting (admitted, not yet dispatched)
+lamina_prefix_cache_queries_total          vllm:prefix_cache_queries (prompt tokens)
+lamina_prefix_cache_hits_total             vllm:prefix_cache_hits (prompt tokens the engine had cached)
+lamina_input_tokens_total                  vllm:prompt_tokens_total
+lamina_output_tokens_total                 vllm:generation_tokens_total
+=========================================  ==============================================================
+
+The queue, prefill and decode times come from the timings each replica reports with its answer (the
+``lamina`` extension: ``queue_ms``, ``ttft_ms``, ``engine_ms``), so they are the engine's own clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
+
+
+class LabelCache:
+    """``metric.labels(*values)`` remembered: prometheus_client's lookup costs microseconds, a dict hit a
+    fraction of one, and a request touches twenty series. Only for bounded label values (deployments,
+    endpoints, statuses, layers) of series that are never removed."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def __call__(self, metric: M, *values: str) -> M:
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+
+class EngineMetrics:
+    """vLLM-named series per deployment (``model``)."""
+
+    def __init__(self, registry: CollectorRegistry, child: LabelCache) -> None:
+        reg = registry
+        self.child = child
+        self.queue_time = Histogram(
+            "lamina_request_queue_time_seconds",
+            "Time a request waited in its replica's queue before the engine started it.",
+            ("model",),
+            buckets=_LATENCY,
+            registry=reg,
+        )
+        self.prefill_time = Histogram(
+            "lamina_request_prefill_time_seconds",
+            "Engine time from starting a request to its first token (prompt processing).",
+            ("model",),
+            buckets=_LATENCY,
+            registry=reg,
+        )
+        self.decode_time = Histogram(
+            "lamina_request_decode_time_seconds",
+            "Engine time from a request's first token to its last.",
+            ("model",),
+            buckets=_E2E,
+            registry=reg,
+        )
+        self.inter_token = Histogram(
+            "lamina_inter_token_latency_seconds",
+            "Mean time between two output tokens of a request (decode time / (output tokens - 1)).",
+            ("model",),
+            buckets=_ITL,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            "lamina_e2e_request_latency_seconds",
+            "Model requests: time from received by the gateway to the last byte sent.",
+            ("model",),
+            buckets=_E2E,
+            registry=reg,
+        )
+        self.running = Gauge(
+            "lamina_num_requests_running",
+            "Requests dispatched to a replica and not finished.",
+            ("model",),
+            registry=reg,
+        )
+        self.waiting = Gauge(
+            "lamina_num_requests_waiting",
+            "Requests routed to a deployment and not yet dispatched to a replica.",
+            ("model",),
+            registry=reg,
+        )
+        self.prefix_queries = Counter(
+            "lamina_prefix_cache_queries",
+            "Prompt tokens looked up in the engine's prefix cache (replicas that report cached tokens).",
+            ("model",),
+            registry=reg,
+        )
+        self.prefix_hits = Counter(
+            "lamina_prefix_cache_hits",
+            "Prompt tokens the engine found in its prefix cache (usage.prompt_tokens_details.cached_tokens).",
+            ("model",),
+            registry=reg,
+        )
+
+    def observe_engine(
+        self,
+        model: str,
+        *,
+        queue_ms: float | None,
+        prefill_ms: float | None,
+        decode_ms: float | None,
+        output_tokens: int,
+    ) -> None:
+        """One request's timings as its replica reported them (None: not reported)."""
+        child = self.child
+        if queue_ms is not None and queue_ms >= 0:
+            child(self.queue_time, model).observe(queue_ms / 1000)
+        if prefill_ms is not None and prefill_ms >= 0:
+            child(self.prefill_time, model).observe(prefill_ms / 1000)
+        if decode_ms is not None and decode_ms >= 0:
+            child(self.decode_time, model).observe(decode_ms / 1000)
+            if output_tokens > 1:
+                child(self.inter_token, model).observe(decode_ms / 1000 / (output_tokens - 1))
+
+    def observe_prefix_cache(self, model: str, *, prompt_tokens: int, cached_tokens: int) -> None:
+        self.child(self.prefix_queries, model).inc(max(prompt_tokens, 0))
+        self.child(self.prefix_hits, model).inc(max(min(cached_tokens, prompt_tokens), 0))
+
+
+class TrafficMetrics:
+    """The gateway's per-request outcomes beyond the request counters: cache, rate limits, layers, traces."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        reg = registry
+        self.cache = Counter(
+            "lamina_cache_requests",
+            "Response-cache lookups by result (hit, miss, bypass, ... as the x-lamina-cache header says).",
+            ("result",),
+            registry=reg,
+        )
+        self.rate_limited = Counter(
+            "lamina_rate_limited_requests",
+            "Requests refused by a rate limit, by the limit's scope and unit (e.g. 'key requests').",
+            ("limit",),
+            registry=reg,
+        )
+        self.layer_seconds = Counter(
+            "lamina_layer_seconds",
+            "Time requests spent in each layer (the self time of its spans).",
+            ("layer",),
+            registry=reg,
+        )
+        self.bottleneck = Counter(
+            "lamina_bottleneck_requests",
+            "Requests by the layer that took longest in them.",
+            ("layer",),
+            registry=reg,
+        )
+        self.traces = Counter(
+            "lamina_traces",
+            "Finished traces by the sampler's decision (error, slow, sampled: stored; dropped: not).",
+            ("decision",),
+            registry=reg,
+        )
+        self.spans_lost = Gauge(
+            "lamina_trace_spans_lost",
+            "Spans of kept traces that never reached the store (writer behind, or the store failed).",
+            registry=reg,
+        )
