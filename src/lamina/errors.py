@@ -21,9 +21,11 @@
     │   ├── UnsafeFormatError          unsafe_format       400
     │   ├── UnknownFormatError         unknown_format      400
     │   ├── CorruptFileError           corrupt_file        400
-    │   └── ChecksumMismatchError      checksum_mismatch   409
+    │   ├── ChecksumMismatchError      checksum_mismatch   409
+    │   └── GateFailedError            gate_failed         409
     ├── EngineError                    engine_error        500
     │   ├── EngineCrashedError         engine_crashed      502
+    │   │   └── PoisonRequestError     poison_request      422
     │   └── UpstreamError              upstream_error      502
     │       └── UpstreamTimeoutError   upstream_timeout    504
     ├── UnavailableError               unavailable         503
@@ -186,6 +188,13 @@ class ChecksumMismatchError(RegistryError):
     status = 409
 
 
+class GateFailedError(RegistryError):
+    """A quantized variant failed its accuracy gate: it is recorded with its figures and never serves."""
+
+    code = "gate_failed"
+    status = 409
+
+
 class EngineError(LaminaError):
     code = "engine_error"
 
@@ -193,6 +202,18 @@ class EngineError(LaminaError):
 class EngineCrashedError(EngineError):
     code = "engine_crashed"
     status = 502
+
+
+class PoisonRequestError(EngineCrashedError):
+    """A request that two replicas died serving: failed instead of replayed on every replica.
+
+    422, not 5xx: clients (the OpenAI SDKs among them) retry a 5xx on their own, and each retry of this
+    request would crash more replicas; a 4xx tells them that this request, as sent, cannot be served.
+    """
+
+    code = "poison_request"
+    status = 422
+    kind = "invalid_request_error"
 
 
 class UpstreamError(EngineError):

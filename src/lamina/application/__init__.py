@@ -2,6 +2,8 @@
 
 from lamina.application._access import gateway_hosts
 from lamina.application._admin import IngestService, IngestSettings, ThreadedIngestService, admin_router
+from lamina.application._admin_deployments import DeploymentManager, DeployRequest, deployments_router
+from lamina.application._admin_observe import Doctor, observe_router
 from lamina.application._auth import Authenticator, StaticKeys
 from lamina.application._budgets import Budget, CostLedger, CostLine, LedgerEntry
 from lamina.application._cache import ResponseCache, response_cache
@@ -14,6 +16,7 @@ from lamina.application._ports import Dispatcher, DispatchResult, ModelCatalog, 
 from lamina.application._prompts import PromptStore
 from lamina.application._rag import RagOptions
 from lamina.application._ratelimit import RateLimitPolicy
+from lamina.application._replay import ReplayRecord, ReplayRecorder, answer_summary, read_replay
 from lamina.application._routing import ModelRouter
 from lamina.application._templates import PromptSpec, PromptVersion
 
@@ -25,8 +28,11 @@ __all__ = [
     "CostLedger",
     "CostLine",
     "CostPolicy",
+    "DeployRequest",
+    "DeploymentManager",
     "DispatchResult",
     "Dispatcher",
+    "Doctor",
     "GatewayDeps",
     "IngestService",
     "IngestSettings",
@@ -46,6 +52,8 @@ __all__ = [
     "RagOptions",
     "RateLimitPolicy",
     "Readiness",
+    "ReplayRecord",
+    "ReplayRecorder",
     "ResponseCache",
     "Route",
     "SemanticIndex",
@@ -54,10 +62,14 @@ __all__ = [
     "Ticket",
     "Usage",
     "admin_router",
+    "answer_summary",
     "close_policies",
     "create_app",
+    "deployments_router",
     "gateway_hosts",
     "gpu_hour_usd",
+    "observe_router",
+    "read_replay",
     "replica_hourly_usd",
     "response_cache",
 ]

@@ -30,6 +30,8 @@ from lamina.application._access import (
     visible_models,
 )
 from lamina.application._admin import IngestService, admin_router
+from lamina.application._admin_deployments import DeploymentManager, deployments_router
+from lamina.application._admin_observe import Doctor, observe_router
 from lamina.application._auth import Authenticator, StaticKeys, authenticated, principal_of
 from lamina.application._bounds import parse_bounded, read_body
 from lamina.application._cache import ResponseCache, cache_lookup
@@ -61,6 +63,7 @@ from lamina.application._relay import Forward, StreamRelay
 from lamina.application._requests import invalid_fields
 from lamina.application._routing import ModelRouter
 from lamina.application._tracing import Exchange, TelemetryMiddleware
+from lamina.application.dashboard import DashboardSources, dashboard_router
 from lamina.application.guards import OutputGuards
 from lamina.config import RequestLimitsConfig
 from lamina.data import Retrieval
@@ -71,6 +74,7 @@ from lamina.errors import (
 )
 from lamina.models import Capability, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelList
 from lamina.observability import Layer, Telemetry
+from lamina.store import Store
 
 Parsed = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 
@@ -111,6 +115,13 @@ class GatewayDeps:
     cache: ResponseCache | None = None
     #: prompt templates a request may name (``lamina_template``); None: requests cannot name one
     prompts: PromptStore | None = None
+    #: the store whose traces /admin/v1/traces reads, and the doctor /admin/v1/doctor asks; None: no routes
+    traces_store: Store | None = None
+    doctor: Doctor | None = None
+    #: the web dashboard at ``/`` (its pages read these ports); None: no dashboard
+    dashboard: DashboardSources | None = None
+    #: deployments made at run time (/admin/v1/deployments); None: no such routes
+    deployments: DeploymentManager | None = None
 
     @property
     def auth(self) -> Authenticator:
@@ -144,6 +155,14 @@ def create_app(deps: GatewayDeps, *, lifespan: Lifespan[FastAPI] | None = None) 
     if deps.ingest is not None:
         admin = authenticated(deps.auth, admin=True)
         app.include_router(admin_router(deps.ingest, admin, deps.limits.max_body_bytes))
+    if deps.traces_store is not None:
+        admin_only = authenticated(deps.auth, admin=True)
+        app.include_router(observe_router(deps.traces_store, deps.doctor, admin_only))
+    if deps.deployments is not None:  # run-time deployments: /admin/v1/deployments
+        admin_deploy = authenticated(deps.auth, admin=True)
+        app.include_router(deployments_router(deps.deployments, admin_deploy, deps.limits.max_body_bytes))
+    if deps.dashboard is not None:
+        app.include_router(dashboard_router(deps.dashboard, deps.auth, deps.limits.max_body_bytes))
     return app
 
 

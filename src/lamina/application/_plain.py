@@ -70,6 +70,7 @@ async def forward_plain(
         result, body, ext = answer
         call = admission.call
         call.deployment = result.deployment
+        call.answer = {**body, **extra}
         with anyio.CancelScope(shield=True):
             await admission.settle(Usage.of(body.get("usage"), ext, result.replica_id))
         if call.usage_extra and isinstance(body.get("usage"), dict):
@@ -78,7 +79,9 @@ async def forward_plain(
             await guards.check_answer(call, body)
         if cache is not None and cache.stores:
             await cache.store_plain(body)
-        return JSONResponse({**body, **extra}, headers=call.headers)
+        layers = exchange.extension()  # where the time went, per layer (observability/_breakdown.py)
+        out = {**body, **extra} if layers is None else {**body, **extra, "lamina": layers}
+        return JSONResponse(out, headers=call.headers)
     finally:
         with anyio.CancelScope(shield=True):
             await admission.settle(None)

@@ -87,6 +87,9 @@ class Call:
     #: the prompt template the body was rendered from, ``name@version`` (not in ``body``: an OpenAI
     #: upstream refuses unknown fields); None: the request named none
     template: str | None = None
+    #: the replica's plain answer (with the gateway's ``citations``), set just before the tickets settle;
+    #: None for streams and failed calls (the replay recorder keeps a summary of it)
+    answer: dict[str, Any] | None = None
 
     @property
     def reserved_tokens(self) -> int:

@@ -143,14 +143,23 @@ class _Events:
         self._pending = b""
         self._content_seen = False
         self.done = False
+        #: the replica's usage chunk (its id and model name the final event's), until that event is sent
+        self._last: dict[str, Any] | None = None
+        #: the usage chunk as sent (with the breakdown) and as the cache keeps it (without)
+        self._shown: tuple[bytes, bytes] | None = None
 
     async def feed(self, data: bytes) -> bytes:
         """The bytes to send for ``data`` (whole events only; a partial event waits for its end)."""
         out = await self._feed(data)
+        tail = len(_DONE)  # what stays after the breakdown's chunk: [DONE], and the trailer before it
         if self._trailer is not None and out.endswith(_DONE):  # the trailer goes just before [DONE]
+            tail += len(self._trailer)
             out, self._trailer = out[: -len(_DONE)] + self._trailer + _DONE, None
-        if self._sent is not None:
-            self._sent.append(out)
+        if self._sent is not None:  # the cache keeps the answer without this request's breakdown
+            self._sent.append(out if self._shown is None else out.replace(*self._shown))
+        if out.endswith(_DONE) and self._last is not None:  # no usage chunk asked: a last chunk of its own
+            final, self._last = self._exchange.final_event(self._last), None
+            out = out[:-tail] + final + out[-tail:]
         return out
 
     async def store(self) -> None:
@@ -223,6 +232,7 @@ class _Events:
 
     async def _usage(self, chunk: dict[str, Any]) -> bytes:
         ext = self._exchange.record_reply(chunk, self._dispatch)  # takes the lamina extension out
+        self._last = None if self._include_usage else chunk
         if isinstance(chunk.get("usage"), dict):
             self._replica_usage = dict(chunk["usage"])
         call = self._admission.call
@@ -232,7 +242,14 @@ class _Events:
             return b""
         if call.usage_extra and isinstance(chunk.get("usage"), dict):
             chunk["usage"] = {**chunk["usage"], **call.usage_extra}
-        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + _EVENT_END
+        plain = b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + _EVENT_END
+        layers = self._exchange.extension()  # the last chunk carries the per-layer breakdown
+        if layers is None:
+            return plain
+        shown = b"data: " + json.dumps({**chunk, "lamina": layers}, separators=(",", ":")).encode()
+        shown += _EVENT_END
+        self._shown = (shown, plain)
+        return shown
 
 
 class StreamRelay(Response):

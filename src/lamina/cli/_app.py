@@ -13,11 +13,18 @@ from lamina.cli._common import ConfigOption, StateDirOption, err_console, fail, 
 from lamina.cli._compute import compute_app
 from lamina.cli._costs import costs
 from lamina.cli._data import data_app
+from lamina.cli._deployments import deploy, deployments, undeploy
+from lamina.cli._doctor import doctor
 from lamina.cli._drift import drift
 from lamina.cli._engines import engines
+from lamina.cli._jobs import jobs_app
+from lamina.cli._k8s import k8s_app
 from lamina.cli._keys import keys_app, refuse_open_bind
 from lamina.cli._models import models_app
 from lamina.cli._prompts import prompts_app
+from lamina.cli._replay import replay
+from lamina.cli._top import top
+from lamina.cli._traces import trace, traces
 from lamina.config import LaminaConfig
 from lamina.errors import ConfigError, LaminaError
 from lamina.models import Catalog
@@ -35,9 +42,19 @@ app.add_typer(data_app, name="data")
 app.add_typer(keys_app, name="keys")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(compute_app, name="compute")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(k8s_app, name="k8s")
 data_app.command("drift")(drift)
 app.command("engines")(engines)
+app.command("deploy")(deploy)
+app.command("deployments")(deployments)
+app.command("undeploy")(undeploy)
 app.command("costs")(costs)
+app.command("traces")(traces)
+app.command("trace")(trace)
+app.command("replay")(replay)
+app.command("doctor")(doctor)
+app.command("top")(top)
 
 
 def _example(base: str, catalog: Catalog) -> str:

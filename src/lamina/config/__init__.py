@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from lamina.config._base import Strict as _Strict
+from lamina.config._demo import DemoConfig as DemoConfig
 from lamina.config._gateway import (
     CacheConfig as CacheConfig,
 )
@@ -45,10 +46,14 @@ from lamina.config._gateway import (
     SemanticCacheConfig as SemanticCacheConfig,
 )
 from lamina.config._gateway import check_groups
+from lamina.config._jobs import JobsConfig as JobsConfig
+from lamina.config._quantization import GateTolerance as GateTolerance
+from lamina.config._quantization import QuantizationConfig as QuantizationConfig
 from lamina.config._redact import REDACTED as REDACTED
 from lamina.config._redact import mask_secrets, scrub
 from lamina.config._redact import redact_url as redact_url
 from lamina.config._serving import DEFAULT_WATCHDOG_S as DEFAULT_WATCHDOG_S
+from lamina.config._serving import AutoscaleConfig as AutoscaleConfig
 from lamina.config._serving import BatchingConfig as BatchingConfig
 from lamina.config._serving import DeploymentConfig as DeploymentConfig
 from lamina.config._serving import ObservabilityConfig as ObservabilityConfig
@@ -219,6 +224,19 @@ class LaminaConfig(_Strict):
     groups: list[ModelGroupConfig] = Field(
         default_factory=list,
         description="Model groups: one name for several deployments, with a strategy, retries and fallbacks.",
+    )
+    jobs: JobsConfig = Field(
+        default_factory=JobsConfig,
+        description="The job queue (batch embedding, evaluation, quantization): the devices it shares with "
+        "serving, retries and preemption.",
+    )
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig,
+        description="Quantization: the accuracy gate's default tolerance and sample size.",
+    )
+    demo: DemoConfig = Field(
+        default_factory=DemoConfig,
+        description="The demo: Lamina's own documentation as a dataset with a RAG alias, on first start.",
     )
 
     @model_validator(mode="after")

@@ -25,6 +25,8 @@ from lamina.models._engine import (
     load_engine,
 )
 from lamina.models._formats import detect_format, read_metadata
+from lamina.models._gate_record import LIMITS as GATE_LIMITS
+from lamina.models._gate_record import GateRecord
 from lamina.models._model_version import ModelVersion
 from lamina.models._openai import (
     ChatCompletionRequest,
@@ -33,6 +35,8 @@ from lamina.models._openai import (
     ModelCard,
     ModelList,
 )
+from lamina.models._quantize import METHODS as QUANT_METHODS
+from lamina.models._quantize_gate import GateResult, dataset_sample, quantize_and_gate
 from lamina.models._query_embedder import DispatchQueryEmbedder, ThreadQueryEmbedder
 from lamina.models._registry import Registry
 from lamina.models._request_json import read_json
@@ -50,6 +54,8 @@ from lamina.models._routing import (
 
 __all__ = [
     "BUNDLED",
+    "GATE_LIMITS",
+    "QUANT_METHODS",
     "BundledModel",
     "Capability",
     "Catalog",
@@ -68,6 +74,8 @@ __all__ = [
     "FakeOptions",
     "Features",
     "GGUFOptions",
+    "GateRecord",
+    "GateResult",
     "HTTPEmbedder",
     "KeywordClassifier",
     "LatencyTracker",
@@ -86,6 +94,7 @@ __all__ = [
     "TopLogprob",
     "Usage",
     "check_deployment",
+    "dataset_sample",
     "deploy",
     "detect_format",
     "engine_descriptor",
@@ -94,6 +103,7 @@ __all__ = [
     "engine_names",
     "load_engine",
     "plan_tries",
+    "quantize_and_gate",
     "rank_members",
     "read_json",
     "read_metadata",

@@ -1,17 +1,75 @@
 """Across the layers: one trace per request with a span per layer, and the gateway's Prometheus metrics."""
 
+from lamina.observability._breakdown import LAYERS, Breakdown, parse_header
+from lamina.observability._doctor import (
+    BudgetState,
+    DatasetState,
+    DeploymentState,
+    DeviceState,
+    DoctorInputs,
+    DriftState,
+    Finding,
+    Verdict,
+    diagnose,
+)
 from lamina.observability._metrics import DeviceMetrics, DriftMetrics, GatewayMetrics
+from lamina.observability._sampling import Kept, SamplingPolicy, TraceSampler
 from lamina.observability._store_exporter import LAYER, SpanRow, StoreSpanExporter, read_trace
 from lamina.observability._telemetry import Layer, Telemetry
+from lamina.observability._trace_views import (
+    TraceLine,
+    TreeSpan,
+    layer_times_ms,
+    recent_traces,
+    summarize,
+    trace_json,
+    tree,
+)
+from lamina.observability._traces import (
+    Pruned,
+    RetentionPolicy,
+    TraceRetention,
+    TraceSummary,
+    list_traces,
+    read_summary,
+)
 
 __all__ = [
     "LAYER",
+    "LAYERS",
+    "Breakdown",
+    "BudgetState",
+    "DatasetState",
+    "DeploymentState",
     "DeviceMetrics",
+    "DeviceState",
+    "DoctorInputs",
     "DriftMetrics",
+    "DriftState",
+    "Finding",
     "GatewayMetrics",
+    "Kept",
     "Layer",
+    "Pruned",
+    "RetentionPolicy",
+    "SamplingPolicy",
     "SpanRow",
     "StoreSpanExporter",
     "Telemetry",
+    "TraceLine",
+    "TraceRetention",
+    "TraceSampler",
+    "TraceSummary",
+    "TreeSpan",
+    "Verdict",
+    "diagnose",
+    "layer_times_ms",
+    "list_traces",
+    "parse_header",
+    "read_summary",
     "read_trace",
+    "recent_traces",
+    "summarize",
+    "trace_json",
+    "tree",
 ]

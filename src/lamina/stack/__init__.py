@@ -6,6 +6,7 @@ imported only by the commands that run it. Nothing else in Lamina reads the envi
 from global state.
 """
 
+from lamina.stack._backends import backend_nodes, ray_temp_dir, replica_backend
 from lamina.stack._data import (
     DataStack,
     checked_config,
@@ -15,15 +16,27 @@ from lamina.stack._data import (
     open_vectors,
 )
 from lamina.stack._fit import ReplicaNeed, check_fit, model_need
+from lamina.stack._jobs import job_capacity, job_kinds, open_job_queue, serving_demands
+from lamina.stack._k8s import K8sSettings, kubectl_apply, write_k8s_manifests
 
 __all__ = [
     "DataStack",
+    "K8sSettings",
     "ReplicaNeed",
+    "backend_nodes",
     "check_fit",
     "checked_config",
+    "job_capacity",
+    "job_kinds",
+    "kubectl_apply",
     "model_need",
     "open_data_stack",
+    "open_job_queue",
     "open_registry",
     "open_store",
     "open_vectors",
+    "ray_temp_dir",
+    "replica_backend",
+    "serving_demands",
+    "write_k8s_manifests",
 ]

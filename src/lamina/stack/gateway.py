@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -26,6 +26,7 @@ from lamina.application import (
     Policy,
     PromptStore,
     RagOptions,
+    ReplayRecorder,
     ResponseCache,
     SemanticIndex,
     ThreadedIngestService,
@@ -56,10 +57,17 @@ from lamina.models import (
     deploy,
     register_bundled,
 )
-from lamina.observability import DeviceMetrics, DriftMetrics, Telemetry
-from lamina.orchestration import Controller, Dispatcher, LocalProcessBackend, WorkloadSpec
+from lamina.observability import DriftMetrics, Telemetry
+from lamina.orchestration import Controller, Dispatcher, Http1Client, JobScheduler, WorkloadSpec
+from lamina.stack._backends import replica_backend
+from lamina.stack._dashboard import dashboard_sources
 from lamina.stack._data import DataStack, checked_config, open_data_stack, open_registry
+from lamina.stack._demo import DemoIngest, rag_aliases
+from lamina.stack._deployments import RuntimeDeployments, open_deployments, serving_readiness
+from lamina.stack._doctor import doctor_for
+from lamina.stack._doctor import gather_offline as gather_offline  # for `lamina doctor --offline`
 from lamina.stack._fit import check_fit, workload_needs
+from lamina.stack._jobs import job_scheduler, open_job_queue, serving_demands
 from lamina.store import Store
 
 log = logging.getLogger("lamina")
@@ -84,6 +92,12 @@ class Stack:
     drift: DriftRecorder
     drift_metrics: DriftMetrics
     ingest: ThreadedIngestService
+    #: the job queue's scheduler (None: jobs.enabled is off)
+    jobs: JobScheduler | None = None
+    #: policies after the configured ones (a plugin's, or a test's: e.g. a slow guard for the doctor's tests)
+    extra_policies: list[Policy] = field(default_factory=list)
+    #: deployments made at run time (`lamina deploy`, /admin/v1/deployments); None: no such routes
+    deployments: RuntimeDeployments | None = None
 
     def readiness(self) -> dict[str, bool]:
         return _readiness(self.controller)
@@ -105,6 +119,7 @@ class Stack:
         await asyncio.to_thread(self.ingest.close)  # running ingests stop before committing
         await self.controller.shutdown()
         await self.http.aclose()
+        await self.dispatcher.aclose()
         self.drift.close()
         self.data.close()
         self.telemetry.shutdown()
@@ -122,23 +137,23 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     deployed = [deploy(d, registry, run_dir, orch.ready_timeout_s) for d in config.deployments]
     # before anything starts: every replica must fit in what this machine has free (README, "Compute")
     check_fit(workload_needs(registry, [(s.model_ref, w) for s, w in deployed]), [probe_inventory()])
-    telemetry = Telemetry(
-        service_name=config.observability.service_name,
-        store=store if config.observability.store_spans else None,
-        otlp_endpoint=config.observability.otlp_endpoint,
-    )
+    telemetry = Telemetry.of(config.observability, store)
+    telemetry.device_kinds = {w.name: "gpu" if w.resources.gpus else "cpu" for _, w in deployed}
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=None)
     )
+    backend = replica_backend(orch, state_dir)  # local processes or Ray actors (orchestration.backend)
     controller = Controller(
-        LocalProcessBackend(state_dir / "logs"),
+        backend,
         http=http,
         health_interval_s=orch.health_interval_s,
         restart_backoff_s=orch.restart_backoff_s,
         restart_backoff_max_s=orch.restart_backoff_max_s,
         unhealthy_checks=orch.unhealthy_checks,
+        load=lambda: dispatcher.in_flight(),  # autoscaling and draining see the requests in flight
+        drain_grace_s=orch.drain_grace_s,
     )
-    dispatcher = Dispatcher(controller, http, retry_deadline_s=orch.retry_deadline_s)
+    dispatcher = Dispatcher(controller, Http1Client(), backend, retry_deadline_s=orch.retry_deadline_s)
     catalog = Catalog([s for s, _ in deployed], readiness=lambda: _readiness(controller))
     data = open_data_stack(config, state_dir, store=store, registry=registry)
     queries, query_model = _query_embedder(config, registry, catalog, dispatcher, data)
@@ -158,11 +173,21 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         drift=DriftRecorder(DriftWindow(store)),
         drift_metrics=DriftMetrics(telemetry.metrics.registry),
         ingest=ThreadedIngestService(data.pipeline, data.catalog, config.data, config.data.ingest_roots),
+        deployments=open_deployments(config, registry, store, controller, catalog, run_dir, deployed),
+        jobs=None
+        if not config.jobs.enabled
+        else job_scheduler(
+            config,
+            state_dir,
+            open_job_queue(config, state_dir, store),
+            probe_inventory(),
+            serving_demands(controller.status, lambda: [w for _, w in deployed]),
+        ),
     )
 
 
 def _readiness(controller: Controller) -> dict[str, bool]:
-    return {d.name: d.ready > 0 for d in controller.status()}
+    return serving_readiness(controller)  # a deployment scaled to zero serves (cold start); draining: not
 
 
 def _query_embedder(
@@ -191,11 +216,15 @@ def create_gateway(
         stop = asyncio.Event()
         stack.controller.apply(stack.workloads)
         loop_task = asyncio.create_task(stack.controller.run(stop), name="lamina-control-loop")
+        jobs = stack.jobs
+        jobs_task = None if jobs is None else asyncio.create_task(jobs.run(stop), name="lamina-jobs")
         ready_task = asyncio.create_task(_announce_ready(stack, on_ready))
         drift_task = asyncio.create_task(_publish_drift_forever(stack), name="lamina-drift-metrics")
-        devices = DeviceMetrics(stack.telemetry.metrics.registry)
+        devices = stack.telemetry.devices  # also what each request's compute span reads
         device_task = asyncio.create_task(sample_devices_forever(devices), name="lamina-device-metrics")
         warm_task = asyncio.create_task(asyncio.to_thread(stack.warm_search), name="lamina-warm-search")
+        demo = DemoIngest(stack.config, stack.data)  # the demo dataset, never before readiness
+        demo_task = asyncio.create_task(asyncio.to_thread(demo.start), name="lamina-demo-ingest")
         try:
             yield
         finally:
@@ -206,6 +235,9 @@ def create_gateway(
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
+                if jobs_task is not None:  # its job processes stop; their jobs wait for the next start
+                    await jobs_task
+            await demo.aclose(demo_task)
             await close_policies(policies)
             if cache is not None:
                 await cache.aclose()
@@ -214,6 +246,10 @@ def create_gateway(
     policies = _policies(stack)
     cache = _response_cache(stack)
     router = _router(stack)
+    aliases = rag_aliases(stack.config, stack.catalog)  # the config's and the demo's
+    recorder = _replay_recorder(stack, aliases)  # first: it settles last, after the others filled the call
+    if recorder is not None:
+        policies.insert(0, recorder)
     deps = GatewayDeps(
         catalog=stack.catalog if router is None else router.catalog,
         dispatcher=stack.dispatcher,
@@ -224,10 +260,8 @@ def create_gateway(
         allowed_hosts=gateway_hosts(host or stack.config.server.host, stack.config.server.allowed_hosts),
         allowed_origins=stack.config.server.allowed_origins,
         retriever=stack.retriever,
-        rag_aliases={
-            a.name: (a.model, RagOptions(dataset=a.dataset, k=a.k, mode=a.mode)) for a in stack.config.rag
-        },
-        query_sink=stack.drift,
+        rag_aliases=aliases,
+        query_sink=stack.drift if recorder is None else recorder,
         ingest=stack.ingest,
         policies=policies,
         output_guards=output_guards(stack.config.guards, stack.telemetry.metrics, stack.registry),
@@ -235,6 +269,21 @@ def create_gateway(
         router=router,
         cache=cache,
         prompts=PromptStore(stack.store),
+        deployments=stack.deployments,
+        traces_store=stack.store,
+        doctor=doctor_for(stack),
+        dashboard=dashboard_sources(
+            config=stack.config,
+            store=stack.store,
+            telemetry=stack.telemetry,
+            controller=stack.controller,
+            registry=stack.registry,
+            catalog=stack.catalog,
+            datasets=stack.data.catalog,
+            rag_aliases=list(aliases),
+            jobs=None if stack.jobs is None else stack.jobs.queue,
+            doctor=doctor_for(stack),
+        ),
     )
     return create_app(deps, lifespan=lifespan)
 
@@ -254,7 +303,14 @@ def _policies(stack: Stack) -> list[Policy]:
     guards = input_guards(config.guards, stack.telemetry.metrics, stack.registry)
     if guards is not None:
         policies.append(guards)
-    return policies
+    return policies + stack.extra_policies
+
+
+def _replay_recorder(stack: Stack, aliases: Mapping[str, tuple[str, RagOptions]]) -> ReplayRecorder | None:
+    """Keeps each request for `lamina replay` when observability.keep_requests is on (README, "Traces")."""
+    if not stack.config.observability.keep_requests:
+        return None
+    return ReplayRecorder(stack.store, stack.drift, {name: options for name, (_, options) in aliases.items()})
 
 
 def _router(stack: Stack) -> ModelRouter | None:

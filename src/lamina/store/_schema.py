@@ -280,3 +280,117 @@ cache_entries = Table(
     Index("ix_cache_entries_used_at", "used_at"),
     Index("ix_cache_entries_expires_at", "expires_at"),
 )
+
+
+# -- replay requests (migration 0012) -----------------------------------------------------------------------
+
+#: what ``lamina replay`` needs to send a traced request again, pinned to the same versions
+replay_requests = Table(
+    "replay_requests",
+    metadata,
+    Column("trace_id", String(32), primary_key=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("route", String(100), nullable=False, comment="the API path, e.g. /v1/chat/completions"),
+    Column("body", JSON, nullable=False, comment="the request body after templates"),
+    Column("versions", JSON, nullable=False, comment="model, dataset, template versions and seed"),
+    Column("answer", JSON, nullable=True, comment="answer text (truncated), citations, per-layer seconds"),
+    Index("ix_replay_requests_created_at", "created_at"),
+)
+
+
+# -- run-time deployments (migration 0008) -------------------------------------------------------------------
+
+#: deployments made at run time through the admin API (``lamina deploy``); the config's own deployments are
+#: not stored here. The stack restores these at start.
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("name", String(200), primary_key=True, comment="the public model name clients ask for"),
+    Column("model", String(300), nullable=False, comment="registry reference NAME[@VERSION|@ALIAS]"),
+    Column("engine", String(100), nullable=True, comment="null: the engine of the registered file's format"),
+    Column("options", JSON, nullable=False, comment="engine options by engine name"),
+    Column("min_replicas", Integer, nullable=False),
+    Column("max_replicas", Integer, nullable=False),
+    Column("target_concurrency", Float, nullable=False, comment="in-flight requests per replica to aim at"),
+    Column("scale_to_zero", Boolean, nullable=False),
+    Column("autoscale", JSON, nullable=False, comment="the autoscaler's delays and window, seconds"),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# -- quantized variants and their accuracy gate (migration 0010) ---------------------------------------------
+
+#: one row per quantized variant (a ``model_versions`` row of the same name and version): where it came
+#: from, how, and the gate's figures; a ``failed`` variant never serves
+model_gate = Table(
+    "model_gate",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("version", String(100), primary_key=True),
+    Column("parent_version", String(100), nullable=False, comment="the version it was quantized from"),
+    Column("method", String(40), nullable=False, comment="e.g. onnx-int8-per-channel, gguf-q4_0"),
+    Column("status", String(10), nullable=False, comment="passed or failed"),
+    Column("figures", JSON, nullable=False, comment="what the evaluation measured"),
+    Column("tolerance", JSON, nullable=False, comment="the limits the figures were held to"),
+    Column("dataset", String(100), nullable=True, comment="the dataset version evaluated on, if any"),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+
+# -- traces (migration 0011) --------------------------------------------------------------------------------
+
+#: one row per trace the tail-aware sampler kept (observability/_store_exporter.py): its per-layer time in
+#: ms, the layer that took longest and the bytes its spans take (for retention by size)
+traces = Table(
+    "traces",
+    metadata,
+    Column("trace_id", String(32), primary_key=True),
+    Column("start_ns", BigInteger, nullable=False, comment="the root span's start, epoch nanoseconds"),
+    Column("duration_ms", Float, nullable=False),
+    Column("status", String(10), nullable=False, comment="ok or error"),
+    Column("http_status", Integer, nullable=True),
+    Column("route", String(100), nullable=False, comment="the gateway endpoint, e.g. /v1/chat/completions"),
+    Column("model", String(200), nullable=False, comment="the deployment that served it; empty if none"),
+    Column("layers", JSON, nullable=False, comment="{layer: ms}, the same numbers as x-lamina-layers"),
+    Column("bottleneck", String(40), nullable=True, comment="the layer that took longest"),
+    Column("kept", String(10), nullable=False, comment="why it was stored: error, slow or sampled"),
+    Column("span_count", Integer, nullable=False),
+    Column("size_bytes", Integer, nullable=False, comment="approximate bytes of its spans' rows"),
+    Index("ix_traces_start_ns", "start_ns"),
+)
+
+
+# -- job queue (migration 0009) -----------------------------------------------------------------------------
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True, comment="job_ + 12 hex characters"),
+    Column("kind", String(100), nullable=False, comment="a registered job kind: embed, eval, quantize, ..."),
+    Column("args", JSON, nullable=False, comment="the kind's arguments, {name: value}"),
+    Column(
+        "state", String(12), nullable=False, comment="queued running succeeded failed cancelled preempted"
+    ),
+    Column("priority", Integer, nullable=False, comment="higher runs first and may preempt lower"),
+    Column("cpus", Float, nullable=False, comment="CPU cores requested"),
+    Column("memory_bytes", BigInteger, nullable=False, comment="memory requested"),
+    Column("gpus", Integer, nullable=False, comment="whole GPUs requested"),
+    Column("gpu_milli", Integer, nullable=False, comment="a share of one GPU in thousandths; 0: none"),
+    Column("attempts", Integer, nullable=False, comment="runs that ended in failure or are running"),
+    Column("max_attempts", Integer, nullable=False),
+    Column("preemptions", Integer, nullable=False, comment="runs stopped to free resources (not failures)"),
+    Column("progress", Float, nullable=False, comment="0..1, as the job process last reported"),
+    Column("message", Text, nullable=False, comment="the job process's last progress message"),
+    Column("result", JSON, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("log_path", Text, nullable=True),
+    Column("pid", Integer, nullable=True, comment="the running attempt's process"),
+    Column("cancel_requested", Boolean, nullable=False),
+    Column("inputs", JSON, nullable=False, comment="lineage: dataset/model versions the job read"),
+    Column("outputs", JSON, nullable=False, comment="lineage: dataset/model versions the job produced"),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("not_before", UTCDateTime(), nullable=True, comment="a retry waits until then (backoff)"),
+    Index("ix_jobs_state_priority", "state", "priority"),
+)
