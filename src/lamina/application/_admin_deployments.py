@@ -6,7 +6,9 @@ starts its replicas and adds it to the catalog; clients may call it once a repli
 ``GET /admin/v1/deployments`` lists every deployment, the config's and the run-time ones, with desired
 and ready replicas, a state, and the autoscaler's last decision and its reason. ``DELETE
 /admin/v1/deployments/NAME`` stops routing to it, lets in-flight requests finish (up to a grace period),
-stops its replicas and forgets it.
+stops its replicas and forgets it. ``POST /admin/v1/deployments/NAME/rollout`` rolls a new model version
+out to it (rolling, or a canary with a traffic weight and an automatic rollback), and ``.../promote`` and
+``.../rollback`` finish a canary.
 
 The gateway does not know how deployments are made: it talks to a :class:`DeploymentManager`, which the
 composition root implements over the registry, the controller, the catalog and the metadata store.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -106,6 +108,42 @@ class DeployRequest(BaseModel):
         return {n: float(v) for n in names if (v := getattr(self, n)) is not None}
 
 
+class RolloutRequest(BaseModel):
+    """The body of ``POST /admin/v1/deployments/NAME/rollout``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=300, description="The new version: NAME@VERSION or @ALIAS.")
+    strategy: Literal["rolling", "canary"] = Field("rolling", description="Replace one by one, or a canary.")
+    weight: int = Field(10, ge=1, le=99, description="A canary's share of the requests, in percent.")
+    options: dict[str, dict[str, Any]] | None = Field(
+        None, description="The new version's engine options (default: the deployment's)."
+    )
+    auto_rollback: bool = Field(True, description="Roll a canary back when it answers worse than stable.")
+    window_s: float = Field(60.0, gt=0, le=3600, description="Seconds of answers the groups are compared on.")
+    min_requests: int = Field(20, ge=1, le=100_000, description="Answers per group before judging.")
+    max_error_rate_increase: float = Field(
+        0.05, ge=0, le=1, description="Error-rate margin (0.05: 5 points)."
+    )
+    max_latency_ratio: float = Field(2.0, gt=1, le=100, description="p95 latency margin (2: twice stable's).")
+    promote_after_s: float | None = Field(
+        None, gt=0, le=86400, description="Promote after this long healthy."
+    )
+
+    def policy(self) -> dict[str, float] | None:
+        """The automatic rollback's settings (None: none; a rolling rollout has no canary to judge)."""
+        if not self.auto_rollback or self.strategy != "canary":
+            return None
+        names = (
+            "window_s",
+            "min_requests",
+            "max_error_rate_increase",
+            "max_latency_ratio",
+            "promote_after_s",
+        )
+        return {n: v for n in names if (v := getattr(self, n)) is not None}
+
+
 class DeploymentManager(Protocol):
     """What the admin routes need to manage deployments; the composition root implements it.
 
@@ -123,6 +161,23 @@ class DeploymentManager(Protocol):
 
     async def undeploy(self, name: str) -> dict[str, Any]:
         """Stop routing to it, drain, stop its replicas, forget it; what was done."""
+        ...
+
+    async def rollout(
+        self,
+        name: str,
+        model: str,
+        strategy: str,
+        weight: int,
+        policy: dict[str, float] | None,
+        options: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Start rolling ``model`` out to deployment ``name`` (``policy``: the canary's automatic
+        rollback, see ``RolloutRequest.policy``); its description."""
+        ...
+
+    async def finish_rollout(self, name: str, action: Literal["promote", "rollback"]) -> dict[str, Any]:
+        """Promote a canary, or roll the rollout back; the deployment's description."""
         ...
 
 
@@ -148,5 +203,21 @@ def deployments_router(
     @router.delete("/{name}")
     async def undeploy(name: str) -> Response:
         return JSONResponse(await manager.undeploy(name))
+
+    @router.post("/{name}/rollout")
+    async def rollout(name: str, request: Request) -> Response:
+        _, body = parse_body(await read_body(request, max_body_bytes), RolloutRequest)
+        described = await manager.rollout(
+            name, body.model, body.strategy, body.weight, body.policy(), body.options
+        )
+        return JSONResponse(described, status_code=202)
+
+    @router.post("/{name}/promote")
+    async def promote(name: str) -> Response:
+        return JSONResponse(await manager.finish_rollout(name, "promote"))
+
+    @router.post("/{name}/rollback")
+    async def rollback(name: str) -> Response:
+        return JSONResponse(await manager.finish_rollout(name, "rollback"))
 
     return router

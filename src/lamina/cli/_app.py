@@ -13,7 +13,7 @@ from lamina.cli._common import ConfigOption, StateDirOption, err_console, fail, 
 from lamina.cli._compute import compute_app
 from lamina.cli._costs import costs
 from lamina.cli._data import data_app
-from lamina.cli._deployments import deploy, deployments, undeploy
+from lamina.cli._deployments import deploy, deployments, rollout, undeploy
 from lamina.cli._doctor import doctor
 from lamina.cli._drift import drift
 from lamina.cli._engines import engines
@@ -49,6 +49,7 @@ app.command("engines")(engines)
 app.command("deploy")(deploy)
 app.command("deployments")(deployments)
 app.command("undeploy")(undeploy)
+app.command("rollout")(rollout)
 app.command("costs")(costs)
 app.command("traces")(traces)
 app.command("trace")(trace)

@@ -1,4 +1,5 @@
-"""``lamina deploy``, ``lamina deployments``, ``lamina undeploy``: deployments of the running stack.
+"""``lamina deploy``, ``lamina deployments``, ``lamina undeploy``, ``lamina rollout``: deployments of the
+running stack.
 
 These talk to the admin API of a running ``lamina up`` over HTTP (``/admin/v1/deployments``): the gateway's
 URL comes from --url, else from the config's server host and port; the admin key from --api-key or
@@ -145,9 +146,10 @@ def deployments(
     if json_out:
         print_json(data)
         return
-    table = Table("NAME", "SOURCE", "MODEL", "REPLICAS", "READY/DESIRED", "STATE", "AUTOSCALER")
+    table = Table("NAME", "SOURCE", "MODEL", "REPLICAS", "READY/DESIRED", "STATE", "AUTOSCALER", "ROLLOUT")
     for d in data:
         scaler = d.get("autoscaler") or {}
+        roll = d.get("rollout") or {}
         table.add_row(
             d["name"],
             d["source"],
@@ -156,6 +158,7 @@ def deployments(
             f"{d['ready']}/{d['desired']}",
             d["state"] if not d.get("error") else f"{d['state']}: {d['error']}",
             scaler.get("reason", ""),
+            _rollout_line(roll) if roll else "",
         )
     out_console.print(table)
 
@@ -176,3 +179,59 @@ def undeploy(
         print_json(done)
         return
     out_console.print(f"undeployed [bold]{name}[/] (drained in {done['drained_s']:g} s)")
+
+
+def _rollout_line(roll: dict[str, Any]) -> str:
+    share = f" at {roll['weight']}%" if roll["phase"] == "canary" else ""
+    why = f" ({roll['reason']})" if roll.get("reason") else ""
+    return f"{roll['stable']} -> {roll['target']}: {roll['phase']}{share}{why}"
+
+
+def rollout(
+    name: Annotated[str, typer.Argument(help="The deployment (one made with `lamina deploy`).")],
+    model: Annotated[
+        str | None, typer.Argument(help="The new version, NAME@VERSION or NAME@ALIAS (not with --promote).")
+    ] = None,
+    strategy: Annotated[
+        str, typer.Option(help="rolling: replace replicas one by one; canary: run it beside with --weight.")
+    ] = "rolling",
+    weight: Annotated[int, typer.Option(help="A canary's share of the requests, in percent (1-99).")] = 10,
+    auto_rollback: Annotated[
+        bool, typer.Option(help="Roll a canary back when its error rate or p95 latency is worse.")
+    ] = True,
+    options: Annotated[
+        str | None, typer.Option(help="The new version's engine options as JSON (default: the deployment's).")
+    ] = None,
+    promote: Annotated[bool, typer.Option("--promote", help="Move every replica to the canary.")] = False,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Stop the new version's replicas.")] = False,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+    config: ConfigOption = None,
+    timeout: TimeoutOption = 120.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Roll a new model version out to a deployment (rolling or canary), or promote or roll it back."""
+    base = _base_url(url, config)
+    if promote or rollback:
+        if (promote and rollback) or model:
+            fail(ConfigError("give either MODEL@VERSION, --promote or --rollback, one of them"), 2)
+        action = "promote" if promote else "rollback"
+        described = _call("POST", base, f"{PATH}/{name}/{action}", api_key, timeout)
+    elif model is None:
+        fail(ConfigError(f"name the version to roll out, e.g. `lamina rollout {name} MODEL@2`"), 2)
+    else:
+        if strategy not in ("rolling", "canary"):
+            fail(ConfigError(f"--strategy is rolling or canary, not {strategy!r}"), 2)
+        body: dict[str, Any] = {"model": model, "strategy": strategy, "weight": weight}
+        body["auto_rollback"] = auto_rollback
+        if options:
+            try:
+                body["options"] = json.loads(options)
+            except ValueError as exc:
+                fail(ConfigError(f"--options is not JSON ({exc})"), 2)
+        described = _call("POST", base, f"{PATH}/{name}/rollout", api_key, timeout, body)
+    if json_out:
+        print_json(described)
+        return
+    roll = described.get("rollout") or {}
+    out_console.print(f"[bold]{name}[/]: {_rollout_line(roll) if roll else described['state']}")

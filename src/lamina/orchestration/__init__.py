@@ -54,6 +54,8 @@ from lamina.orchestration._policy import (
 )
 from lamina.orchestration._ray import RayReplicaBackend, RayReplicaHandle, ray_inventory, ray_node_inventory
 from lamina.orchestration._ray_jobs import RayJobRunner, RayJobStatus
+from lamina.orchestration._rollout import CanaryJudge, CanaryPolicy, Rollout, RolloutPhase, RolloutStrategy
+from lamina.orchestration._rollout_control import RolloutControl
 from lamina.orchestration._workload import (
     DeploymentStatus,
     ReplicaState,
@@ -70,6 +72,8 @@ __all__ = [
     "SECRET_ENV",
     "SECRET_HEADER",
     "AutoscalePolicy",
+    "CanaryJudge",
+    "CanaryPolicy",
     "Controller",
     "DeploymentStatus",
     "DispatchResult",
@@ -107,6 +111,10 @@ __all__ = [
     "ReplicaStatus",
     "ReplicaView",
     "Resources",
+    "Rollout",
+    "RolloutControl",
+    "RolloutPhase",
+    "RolloutStrategy",
     "RunningJob",
     "ScaleDecision",
     "SchedulerSettings",

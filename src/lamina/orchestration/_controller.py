@@ -8,6 +8,8 @@ checks in a row: a stuck engine is replaced, not waited for). A failure while re
 is logged and retried at the next step; the loop itself never dies (the shape of Ray Serve's controller).
 Deployments are also added and removed at run time (``add``, ``remove``); an autoscaled one's desired count
 comes from its ReplicaAutoscaler at each step, and a replica scaled away or removed is drained first.
+While a deployment rolls out a new version (``start_rollout``), its rollout says what starts and what is
+drained (``_rollout_control``); each replica keeps the version and spec it was started from.
 """
 
 from __future__ import annotations
@@ -22,17 +24,16 @@ import httpx
 
 from lamina.errors import ConfigError, ConflictError, ModelNotFoundError, UnavailableError
 from lamina.orchestration._autoscale import AutoscalePolicy, ReplicaAutoscaler, ScaleDecision
-from lamina.orchestration._handshake import probe_health
+from lamina.orchestration._health import ReplicaHealth
 from lamina.orchestration._local import ReplicaBackend
 from lamina.orchestration._policy import Plan, ReconcileTimings, reconcile_plan
 from lamina.orchestration._replicas import DeploymentRecord, ReplicaRecord, drained, explain, given_up
+from lamina.orchestration._rollout_control import RolloutControl
 from lamina.orchestration._workload import DeploymentStatus, ReplicaState, ReplicaStatus, WorkloadSpec
 
 log = logging.getLogger(__name__)
 
-_LIVE = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY)
-
-#: the records under their old names, which ``_launch`` and ``_probe`` annotate with
+#: the records under their old names, which ``_launch`` and ``_stop`` annotate with
 _Replica = ReplicaRecord
 _Deployment = DeploymentRecord
 
@@ -64,18 +65,19 @@ class Controller:
         if unhealthy_checks < 1:
             raise ConfigError(f"unhealthy_checks must be 1 or more, not {unhealthy_checks}")
         self._backend = backend
-        self._http = http
         self._clock = clock
         self._health_interval_s = health_interval_s
         self._backoff = (restart_backoff_s, restart_backoff_max_s)
-        self._health_timeout_s = health_timeout_s
         self._stop_grace_s = stop_grace_s
         self._unhealthy_checks = unhealthy_checks
+        self._health = ReplicaHealth(backend, http, clock, health_timeout_s, unhealthy_checks)
         #: requests in flight by replica id (the dispatcher's ``in_flight``): autoscaling and draining
         self._load = load or dict
         self._drain_grace_s = drain_grace_s
         self._drains: set[asyncio.Task[None]] = set()
         self._deployments: dict[str, _Deployment] = {}
+        #: called after each reconcile pass (the composition root's bookkeeping, e.g. finished rollouts)
+        self.after_step: list[Callable[[], None]] = []
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -126,6 +128,29 @@ class Controller:
         drain grace), stopped, and the deployment forgotten; ``gone`` says when."""
         dep = self._get(deployment)
         dep.desired, dep.removed, dep.autoscaler = 0, True, None  # no longer routed to: see ``_get``
+        self._wake.set()
+
+    def start_rollout(self, deployment: str, control: RolloutControl) -> None:
+        """Roll ``deployment`` out to ``control``'s target (see ``_rollout``); one rollout at a time."""
+        dep = self._get(deployment)
+        if dep.rollout is not None and not dep.rollout.rollout.finished:
+            raise ConflictError(
+                f"{deployment!r} is rolling out {dep.rollout.rollout.target} already; "
+                "promote it or roll it back first"
+            )
+        for replica in dep.replicas.values():
+            replica.version = replica.version or control.rollout.stable
+        dep.version, dep.rollout = dep.version or control.rollout.stable, control
+        self._wake.set()
+
+    def rollout(self, deployment: str) -> RolloutControl | None:
+        """The deployment's rollout (the last one, when finished); None also for an unknown or removed
+        deployment (a request that finished on one still reports its answer)."""
+        dep = self._deployments.get(deployment)
+        return None if dep is None or dep.removed else dep.rollout
+
+    def wake(self) -> None:
+        """Reconcile now (after a change such as a rollout promoted)."""
         self._wake.set()
 
     def gone(self, deployment: str) -> bool:
@@ -243,6 +268,11 @@ class Controller:
                 dep = self._deployments[name]
                 if dep.removed and not dep.replicas:
                     del self._deployments[name]
+        for hook in self.after_step:
+            try:
+                hook()
+            except Exception:
+                log.exception("a hook after the reconcile pass failed")
         self._notify_changed()
 
     def _autoscale(self, name: str, dep: _Deployment) -> None:
@@ -264,63 +294,22 @@ class Controller:
             log.exception("reconciling deployment %r failed; retrying at the next step", name)
 
     async def _reconcile(self, dep: _Deployment) -> None:
-        for replica in dep.replicas.values():
-            self._observe_exit(replica)
-        await self._check_health(dep)
+        await self._health.check(dep)
         (base_s, max_s) = self._backoff
         timings = ReconcileTimings(dep.spec.ready_timeout_s, base_s, max_s, self._unhealthy_checks)
         views = [r.view() for r in dep.replicas.values()]
-        await self._carry_out(dep, reconcile_plan(dep.desired, views, self._clock(), timings))
-
-    def _observe_exit(self, replica: _Replica) -> None:
-        if replica.handle is None or replica.state not in _LIVE:
-            return
-        code = self._backend.poll(replica.handle)
-        if code is not None:
-            self._mark_dead(replica, code, f"exited with code {code}")
-
-    async def _check_health(self, dep: _Deployment) -> None:
-        checked = [r for r in dep.replicas.values() if r.handle is not None and r.state in _LIVE]
-        problems = await asyncio.gather(*(self._probe(dep.spec, r) for r in checked))
-        for replica, problem in zip(checked, problems, strict=True):
-            if problem is None:
-                self._mark_ready(replica)
-            else:
-                self._mark_unwell(replica, problem)
-
-    async def _probe(self, spec: WorkloadSpec, replica: _Replica) -> str | None:
-        """None when the replica's health endpoint answers 200, else what went wrong."""
-        assert replica.handle is not None
-        url, timeout_s = replica.handle.url, self._health_timeout_s
-        return await probe_health(self._http, self._backend, url, spec.health_path, timeout_s)
-
-    def _mark_ready(self, replica: _Replica) -> None:
-        replica.failed_checks = 0
-        if replica.state is not ReplicaState.READY:
-            replica.state, replica.since, replica.failures = ReplicaState.READY, self._clock(), 0
-            assert replica.handle is not None
-            log.info("replica %s ready at %s", replica.replica_id, replica.handle.url)
-
-    def _mark_unwell(self, replica: _Replica, problem: str) -> None:
-        assert replica.handle is not None
-        code = self._backend.poll(replica.handle)
-        if code is not None:
-            self._mark_dead(replica, code, f"exited with code {code}")
-        elif replica.state is not ReplicaState.STARTING:  # a loading replica has its ready timeout
-            replica.failed_checks += 1
-            if replica.state is ReplicaState.READY:
-                replica.state, replica.since = ReplicaState.UNHEALTHY, self._clock()
-            replica.last_reason, replica.last_log_tail = problem, ""
-            args = (replica.replica_id, replica.failed_checks, self._unhealthy_checks, problem)
-            log.warning("replica %s unhealthy (failed check %d of %d): %s", *args)
+        step = dep.rollout.step(dep, self._clock()) if dep.rollout and not dep.removed else None
+        live = sum(1 for v in views if v.state is not ReplicaState.STOPPING)
+        desired = dep.desired if step is None else live  # a rollout decides what starts and stops
+        await self._carry_out(dep, reconcile_plan(desired, views, self._clock(), timings))
+        if step is not None and dep.rollout is not None:
+            going = [rid for rid in step.stop if rid in dep.replicas]
+            await asyncio.gather(*(self._stop_and_forget(dep, rid) for rid in going))
+            for _ in range(step.start):
+                self._new_replica(dep, dep.rollout.target_spec, dep.rollout.rollout.target)
 
     def _mark_dead(self, replica: _Replica, code: int | None, reason: str) -> None:
-        """Record a failed replica: its exit code and the end of its log, for ``lamina status``."""
-        tail = self._backend.tail_log(replica.handle) if replica.handle is not None else ""
-        replica.state, replica.since, replica.handle = ReplicaState.DEAD, self._clock(), None
-        replica.failures, replica.failed_checks = replica.failures + 1, 0
-        replica.last_exit_code, replica.last_reason, replica.last_log_tail = code, reason, tail
-        log.warning("replica %s %s (failure %d in a row)", replica.replica_id, reason, replica.failures)
+        self._health.mark_dead(replica, code, reason)
 
     async def _carry_out(self, dep: _Deployment, plan: Plan) -> None:
         await asyncio.gather(*(self._stop_and_forget(dep, rid) for rid in plan.stop))
@@ -328,12 +317,18 @@ class Controller:
         for rid in plan.restart:
             replica = dep.replicas[rid]
             replica.restarts += 1
-            self._launch(dep.spec, replica)
+            self._launch(replica.spec or dep.spec, replica)
         for _ in range(plan.start):
-            rid = f"{dep.spec.name}-{dep.next_index}"
-            dep.next_index += 1
-            dep.replicas[rid] = _Replica(rid, dep.spec.name, ReplicaState.STARTING, self._clock())
-            self._launch(dep.spec, dep.replicas[rid])
+            self._new_replica(dep, dep.spec, dep.version)
+
+    def _new_replica(self, dep: _Deployment, spec: WorkloadSpec, version: str) -> None:
+        rid = f"{dep.spec.name}-{dep.next_index}"
+        dep.next_index += 1
+        now = self._clock()
+        dep.replicas[rid] = _Replica(
+            rid, dep.spec.name, ReplicaState.STARTING, now, version=version, spec=spec
+        )
+        self._launch(spec, dep.replicas[rid])
 
     def _launch(self, spec: WorkloadSpec, replica: _Replica) -> None:
         """Start the replica's process (from the event loop's thread: see ``_local``)."""

@@ -11,7 +11,9 @@ engine). Replaying such a request on every replica would take the whole deployme
 so a request that two replicas died serving is failed with :class:`~lamina.errors.PoisonRequestError`.
 "Died" means the controller saw the process exit (or restarted it); a transport error from a process
 that is still running, or a refused connection (the request never reached the replica), is a plain retry.
-Each request carries the secret of the replica it goes to (see ``_handshake``).
+Each request carries the secret of the replica it goes to (see ``_handshake``). During a canary rollout,
+the target version's replicas get the rollout's weight of the requests, and each answer is reported to
+the rollout's judge (its status and latency: the automatic rollback).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class Dispatcher:
         while True:
             replica = await self._acquire(attempt)
             assert replica.url is not None
+            sent = self._clock()
             try:
                 with self._counted(replica.replica_id):
                     response = await self._http.post(
@@ -141,6 +144,7 @@ class Dispatcher:
             except FAILOVER_ERRORS as exc:
                 await self._failed(attempt, replica, exc)
                 continue
+            self._observe(deployment, replica, response.status_code, sent)
             return DispatchResult(response, replica.replica_id, replica.url, attempt.count)
 
     @asynccontextmanager
@@ -160,6 +164,7 @@ class Dispatcher:
         while True:
             replica = await self._acquire(attempt)
             assert replica.url is not None
+            sent = self._clock()
             with self._counted(replica.replica_id):
                 async with contextlib.AsyncExitStack() as opened:
                     try:
@@ -174,6 +179,7 @@ class Dispatcher:
                     except FAILOVER_ERRORS as exc:
                         await self._failed(attempt, replica, exc)
                         continue
+                    self._observe(deployment, replica, response.status_code, sent)
                     yield DispatchResult(response, replica.replica_id, replica.url, attempt.count)
                     return
 
@@ -184,6 +190,13 @@ class Dispatcher:
         if secret is None:
             raise _SecretUnknownError(f"{replica.replica_id} at {replica.url} is no longer running")
         return {**(headers or {}), SECRET_HEADER: secret}
+
+    def _observe(self, deployment: str, replica: ReplicaStatus, status: int, sent: float) -> None:
+        """Tell a running rollout (its canary judge) how the replica answered."""
+        control = self._controller.rollout(deployment)
+        if control is not None:
+            now = self._clock()
+            control.observe(replica.version, status, now - sent, now)
 
     @contextmanager
     def _counted(self, replica_id: str) -> Iterator[None]:
@@ -199,6 +212,9 @@ class Dispatcher:
         """The least-loaded ready replica, waiting for one until the deadline."""
         while True:
             ready = self._controller.ready_replicas(attempt.deployment)
+            control = self._controller.rollout(attempt.deployment)
+            if ready and control is not None:
+                ready = control.route(ready)  # a canary's share of the requests
             if ready:
                 loads = [ReplicaLoad(r.replica_id, self._in_flight[r.replica_id]) for r in ready]
                 chosen = pick_replica(loads, self._picks)

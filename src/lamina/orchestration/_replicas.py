@@ -8,12 +8,16 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina.errors import NoReadyReplicaError
 from lamina.orchestration._autoscale import LoadObservation, ReplicaAutoscaler
 from lamina.orchestration._local import ReplicaHandle
 from lamina.orchestration._policy import ReplicaView
 from lamina.orchestration._workload import ReplicaState, ReplicaStatus, WorkloadSpec
+
+if TYPE_CHECKING:
+    from lamina.orchestration._rollout_control import RolloutControl
 
 log = logging.getLogger("lamina.orchestration._controller")
 
@@ -36,6 +40,9 @@ class ReplicaRecord:
     last_reason: str | None = None
     last_log_tail: str = ""
     log_path: Path | None = None
+    #: the version it runs and the spec it was started from (None: its deployment's spec)
+    version: str = ""
+    spec: WorkloadSpec | None = None
 
     @property
     def last_error(self) -> str | None:
@@ -57,7 +64,22 @@ class ReplicaRecord:
             restarts=self.restarts,
             last_exit_code=self.last_exit_code,
             last_error=self.last_error,
+            version=self.version,
         )
+
+    def mark_ready(self, now: float) -> None:
+        self.failed_checks = 0
+        if self.state is not ReplicaState.READY:
+            self.state, self.since, self.failures = ReplicaState.READY, now, 0
+            assert self.handle is not None
+            log.info("replica %s ready at %s", self.replica_id, self.handle.url)
+
+    def mark_dead(self, now: float, code: int | None, reason: str, tail: str) -> None:
+        """Record a failure: its exit code and the end of the replica's log, for ``lamina status``."""
+        self.state, self.since, self.handle = ReplicaState.DEAD, now, None
+        self.failures, self.failed_checks = self.failures + 1, 0
+        self.last_exit_code, self.last_reason, self.last_log_tail = code, reason, tail
+        log.warning("replica %s %s (failure %d in a row)", self.replica_id, reason, self.failures)
 
 
 @dataclass
@@ -76,6 +98,9 @@ class DeploymentRecord:
     waiting: int = 0
     #: when the deployment last started scaling up from zero replicas (None: not now)
     cold_since: float | None = None
+    #: the version its replicas run, and its rollout (see ``_rollout_control``), if one was started
+    version: str = ""
+    rollout: RolloutControl | None = None
 
     def ready(self) -> int:
         return sum(1 for r in self.replicas.values() if r.state is ReplicaState.READY)

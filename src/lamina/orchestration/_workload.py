@@ -48,6 +48,8 @@ class ReplicaStatus:
     restarts: int
     last_exit_code: int | None = None
     last_error: str | None = None
+    #: the version the replica runs (a rollout's stable or target label; "" when never labelled)
+    version: str = ""
 
 
 @dataclass(frozen=True)

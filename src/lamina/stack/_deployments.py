@@ -13,12 +13,16 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from lamina.application import DeployRequest
+from lamina.clock import utcnow
 from lamina.compute import NodeInventory, probe_inventory
 from lamina.config import LaminaConfig
 from lamina.errors import (
@@ -30,10 +34,21 @@ from lamina.errors import (
     NotFoundError,
 )
 from lamina.models import Catalog, Registry, ServedModel, check_deployment, deploy
-from lamina.orchestration import AutoscalePolicy, Controller, WorkloadSpec
+from lamina.orchestration import (
+    AutoscalePolicy,
+    CanaryJudge,
+    CanaryPolicy,
+    Controller,
+    Rollout,
+    RolloutControl,
+    RolloutPhase,
+    RolloutStrategy,
+    WorkloadSpec,
+)
 from lamina.stack._deployment_store import DeploymentStore, StoredDeployment
 from lamina.stack._fit import check_fit, workload_needs
 from lamina.store import Store
+from lamina.store import deployments as deployments_table
 
 log = logging.getLogger("lamina.deployments")
 
@@ -52,6 +67,7 @@ class RuntimeDeployments:
         run_dir: Path,
         inventory: Callable[[], Sequence[NodeInventory]] = lambda: [probe_inventory()],
         drain_timeout_s: float = 60.0,
+        store: Store | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -61,7 +77,11 @@ class RuntimeDeployments:
         self._run_dir = run_dir
         self._inventory = inventory
         self._drain_timeout_s = drain_timeout_s
+        self._store = store
         self._stored: dict[str, StoredDeployment] = {}
+        #: a rollout's target (what is stored and served once it is done), by deployment
+        self._targets: dict[str, tuple[StoredDeployment, ServedModel]] = {}
+        controller.after_step.append(self._settle_rollouts)
         #: stored deployments that could not be restored at start, with why
         self._broken: dict[str, tuple[StoredDeployment, str]] = {}
 
@@ -128,6 +148,7 @@ class RuntimeDeployments:
         started = time.monotonic()
         await asyncio.to_thread(self._repo.delete, name)  # first: a restart meanwhile does not restore it
         self._broken.pop(name, None)
+        self._targets.pop(name, None)
         if self._stored.pop(name, None) is not None:
             self._catalog.remove(name)  # stop routing: new requests for it are a 404 from here on
             with contextlib.suppress(ModelNotFoundError):
@@ -136,6 +157,89 @@ class RuntimeDeployments:
             while not self._controller.gone(name) and time.monotonic() < deadline:
                 await self._controller.wait_for_change(0.2)
         return {"name": name, "deleted": True, "drained_s": round(time.monotonic() - started, 3)}
+
+    async def rollout(
+        self,
+        name: str,
+        model: str,
+        strategy: str,
+        weight: int,
+        policy: dict[str, float] | None,
+        options: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Roll ``model`` out to the run-time deployment ``name`` (see ``lamina.orchestration._rollout``)."""
+        stored, served = self._stored.get(name), self._catalog.get(name)
+        if stored is None or served is None:
+            known = ", ".join(sorted(self._stored)) or "none"
+            raise NotFoundError(f"no run-time deployment named {name!r} to roll out to (run-time: {known})")
+        target = dataclasses.replace(
+            stored, model=model, options=stored.options if options is None else options
+        )
+        # the target's worker spec file beside the stable one's, which its restarts still read
+        here = self._run_dir / "rollouts" / re.sub(r"[^A-Za-z0-9._-]", "_", model)
+        new_served, workload = await asyncio.to_thread(self._prepare, target, check_space=False, run_dir=here)
+        one = dataclasses.replace(workload, replicas=1)  # the surge: one more replica at a time
+        try:
+            check_fit(workload_needs(self._registry, [(new_served.model_ref, one)]), self._inventory())
+        except ConfigError as exc:
+            raise InvalidRequestError(exc.message, param="model") from exc
+        stable, wanted = served.model_ref or stored.model, new_served.model_ref or model
+        try:
+            judge = None if policy is None else CanaryJudge(_canary_policy(policy))
+            begun = Rollout.begin(stable, wanted, RolloutStrategy(strategy), time.monotonic(), weight)
+        except ConfigError as exc:  # the request's settings: a 400 saying what to change
+            raise InvalidRequestError(exc.message) from exc
+        self._controller.start_rollout(name, RolloutControl(begun, workload, judge))
+        self._targets[name] = (target, new_served)
+        log.info("rolling %s out to %s (%s)", wanted, name, strategy)
+        return self._describe(name)
+
+    async def finish_rollout(self, name: str, action: str) -> dict[str, Any]:
+        """Promote the canary of ``name``, or roll its rollout back."""
+        control = self._controller.rollout(name) if name in self._stored else None
+        if control is None:
+            raise NotFoundError(
+                f"{name!r} has no rollout; start one with `lamina rollout {name} MODEL@VERSION`"
+            )
+        if action == "promote":
+            control.promote()
+        else:
+            control.rollback()
+        self._controller.wake()
+        return self._describe(name)
+
+    def _settle_rollouts(self) -> None:
+        """After each reconcile pass: a finished rollout's version serves (catalog, store) at once."""
+        for name in list(self._targets):
+            self._settle(name)
+
+    def _settle(self, name: str) -> dict[str, Any] | None:
+        """The deployment's rollout as JSON; once it is done, the target is what the deployment serves."""
+        control = self._controller.rollout(name)
+        if control is None:
+            return None
+        rollout = control.rollout
+        done = self._targets.get(name) if rollout.phase is RolloutPhase.DONE else None
+        if done is not None:
+            target, new_served = done
+            self._catalog.remove(name)
+            self._catalog.add(new_served)
+            self._stored[name] = target
+            del self._targets[name]
+            self._store_version(target)
+        return rollout.to_json()
+
+    def _store_version(self, target: StoredDeployment) -> None:
+        """Store the model and options a finished rollout moved ``target`` to: a restart serves them."""
+        if self._store is None:
+            return
+        values = {"model": target.model, "options": target.options, "updated_at": utcnow()}
+        try:
+            with self._store.begin() as conn:
+                table = deployments_table
+                conn.execute(update(table).where(table.c.name == target.name).values(**values))
+        except LaminaError as exc:
+            log.error("could not store the new version of %r: %s", target.name, exc.message)
 
     # ---- the parts -----------------------------------------------------------------------------------
 
@@ -154,15 +258,16 @@ class RuntimeDeployments:
                 "another name with --name"
             )
 
-    def _prepare(self, stored: StoredDeployment, *, check_space: bool) -> tuple[ServedModel, WorkloadSpec]:
+    def _prepare(
+        self, stored: StoredDeployment, *, check_space: bool, run_dir: Path | None = None
+    ) -> tuple[ServedModel, WorkloadSpec]:
         """The catalog entry and workload of ``stored``: engine, options and model checked; with
         ``check_space``, refused unless its largest replica count fits in what this machine has free."""
         try:
             stored.policy()  # the autoscaler's limits and delays, checked (ConfigError)
             deployment = check_deployment(stored.deployment_config())
-            served, workload = deploy(
-                deployment, self._registry, self._run_dir, self._config.orchestration.ready_timeout_s
-            )
+            timeout_s = self._config.orchestration.ready_timeout_s
+            served, workload = deploy(deployment, self._registry, run_dir or self._run_dir, timeout_s)
         except ConfigError as exc:  # the request's fault, not the server's: a 400 saying what to change
             raise InvalidRequestError(exc.message) from exc
         if check_space:
@@ -187,6 +292,7 @@ class RuntimeDeployments:
         stored = self._stored.get(name) or (broken[0] if broken else None)
         config = next((d for d in self._config.deployments if d.name == name), None)
         status = next((s for s in self._controller.status() if s.name == name), None)
+        rollout = self._settle(name) if name in self._stored else None
         served = self._catalog.get(name)
         desired = status.desired if status else 0
         ready = status.ready if status else 0
@@ -227,7 +333,21 @@ class RuntimeDeployments:
             "state": state,
             "autoscaler": decision,
             "error": broken[1] if broken else None,
+            "rollout": rollout,
+            "versions": sorted({r.version for r in status.replicas if r.version}) if status else [],
         }
+
+
+def _canary_policy(given: dict[str, float]) -> CanaryPolicy:
+    """The automatic rollback's policy from the admin API's settings (checked: ConfigError)."""
+    promote = given.get("promote_after_s")
+    return CanaryPolicy(
+        window_s=given.get("window_s", 60.0),
+        min_requests=int(given.get("min_requests", 20)),
+        max_error_rate_increase=given.get("max_error_rate_increase", 0.05),
+        max_latency_ratio=given.get("max_latency_ratio", 2.0),
+        promote_after_s=None if promote is None else float(promote),
+    )
 
 
 def open_deployments(
@@ -248,6 +368,7 @@ def open_deployments(
         catalog=catalog,
         run_dir=run_dir,
         drain_timeout_s=config.orchestration.drain_grace_s + 30.0,  # the drain, then stopping
+        store=store,
     )
     autoscaled = {d.name: d.autoscale for d in config.deployments if d.autoscale is not None}
     for _, workload in deployed:  # the config's autoscaled ones: ``apply`` keeps their autoscaler
