@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -257,6 +257,11 @@ def read_trace(store: Store, trace_id: str) -> list[SpanRow]:
     )
     with store.begin() as conn:
         result = conn.execute(query).mappings().all()
+    return span_rows(result)
+
+
+def span_rows(result: Iterable[Any]) -> list[SpanRow]:
+    """Rows of the ``spans`` table (as mappings) as SpanRow dicts."""
     return [
         SpanRow(
             span_id=r["span_id"],

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from lamina.observability._store_exporter import SpanRow, read_trace
+from lamina.observability._store_exporter import SpanRow, read_trace, span_rows
 from lamina.store import Store, spans
 
 #: the most spans read for one listing (a guard against a runaway query on a huge window)
@@ -218,23 +218,6 @@ def tree(rows: Sequence[SpanRow]) -> list[TreeSpan]:
     return out
 
 
-def _rows(result: Iterable[Any]) -> list[SpanRow]:
-    return [
-        SpanRow(
-            span_id=r["span_id"],
-            trace_id=r["trace_id"],
-            parent_span_id=r["parent_span_id"],
-            name=r["name"],
-            layer=r["layer"],
-            start_ns=int(r["start_ns"]),
-            end_ns=int(r["end_ns"]),
-            status=r["status"],
-            attributes=dict(r["attributes"] or {}),
-        )
-        for r in result
-    ]
-
-
 def recent_traces(store: Store, since: datetime, limit: int = 50) -> list[TraceLine]:
     """The newest traces (at most ``limit``) whose root span started at or after ``since``, newest first."""
     since_ns = int(since.timestamp() * 1e9)
@@ -249,7 +232,7 @@ def recent_traces(store: Store, since: datetime, limit: int = 50) -> list[TraceL
         if not ids:
             return []
         query = select(spans).where(spans.c.trace_id.in_(ids)).limit(MAX_SPANS_READ)
-        rows = _rows(conn.execute(query).mappings())
+        rows = span_rows(conn.execute(query).mappings())
     grouped: dict[str, list[SpanRow]] = defaultdict(list)
     for row in rows:
         grouped[row["trace_id"]].append(row)
