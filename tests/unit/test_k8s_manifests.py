@@ -321,3 +321,26 @@ def test_a_replicas_probe_sends_its_secret_to_loopback() -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_deploy_target_k8s_writes_the_model_beside_the_configs_deployments(
+    k8s_config: tuple[LaminaConfig, Path], tmp_path: Path
+) -> None:
+    """`lamina deploy MODEL --target k8s --out DIR`: the model joins the config's deployments in the
+    manifests; MIN..MAX replicas become its replicas and its autoscaler's reach."""
+    config, state = k8s_config
+    cfg_file = tmp_path / "lamina.yaml"
+    cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
+    out = tmp_path / "deploy-out"
+    args = ["deploy", "tiny", "--name", "tiny-b", "--replicas", "2..6", "--target", "k8s", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "-c", str(cfg_file), "--state-dir", str(state), "--json"])
+    assert result.exit_code == 0, result.output
+    files = _load(out)
+    assert {"lamina-tiny.yaml", "lamina-tiny-b.yaml", "lamina-gateway.yaml"} <= set(files)
+    for manifest in files["lamina-tiny-b.yaml"]:
+        validate(manifest)
+    objects = by_kind(files["lamina-tiny-b.yaml"])
+    assert objects["Deployment"]["spec"]["replicas"] == 2
+    assert objects["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] == 6
+    missing = CliRunner().invoke(app, ["deploy", "tiny", "--target", "k8s", "-c", str(cfg_file)])
+    assert missing.exit_code == 2 and "--out DIR" in missing.output

@@ -431,6 +431,7 @@ PUBLIC = {
         "gateway_hosts",
         "gpu_hour_usd",
         "observe_router",
+        "parse_replicas",
         "read_replay",
         "replica_hourly_usd",
         "response_cache",

@@ -2,7 +2,12 @@
 
 from lamina.application._access import gateway_hosts
 from lamina.application._admin import IngestService, IngestSettings, ThreadedIngestService, admin_router
-from lamina.application._admin_deployments import DeploymentManager, DeployRequest, deployments_router
+from lamina.application._admin_deployments import (
+    DeploymentManager,
+    DeployRequest,
+    deployments_router,
+    parse_replicas,
+)
 from lamina.application._admin_observe import Doctor, observe_router
 from lamina.application._auth import Authenticator, StaticKeys
 from lamina.application._budgets import Budget, CostLedger, CostLine, LedgerEntry
@@ -69,6 +74,7 @@ __all__ = [
     "gateway_hosts",
     "gpu_hour_usd",
     "observe_router",
+    "parse_replicas",
     "read_replay",
     "replica_hourly_usd",
     "response_cache",

@@ -9,14 +9,19 @@ $LAMINA_API_KEY. A deployment made here is stored by the stack and restored when
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import httpx
 import typer
 from rich.table import Table
 
-from lamina.cli._common import ConfigOption, JsonOption, fail, load, out_console, print_json
+from lamina.application import parse_replicas
+from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
+from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError, LaminaError, NotFoundError
+
+Target = Literal["local", "k8s"]
 
 PATH = "/admin/v1/deployments"
 
@@ -105,8 +110,14 @@ def deploy(
     config: ConfigOption = None,
     timeout: TimeoutOption = 120.0,
     json_out: JsonOption = False,
+    target: Annotated[
+        Target, typer.Option(help="local: the running stack; k8s: Kubernetes manifests in --out instead.")
+    ] = "local",
+    out: Annotated[Path | None, typer.Option(help="With --target k8s: the folder for the manifests.")] = None,
+    state_dir: StateDirOption = None,
 ) -> None:
-    """Deploy a registered model on the running stack; it serves once a replica is ready."""
+    """Deploy a registered model on the running stack (it serves once a replica is ready), or write it with
+    the config's deployments as Kubernetes manifests (``--target k8s --out DIR``)."""
     body: dict[str, Any] = {"model": model, "replicas": replicas, "target_concurrency": target_concurrency}
     body |= {"name": name} if name else {}
     body |= {"engine": engine} if engine else {}
@@ -115,6 +126,9 @@ def deploy(
             body["options"] = json.loads(options)
         except ValueError as exc:
             fail(ConfigError(f'--options is not JSON ({exc}); e.g. \'{{"fake": {{"n_ctx": 512}}}}\''), 2)
+    if target == "k8s":
+        _to_k8s(body, out, config, state_dir, json_out)
+        return
     timings = {
         "window_s": window,
         "upscale_delay_s": upscale_delay,
@@ -132,6 +146,35 @@ def deploy(
         f"{described['min_replicas']}..{described['max_replicas']}): {described['state']}; "
         "`lamina deployments` shows when it is ready"
     )
+
+
+def _to_k8s(
+    body: dict[str, Any], out: Path | None, config: Path | None, state_dir: Path | None, js: bool
+) -> None:
+    """``deploy --target k8s``: the deployment joins the config's in manifests (``lamina k8s manifests``);
+    MIN..MAX replicas become the manifests' replicas and their autoscaler's reach."""
+    from lamina.cli._k8s import write_manifests_command
+    from lamina.stack import K8sSettings
+
+    if out is None:
+        fail(ConfigError("--target k8s writes manifests: give the folder with --out DIR"), 2)
+    try:
+        low, high = parse_replicas(body["replicas"])
+        deployment = DeploymentConfig.model_validate(
+            {
+                "name": body.get("name") or body["model"].partition("@")[0],
+                "model": body["model"],
+                "engine": body.get("engine"),
+                "replicas": max(low, 1),
+                "options": body.get("options") or {},
+            }
+        )
+    except ValueError as exc:
+        fail(ConfigError(f"cannot deploy {body['model']!r} to Kubernetes: {exc}"), 2)
+    settings = K8sSettings(
+        max_replicas_factor=max(1, -(-high // max(low, 1))), target_concurrency=body["target_concurrency"]
+    )
+    write_manifests_command(config, state_dir, out, settings, as_json=js, extra=deployment)
 
 
 def deployments(

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
+from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError, LaminaError
 from lamina.orchestration import K8sAutoscaler, K8sScaleMetric
 from lamina.stack import K8sSettings, kubectl_apply, write_k8s_manifests
@@ -41,10 +42,14 @@ def write_manifests_command(
     settings: K8sSettings,
     apply: bool = False,
     as_json: bool = False,
+    extra: DeploymentConfig | None = None,
 ) -> list[Path]:
     """Write (and, with ``apply``, apply) the manifests; prints what was written. For ``lamina deploy
-    --target k8s`` as well."""
+    --target k8s`` as well, whose ``extra`` deployment joins the config's."""
     cfg, sdir = load(config, state_dir)
+    if extra is not None:
+        kept = [d for d in cfg.deployments if d.name != extra.name]
+        cfg = cfg.model_copy(update={"deployments": [*kept, extra]})
     try:
         written = write_k8s_manifests(cfg, sdir, out, settings)
     except LaminaError as exc:
