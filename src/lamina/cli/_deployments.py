@@ -16,7 +16,6 @@ import httpx
 import typer
 from rich.table import Table
 
-from lamina.application import parse_replicas
 from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
 from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError, LaminaError, NotFoundError
@@ -153,6 +152,7 @@ def _to_k8s(
 ) -> None:
     """``deploy --target k8s``: the deployment joins the config's in manifests (``lamina k8s manifests``);
     MIN..MAX replicas become the manifests' replicas and their autoscaler's reach."""
+    from lamina.application import parse_replicas  # here: `lamina data` never imports the web stack
     from lamina.cli._k8s import write_manifests_command
     from lamina.stack import K8sSettings
 
