@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from prometheus_client import CollectorRegistry
 
 from lamina.observability import LAYER, Layer, StoreSpanExporter, Telemetry, read_trace
+from lamina.observability._light import LightSpan
 from lamina.store import Store
 
 
@@ -76,8 +77,10 @@ def test_a_store_without_the_spans_table_loses_the_batch_without_raising(tmp_pat
     t = Telemetry(service_name="t", store=None, otlp_endpoint=None)
     span = t.tracer.start_span("y")
     span.end()
-    assert isinstance(span, ReadableSpan)
-    assert StoreSpanExporter(bare).export([span]) is SpanExportResult.FAILURE
+    assert isinstance(span, LightSpan)
+    readable = span.readable(t.keeper.resource, t.keeper.scope)
+    assert isinstance(readable, ReadableSpan)
+    assert StoreSpanExporter(bare).export([readable]) is SpanExportResult.FAILURE
     t.shutdown()
     bare.close()
 

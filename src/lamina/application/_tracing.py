@@ -17,7 +17,6 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import SpanContext, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -40,6 +39,9 @@ METERED = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/
 _SCOPE_KEY = "lamina.exchange"
 _LAYERS_HEADER = LAYERS_HEADER.encode()
 _IDS = RandomIdGenerator()
+#: the attributes of the application steps recorded after the fact (shared: records are never changed)
+_APPLICATION: dict[str, AttributeValue] = {LAYER: Layer.APPLICATION.value}
+_MODELS: dict[str, AttributeValue] = {LAYER: Layer.MODELS.value}
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
@@ -101,8 +103,7 @@ class Exchange:
 
     def breakdown(self) -> Breakdown | None:
         """Where this request's time went so far, per layer (None when its spans are not recorded)."""
-        span = self.span
-        return self.telemetry.keeper.breakdown(span) if isinstance(span, ReadableSpan) else None
+        return self.telemetry.keeper.breakdown(self.span)
 
     def extension(self) -> dict[str, Any] | None:
         """The ``lamina`` extension of the answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``;
@@ -146,8 +147,7 @@ class Exchange:
         dispatch) and ``respond`` (output guards, cache store, settling, sending, after the reply)."""
         if since_ns and self.span.is_recording():
             ctx = self.span.get_span_context()
-            attrs: dict[str, AttributeValue] = {LAYER: Layer.APPLICATION.value}
-            self.telemetry.keeper.add(ctx.trace_id, ctx.span_id, name, attrs, since_ns, time.time_ns())
+            self.telemetry.keeper.add(ctx.trace_id, ctx.span_id, name, _APPLICATION, since_ns, time.time_ns())
 
     def fail(self, exc: LaminaError) -> None:
         """Mark the request failed with ``exc`` (the error body the client gets says the same)."""
@@ -248,27 +248,21 @@ class Exchange:
                 attrs[f"lamina.{key}"] = value
         if isinstance(ext.get("model_version"), str):
             attrs["lamina.model_version"] = ext["model_version"]
-        keep = self.telemetry.keeper.add  # records, not spans: cheap unless the trace is kept
-        ctx = parent.get_span_context()
-        trace_id = ctx.trace_id
-
-        def add(parent_id: int, name: str, attrs: dict[str, AttributeValue], start: int, end: int) -> None:
-            keep(trace_id, parent_id, name, attrs, start, end)
-
-        engine = keep(trace_id, ctx.span_id, "engine", attrs, received, end)
-        if engine is None:
-            return
-        models: dict[str, AttributeValue] = {LAYER: Layer.MODELS.value}
+        models = _MODELS
+        later: list[tuple[str, dict[str, AttributeValue], int, int]] = []
         if start > received:
-            add(engine, "queue", models, received, start)
+            later.append(("queue", models, received, start))
         if generates and prefill_ms is not None:
             first = min(max(start + int(prefill_ms * 1e6), start), end)
-            add(engine, "prefill", models, start, first)
+            later.append(("prefill", models, start, first))
             if end > first:
-                add(engine, "decode", models, first, end)
+                later.append(("decode", models, first, end))
         else:
-            add(engine, "embed" if not generates else "generate", models, start, end)
-        add(engine, "device", self.telemetry.device_span(self.model), start, start)
+            later.append(("embed" if not generates else "generate", models, start, end))
+        later.append(("device", self.telemetry.device_span(self.model), start, start))
+        ctx = parent.get_span_context()
+        # records, not spans: cheap unless the trace is kept
+        self.telemetry.keeper.add(ctx.trace_id, ctx.span_id, "engine", attrs, received, end, tuple(later))
 
     def finish(self, status: int) -> None:
         """The last byte is sent (or the client left): count the request and end its root span."""

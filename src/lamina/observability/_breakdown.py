@@ -39,12 +39,16 @@ class Breakdown:
 
     @property
     def bottleneck(self) -> str | None:
-        best = max(LAYERS, key=lambda layer: self.layers[layer])
-        return best if self.layers[best] > 0 else None
+        best, ms = None, 0.0
+        for layer, value in self.layers.items():  # the first of equals, in the order of LAYERS
+            if value > ms:
+                best, ms = layer, value
+        return best
 
     def header(self) -> str:
         """The ``x-lamina-layers`` value."""
-        return ";".join(f"{layer}={_ms(self.layers[layer])}" for layer in LAYERS)
+        layers = self.layers
+        return ";".join([f"{layer}={_ms(layers[layer])}" for layer in LAYERS])
 
     def as_json(self) -> dict[str, Any]:
         """The ``lamina`` extension of an answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``."""

@@ -4,9 +4,11 @@ the SDK's cost per span.
 The SDK's spans pay on the request path for what only kept traces need (bounded attribute maps with a
 lock per write, a sampler and span processors per span, a copy of every span when it ends). Here a span
 is a :class:`LightSpan`: the OpenTelemetry API (``set_attribute``, ``set_status``, ``add_event``,
-``record_exception``, context propagation through ``trace.use_span``), its data kept in plain fields, and
-itself a ``ReadableSpan``, so the store writer and the OTLP exporter take it as it is once the
-:class:`~lamina.observability._keeper.TraceKeeper` decides to keep its trace (at its root's end).
+``record_exception``, context propagation through ``trace.use_span``) over plain fields. A local root opens
+an :class:`~lamina.observability._open_trace.OpenTrace` with the
+:class:`~lamina.observability._keeper.TraceKeeper`; its descendants find it through their parent span (no
+lookup), add their layer's time to it when they end, and become ``ReadableSpan`` objects for the store
+writer and the OTLP exporter only if the keeper keeps the trace (at its root's end).
 """
 
 from __future__ import annotations
@@ -27,76 +29,121 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes, AttributeValue
 
+from lamina.observability._open_trace import OpenTrace
+
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
+_LAYER = "lamina.layer"
 
 
-class LightSpan(trace.Span, ReadableSpan):
+class LightSpan(trace.Span):
     """One span of a recorded trace (see the module doc); thread-compatible like the SDK's for the
-    request path's use: one task writes it, the keeper reads it after it ended."""
+    request path's use: one task writes it, the keeper reads it after it ended. It reads like a
+    ``ReadableSpan`` (``name``, ``context``, ``parent``, ``attributes``, ``events``, ``status``, times)."""
+
+    __slots__ = (
+        "_attributes",
+        "_context",
+        "_events",
+        "_keeper",
+        "_parent_id",
+        "_status",
+        "end_time",
+        "layer",
+        "name",
+        "span_id",
+        "start_time",
+        "trace",
+    )
 
     def __init__(
         self,
-        tracer: LightTracer,
+        keeper: Any,
+        opened: OpenTrace,
         name: str,
-        context: SpanContext,
-        parent: SpanContext | None,
+        span_id: int,
+        parent_id: int | None,
         attributes: Attributes,
         start_time: int | None,
     ) -> None:
-        ReadableSpan.__init__(
-            self,
-            name,
-            context,
-            parent,
-            tracer.resource,
-            dict(attributes) if attributes else {},
-            [],
-            (),
-            SpanKind.INTERNAL,
-            None,
-            _UNSET,
-            start_time if start_time is not None else time.time_ns(),
-            None,
-            tracer.scope,
+        self._keeper = keeper
+        self.trace = opened
+        self.name = name
+        self.span_id = span_id
+        self._parent_id = parent_id
+        self._attributes: dict[str, Any] = dict(attributes) if attributes else {}
+        self._events: list[Event] = []
+        self._status = _UNSET
+        self._context: SpanContext | None = None
+        self.start_time = start_time if start_time is not None else time.time_ns()
+        self.end_time: int | None = None
+        layer = self._attributes.get(_LAYER)
+        self.layer = opened.begin(
+            self, span_id, parent_id, layer if isinstance(layer, str) else None, self.start_time
         )
-        self._tracer = tracer
-        tracer.keeper.on_start(self)
+
+    @property
+    def context(self) -> SpanContext:
+        return self.get_span_context()
+
+    @property
+    def parent(self) -> SpanContext | None:
+        opened = self.trace
+        if self._parent_id is None:
+            parent: SpanContext | None = opened.parent
+            return parent
+        return SpanContext(opened.trace_id, self._parent_id, False, TraceFlags(opened.flags))
+
+    @property
+    def attributes(self) -> Mapping[str, Any]:
+        return self._attributes
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return tuple(self._events)
+
+    @property
+    def status(self) -> Status:
+        return self._status
 
     def get_span_context(self) -> SpanContext:
-        assert self._context is not None
+        if self._context is None:
+            opened = self.trace
+            self._context = SpanContext(opened.trace_id, self.span_id, False, TraceFlags(opened.flags))
         return self._context
 
     def is_recording(self) -> bool:
-        return self._end_time is None
+        return self.end_time is None
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
-        if self._end_time is None:
-            self._attributes[key] = value  # type: ignore[index]
+        if self.end_time is None:
+            self._attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        if self._end_time is None:
-            self._attributes.update(attributes)  # type: ignore[union-attr]
+        if self.end_time is None:
+            self._attributes.update(attributes)
 
     def add_event(self, name: str, attributes: Attributes = None, timestamp: int | None = None) -> None:
-        if self._end_time is None:
-            self._events.append(Event(name, attributes, timestamp))  # type: ignore[attr-defined]
+        if self.end_time is None:
+            self._events.append(Event(name, attributes, timestamp))
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         """Links are not kept (no span of Lamina makes one)."""
 
     def update_name(self, name: str) -> None:
-        if self._end_time is None:
-            self._name = name
+        if self.end_time is None:
+            self.name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._end_time is not None:
+        if self.end_time is not None:
             return
         if isinstance(status, StatusCode):
             status = Status(status, description)
         if self._status.status_code is StatusCode.OK:  # OK is final, as in the SDK
             return
         self._status = status
+        if status.status_code is StatusCode.ERROR:
+            self.trace.failed = True
 
     def record_exception(
         self,
@@ -115,10 +162,34 @@ class LightSpan(trace.Span, ReadableSpan):
         self.add_event("exception", attrs, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._end_time is not None:
+        if self.end_time is not None:
             return
-        self._end_time = end_time if end_time is not None else time.time_ns()
-        self._tracer.keeper.on_end(self)
+        end = self.end_time = end_time if end_time is not None else time.time_ns()
+        opened = self.trace
+        if opened.closed:
+            return
+        opened.end(self.span_id, end)
+        if self.span_id == opened.root_id:
+            status = self._attributes.get("http.response.status_code")
+            self._keeper.close(opened, self, status, end - self.start_time)
+
+    def readable(self, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
+        """This span as the SDK's ``ReadableSpan`` (for the store writer and the exporters)."""
+        return ReadableSpan(
+            self.name,
+            self.get_span_context(),
+            self.parent,
+            resource,
+            self._attributes,
+            tuple(self._events),
+            (),
+            SpanKind.INTERNAL,
+            None,
+            self._status,
+            self.start_time,
+            self.end_time,
+            scope,
+        )
 
 
 class LightTracer(trace.Tracer):
@@ -143,15 +214,28 @@ class LightTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        parent = trace.get_current_span(context).get_span_context()
-        if not parent.is_valid:
-            parent_ctx, trace_id, flags = None, self._ids.generate_trace_id(), _SAMPLED
+        parent = trace.get_current_span(context)
+        if isinstance(parent, LightSpan):
+            opened, parent_id = parent.trace, parent.span_id
         else:
-            parent_ctx, trace_id, flags = parent, parent.trace_id, parent.trace_flags
-        ctx = SpanContext(trace_id, self._ids.generate_span_id(), False, flags)
-        if not self.record:
-            return trace.NonRecordingSpan(ctx)
-        return LightSpan(self, name, ctx, parent_ctx, attributes, start_time)
+            ctx = parent.get_span_context()
+            if ctx.is_valid and not ctx.is_remote:  # a local span that is not recorded: neither is this
+                return trace.NonRecordingSpan(
+                    SpanContext(ctx.trace_id, self._ids.generate_span_id(), False, ctx.trace_flags)
+                )
+            if not self.record:
+                trace_id = ctx.trace_id if ctx.is_valid else self._ids.generate_trace_id()
+                return trace.NonRecordingSpan(
+                    SpanContext(trace_id, self._ids.generate_span_id(), False, _SAMPLED)
+                )
+            if ctx.is_valid:
+                opened = self.keeper.open(ctx.trace_id, ctx.trace_flags, ctx)
+            else:
+                opened = self.keeper.open(self._ids.generate_trace_id(), _SAMPLED)
+            parent_id = None
+        return LightSpan(
+            self.keeper, opened, name, self._ids.generate_span_id(), parent_id, attributes, start_time
+        )
 
     def start_as_current_span(  # type: ignore[override]  # a plain class, not the API's private decorator
         self,
