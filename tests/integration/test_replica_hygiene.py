@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -97,6 +99,8 @@ def test_an_echo_replica_reports_the_port_it_bound_and_wants_its_secret(tmp_path
         assert handle.secret not in " ".join(psutil.Process(handle.pid).cmdline()), "argv is public"
         assert handle.secret not in repr(handle)
         assert backend.secret_for("http://127.0.0.1:1") is None
+        os.kill(handle.pid, signal.SIGKILL)  # no one polls it: the backend sees it gone within LIVENESS_S
+        _wait_until(lambda: backend.secret_for(url) is None, "a killed replica's URL to get no secret")
     finally:
         backend.stop(handle, grace_s=2.0)
     assert backend.secret_for(url) is None, "a stopped replica's URL gets no secret any more"

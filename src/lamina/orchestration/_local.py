@@ -27,6 +27,9 @@ from lamina.orchestration._handshake import PORT_FD_ENV, SECRET_ENV, new_secret,
 from lamina.orchestration._procs import signal_group, tail_lines
 from lamina.orchestration._workload import WorkloadSpec
 
+#: how stale the backend's knowledge that a replica process runs may be (``secret_for``), in seconds
+LIVENESS_S = 0.1
+
 log = logging.getLogger(__name__)
 
 #: bytes read from the end of a log to find its last lines
@@ -70,7 +73,10 @@ class ProcessHandle:
     #: why the replica's report was refused (it then never gets a URL, and its ready timeout ends it)
     report_problem: str | None = None
     _port: int | None = field(default=None, repr=False)
+    _url: str | None = field(default=None, repr=False)
     _received: bytes = field(default=b"", repr=False)
+    #: when the backend last asked the OS whether the process still runs (``secret_for``)
+    polled_at: float = field(default=0.0, repr=False)
 
     @property
     def pid(self) -> int:
@@ -85,8 +91,18 @@ class ProcessHandle:
 
     @property
     def url(self) -> str | None:
-        port = self.port
-        return None if port is None else f"http://127.0.0.1:{port}"
+        if self._url is None:
+            port = self.port
+            self._url = None if port is None else f"http://127.0.0.1:{port}"
+        return self._url
+
+    def running(self, now: float) -> bool:
+        """Whether the process still runs, as the OS said at most ``LIVENESS_S`` before ``now``."""
+        process = self.process
+        if process.returncode is None and now - self.polled_at >= LIVENESS_S:
+            self.polled_at = now
+            process.poll()
+        return process.returncode is None
 
     def _read_report(self) -> None:
         assert self.report_fd is not None
@@ -169,9 +185,11 @@ class LocalProcessBackend:
         return handle
 
     def secret_for(self, url: str) -> str | None:
-        """The secret of the running replica that reported ``url``; None when none did (or it exited)."""
+        """The secret of the running replica that reported ``url``; None when none did or it exited (seen
+        within ``LIVENESS_S``: the dispatcher asks on every request, the OS is asked at most that often)."""
+        now = time.monotonic()
         for handle in self._live.values():
-            if handle.url == url and handle.process.poll() is None:
+            if handle.url == url and handle.running(now):
                 return handle.secret
         return None
 
