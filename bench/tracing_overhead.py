@@ -20,7 +20,10 @@ Part 2, the store's bound (``--store-traces N``, default 100,000): N request-sha
 chat request records: root, route, dispatch, engine, queue, prefill, decode, device) through the real
 keeper, writer and retention on a SQLite store, as fast as the writer takes them, every trace kept (the
 worst case), with retention's default limits (50,000 traces, 64 MiB) running every second. Reported: the
-``traces`` and ``spans`` rows and the database's bytes at the end, against the bound; and the same N
+``traces`` and ``spans`` rows at the end; the bytes the trace tables and their indexes occupy (SQLite's
+``dbstat``, what the bound limits) at the end, against the bound; the file's pages in use (all tables: an
+upper bound of the trace tables') at the end and at most, sampled every 1,000 traces; the database
+file's size and its WAL's, at the end and at most; and the same N
 traces under the default sampling, driven at 1,000 requests a second of simulated time (how many are kept).
 This drives the exporter directly: 100k HTTP requests would take minutes per stack on a small machine.
 """
@@ -64,6 +67,7 @@ from lamina.observability import (  # noqa: E402
 )
 from lamina.observability._keeper import TraceKeeper  # noqa: E402
 from lamina.observability._store_exporter import SpanWriter  # noqa: E402
+from lamina.observability._trace_size import stored_bytes, used_bytes  # noqa: E402
 from lamina.store import Store, spans, traces  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
@@ -166,10 +170,17 @@ def _request_trace(tracer: trace.Tracer, error: bool) -> None:
             root.set_status(Status(StatusCode.ERROR, "engine_error: bench"))
 
 
-def _db_bytes(store: Store, path: Path) -> int:
+def _file_bytes(path: Path) -> dict[str, int]:
+    """The SQLite file and its WAL as they are on disk now."""
+    wal = path.with_name(path.name + "-wal")
+    return {"file": path.stat().st_size, "wal": wal.stat().st_size if wal.exists() else 0}
+
+
+def _measure(store: Store, *, walk: bool = True) -> tuple[int, int]:
+    """The trace tables' bytes (what the bound limits; 0 unless ``walk``: a page walk, whose long read
+    would hold back the WAL's checkpoints) and the file's pages in use (cheap), in bytes."""
     with store.begin() as conn:
-        conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+        return stored_bytes(conn) if walk else 0, used_bytes(conn)
 
 
 def store_part(n: int, tmp: Path) -> dict[str, Any]:
@@ -184,13 +195,16 @@ def store_part(n: int, tmp: Path) -> dict[str, Any]:
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(TraceKeeper(TraceSampler(SamplingPolicy(per_s=1e9)), writer))
     tracer = provider.get_tracer("bench")
+    peak = {"used": 0, "file": 0, "wal": 0}
     began = time.perf_counter()
     for i in range(n):
         _request_trace(tracer, error=i % 50 == 0)
         if i % 1000 == 999:
             writer.flush(60)  # as fast as the writer takes them: nothing dropped
+            on_disk = _file_bytes(path) | {"used": _measure(store, walk=False)[1]}
+            peak = {k: max(v, on_disk[k]) for k, v in peak.items()}
             if i % 20_000 == 19_999:
-                print(f"store: {i + 1} traces written, {time.perf_counter() - began:.0f} s")
+                print(f"store: {i + 1} traces written, {time.perf_counter() - began:.0f} s, {peak}")
     writer.flush(60)
     seconds = time.perf_counter() - began
     retention.stop()
@@ -199,6 +213,10 @@ def store_part(n: int, tmp: Path) -> dict[str, Any]:
         n_traces = conn.execute(select(func.count()).select_from(traces)).scalar_one()
         n_spans = conn.execute(select(func.count()).select_from(spans)).scalar_one()
         stored = conn.execute(select(func.coalesce(func.sum(traces.c.size_bytes), 0))).scalar_one()
+    measured, used = _measure(store)
+    before_checkpoint = _file_bytes(path)
+    with store.begin() as conn:
+        conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
     result = {
         "traces_sent": n,
         "seconds": round(seconds, 1),
@@ -206,7 +224,12 @@ def store_part(n: int, tmp: Path) -> dict[str, Any]:
         "traces_rows": n_traces,
         "spans_rows": n_spans,
         "estimated_bytes": int(stored),
-        "database_bytes": _db_bytes(store, path),
+        "stored_bytes": measured,
+        "used_bytes": used,
+        "peak_used_bytes": max(peak["used"], used),
+        "file_bytes": _file_bytes(path)["file"],
+        "peak_file_bytes": max(peak["file"], before_checkpoint["file"]),
+        "peak_wal_bytes": max(peak["wal"], before_checkpoint["wal"]),
         "bound_traces": policy.max_traces,
         "bound_bytes": policy.max_bytes,
         "last_pass_deleted": asdict(pruned),
@@ -313,12 +336,15 @@ def report(result: dict[str, Any]) -> str:
         )
     store = result.get("store")
     if store:
+        mib = 2**20
         lines.append(
             f"store: {store['traces_sent']} traces written ({store['traces_per_s']:.0f}/s), every one "
             f"kept: {store['traces_rows']} traces / {store['spans_rows']} spans left "
-            f"(bound {store['bound_traces']}), ~{store['estimated_bytes'] / 2**20:.1f} MiB estimated, "
-            f"database file {store['database_bytes'] / 2**20:.1f} MiB "
-            f"(bound {store['bound_bytes'] / 2**20:.0f} MiB of spans)"
+            f"(bound {store['bound_traces']}); trace tables with their indexes "
+            f"{store['stored_bytes'] / mib:.1f} MiB at the end (bound {store['bound_bytes'] / mib:.0f} MiB); "
+            f"pages in use (all tables) {store['used_bytes'] / mib:.1f} MiB, at most "
+            f"{store['peak_used_bytes'] / mib:.1f} MiB; database file {store['file_bytes'] / mib:.1f} MiB, "
+            f"at most {store['peak_file_bytes'] / mib:.1f} MiB + {store['peak_wal_bytes'] / mib:.1f} MiB WAL"
         )
         lines.append(
             f"default sampling at 1,000 req/s: {store['default_sampling_kept_of_n_at_1000_rps']} of "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Status, StatusCode
 from sqlalchemy import func, insert, select
 
@@ -32,6 +32,8 @@ from lamina.observability import (
 )
 from lamina.observability._breakdown import Timed, breakdown
 from lamina.observability._keeper import TraceKeeper
+from lamina.observability._light import LightSpan, LightTracer
+from lamina.observability._open_trace import OpenTrace
 from lamina.observability._store_exporter import SpanWriter
 from lamina.store import Store, replay_requests, spans, traces
 
@@ -236,20 +238,19 @@ def _counts(store: Store) -> tuple[int, int]:
         )
 
 
-def test_retention_deletes_by_age_then_count_then_bytes(store: Store) -> None:
+def test_retention_deletes_by_age_then_count(store: Store) -> None:
     now = 10**18
-    retention = TraceRetention(
-        store, RetentionPolicy(max_age_s=3600, max_traces=50, max_bytes=60_000), now_ns=lambda: now
-    )
+    retention = TraceRetention(store, RetentionPolicy(max_age_s=3600, max_traces=50), now_ns=lambda: now)
     for i in range(100):  # one a minute, the newest a minute old: 59 within the hour
         _old_trace(store, f"{i:032x}", now - (100 - i) * 60 * 10**9)
     pruned = retention.run_once()
     assert pruned.traces == 50 and pruned.spans == 150 and _counts(store) == (50, 150)
-    retention.policy = RetentionPolicy(max_age_s=3600, max_traces=50, max_bytes=20_500)
+    retention.policy = RetentionPolicy(max_age_s=3600, max_traces=20)
     retention.run_once()
     left = list_traces(store, limit=1000)
-    assert len(left) == 20 and left[-1]["trace_id"] == f"{80:032x}"  # the newest 20 KB
+    assert len(left) == 20 and left[-1]["trace_id"] == f"{80:032x}"  # the newest 20
     assert _counts(store) == (20, 60)
+    # the byte limit (measured by the database) is tested in tests/integration/test_trace_retention_bound.py
 
 
 def test_retention_removes_old_orphan_spans_and_replay_rows_of_dropped_traces(store: Store) -> None:
@@ -314,7 +315,7 @@ def test_roots_that_never_end_are_forgotten_beyond_the_limit(monkeypatch: pytest
     tracer = provider.get_tracer("t")
     leaked = [tracer.start_span(f"root {i}") for i in range(10)]
     assert len(keeper._open) == 3
-    assert keeper.breakdown(leaked[-1]) is not None and keeper.breakdown(leaked[0]) is None  # type: ignore[arg-type]
+    assert keeper.breakdown(leaked[-1]) is not None and keeper.breakdown(leaked[0]) is None
     provider.shutdown()
 
 
@@ -336,7 +337,7 @@ def test_light_spans_speak_the_opentelemetry_api() -> None:
         raise ValueError("boom")
     assert not root.is_recording()
     root.set_attribute("late", True)  # ignored once ended, as the SDK does
-    assert isinstance(root, ReadableSpan) and isinstance(child, ReadableSpan)
+    assert isinstance(root, LightSpan) and isinstance(child, LightSpan)  # they read like ReadableSpans
     assert root.status.status_code is StatusCode.ERROR and "late" not in (root.attributes or {})
     assert [e.name for e in root.events] == ["exception"]
     assert root.events[0].attributes is not None and root.events[0].attributes["exception.message"] == "boom"
@@ -364,3 +365,56 @@ def test_the_compute_span_names_the_device_and_its_utilisation_of_the_latest_sam
     cpu = telemetry.device_span("embed")
     assert (cpu["lamina.device.node"], cpu["lamina.device.utilization_pct"]) == ("n1", 75.0)
     telemetry.shutdown()
+
+
+def _summed(spans_: list[Timed], now_ns: int) -> dict[str, float]:
+    """The breakdown as the light tracer sums it: each span's time added as it ends (records at once)."""
+    opened = OpenTrace(1, 1)
+    for s in spans_:
+        opened.begin(object(), s.span_id, s.parent_id, s.layer, s.start_ns)
+    for s in sorted((s for s in spans_ if s.end_ns is not None), key=lambda s: s.end_ns or 0):
+        opened.end(s.span_id, s.end_ns or 0)
+    return opened.breakdown(now_ns).layers
+
+
+def test_the_breakdown_summed_as_spans_end_equals_the_walk_over_the_finished_trace() -> None:
+    nested = [
+        Timed(1, None, "application", 0, 100 * MS),
+        Timed(2, 1, "models", 1 * MS, 3 * MS),
+        Timed(3, 1, "data", 3 * MS, 13 * MS),
+        Timed(4, 3, None, 5 * MS, 8 * MS),
+        Timed(5, 1, "orchestration", 15 * MS, 95 * MS),
+        Timed(6, 5, "models", 20 * MS, 90 * MS),
+        Timed(7, 6, "compute", 20 * MS, 20 * MS),
+    ]
+    assert _summed(nested, 200 * MS) == breakdown(nested, 1, now_ns=200 * MS).layers
+    running = [Timed(1, None, "application", 0, None), Timed(2, 1, "orchestration", 2 * MS, None)]
+    running.append(Timed(3, 99, "data", 1 * MS, 2 * MS))  # an unknown parent: the root's child
+    assert _summed(running, 10 * MS) == breakdown(running, 1, now_ns=10 * MS).layers
+
+
+def test_records_count_at_once_and_become_spans_with_their_children_only_when_kept(store: Store) -> None:
+    keeper = TraceKeeper(TraceSampler(SamplingPolicy(rate=0.0, per_s=0.0)), SpanWriter(store, linger_s=0.0))
+    telemetry = Telemetry(service_name="t")
+    telemetry.keeper = keeper
+    telemetry.tracer = LightTracer(keeper, keeper.resource)
+    t0 = time.time_ns() - 20 * MS  # the replica's times are in the past; a record is clipped to now
+    root = telemetry.tracer.start_span(
+        "POST /v1/chat/completions", attributes={LAYER: "application"}, start_time=t0
+    )
+    ctx = root.get_span_context()
+    models = {LAYER: "models"}
+    later = (("queue", models, t0, t0 + 2 * MS), ("device", {LAYER: "compute"}, t0 + 2 * MS, t0 + 3 * MS))
+    engine = keeper.add(ctx.trace_id, ctx.span_id, "engine", models, t0, t0 + 5 * MS, later)
+    assert engine is not None
+    layers = keeper.breakdown(root)
+    assert layers is not None and layers.layers["models"] == 4.0 and layers.layers["compute"] == 1.0
+    root.set_status(Status(StatusCode.ERROR, "boom"))
+    root.end(t0 + 10 * MS)
+    assert keeper.decided["error"] == 1 and keeper.breakdown(root) is None
+    assert keeper.add(ctx.trace_id, ctx.span_id, "late", models, t0, t0) is None  # decided: not recorded
+    assert keeper.writer is not None and keeper.writer.flush(10)
+    rows = {r["name"]: r for r in read_trace(store, format(ctx.trace_id, "032x"))}
+    assert set(rows) == {"POST /v1/chat/completions", "engine", "queue", "device"}
+    assert rows["queue"]["parent_span_id"] == rows["device"]["parent_span_id"] == rows["engine"]["span_id"]
+    assert rows["engine"]["parent_span_id"] == rows["POST /v1/chat/completions"]["span_id"]

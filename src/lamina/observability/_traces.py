@@ -2,14 +2,27 @@
 
 :func:`list_traces` and :func:`read_summary` read the ``traces`` table (``lamina traces``, the doctor).
 :class:`TraceRetention` deletes, oldest first, every trace beyond the age, count and byte limits, with its
-spans and its ``replay_requests`` row (and the replay rows of traces the sampler dropped), in small
-transactions (at most :data:`TRACES_PER_DELETE` traces each), so SQLite's write lock is never held long;
-it runs on a thread of its own every ``interval_s``.
+spans and its ``replay_requests`` row (and the replay rows of traces the sampler dropped), in transactions
+of at most :data:`TRACES_PER_DELETE` traces; it runs on a thread of its own every ``interval_s``, and
+sooner when the database grows fast. The spans' indexes on random ids (``span_id``, ``trace_id``) make any
+delete of a few hundred traces touch nearly every page of them, so one large transaction holds SQLite's
+write lock about as long as one small one and writes a fraction of the WAL that many small ones do.
+
+The byte limit is on what the database measures (``_trace_size.py``: the trace tables' pages, indexes
+included), not on an estimate from row sizes. When the tables pass :data:`PRUNE_AT` of it, the oldest
+traces go until the rest would fill about :data:`PRUNE_TO` of it (bytes per trace: the tables' bytes over
+their traces); the room left takes the writes until the next pass, and the pages freed are reused by them,
+so the database stops growing. SQLite: while the measured bytes do not grow, freed pages are being reused
+and nothing is deleted. PostgreSQL's tables never shrink (without ``VACUUM FULL``), so deleting whenever
+they are above the mark would empty them: what they hold is the traces counted times the bytes a trace
+took when the tables last grew (full then), and after deleting, retention VACUUMs them so the space is
+reusable at once rather than when autovacuum comes round.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -17,18 +30,29 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-from sqlalchemy import Table, delete, func, select
+from sqlalchemy import Connection, Table, delete, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from lamina.errors import StoreError
+from lamina.observability._trace_size import TRACE_TABLES, stored_bytes, used_bytes
 from lamina.store import Store, metadata, spans, traces
 
 log = logging.getLogger(__name__)
 
-#: the most traces one delete transaction removes
-TRACES_PER_DELETE = 500
+#: the most traces one delete transaction removes (a pass deleting by size takes about 15% of the bound)
+TRACES_PER_DELETE = 5000
+#: the most orphan spans (see :meth:`TraceRetention._orphans`) one transaction removes
+ORPHANS_PER_DELETE = 2000
 #: seconds after which a replay row whose trace was not kept is deleted
 ORPHAN_REPLAY_S = 60.0
+#: the share of ``max_bytes`` above which retention deletes by size ...
+PRUNE_AT = 0.85
+#: ... and the share it deletes down to
+PRUNE_TO = 0.7
+#: seconds between two cheap growth probes of the background loop; a pass runs early when the database
+#: grew by :data:`PROBE_GROWTH` of ``max_bytes`` since the last one
+PROBE_S = 1.0
+PROBE_GROWTH = 0.05
 
 
 class TraceSummary(TypedDict):
@@ -102,6 +126,8 @@ def list_traces(
 
 @dataclass(frozen=True)
 class RetentionPolicy:
+    """``max_bytes``: what the trace tables and their indexes may occupy in the database (measured)."""
+
     max_age_s: float = 7 * 86400.0
     max_traces: int = 50_000
     max_bytes: int = 64 * 1024 * 1024
@@ -113,6 +139,8 @@ class Pruned:
 
     traces: int
     spans: int
+    #: the trace tables' bytes at the last measurement (``_trace_size.stored_bytes``)
+    stored_bytes: int = 0
 
 
 class TraceRetention:
@@ -128,28 +156,59 @@ class TraceRetention:
         self._thread: threading.Thread | None = None
         replay = metadata.tables.get("replay_requests")
         self._replay: Table | None = replay if replay is not None and "trace_id" in replay.c else None
+        #: the trace tables' bytes at the last measurement (``_trace_size.stored_bytes``); None: not yet
+        self.stored_bytes: int | None = None
+        #: the cheap probe (``_trace_size.used_bytes``) at that measurement, and after the last pass
+        self._anchor = 0
+        self._probed = 0
+        #: PostgreSQL's tables never shrink: what they hold is estimated from the bytes per trace they took
+        #: when they last grew (full then); SQLite's are measured as they are
+        self._sticky = store.engine.dialect.name == "postgresql"
+        self._per_trace: float | None = None
 
-    def _cutoff(self) -> int:
-        """The newest root start (epoch ns) to delete up to, inclusive; -1: nothing beyond the limits."""
+    def _cutoff(self) -> tuple[int, bool]:
+        """The newest root start (epoch ns) to delete up to, inclusive (-1: nothing beyond the limits), and
+        whether the byte limit asked for the deletion."""
         p = self.policy
         cutoff = self._now_ns() - int(p.max_age_s * 1e9)
+        newest_first = select(traces.c.start_ns).order_by(traces.c.start_ns.desc())
         with self.store.begin() as conn:
-            by_count = conn.execute(
-                select(traces.c.start_ns).order_by(traces.c.start_ns.desc()).offset(p.max_traces).limit(1)
-            ).scalar()
-            running = func.sum(traces.c.size_bytes).over(order_by=traces.c.start_ns.desc())
-            sized = select(traces.c.start_ns, running.label("total")).subquery()
-            by_size = conn.execute(
-                select(func.max(sized.c.start_ns)).where(sized.c.total > p.max_bytes)
-            ).scalar()
+            by_count = conn.execute(newest_first.offset(p.max_traces).limit(1)).scalar()
+            excess = self._excess(conn)
+            by_size = None
+            if excess:
+                oldest_first = select(traces.c.start_ns).order_by(traces.c.start_ns)
+                by_size = conn.execute(oldest_first.offset(excess - 1).limit(1)).scalar()
         for bound in (by_count, by_size):
             if bound is not None:
                 cutoff = max(cutoff, int(bound))
-        return cutoff
+        return cutoff, by_size is not None
+
+    def _excess(self, conn: Connection) -> int:
+        """How many of the oldest traces the byte limit wants gone (see the module doc). The page walk of
+        :func:`stored_bytes` runs only when the last one plus the database's growth since (the cheap
+        probe) passes the mark, or when pages were freed since (the estimate would no longer bound it)."""
+        limit, last, used = self.policy.max_bytes, self.stored_bytes, used_bytes(conn)
+        if last is not None and used >= self._anchor and last + used - self._anchor <= PRUNE_AT * limit:
+            return 0
+        measured = stored_bytes(conn)
+        self.stored_bytes, self._anchor = measured, used
+        grew = last is None or measured > last
+        if measured <= PRUNE_AT * limit or not (grew or self._sticky):
+            return 0  # under the mark, or (SQLite) not growing: the pages freed earlier are being reused
+        n = int(conn.execute(select(func.count()).select_from(traces)).scalar_one())
+        if n == 0:
+            return 0
+        if grew or self._per_trace is None:  # growing: the tables are full, so this is what a trace takes
+            self._per_trace = measured / n
+        occupied = n * self._per_trace if self._sticky else measured
+        if occupied <= PRUNE_AT * limit:
+            return 0
+        return min(n, math.ceil(n - PRUNE_TO * limit / self._per_trace))
 
     def run_once(self) -> Pruned:
         """One pass: delete every trace beyond the limits (with its spans), oldest first."""
-        cutoff = self._cutoff()
+        cutoff, by_size = self._cutoff()
         removed_traces = removed_spans = 0
         while True:
             with self.store.begin() as conn:
@@ -171,7 +230,23 @@ class TraceRetention:
                 break
         removed_spans += self._orphans()
         self._orphan_replays()
-        return Pruned(removed_traces, removed_spans)
+        if by_size and removed_traces:
+            self._reclaim()
+        with self.store.begin() as conn:
+            self._probed = used_bytes(conn)
+        return Pruned(removed_traces, removed_spans, self.stored_bytes or 0)
+
+    def _reclaim(self) -> None:
+        """After deleting by size. PostgreSQL: VACUUM, so the deleted rows' space is reusable now rather than
+        when autovacuum comes round. SQLite (which reuses freed pages by itself): a checkpoint that empties
+        the WAL, which the deletions filled and which, with the writer and readers never idle together,
+        the automatic checkpoints could not restart (it grew past the bound in bench/tracing_overhead.py)."""
+        if self.store.engine.dialect.name == "postgresql":
+            with self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text(f"VACUUM {', '.join(TRACE_TABLES)}"))
+            return
+        with self.store.begin() as conn:
+            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
 
     def _orphan_replays(self) -> None:
         """``replay_requests`` rows of traces the sampler dropped: written before the decision, so those
@@ -192,22 +267,27 @@ class TraceRetention:
             with self.store.begin() as conn:
                 ids = list(
                     conn.execute(
-                        select(spans.c.span_id).where(spans.c.start_ns < cutoff).limit(TRACES_PER_DELETE * 4)
+                        select(spans.c.span_id).where(spans.c.start_ns < cutoff).limit(ORPHANS_PER_DELETE)
                     ).scalars()
                 )
                 if ids:
                     conn.execute(delete(spans).where(spans.c.span_id.in_(ids)))
             removed += len(ids)
-            if len(ids) < TRACES_PER_DELETE * 4:
+            if len(ids) < ORPHANS_PER_DELETE:
                 return removed
 
     def start(self, interval_s: float) -> None:
-        """Run :meth:`run_once` every ``interval_s`` seconds on a thread of its own until :meth:`stop`."""
+        """Run :meth:`run_once` every ``interval_s`` seconds on a thread of its own until :meth:`stop`, and
+        sooner when a probe every :data:`PROBE_S` finds the database grown by :data:`PROBE_GROWTH` of the
+        byte limit (a burst of errors fills it faster than a long interval would catch)."""
 
         def loop() -> None:
-            while not self._stop.wait(interval_s):
+            due = time.monotonic() + interval_s
+            while not self._stop.wait(min(interval_s, PROBE_S)):
                 try:
-                    self.run_once()
+                    if time.monotonic() >= due or self._grew():
+                        due = time.monotonic() + interval_s
+                        self.run_once()
                 except (StoreError, SQLAlchemyError) as exc:
                     log.warning("trace retention failed, next try in %.0f s: %s", interval_s, exc)
                 except Exception:  # a bug here must not end retention for the process's life
@@ -215,6 +295,10 @@ class TraceRetention:
 
         self._thread = threading.Thread(target=loop, name="lamina-trace-retention", daemon=True)
         self._thread.start()
+
+    def _grew(self) -> bool:
+        with self.store.begin() as conn:
+            return used_bytes(conn) - self._probed >= PROBE_GROWTH * self.policy.max_bytes
 
     def stop(self) -> None:
         self._stop.set()
