@@ -88,6 +88,7 @@ _TRIGGERS: dict[str, tuple[str, ...]] = {
 }
 _COMPILED = {name: (_TRIGGERS[name], re.compile(rx, re.IGNORECASE)) for name, rx in _PHRASES.items()}
 #: instruction-like vocabulary: a text without any of it is not worth an embedding in "suspicious" mode
+#: matched on the lowered text, case-sensitive: four times faster than re.IGNORECASE on the text
 _SUSPICIOUS = re.compile(
     r"\b(?:ignore|disregard|forget|instruction|prompt|system|pretend|role|act as|you are|rules|reveal|"
     r"secret|password|override|mode|respond|reply|answer only|output|repeat|translate|encode|base64|"
@@ -95,7 +96,6 @@ _SUSPICIOUS = re.compile(
     r"passcode|passwort|mot de passe|contraseña|user's|email address|database|birth|security number|"
     r"your (?:response|answer|message|elucidation|implementation|code)|code (?:snippet|block|section))"
     r"|[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af\u0400-\u04ff\u0600-\u06ff]",
-    re.IGNORECASE,
 )
 _WINDOW_CHARS = 1000
 _WINDOW_STEP = 800
@@ -103,7 +103,7 @@ _WINDOW_STEP = 800
 
 def looks_suspicious(text: str) -> bool:
     """Whether ``text`` has instruction-like words (in "suspicious" mode the classifier reads only these)."""
-    return _SUSPICIOUS.search(text) is not None
+    return _SUSPICIOUS.search(text.lower()) is not None
 
 
 def heuristic_findings(text: str) -> list[Finding]:
@@ -181,6 +181,16 @@ class InjectionGuard(FindingGuard):
             raise ValueError(f"the guard {name!r} has classifier mode {mode!r} but no classifier")
         self._classifier = classifier
         self._mode = mode
+        self._last: tuple[str, bool] | None = None
+
+    def _suspicious(self, text: str) -> bool:
+        """``looks_suspicious``, remembered for the last text (``cheap`` then ``find`` ask about it)."""
+        last = self._last
+        if last is not None and last[0] is text:
+            return last[1]
+        answer = looks_suspicious(text)
+        self._last = (text, answer)
+        return answer
 
     def cheap(self, text: str) -> bool:
         """Cheap when the classifier will not read it (the heuristics alone run)."""
@@ -188,13 +198,13 @@ class InjectionGuard(FindingGuard):
             return False
         if self._classifier is None or self._mode == "never":
             return True
-        return self._mode == "suspicious" and not looks_suspicious(text)
+        return self._mode == "suspicious" and not self._suspicious(text)
 
     def find(self, text: str) -> list[Finding]:
         found = heuristic_findings(text)
         if found or self._classifier is None or self._mode == "never":
             return found
-        if self._mode == "suspicious" and not looks_suspicious(text):
+        if self._mode == "suspicious" and not self._suspicious(text):
             return []
         logit = float(self._classifier.logits([text])[0])
         if self._classifier.is_injection(logit):

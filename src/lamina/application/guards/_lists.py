@@ -26,7 +26,8 @@ def read_word_list(path: Path) -> list[str]:
 
 
 def word_pattern(words: Sequence[str]) -> re.Pattern[str] | None:
-    """One regex for a word list (None for an empty list)."""
+    """One regex for a word list (None for an empty list), for lowered text: case-sensitive matching of a
+    lowered text is several times faster than ``re.IGNORECASE``."""
     alternatives = []
     for word in sorted({w.lower() for w in words}, key=len, reverse=True):
         prefix = word.endswith("*")
@@ -34,7 +35,7 @@ def word_pattern(words: Sequence[str]) -> re.Pattern[str] | None:
         alternatives.append(body + (r"\w*" if prefix else ""))
     if not alternatives:
         return None
-    return re.compile(r"(?<![\w$@])(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
+    return re.compile(r"(?<![\w$@])(?:" + "|".join(alternatives) + r")(?!\w)")
 
 
 class WordListGuard(FindingGuard):
@@ -63,7 +64,12 @@ class WordListGuard(FindingGuard):
         found: list[Finding] = []
         if self._words is not None:
             plain = text.translate(_LEET)
-            found += [Finding(self._entity, 1.0, m.start(), m.end()) for m in self._words.finditer(plain)]
+            lowered = plain.lower()
+            if len(lowered) != len(plain):  # a few characters lower to two: match case-blind, spans exact
+                words, lowered = re.compile(self._words.pattern, re.IGNORECASE), plain
+            else:
+                words = self._words
+            found += [Finding(self._entity, 1.0, m.start(), m.end()) for m in words.finditer(lowered)]
         for rx in self._patterns:
             found += [Finding(self._entity, 1.0, m.start(), m.end()) for m in rx.finditer(text)]
         return found
