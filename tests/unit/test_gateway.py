@@ -526,3 +526,53 @@ async def test_a_client_that_leaves_stops_the_stream(gw: Gateway) -> None:
         in gw.metrics()
     )
     assert 'lamina_requests_in_flight{model="chat-model"} 0.0' in gw.metrics()
+
+
+async def test_a_plain_request_whose_client_leaves_is_dropped_and_counted(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, cancelled = anyio.Event(), anyio.Event()
+
+    async def hanging(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    monkeypatch.setattr(gw.dispatcher, "request", hanging)
+    inbox = [{"type": "http.request", "body": json.dumps(chat()).encode(), "more_body": False}]
+    sent: list[Mapping[str, Any]] = []
+
+    async def receive() -> Mapping[str, Any]:
+        if inbox:
+            return inbox.pop()
+        await started.wait()  # the client leaves while the replica works on its answer
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gateway", 80),
+    }
+    with anyio.fail_after(30):  # a guard against hanging, not a timing assertion
+        await gw.app(scope, receive, send)  # type: ignore[arg-type]
+    assert cancelled.is_set(), "the replica call was not dropped"
+    assert sent[0]["status"] == 499
+    assert (
+        'lamina_requests_total{endpoint="/v1/chat/completions",model="chat-model",status="499"} 1.0'
+        in gw.metrics()
+    )
+    assert 'lamina_requests_in_flight{model="chat-model"} 0.0' in gw.metrics()
