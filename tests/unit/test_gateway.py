@@ -417,7 +417,18 @@ async def test_one_request_leaves_a_span_per_layer(gw: Gateway, stream: bool) ->
     spans = {s["name"]: s for s in read_trace(gw.store, r.headers["x-lamina-trace-id"])}
     engine_parts = {"queue", "prefill", "decode", "device"}  # the replica's timings, and the compute span
     steps = {"admission", "respond"}  # the gateway's own work before the dispatch and after the reply
-    assert set(spans) == {"POST /v1/chat/completions", "route", "dispatch", "engine", *engine_parts, *steps}
+    before = {"auth", "parse"}  # the application's steps before routing: children of the root
+    assert set(spans) == {
+        "POST /v1/chat/completions",
+        "route",
+        "dispatch",
+        "engine",
+        *engine_parts,
+        *steps,
+        *before,
+    }
+    assert all(spans[n]["parent_span_id"] == spans["POST /v1/chat/completions"]["span_id"] for n in before)
+    assert spans["auth"]["end_ns"] <= spans["parse"]["start_ns"] <= spans["parse"]["end_ns"]
     root, route, dispatch, engine = (
         spans[n] for n in ("POST /v1/chat/completions", "route", "dispatch", "engine")
     )

@@ -15,7 +15,8 @@ import pytest
 
 from lamina.application import Call, GatewayDeps, Principal, Usage, close_policies, create_app
 from lamina.errors import EngineCrashedError, RateLimitError
-from lamina.observability import Telemetry
+from lamina.observability import SamplingPolicy, Telemetry, read_trace
+from lamina.store import Store
 from tests.support import CHAT, EMBED, ReplayDispatcher, StaticCatalog, events_of
 
 pytestmark = pytest.mark.anyio
@@ -153,3 +154,28 @@ async def test_closing_releases_each_policy_that_holds_something_even_when_one_f
     log: list[tuple[str, str, Any]] = []
     await close_policies([Holding("a", fail=True), Recorder("plain", log), Holding("b")])
     assert closed == ["b"]
+
+
+async def test_each_policys_admission_is_an_application_span_under_the_admission(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
+    store.migrate()
+    log: list[tuple[str, str, Any]] = []
+    limits, guards = Recorder("a", log), Recorder("b", log)
+    limits.step, guards.step = "limits", "guards"  # type: ignore[attr-defined]
+    telemetry = Telemetry(service_name="policy-test", store=store, sampling=SamplingPolicy(per_s=1e6))
+    deps = GatewayDeps(StaticCatalog(), ReplayDispatcher(), lambda: {}, telemetry, policies=[limits, guards])
+    transport = httpx.ASGITransport(app=create_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        r = await client.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 200, r.text
+    assert telemetry.force_flush()
+    spans = {s["name"]: s for s in read_trace(store, r.headers["x-lamina-trace-id"])}
+    admission = spans["admission"]
+    for step in ("limits", "guards"):
+        assert spans[step]["parent_span_id"] == admission["span_id"] and spans[step]["layer"] == "application"
+        assert (
+            admission["start_ns"] <= spans[step]["start_ns"] <= spans[step]["end_ns"] <= admission["end_ns"]
+        )
+    assert spans["limits"]["end_ns"] <= spans["guards"]["start_ns"]  # in the policies' order
+    telemetry.shutdown()
+    store.close()

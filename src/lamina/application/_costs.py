@@ -144,6 +144,9 @@ class CostPolicy:
     ``insufficient_quota`` when a budget would be passed), reports its cost (``x-lamina-cost-usd`` and
     ``usage.cost``) and writes it to the ledger."""
 
+    #: its span in the request's trace
+    step = "budgets"
+
     def __init__(
         self,
         store: Store,

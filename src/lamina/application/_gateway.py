@@ -10,6 +10,7 @@ the ``engine`` span.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -266,7 +267,9 @@ def _endpoint(deps: GatewayDeps, op: _Operation) -> Callable[[Request], Awaitabl
     authenticate = authenticated(deps.auth)  # what the /v1 router's dependency does for its routes
 
     async def endpoint(request: Request) -> Response:
+        began = time.time_ns()
         await authenticate(request)
+        Exchange.of(request).timed("auth", began)
         return await _serve(deps, op, request)
 
     endpoint.__name__ = op.name
@@ -275,10 +278,12 @@ def _endpoint(deps: GatewayDeps, op: _Operation) -> Callable[[Request], Awaitabl
 
 async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Response:
     exchange = Exchange.of(request)
+    began = time.time_ns()
     raw = await read_body(request, deps.limits.max_body_bytes)
     body, parsed, template = await parse_templated(
         raw, op.request_type, deps.limits, deps.prompts, exchange.span
     )
+    exchange.timed("parse", began)
     asked = parsed.model
     grounding = await _ground(deps, body, parsed, principal_of(request))
     exchange.span.set_attributes(_request_attributes(op, parsed))
@@ -293,8 +298,12 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
     call = _call(principal_of(request), op, asked, route, {**body, "model": route.served_name}, parsed)
     call.span = exchange.span
     call.template = template
+    call.timings = exchange.steps  # the policies' admissions join the trace's application steps
     extra = {} if grounding is None else {"citations": citations_json(grounding)}
+    began = time.time_ns()
     cached = await cache_lookup(deps.cache, call, request.headers, grounding)
+    if deps.cache is not None:
+        exchange.timed("cache", began)
     if cached.entry is not None:  # a hit: no dispatch, admitted by the rate limits only (_cache.py)
         usage = not isinstance(parsed, EmbeddingRequest) and parsed.include_usage
         return await cached.replay(deps.policies, usage, extra, grounding)

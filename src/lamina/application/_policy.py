@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -90,6 +91,9 @@ class Call:
     #: the replica's plain answer (with the gateway's ``citations``), set just before the tickets settle;
     #: None for streams and failed calls (the replay recorder keeps a summary of it)
     answer: dict[str, Any] | None = None
+    #: the gateway's steps for this call so far, ``(step, start_ns, end_ns)``: each policy's admission
+    #: under its class's ``step`` name (the trace's application spans: limits, budgets, guards, ...)
+    timings: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def reserved_tokens(self) -> int:
@@ -140,7 +144,8 @@ class Ticket(Protocol):
 
 
 class Policy(Protocol):
-    """One check or account around model calls (rate limits, budgets and cost, guards...)."""
+    """One check or account around model calls (rate limits, budgets and cost, guards...); a class
+    attribute ``step`` names its span in the request's trace (``limits``, ``budgets``, ``guards``)."""
 
     async def admit(self, call: Call) -> Ticket | None:
         """Admit ``call`` (raise a LaminaError to refuse it); a ticket to settle later, or None."""
@@ -183,9 +188,12 @@ class Admission:
     async def of(call: Call, policies: Sequence[Policy]) -> Admission:
         """Admit ``call`` under every policy in order; a refusal releases what was taken before it."""
         admission = Admission(call)
+        timings = call.timings
         try:
             for policy in policies:
+                began = time.time_ns()
                 ticket = await policy.admit(call)
+                timings.append((getattr(policy, "step", "policy"), began, time.time_ns()))
                 if ticket is not None:
                     admission._tickets.append(ticket)
         except BaseException:

@@ -245,6 +245,9 @@ class Counters:
 class RateLimitPolicy:
     """The gateway policy counting every call against the limits that apply to it (see the module doc)."""
 
+    #: its span in the request's trace
+    step = "limits"
+
     #: a cached answer still counts as a request (with no tokens): see ``for_cached_answers``
     applies_to_cached = True
 

@@ -159,6 +159,9 @@ class ReplayRecorder:
     """Keeps each settled call's replay row (see the module doc); also the gateway's query sink, passing
     every retrieval on to ``inner`` (the drift window)."""
 
+    #: its span in the request's trace
+    step = "replay"
+
     def __init__(
         self,
         store: Store,

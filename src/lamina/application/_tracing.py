@@ -76,6 +76,13 @@ class Exchange:
         #: when it was routed, and when the (last) reply came: the bounds of the application steps
         self._bound_ns = 0
         self._replied_ns = 0
+        #: the gateway's steps so far, ``(step, start_ns, end_ns)`` (auth, parse, cache, the policies): the
+        #: ``Call`` of the request appends its policies' admissions here too
+        self.steps: list[tuple[str, int, int]] = []
+
+    def timed(self, step: str, since_ns: int) -> None:
+        """The step ``step`` ran from ``since_ns`` until now (an application span if the trace is kept)."""
+        self.steps.append((step, since_ns, time.time_ns()))
 
     @staticmethod
     def of(request: Request) -> Exchange:
@@ -143,11 +150,20 @@ class Exchange:
 
     def _step(self, name: str, since_ns: int) -> None:
         """An application span of the root from ``since_ns`` to now, recorded after the fact (cheap):
-        ``admission`` (cache lookup, rate limits, budgets, input guards, between routing and the first
-        dispatch) and ``respond`` (output guards, cache store, settling, sending, after the reply)."""
-        if since_ns and self.span.is_recording():
-            ctx = self.span.get_span_context()
-            self.telemetry.keeper.add(ctx.trace_id, ctx.span_id, name, _APPLICATION, since_ns, time.time_ns())
+        ``admission`` (between routing and the first dispatch: the cache lookup, rate limits, budgets,
+        input guards as its children) and ``respond`` (output guards, cache store, settling, sending,
+        after the reply). Steps timed before ``since_ns`` (auth, parsing) hang off the root."""
+        if not self.span.is_recording():
+            return
+        ctx = self.span.get_span_context()
+        add, trace_id, root = self.telemetry.keeper.add, ctx.trace_id, ctx.span_id
+        steps, self.steps = self.steps, []
+        for step, start, end in steps:
+            if not since_ns or start < since_ns:
+                add(trace_id, root, step, _APPLICATION, start, end)
+        if since_ns:
+            inside = tuple((s, _APPLICATION, start, end) for s, start, end in steps if start >= since_ns)
+            add(trace_id, root, name, _APPLICATION, since_ns, time.time_ns(), inside)
 
     def fail(self, exc: LaminaError) -> None:
         """Mark the request failed with ``exc`` (the error body the client gets says the same)."""

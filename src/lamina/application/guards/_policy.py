@@ -176,6 +176,9 @@ async def apply_guards(
 class GuardPolicy:
     """The input guards as a :class:`~lamina.application.Policy` (admission only: nothing to settle)."""
 
+    #: its span in the request's trace
+    step = "guards"
+
     def __init__(
         self, guards: Sequence[Guard], recorder: GuardRecorder, limiter: anyio.CapacityLimiter | None = None
     ) -> None:
