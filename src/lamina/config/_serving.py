@@ -217,7 +217,9 @@ class ObservabilityConfig(_Strict):
     retention_max_bytes: int = Field(
         64 * 1024 * 1024,
         ge=1024,
-        description="At most about this many bytes of stored spans; the oldest traces go first.",
+        description="At most this many bytes for the trace tables and their indexes, as the database "
+        "measures them (SQLite dbstat, PostgreSQL pg_total_relation_size); from 85% of it the oldest "
+        "traces go first, down to 70%.",
     )
     retention_interval_s: float = Field(
         30.0, gt=0, description="Seconds between two runs of the background retention."

@@ -66,6 +66,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # in WAL mode NORMAL never corrupts the file; a power cut can lose the last commits (spans, ledger rows),
     # not the database. FULL would fsync every commit, ~4 ms each here: the cost of every traced request
     cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA journal_size_limit=16777216")  # a checkpointed WAL shrinks back to 16 MiB
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
