@@ -361,6 +361,9 @@ PUBLIC = {
         "ThreadQueryEmbedder",
         "TokenLogprob",
         "TopLogprob",
+        "TrainResult",
+        "TrainSettings",
+        "TrainingData",
         "Usage",
         "check_deployment",
         "dataset_sample",
@@ -380,6 +383,7 @@ PUBLIC = {
         "registered_or_bundled",
         "retry_backoff_s",
         "rule_matches",
+        "train_and_gate",
         "worker_workload",
     ],
     "application": [

@@ -51,6 +51,8 @@ from lamina.models._routing import (
     retry_backoff_s,
     rule_matches,
 )
+from lamina.models._train import TrainSettings
+from lamina.models._train_gate import TrainingData, TrainResult, train_and_gate
 
 __all__ = [
     "BUNDLED",
@@ -92,6 +94,9 @@ __all__ = [
     "ThreadQueryEmbedder",
     "TokenLogprob",
     "TopLogprob",
+    "TrainResult",
+    "TrainSettings",
+    "TrainingData",
     "Usage",
     "check_deployment",
     "dataset_sample",
@@ -111,5 +116,6 @@ __all__ = [
     "registered_or_bundled",
     "retry_backoff_s",
     "rule_matches",
+    "train_and_gate",
     "worker_workload",
 ]

@@ -12,14 +12,14 @@ CLI does. The kinds:
   labelled queries (a JSONL file of ``{"query": ..., "relevant": [source file name, ...]}``), ranking the
   version's chunks by cosine to the query with that model (so any model can be evaluated on any version).
 - ``quantize``: the models layer's quantization with its accuracy gate (``quantize_and_gate``).
-- ``train``: not built; fails with what to install.
+- ``train``: fine-tune the embedding model on a dataset version's labelled queries, then export, quantize and
+  register it behind the accuracy gate (:mod:`lamina.stack._train`; needs ``pip install 'lamina[train]'``).
 
 ``jobs.kinds`` in the config adds kinds of the user's own (``name: module:function``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -70,6 +70,12 @@ def _check_eval(args: dict[str, Any]) -> dict[str, Any]:
     return {**args, "queries": str(path.resolve())}
 
 
+def _check_train(args: dict[str, Any]) -> dict[str, Any]:
+    from lamina.stack._train import check_train_args
+
+    return check_train_args(_check_eval(args))
+
+
 def _check_quantize(args: dict[str, Any]) -> dict[str, Any]:
     _require(args, "model", "method")
     return args
@@ -105,8 +111,10 @@ def job_kinds(config: LaminaConfig, state_dir: Path) -> dict[str, JobKind]:
         JobKind(
             "train",
             f"{_HERE}:run_train",
-            "fine-tune the embedding model (lamina[train])",
+            "fine-tune the embedding model behind the accuracy gate (lamina[train])",
+            resources=JobResources(cpus=1.0, memory_bytes=2048 * _MIB),
             context=context,
+            check_args=_check_train,
             max_attempts=1,
         ),
     ]
@@ -340,9 +348,12 @@ def run_quantize(args: dict[str, Any], job: JobContext) -> dict[str, Any]:
 
 
 def run_train(args: dict[str, Any], job: JobContext) -> dict[str, Any]:
-    """Training is not built yet; without sentence-transformers it says what to install."""
-    if importlib.util.find_spec("sentence_transformers") is None:
-        raise InvalidRequestError(
-            "training needs sentence-transformers: pip install 'lamina[train]', then submit the job again"
-        )
-    raise InvalidRequestError("the train job kind is not built yet; nothing was trained")
+    """Fine-tune the embedding model on dataset version ``dataset``'s ``queries`` (see
+    :mod:`lamina.stack._train` for the arguments); registered behind the accuracy gate."""
+    from lamina.stack._train import train
+
+    data = _stack(job, None)
+    try:
+        return train(data, args, job)
+    finally:
+        data.close()
