@@ -45,51 +45,103 @@ class _Login(BaseModel):
 
 def dashboard_router(sources: DashboardSources, auth: Authenticator, max_body_bytes: int) -> APIRouter:
     """The dashboard over ``sources``; ``auth`` says who is an admin (as on the admin API)."""
-    pages = Pages()
-    history = FigureHistory(lambda: sources.metrics().decode())
-    if sources.doctor is not None:  # the chart and `lamina top` poll every few seconds
-        sources = replace(sources, doctor=_remembered(sources.doctor, _DOCTOR_TTL_S))
+    ui = _Dashboard(sources, auth, max_body_bytes)
     router = APIRouter(include_in_schema=False)
+    router.add_api_route("/ui/static/{name:path}", ui.static, methods=["GET"])
+    router.add_api_route("/ui/login", ui.login, methods=["POST"])
+    router.add_api_route("/ui/logout", ui.logout, methods=["POST"])
+    for path, handler, method in ui.pages_by_path():
+        router.add_api_route(path, ui.guarded(handler), methods=[method])
+    return router
 
-    def page(handler: Callable[[Request], Awaitable[Response]]) -> Page:
+
+class _Dashboard:
+    """The dashboard's pages over its sources: one method per page, each behind the admin login."""
+
+    def __init__(self, sources: DashboardSources, auth: Authenticator, max_body_bytes: int) -> None:
+        self.pages = Pages()
+        self.history = FigureHistory(lambda: sources.metrics().decode())
+        if sources.doctor is not None:  # the chart and `lamina top` poll every few seconds
+            sources = replace(sources, doctor=_remembered(sources.doctor, _DOCTOR_TTL_S))
+        self.sources = sources
+        self.auth = auth
+        self.max_body_bytes = max_body_bytes
+
+    def pages_by_path(self) -> list[tuple[str, Page, str]]:
+        """Every page behind the login: its path, its handler and its method."""
+        sources, no_jobs = self.sources, "the job queue is not available on this gateway"
+        return [
+            ("/", self.overview, "GET"),
+            ("/ui/partials/live", self.live_fragment, "GET"),
+            ("/ui/api/summary", self.summary, "GET"),
+            ("/ui/deployments", self.deployments, "GET"),
+            ("/ui/traces", self.traces, "GET"),
+            ("/ui/traces/{trace_id}", self.trace, "GET"),
+            ("/ui/datasets/{ref}", self.lineage, "GET"),
+            ("/ui/playground", self.playground, "GET"),
+            ("/ui/chat", self.chat, "POST"),
+            ("/ui/jobs", self.tables("Jobs", _static_panel("Jobs", sources.jobs, no_jobs)), "GET"),
+            (
+                "/ui/datasets",
+                self.tables(
+                    "Datasets",
+                    _static_panel("Datasets and versions", sources.datasets, "no data catalog here"),
+                ),
+                "GET",
+            ),
+            (
+                "/ui/models",
+                self.tables("Models", _static_panel("Registered models", sources.models, "no registry here")),
+                "GET",
+            ),
+            ("/ui/costs", self.tables("Costs", self.costs_by("key"), self.costs_by("model")), "GET"),
+            (
+                "/ui/drift",
+                self.tables(
+                    "Drift", _static_panel("Latest drift reports", sources.drift, "no drift reports")
+                ),
+                "GET",
+            ),
+        ]
+
+    def guarded(self, handler: Page) -> Page:
+        """``handler`` for admins; the login form (401) for anyone else."""
+
         async def guarded_page(request: Request) -> Response:
-            principal, why = await admitted(auth, request)
+            principal, why = await admitted(self.auth, request)
             if principal is None:
-                return pages.render("login.html", status=401, title="Sign in", error=why)
+                return self.pages.render("login.html", status=401, title="Sign in", error=why)
             return await handler(request)
 
         guarded_page.__name__ = handler.__name__
         return guarded_page
 
-    async def live() -> dict[str, Any]:
-        figures: Figures = await run_in_threadpool(history.sample)
-        deployments, dep_error = await _deployments(sources)
+    async def live(self) -> dict[str, Any]:
+        figures: Figures = await run_in_threadpool(self.history.sample)
+        deployments, dep_error = await _deployments(self.sources)
         return {"figures": figures, "deployments": deployments, "deployments_error": dep_error}
 
-    @router.get("/ui/static/{name:path}")
-    async def static(name: str) -> Response:
-        found = pages.static(name)
+    async def static(self, name: str) -> Response:
+        found = self.pages.static(name)
         if found is None:
             raise NotFoundError(f"the dashboard has no file {name!r}")
         return found
 
-    @router.post("/ui/login")
-    async def login(request: Request) -> Response:
-        raw = await read_body(request, min(max_body_bytes, _LOGIN_BYTES))
+    async def login(self, request: Request) -> Response:
+        raw = await read_body(request, min(self.max_body_bytes, _LOGIN_BYTES))
         _, body = parse_body(raw, _Login)
-        await check_admin(auth, request, body.key)
+        await check_admin(self.auth, request, body.key)
         response = Response(status_code=204)
         set_login(response, request, body.key)
         return response
 
-    @router.post("/ui/logout")
-    async def logout() -> Response:
+    async def logout(self) -> Response:
         response = Response(status_code=204)
         clear_login(response)
         return response
 
-    async def overview(request: Request) -> Response:
-        context = await live()
+    async def overview(self, request: Request) -> Response:
+        sources, context = self.sources, await self.live()
         verdict, doctor_error = (None, "") if sources.doctor is None else await awaited(sources.doctor)
         breakdown: dict[str, float] = {}
         trace_error = "traces are not stored on this gateway (observability.store_spans is off)"
@@ -97,7 +149,7 @@ def dashboard_router(sources: DashboardSources, auth: Authenticator, max_body_by
             found, trace_error = await guarded(sources.traces.layer_ms, _BREAKDOWN_S)
             breakdown = found or {}
         datasets, _ = (None, "") if sources.datasets is None else await guarded(sources.datasets)
-        return pages.render(
+        return self.pages.render(
             "overview.html",
             title="Overview",
             layers=_layers(context["figures"], context["deployments"], datasets, sources),
@@ -108,100 +160,83 @@ def dashboard_router(sources: DashboardSources, auth: Authenticator, max_body_by
             **context,
         )
 
-    async def live_fragment(request: Request) -> Response:
-        return pages.render("live.html", **await live())
+    async def live_fragment(self, request: Request) -> Response:
+        return self.pages.render("live.html", **await self.live())
 
-    async def summary(request: Request) -> Response:
-        return JSONResponse(await summary_json(sources, await live()))
+    async def summary(self, request: Request) -> Response:
+        return JSONResponse(await summary_json(self.sources, await self.live()))
 
-    async def deployments(request: Request) -> Response:
-        context = await live()
-        return pages.render("deployments.html", title="Deployments", **context)
+    async def deployments(self, request: Request) -> Response:
+        return self.pages.render("deployments.html", title="Deployments", **await self.live())
 
-    def tables(title: str, *panels: Callable[[Request], Awaitable[Panel]]) -> Page:
+    def tables(self, title: str, *panels: Callable[[Request], Awaitable[Panel]]) -> Page:
+        """A page of tables, one per panel."""
+
         async def render(request: Request) -> Response:
-            return pages.render("tables.html", title=title, panels=[await p(request) for p in panels])
+            return self.pages.render("tables.html", title=title, panels=[await p(request) for p in panels])
 
         render.__name__ = title.lower()
         return render
 
-    def costs_by(by: str) -> Callable[[Request], Awaitable[Panel]]:
+    def costs_by(self, by: str) -> Callable[[Request], Awaitable[Panel]]:
         async def made(_: Request) -> Panel:
-            source = None if sources.costs is None else _cost_table(sources, by)
+            source = None if self.sources.costs is None else _cost_table(self.sources, by)
             return await panel(f"Costs by {by} (24 h)", source, missing="the cost ledger is not available")
 
         return made
 
-    async def lineage(request: Request) -> Response:
+    async def lineage(self, request: Request) -> Response:
         ref = request.path_params["ref"]
-        shown = await panel(f"Lineage of {ref}", sources.lineage, ref, missing="lineage is not available")
-        return pages.render("tables.html", title=f"Dataset {ref}", panels=[shown])
+        shown = await panel(
+            f"Lineage of {ref}", self.sources.lineage, ref, missing="lineage is not available"
+        )
+        return self.pages.render("tables.html", title=f"Dataset {ref}", panels=[shown])
 
-    async def traces(request: Request) -> Response:
-        if sources.traces is None:
-            return pages.render("traces.html", title="Traces", traces=[], error="traces are not stored here")
-        found, error = await guarded(sources.traces.recent, 50)
-        return pages.render("traces.html", title="Traces", traces=found or [], error=error)
+    async def traces(self, request: Request) -> Response:
+        if self.sources.traces is None:
+            return self.pages.render(
+                "traces.html", title="Traces", traces=[], error="traces are not stored here"
+            )
+        found, error = await guarded(self.sources.traces.recent, 50)
+        return self.pages.render("traces.html", title="Traces", traces=found or [], error=error)
 
-    async def trace(request: Request) -> Response:
-        trace_id = request.path_params["trace_id"]
-        spans = [] if sources.traces is None else await run_in_threadpool(sources.traces.spans, trace_id)
+    async def trace(self, request: Request) -> Response:
+        trace_id, store = request.path_params["trace_id"], self.sources.traces
+        spans = [] if store is None else await run_in_threadpool(store.spans, trace_id)
         if not spans:  # not exported yet (batches), or gone: the page looks again
-            return pages.render("pending.html", title=f"Trace {trace_id}", trace_id=trace_id)
+            return self.pages.render("pending.html", title=f"Trace {trace_id}", trace_id=trace_id)
         start, end = min(s.start_ns for s in spans), max(s.end_ns for s in spans)
         total = max(end - start, 1)
         rows = [
             (s, 100 * (s.start_ns - start) / total, max(100 * (s.end_ns - s.start_ns) / total, 0.3))
             for s in spans
         ]
-        depth = _depths(spans)
-        return pages.render(
+        return self.pages.render(
             "trace.html",
             title=f"Trace {trace_id}",
             trace_id=trace_id,
             rows=rows,
-            depth=depth,
+            depth=_depths(spans),
             total_ms=total / 1e6,
         )
 
-    async def playground(request: Request) -> Response:
+    async def playground(self, request: Request) -> Response:
+        sources = self.sources
         names, _ = ([], "") if sources.chat_models is None else await guarded(sources.chat_models)
-        return pages.render(
+        return self.pages.render(
             "playground.html", title="Playground", models=list(names or []), chosen=sources.playground_model
         )
 
-    async def chat(request: Request) -> Response:
-        answer = await ask(request, max_body_bytes)
-        return pages.render("answer.html", answer=answer)
+    async def chat(self, request: Request) -> Response:
+        answer = await ask(request, self.max_body_bytes)
+        return self.pages.render("answer.html", answer=answer)
 
-    def static_panel(title: str, source: Callable[[], Table] | None, missing: str) -> Callable[..., Any]:
-        async def made(_: Request) -> Panel:
-            return await panel(title, source, missing=missing)
 
-        return made
+def _static_panel(title: str, source: Callable[[], Table] | None, missing: str) -> Callable[..., Any]:
+    async def made(_: Request) -> Panel:
+        return await panel(title, source, missing=missing)
 
-    router.add_api_route("/", page(overview), methods=["GET"])
-    router.add_api_route("/ui/partials/live", page(live_fragment), methods=["GET"])
-    router.add_api_route("/ui/api/summary", page(summary), methods=["GET"])
-    router.add_api_route("/ui/deployments", page(deployments), methods=["GET"])
-    router.add_api_route("/ui/traces", page(traces), methods=["GET"])
-    router.add_api_route("/ui/traces/{trace_id}", page(trace), methods=["GET"])
-    router.add_api_route("/ui/datasets/{ref}", page(lineage), methods=["GET"])
-    router.add_api_route("/ui/playground", page(playground), methods=["GET"])
-    router.add_api_route("/ui/chat", page(chat), methods=["POST"])
-    no_jobs = "the job queue is not available on this gateway"
-    pages_of = {
-        "/ui/jobs": tables("Jobs", static_panel("Jobs", sources.jobs, no_jobs)),
-        "/ui/datasets": tables(
-            "Datasets", static_panel("Datasets and versions", sources.datasets, "no data catalog here")
-        ),
-        "/ui/models": tables("Models", static_panel("Registered models", sources.models, "no registry here")),
-        "/ui/costs": tables("Costs", costs_by("key"), costs_by("model")),
-        "/ui/drift": tables("Drift", static_panel("Latest drift reports", sources.drift, "no drift reports")),
-    }
-    for path, handler in pages_of.items():
-        router.add_api_route(path, page(handler), methods=["GET"])
-    return router
+    return made
 
 
 def _remembered(ask: Callable[[], Awaitable[Verdict]], ttl_s: float) -> Callable[[], Awaitable[Verdict]]:
