@@ -26,7 +26,8 @@ from lamina.config import (
     RateLimitsConfig,
 )
 from lamina.errors import ConfigError
-from lamina.stack.gateway import _policies, build_stack, create_gateway
+from lamina.stack._gateway_parts import gateway_policies
+from lamina.stack.gateway import build_stack, create_gateway
 from tests.support import CHAT
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer, running_redis
@@ -164,11 +165,11 @@ async def test_the_composition_root_puts_rate_limits_first(tmp_path: Path) -> No
     refused = build_stack(unknown, tmp_path / "unknown")
     try:
         with pytest.raises(ConfigError, match="per_model names models that are not served: gpt"):
-            _policies(refused)
+            gateway_policies(refused)
     finally:
         await refused.aclose()
     stack = build_stack(config, tmp_path / "state")
-    assert isinstance(_policies(stack)[0], RateLimitPolicy)
+    assert isinstance(gateway_policies(stack)[0], RateLimitPolicy)
     app = create_gateway(stack)
     async with app.router.lifespan_context(app):
         assert await stack.controller.wait_ready(60)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,30 +18,19 @@ import uvicorn
 from fastapi import FastAPI
 
 from lamina.application import (
-    CostPolicy,
     GatewayDeps,
     KeyAuthenticator,
     KeyStore,
-    ModelRouter,
     Policy,
     PromptStore,
-    RagOptions,
-    ReplayRecorder,
-    ResponseCache,
-    SemanticIndex,
     ThreadedIngestService,
-    close_policies,
     create_app,
     gateway_hosts,
-    gpu_hour_usd,
-    replica_hourly_usd,
-    response_cache,
 )
-from lamina.application.guards import input_guards, output_guards
+from lamina.application.guards import output_guards
 from lamina.compute import probe_inventory, sample_devices_forever
 from lamina.config import LaminaConfig
 from lamina.data import (
-    AsyncEmbedder,
     DriftRecorder,
     DriftReports,
     DriftWindow,
@@ -51,9 +40,7 @@ from lamina.data import (
 from lamina.errors import LaminaError
 from lamina.models import (
     Catalog,
-    DispatchQueryEmbedder,
     Registry,
-    ThreadQueryEmbedder,
     deploy,
     register_bundled,
 )
@@ -62,11 +49,12 @@ from lamina.orchestration import Controller, Dispatcher, Http1Client, JobSchedul
 from lamina.stack._backends import replica_backend
 from lamina.stack._dashboard import dashboard_sources
 from lamina.stack._data import DataStack, checked_config, open_data_stack, open_registry
-from lamina.stack._demo import DemoIngest, rag_aliases
+from lamina.stack._demo import DemoIngest
 from lamina.stack._deployments import RuntimeDeployments, open_deployments, serving_readiness
 from lamina.stack._doctor import doctor_for
 from lamina.stack._doctor import gather_offline as gather_offline  # for `lamina doctor --offline`
 from lamina.stack._fit import check_fit, workload_needs
+from lamina.stack._gateway_parts import GatewayParts, query_embedder
 from lamina.stack._jobs import job_scheduler, open_job_queue, serving_demands
 from lamina.store import Store
 
@@ -156,7 +144,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     dispatcher = Dispatcher(controller, Http1Client(), backend, retry_deadline_s=orch.retry_deadline_s)
     catalog = Catalog([s for s, _ in deployed], readiness=lambda: _readiness(controller))
     data = open_data_stack(config, state_dir, store=store, registry=registry)
-    queries, query_model = _query_embedder(config, registry, catalog, dispatcher, data)
+    queries, query_model = query_embedder(config, registry, catalog, dispatcher, data)
     return Stack(
         config=config,
         state_dir=state_dir,
@@ -190,26 +178,20 @@ def _readiness(controller: Controller) -> dict[str, bool]:
     return serving_readiness(controller)  # a deployment scaled to zero serves (cold start); draining: not
 
 
-def _query_embedder(
-    config: LaminaConfig, registry: Registry, catalog: Catalog, dispatcher: Dispatcher, data: DataStack
-) -> tuple[AsyncEmbedder, str | None]:
-    """Queries are embedded by a replica serving the datasets' embedding model, else in-process; with the
-    ``name@version`` of that model."""
-    try:
-        ref = registry.get(config.data.embedding_model).ref
-    except LaminaError:
-        ref = None
-    deployment = None if ref is None else catalog.serving(ref)
-    if deployment is not None:
-        return DispatchQueryEmbedder(dispatcher, deployment), ref
-    return ThreadQueryEmbedder(data.embedder), ref
-
-
 def create_gateway(
     stack: Stack, on_ready: Callable[[], None] | None = None, *, host: str | None = None
 ) -> FastAPI:
     """The gateway app whose lifespan runs the control loop and stops every replica at the end; ``host``:
     the address it is bound to (default: server.host), which it answers to."""
+    parts = GatewayParts.of(stack)
+    return create_app(_deps(stack, parts, host), lifespan=_lifespan(stack, parts, on_ready))
+
+
+def _lifespan(
+    stack: Stack, parts: GatewayParts, on_ready: Callable[[], None] | None
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The gateway's background work: the control loop, the job queue, readiness, drift and device
+    metrics, warming the search indexes and the demo dataset; stopped, and every part closed, at the end."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -218,157 +200,69 @@ def create_gateway(
         loop_task = asyncio.create_task(stack.controller.run(stop), name="lamina-control-loop")
         jobs = stack.jobs
         jobs_task = None if jobs is None else asyncio.create_task(jobs.run(stop), name="lamina-jobs")
-        ready_task = asyncio.create_task(_announce_ready(stack, on_ready))
-        drift_task = asyncio.create_task(_publish_drift_forever(stack), name="lamina-drift-metrics")
         devices = stack.telemetry.devices  # also what each request's compute span reads
-        device_task = asyncio.create_task(sample_devices_forever(devices), name="lamina-device-metrics")
-        warm_task = asyncio.create_task(asyncio.to_thread(stack.warm_search), name="lamina-warm-search")
+        helpers = [
+            asyncio.create_task(_announce_ready(stack, on_ready)),
+            asyncio.create_task(_publish_drift_forever(stack), name="lamina-drift-metrics"),
+            asyncio.create_task(sample_devices_forever(devices), name="lamina-device-metrics"),
+            asyncio.create_task(asyncio.to_thread(stack.warm_search), name="lamina-warm-search"),
+        ]
         demo = DemoIngest(stack.config, stack.data)  # the demo dataset, never before readiness
         demo_task = asyncio.create_task(asyncio.to_thread(demo.start), name="lamina-demo-ingest")
         try:
             yield
         finally:
-            ready_task.cancel()
-            drift_task.cancel()
-            device_task.cancel()
-            warm_task.cancel()
+            for task in helpers:
+                task.cancel()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
                 if jobs_task is not None:  # its job processes stop; their jobs wait for the next start
                     await jobs_task
             await demo.aclose(demo_task)
-            await close_policies(policies)
-            if cache is not None:
-                await cache.aclose()
+            await parts.aclose()
             await stack.aclose()
 
-    policies = _policies(stack)
-    cache = _response_cache(stack)
-    router = _router(stack)
-    aliases = rag_aliases(stack.config, stack.catalog)  # the config's and the demo's
-    recorder = _replay_recorder(stack, aliases)  # first: it settles last, after the others filled the call
-    if recorder is not None:
-        policies.insert(0, recorder)
-    deps = GatewayDeps(
-        catalog=stack.catalog if router is None else router.catalog,
+    return lifespan
+
+
+def _deps(stack: Stack, parts: GatewayParts, host: str | None) -> GatewayDeps:
+    config = stack.config
+    return GatewayDeps(
+        catalog=stack.catalog if parts.router is None else parts.router.catalog,
         dispatcher=stack.dispatcher,
         readiness=stack.readiness,
         telemetry=stack.telemetry,
-        api_keys=stack.config.server.api_keys,
-        authenticator=KeyAuthenticator(KeyStore(stack.store), stack.config.server.api_keys),
-        allowed_hosts=gateway_hosts(host or stack.config.server.host, stack.config.server.allowed_hosts),
-        allowed_origins=stack.config.server.allowed_origins,
+        api_keys=config.server.api_keys,
+        authenticator=KeyAuthenticator(KeyStore(stack.store), config.server.api_keys),
+        allowed_hosts=gateway_hosts(host or config.server.host, config.server.allowed_hosts),
+        allowed_origins=config.server.allowed_origins,
         retriever=stack.retriever,
-        rag_aliases=aliases,
-        query_sink=stack.drift if recorder is None else recorder,
+        rag_aliases=parts.aliases,
+        query_sink=stack.drift if parts.recorder is None else parts.recorder,
         ingest=stack.ingest,
-        policies=policies,
-        output_guards=output_guards(stack.config.guards, stack.telemetry.metrics, stack.registry),
-        limits=stack.config.limits,
-        router=router,
-        cache=cache,
+        policies=parts.policies,
+        output_guards=output_guards(config.guards, stack.telemetry.metrics, stack.registry),
+        limits=config.limits,
+        router=parts.router,
+        cache=parts.cache,
         prompts=PromptStore(stack.store),
         deployments=stack.deployments,
         traces_store=stack.store,
         doctor=doctor_for(stack),
         dashboard=dashboard_sources(
-            config=stack.config,
+            config=config,
             store=stack.store,
             telemetry=stack.telemetry,
             controller=stack.controller,
             registry=stack.registry,
             catalog=stack.catalog,
             datasets=stack.data.catalog,
-            rag_aliases=list(aliases),
+            rag_aliases=list(parts.aliases),
             jobs=None if stack.jobs is None else stack.jobs.queue,
             doctor=doctor_for(stack),
         ),
     )
-    return create_app(deps, lifespan=lifespan)
-
-
-def _policies(stack: Stack) -> list[Policy]:
-    """The gateway's policies from the config, in the order a call meets them."""
-    from lamina.application import RateLimitPolicy
-
-    config = stack.config
-    served = [d.name for d in config.deployments] + [a.name for a in config.rag]
-    served += [g.name for g in config.groups]
-    # always on, even with no limit configured: a key created while the gateway runs may carry limits,
-    # and a call that no limit applies to costs a few attribute reads (README, "Rate limits")
-    policies: list[Policy] = [RateLimitPolicy(config.rate_limits, known_models=served)]
-    policies.append(CostPolicy(stack.store, stack.config.costs, _replica_hourly_usd(stack)))
-    # last: a call refused by a limit or a budget costs no guard time (README, "Guardrails")
-    guards = input_guards(config.guards, stack.telemetry.metrics, stack.registry)
-    if guards is not None:
-        policies.append(guards)
-    return policies + stack.extra_policies
-
-
-def _replay_recorder(stack: Stack, aliases: Mapping[str, tuple[str, RagOptions]]) -> ReplayRecorder | None:
-    """Keeps each request for `lamina replay` when observability.keep_requests is on (README, "Traces")."""
-    if not stack.config.observability.keep_requests:
-        return None
-    return ReplayRecorder(stack.store, stack.drift, {name: options for name, (_, options) in aliases.items()})
-
-
-def _router(stack: Stack) -> ModelRouter | None:
-    """The model groups of the config (None: none), priced for lowest_cost in USD per million tokens: a
-    member's token prices (costs.models, input and output averaged), else its replica's hourly compute
-    price over its conservative tokens/s (costs.tokens_per_second)."""
-    config = stack.config
-    if not config.groups:
-        return None
-    costs = config.costs
-    hourly = _replica_hourly_usd(stack) if any(g.strategy == "lowest_cost" for g in config.groups) else {}
-
-    def cost_of(member: str) -> float | None:
-        price = costs.models.get(member)
-        if price is not None:
-            return (price.input_per_million + price.output_per_million) / 2
-        if member not in hourly:
-            return None
-        rate = costs.tokens_per_second.get(member, costs.default_tokens_per_second)
-        return hourly[member] / (rate * 3600) * 1e6
-
-    return ModelRouter(config.groups, stack.catalog, stack.telemetry, stack.readiness, cost_of=cost_of)
-
-
-def _response_cache(stack: Stack) -> ResponseCache | None:
-    """The response cache of the config (None: off). Its key is salted with the guard configuration; the
-    semantic cache embeds with a query embedder built like the retriever's, into the vector store."""
-    config = stack.config
-    semantic = None
-    if config.cache.enabled and config.cache.semantic.enabled:
-        queries, _ = _query_embedder(config, stack.registry, stack.catalog, stack.dispatcher, stack.data)
-        semantic = SemanticIndex(
-            stack.data.vectors,
-            queries,
-            min_similarity=config.cache.semantic.min_similarity,
-            max_entries=config.cache.max_entries,
-        )
-    return response_cache(config.cache, stack.store, salt=config.guards.model_dump_json(), semantic=semantic)
-
-
-def _replica_hourly_usd(stack: Stack) -> dict[str, float]:
-    """USD per hour of one replica of each deployment: its cores (a GGUF replica's threads) and its GPUs,
-    priced by the name of this machine's first GPU (NVML is asked only when a deployment uses a GPU)."""
-    costs = stack.config.costs
-    gpu_price = 0.0
-    if any(w.resources.gpus for w in stack.workloads):
-        names = [gpu.name for gpu in probe_inventory().gpus]
-        price = gpu_hour_usd(costs, names[0]) if names else None
-        if price is None:
-            log.warning(
-                "no price for the GPU %s: add it to costs.gpu_hour_usd; GPU time is priced at 0 until then",
-                names[0] if names else "(none found)",
-            )
-        gpu_price = price or 0.0
-    return {
-        w.name: replica_hourly_usd(costs, w.resources.cpus, [gpu_price] * w.resources.gpus)
-        for w in stack.workloads
-    }
 
 
 async def _publish_drift_forever(stack: Stack, every_s: float = 30.0) -> None:
