@@ -6,12 +6,13 @@
 Part 1, HTTP (one run, side by side): two `lamina up` stacks serve the same fake-engine deployment (the
 chat request of bench/gateway_overhead.py, 8 tokens, non-streamed):
 
-- off: ``observability: {tracing: false, store_spans: false}``: no spans, no breakdown, nothing stored;
+- off: ``observability: {tracing: false, store_spans: false, metrics: false}``: no spans, no breakdown,
+  nothing stored, nothing counted;
 - on: the defaults: every span recorded, the x-lamina-layers header and the ``lamina`` extension on every
-  answer, tail-aware sampling into the store (errors, slow ones, up to 2 others a second), retention.
+  answer, tail-aware sampling into the store (errors, slow ones, up to 2 others a second), retention, and
+  the Prometheus metrics.
 
-(the Prometheus metrics are on in both: they cannot be turned off, so their cost is in both numbers;
-``--keep-all`` adds a third stack that stores every trace, the worst case of an error storm.)
+(``--keep-all`` adds a third stack that stores every trace, the worst case of an error storm.)
 wrk drives each stack in turn, ``--rounds`` times (off, on, off, on, ...) so that drift of a shared
 machine hits both alike, at 1 and 16 connections; reported: requests per second, p50/p99, and the
 gateway process's CPU time per request, with the cost of "on" against "off" (target: under 3%).
@@ -71,7 +72,7 @@ from lamina.observability._trace_size import stored_bytes, used_bytes  # noqa: E
 from lamina.store import Store, spans, traces  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
-    "off": {"tracing": False, "store_spans": False},
+    "off": {"tracing": False, "store_spans": False, "metrics": False},
     "on": {},
     "keep-all": {"sampled_per_s": 1_000_000.0},
 }
@@ -272,7 +273,9 @@ def cpu_part(n: int, rounds: int, tmp: Path) -> dict[str, Any]:
     for stream in (False, True):
         for _ in range(rounds):
             for name in ("off", "on"):
-                telemetry = Telemetry(service_name="bench", store=store, tracing=name == "on")
+                telemetry = Telemetry(
+                    service_name="bench", store=store, tracing=name == "on", metrics=name == "on"
+                )
                 ms = anyio.run(_inprocess, telemetry, n, stream)
                 telemetry.shutdown()
                 out.setdefault("stream" if stream else "plain", {}).setdefault(name, []).append(ms)

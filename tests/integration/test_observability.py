@@ -92,6 +92,18 @@ def test_telemetry_leaves_the_global_tracer_provider_alone(store: Store) -> None
     t.shutdown()
 
 
+def test_metrics_off_count_nothing() -> None:
+    t = Telemetry(service_name="t", store=None, otlp_endpoint=None, metrics=False)
+    m = t.metrics
+    m.observe_request(endpoint="/v1/chat/completions", model="chat", status=200, seconds=0.2)
+    m.observe_guard(guard="pii", action="allow", direction="input")
+    m.child(m.in_flight, "chat").inc()
+    text = t.render_metrics()[0].decode()
+    assert "lamina_requests_total{" not in text and "lamina_guard_decisions_total{" not in text
+    assert "# TYPE lamina_requests_total counter" in text  # the series are declared, empty
+    t.shutdown()
+
+
 def test_metrics_render_every_series() -> None:
     t = Telemetry(service_name="t", store=None, otlp_endpoint=None)
     m = t.metrics

@@ -191,6 +191,12 @@ class ObservabilityConfig(_Strict):
         description="Record spans at all. Off: no spans, no x-lamina-layers breakdown, nothing stored or "
         "exported (metrics stay on).",
     )
+    metrics: bool = Field(
+        True,
+        description="Count requests in the Prometheus metrics of /metrics. Off: the request path counts "
+        "nothing (the series stay, empty; device and drift gauges are still sampled). For overhead "
+        "measurements; the dashboard and `lamina top` read these series.",
+    )
     sample_rate: float = Field(
         1.0,
         ge=0,

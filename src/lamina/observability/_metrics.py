@@ -28,7 +28,8 @@ _TPS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 20
 class GatewayMetrics:
     """The series a dashboard needs to see traffic, latency and generation speed per model."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, enabled: bool = True) -> None:
+        """``enabled=False``: the request path counts nothing (the series exist, empty)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
         self.requests = Counter(
@@ -74,7 +75,7 @@ class GatewayMetrics:
         )
         #: the engine's series under vLLM's names, and the cache, rate-limit, layer and trace ones
         #: ``child(metric, *labels)``: a labelled series, looked up once
-        self.child = LabelCache()
+        self.child = LabelCache(enabled)
         self.engine = EngineMetrics(reg, self.child)
         self.traffic = TrafficMetrics(reg)
 
@@ -85,7 +86,7 @@ class GatewayMetrics:
 
     def observe_guard(self, *, guard: str, action: str, direction: str) -> None:
         """Count one guard's decision on one request (``guard`` is a configured guard's name)."""
-        self.guard_decisions.labels(guard, action, direction).inc()
+        self.child(self.guard_decisions, guard, action, direction).inc()
 
     def observe_first_token(self, *, model: str, seconds: float) -> None:
         self.child(self.time_to_first_token, model).observe(seconds)

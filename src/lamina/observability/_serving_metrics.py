@@ -39,15 +39,33 @@ _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
 _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
 
 
+class _NullSeries:
+    """A labelled series that counts nothing (``observability.metrics: false``)."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+    def dec(self, amount: float = 1) -> None: ...
+
+    def set(self, value: float) -> None: ...
+
+    def observe(self, amount: float) -> None: ...
+
+
+_NULL = _NullSeries()
+
+
 class LabelCache:
     """``metric.labels(*values)`` remembered: prometheus_client's lookup costs microseconds, a dict hit a
     fraction of one, and a request touches twenty series. Only for bounded label values (deployments,
     endpoints, statuses, layers) of series that are never removed."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.enabled = enabled
 
     def __call__(self, metric: M, *values: str) -> M:
+        if not self.enabled:  # metrics off: every series is one that counts nothing
+            return _NULL  # type: ignore[return-value]
         key = (id(metric), values)
         child = self._children.get(key)
         if child is None:

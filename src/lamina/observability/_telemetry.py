@@ -48,10 +48,11 @@ class Layer(StrEnum):
 class Telemetry:
     """A tracer whose kept traces go to the metadata store and/or an OTLP/HTTP collector, and the metrics.
 
-    ``tracing=False`` records no spans at all (no breakdown either). ``sampling`` decides which finished
-    traces are kept (default: errors, slow ones, and up to 2 others a second); ``retention`` bounds what
-    the store holds (default: 7 days, 50,000 traces, 64 MiB). Call :meth:`shutdown` when the process
-    stops: it writes the spans still queued and stops the background threads.
+    ``tracing=False`` records no spans at all (no breakdown either); ``metrics=False`` counts nothing.
+    ``sampling`` decides which finished traces are kept (default: errors, slow ones, and up to 2 others a
+    second); ``retention`` bounds what the store holds (default: 7 days, 50,000 traces, 64 MiB). Call
+    :meth:`shutdown` when the process stops: it writes the spans still queued and stops the background
+    threads.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class Telemetry:
         otlp_endpoint: str | None = None,
         registry: CollectorRegistry | None = None,
         tracing: bool = True,
+        metrics: bool = True,
         sampling: SamplingPolicy | None = None,
         retention: RetentionPolicy | None = None,
         retention_interval_s: float = 30.0,
@@ -69,7 +71,7 @@ class Telemetry:
         self.service_name = service_name
         self.tracing = tracing
         resource = Resource({SERVICE_NAME: service_name})
-        self.metrics = GatewayMetrics(registry)
+        self.metrics = GatewayMetrics(registry, enabled=metrics)
         #: the compute layer's sampled devices (gauges, and the latest values for each request's span)
         self.devices = DeviceMetrics(self.metrics.registry)
         #: deployment -> the kind of device its replicas run on (``cpu`` or ``gpu``), set by the stack
@@ -98,6 +100,7 @@ class Telemetry:
             store=store if config.store_spans else None,
             otlp_endpoint=config.otlp_endpoint,
             tracing=config.tracing,
+            metrics=config.metrics,
             sampling=SamplingPolicy(config.sample_rate, config.sampled_per_s, config.slow_ms),
             retention=RetentionPolicy(
                 config.retention_max_age_s, config.retention_max_traces, config.retention_max_bytes
