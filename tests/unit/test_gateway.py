@@ -7,6 +7,7 @@ with a usage chunk and ``[DONE]``), so everything from parsing to relaying to te
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -579,3 +580,15 @@ async def test_a_plain_request_whose_client_leaves_is_dropped_and_counted(
         in gw.metrics()
     )
     assert 'lamina_requests_in_flight{model="chat-model"} 0.0' in gw.metrics()
+
+
+def test_the_gateway_process_freezes_what_it_loaded_before_serving() -> None:
+    from lamina.stack.gateway import GC_YOUNG_THRESHOLD, settle_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        settle_garbage_collector()
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

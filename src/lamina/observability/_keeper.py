@@ -28,7 +28,7 @@ from opentelemetry.util.types import Attributes
 from prometheus_client import Counter
 
 from lamina.observability._breakdown import Breakdown
-from lamina.observability._open_trace import Later, OpenTrace, Record
+from lamina.observability._open_trace import Held, Later, OpenTrace, Record
 from lamina.observability._sampling import Kept, TraceSampler
 from lamina.observability._store_exporter import LAYER, SpanWriter
 
@@ -126,20 +126,23 @@ class TraceKeeper(SpanProcessor):
         counter = self._decisions.get(decision)
         if counter is not None:
             counter.inc()
+        # the trace holds its light spans and they hold it: letting go of them breaks the cycle, so a
+        # request's spans are freed by reference counting, not left to the cyclic garbage collector
+        held, opened.held = opened.held, []
         if kept is None:
             return
-        done = self._spans(opened)
+        done = self._spans(opened, held)
         for sink in self.sinks:
             for s in done:
                 sink.on_end(s)
         if self.writer is not None:
             self.writer.put(done[0], done, kept)
 
-    def _spans(self, opened: OpenTrace) -> list[ReadableSpan]:
+    def _spans(self, opened: OpenTrace, held: list[Held]) -> list[ReadableSpan]:
         """The ended spans of a kept trace (the root first) as ``ReadableSpan`` objects."""
         out: list[ReadableSpan] = []
         trace_id, flags = opened.trace_id, TraceFlags(opened.flags)
-        for obj, sid, pid, start in opened.held:
+        for obj, sid, pid, start in held:
             if isinstance(obj, ReadableSpan):
                 if obj.end_time is not None:
                     out.append(obj)
