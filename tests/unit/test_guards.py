@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -351,3 +353,17 @@ async def test_cheap_checks_run_on_the_event_loop_and_the_rest_in_a_worker_threa
     assert not pii.cheap("mail jane.doe@example.com")  # plausible: Presidio reads it, in the thread
     [[decision]] = await run_chain([pii], ["mail jane.doe@example.com"], limiter)
     assert decision.text == "mail <EMAIL_ADDRESS>"
+
+
+def test_a_pii_guard_does_not_load_pytorch_even_where_it_is_installed() -> None:
+    code = (
+        "import sys\n"
+        "from lamina.application.guards._pii import PiiGuard\n"
+        "from lamina.application.guards._base import GuardSettings\n"
+        "PiiGuard(GuardSettings()).check('write to a@example.com')\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

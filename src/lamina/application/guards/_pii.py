@@ -13,8 +13,10 @@ a few regex scans; see the README's Guardrails section for the measured figures.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from lamina.application.guards._base import Decision, Finding, FindingGuard, GuardSettings
@@ -77,11 +79,33 @@ _IP_HINT = re.compile(r"\d\.\d|[0-9A-Fa-f]:[0-9A-Fa-f:]")
 _IBAN_HINT = re.compile(r"\b[A-Za-z]{2}\d{2}")
 
 
+#: what Presidio's package imports when it is installed, for NER recognizers and devices the pii guard
+#: never uses: PyTorch and transformers, 300 MB of the gateway's memory and seconds of its start
+_NOT_FOR_PRESIDIO = ("torch", "transformers")
+
+
+@contextlib.contextmanager
+def _presidio_import() -> Iterator[None]:
+    """Presidio imported with PyTorch and transformers out of its sight (an import of either fails while
+    it loads, as when they are not installed); a process that already loaded them keeps them."""
+    hidden = [name for name in _NOT_FOR_PRESIDIO if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
+    try:
+        import presidio_analyzer.predefined_recognizers  # noqa: F401  # the module that imports them
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    yield
+
+
 def _analyzer(entities: Sequence[str]) -> AnalyzerEngine:
     """Presidio's analyzer with only the recognizers of ``entities`` and the no-op NLP engine (imported
     here: Presidio imports spaCy, seconds that a gateway without a pii guard need not spend)."""
-    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-    from presidio_analyzer.nlp_engine import NoOpNlpEngine
+    with _presidio_import():
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import NoOpNlpEngine
 
     registry = RecognizerRegistry(recognizers=_recognizers(entities), supported_languages=["en"])
     return AnalyzerEngine(
