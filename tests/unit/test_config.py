@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from lamina.cli import app
@@ -97,3 +98,10 @@ def test_state_dir_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("LAMINA_STATE_DIR")
     monkeypatch.chdir(tmp_path)
     assert resolve_state_dir(None) == (tmp_path / ".lamina").resolve()
+
+
+def test_the_gateway_event_loop_is_uvloop_or_asyncio() -> None:
+    assert LaminaConfig.model_validate({}).server.event_loop == "uvloop"
+    assert LaminaConfig.model_validate({"server": {"event_loop": "asyncio"}}).server.event_loop == "asyncio"
+    with pytest.raises(ValidationError, match="uvloop"):
+        LaminaConfig.model_validate({"server": {"event_loop": "tokio"}})

@@ -284,8 +284,11 @@ async def _announce_ready(stack: Stack, on_ready: Callable[[], None] | None) -> 
 def serve(stack: Stack, host: str, port: int, on_ready: Callable[[], None] | None = None) -> None:
     """Run the gateway in the foreground until SIGINT or SIGTERM; every replica is stopped on the way out."""
     app = create_gateway(stack, on_ready, host=host)
+    loop = "auto" if stack.config.server.event_loop == "uvloop" else "asyncio"  # auto: uvloop if installed
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on", loop=loop
+        )
     )
     settle_garbage_collector()
     server.run()
