@@ -118,20 +118,7 @@ def train_and_gate(
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lamina-train-") as scratch:
         clock = _Phases(seconds)
-        report(0.02, "loading all-MiniLM-L6-v2's weights")
-        folder = extract_base_weights(Path(scratch))
-        model = load_model(folder, settings)
-        losses = fine_tune(model, data.pairs, settings, lambda f, m: report(0.05 + 0.55 * f, m))
-        clock.done("train")
-        report(0.62, "exporting to ONNX")
-        provenance = {
-            "lamina.dataset": data.dataset,
-            "lamina.base": base.ref,
-            "lamina.seed": f"{settings.seed}",
-        }
-        out = export_onnx(model, Path(scratch) / "model.onnx", provenance)
-        del model
-        clock.done("export")
+        out, folder, losses = _train_and_export(Path(scratch), base, data, settings, clock, report)
         parent = _trained_parent(base, target, folder / "tokenizer.json")
         report(0.66, f"gate: nDCG@10 of {len(data.held)} held queries, {base.ref} and the trained model")
         candidate = dataclasses.replace(
@@ -158,6 +145,29 @@ def train_and_gate(
         seconds["quantize"] = quantized.quantize_s
         seconds["gate"] = round(seconds["gate"] + quantized.evaluate_s, 3)
     return _result(base, trained, data, record, losses, seconds, quantized)
+
+
+def _train_and_export(
+    scratch: Path,
+    base: ModelVersion,
+    data: TrainingData,
+    settings: TrainSettings,
+    clock: _Phases,
+    report: Progress,
+) -> tuple[Path, Path, list[float]]:
+    """Fine-tune the shipped weights on ``data.pairs`` and export the model to ONNX in ``scratch``, its
+    provenance in the file; the ONNX file, the weights' folder and the training losses."""
+    report(0.02, "loading all-MiniLM-L6-v2's weights")
+    folder = extract_base_weights(scratch)
+    model = load_model(folder, settings)
+    losses = fine_tune(model, data.pairs, settings, lambda f, m: report(0.05 + 0.55 * f, m))
+    clock.done("train")
+    report(0.62, "exporting to ONNX")
+    provenance = {"lamina.dataset": data.dataset, "lamina.base": base.ref, "lamina.seed": f"{settings.seed}"}
+    out = export_onnx(model, scratch / "model.onnx", provenance)
+    del model
+    clock.done("export")
+    return out, folder, losses
 
 
 class _Phases:
