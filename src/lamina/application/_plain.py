@@ -4,7 +4,6 @@ and dropped when its client leaves first (streams have :class:`~lamina.applicati
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +41,6 @@ async def unless_client_leaves(request: Request, exchange: Exchange, work: Await
             answer = await work
         finally:
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
     return answer if answer is not None else Response(status_code=499)
 
 
