@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy
 from sqlalchemy import select
 from starlette.requests import Request
 
@@ -26,6 +27,7 @@ from lamina.application import (
     CostLedger,
     CostPolicy,
     GatewayDeps,
+    LedgerEntry,
     Prices,
     Principal,
     Usage,
@@ -33,6 +35,7 @@ from lamina.application import (
     gpu_hour_usd,
     replica_hourly_usd,
 )
+from lamina.application._budgets import Settlement
 from lamina.config import CostsConfig, ModelPriceConfig
 from lamina.data.drift import since_of
 from lamina.errors import InvalidRequestError, NoReadyReplicaError
@@ -346,3 +349,27 @@ def test_costs_since_takes_a_duration_or_an_iso_time() -> None:
     assert since_of("2024-12-31T12:00:00+02:00", T0) == datetime(2024, 12, 31, 10, tzinfo=UTC)
     with pytest.raises(InvalidRequestError, match="cannot read --since 'last week': give a duration such as"):
         since_of("last week", T0, "--since")
+
+
+def test_a_batch_of_settlements_writes_its_ledger_rows_in_a_few_statements(tmp_path: Path) -> None:
+    """Row by row, each INSERT let go of the GIL and waited for it again: a busy gateway's writer fell
+    behind and its queue grew without end. 300 rows are 256 + 32 + 8 + 4: four statements."""
+    store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
+    store.migrate()
+    ledger = CostLedger(store)
+    budget = Budget("global", "the gateway's budget", 1.0, "day")
+    holds = [ledger.reserve([budget], 10, T0)[0] for _ in range(300)]
+    entry = LedgerEntry(T0, None, None, "team", "chat", PLAIN, PLAIN, None, None, 9, 2, None, 7e-9, "tokens")
+    inserts: list[bool] = []  # executemany or not, per INSERT into the ledger
+
+    def seen(_c: object, _cur: object, sql: str, _p: object, _ctx: object, many: bool) -> None:
+        if sql.startswith("INSERT INTO cost_ledger"):
+            inserts.append(many)
+
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute", seen)
+    ledger.apply([Settlement([hold], 7, entry) for hold in holds])
+    assert inserts == [False] * 4
+    assert ledger.spend(budget, T0) == (300 * 7 / 1e9, 0.0)
+    with store.engine.connect() as conn:
+        assert conn.execute(select(sqlalchemy.func.count()).select_from(cost_ledger)).scalar() == 300
+    store.close()

@@ -150,7 +150,22 @@ _CHARGE = text(
     f"UPDATE budget_spend SET spent_nusd = spent_nusd + :cost, reserved_nusd = reserved_nusd - :held "
     f"WHERE {_KEY}"
 )
-_RECORD = insert(cost_ledger)
+#: most ledger rows in one INSERT (SQLite binds at most 32,766 values a statement; a row has 14)
+_RECORD_ROWS = 256
+
+
+def _record(conn: Connection, entries: Sequence[dict[str, Any]]) -> None:
+    """Insert the ledger rows with a few multi-row INSERTs, not one row at a time: the sqlite3 driver
+    lets go of the GIL for every statement it steps, and on a busy gateway each step then waits for the
+    event loop's thread to hand it back (up to 5 ms), so row by row the writer fell behind the requests
+    it settles. Chunks of power-of-two sizes keep the statements' shapes few (SQLAlchemy compiles each
+    once)."""
+    start, size = 0, _RECORD_ROWS
+    while start < len(entries):
+        while size > len(entries) - start:
+            size //= 2
+        conn.execute(insert(cost_ledger).values(entries[start : start + size]))
+        start += size
 
 
 @dataclass(frozen=True)
@@ -233,7 +248,7 @@ class CostLedger:
                     entries.append(vars(op.entry))
             self._charge(conn, charges)
             if entries:
-                conn.execute(_RECORD, entries)
+                _record(conn, entries)
         self._known |= rows
         return outcomes
 
