@@ -36,6 +36,7 @@ from lamina.application import (
     replica_hourly_usd,
 )
 from lamina.application._budgets import Settlement
+from lamina.application._ledger_writer import LedgerWriter
 from lamina.config import CostsConfig, ModelPriceConfig
 from lamina.data.drift import since_of
 from lamina.errors import InvalidRequestError, NoReadyReplicaError
@@ -373,3 +374,30 @@ def test_a_batch_of_settlements_writes_its_ledger_rows_in_a_few_statements(tmp_p
     with store.engine.connect() as conn:
         assert conn.execute(select(sqlalchemy.func.count()).select_from(cost_ledger)).scalar() == 300
     store.close()
+
+
+@pytest.mark.anyio
+async def test_admission_waits_while_the_ledger_writer_is_too_far_behind(tmp_path: Path) -> None:
+    """A store slower than the calls holds calls back at admission; nothing queued is lost."""
+    store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
+    store.migrate()
+    writer = LedgerWriter(CostLedger(store), linger_s=0.0, max_backlog=3)
+    entry = LedgerEntry(T0, None, None, "team", "chat", PLAIN, PLAIN, None, None, 9, 2, None, 7e-9, "tokens")
+    blocker = sqlite3.connect(tmp_path / "lamina.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the writer's first batch waits for this lock
+        for _ in range(5):
+            writer.settle([], 0, entry)
+        assert writer.backlog == 5
+        waiting = asyncio.ensure_future(writer.room())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        blocker.execute("ROLLBACK")
+        await asyncio.wait_for(waiting, 30)
+        assert writer.flush() and writer.backlog == 0
+        with store.engine.connect() as conn:
+            assert conn.execute(select(sqlalchemy.func.count()).select_from(cost_ledger)).scalar() == 5
+    finally:
+        blocker.close()
+        writer.close()
+        store.close()

@@ -11,7 +11,8 @@ gateway's: the request's prompt (as estimated) and max_tokens at the token price
 many tokens at a conservative tokens per second of the deployment. Settling replaces the reservation
 with the actual cost (see ``_budgets``). Holds come out of this process's lease of each budget
 (``_budget_leases``), so most admissions touch no database; with no budget in play none does. The store is
-written by one :class:`LedgerWriter` thread per policy, in batches; an answer never waits for it.
+written by one :class:`LedgerWriter` thread per policy, in batches; an answer never waits for it, and a
+call waits at admission only while the writer is 10,000 changes behind (the store slower than the calls).
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class CostPolicy:
         return [key, *budgets]
 
     async def admit(self, call: Call) -> _CostTicket:
+        await self.writer.room()  # every call writes a ledger row: none is let in past the writer's backlog
         budgets = self.budgets(call.principal)
         if not budgets:
             return _CostTicket(self, ())

@@ -62,10 +62,14 @@ class LedgerWriter:
     come, all those waiting in one transaction: the commit is most of the cost (on SQLite, an fsync), so a
     busy gateway pays it once per batch, not per call. A settlement waits up to ``linger_s`` for company and
     nobody waits for it (the answer is already out; its hold stays until then, which can only refuse more,
-    never spend more); a reservation goes at once, with whatever is queued before it."""
+    never spend more); a reservation goes at once, with whatever is queued before it. Past ``max_backlog``
+    unwritten changes (a store slower than the calls), admission waits in :meth:`room`."""
 
-    def __init__(self, ledger: CostLedger, linger_s: float = 0.05, max_batch: int = 256) -> None:
+    def __init__(
+        self, ledger: CostLedger, linger_s: float = 0.05, max_batch: int = 256, max_backlog: int = 10_000
+    ) -> None:
         self._state = _WriterState(ledger, linger_s, max_batch)
+        self._max_backlog = max_backlog
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
 
@@ -103,6 +107,18 @@ class LedgerWriter:
     def settle(self, holds: Sequence[Hold], cost_nusd: int, entry: LedgerEntry | None) -> None:
         if holds or entry is not None:
             self._submit(_Queued(Settlement(holds, cost_nusd, entry)))
+
+    @property
+    def backlog(self) -> int:
+        """Reservations and settlements submitted and not written yet."""
+        return self._state.submitted - self._state.done
+
+    async def room(self, poll_s: float = 0.01) -> None:
+        """Return once at most ``max_backlog`` changes wait to be written: admission waits here, so a
+        store slower than the calls holds calls back instead of queueing their settlements (and memory)
+        without end."""
+        while self.backlog > self._max_backlog:
+            await asyncio.sleep(poll_s)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything submitted so far is written (False if that took over ``timeout_s``)."""
