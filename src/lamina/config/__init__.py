@@ -88,9 +88,8 @@ class ServerConfig(_Strict):
     )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
-        description="The gateway's event loop: uvloop (about 15% less CPU per request) or Python's own "
-        "(its memory stays flat where uvloop's native memory grew about 0.5 KB a request; README, "
-        '"Gateway overhead"). uvloop falls back to asyncio where it is not installed.',
+        description="The gateway's event loop: uvloop (about 15% less CPU per request) or Python's own; "
+        'uvloop falls back to asyncio where it is not installed. README, "Gateway overhead".',
     )
 
 
