@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, func, insert, select, text
+from sqlalchemy import ColumnElement, Connection, func, select, text
 
 from lamina.errors import BudgetExceededError
-from lamina.store import Store, cost_ledger
+from lamina.store import Store, cost_ledger, insert_rows
 
 #: nano-USD per USD: budgets count in integers of this unit
 NANO = 1_000_000_000
@@ -150,22 +150,6 @@ _CHARGE = text(
     f"UPDATE budget_spend SET spent_nusd = spent_nusd + :cost, reserved_nusd = reserved_nusd - :held "
     f"WHERE {_KEY}"
 )
-#: most ledger rows in one INSERT (SQLite binds at most 32,766 values a statement; a row has 14)
-_RECORD_ROWS = 256
-
-
-def _record(conn: Connection, entries: Sequence[dict[str, Any]]) -> None:
-    """Insert the ledger rows with a few multi-row INSERTs, not one row at a time: the sqlite3 driver
-    lets go of the GIL for every statement it steps, and on a busy gateway each step then waits for the
-    event loop's thread to hand it back (up to 5 ms), so row by row the writer fell behind the requests
-    it settles. Chunks of power-of-two sizes keep the statements' shapes few (SQLAlchemy compiles each
-    once)."""
-    start, size = 0, _RECORD_ROWS
-    while start < len(entries):
-        while size > len(entries) - start:
-            size //= 2
-        conn.execute(insert(cost_ledger).values(entries[start : start + size]))
-        start += size
 
 
 @dataclass(frozen=True)
@@ -248,7 +232,7 @@ class CostLedger:
                     entries.append(vars(op.entry))
             self._charge(conn, charges)
             if entries:
-                _record(conn, entries)
+                insert_rows(conn, cost_ledger, entries)  # a few statements, not one per row
         self._known |= rows
         return outcomes
 

@@ -35,7 +35,7 @@ from lamina.application._rag import QuerySink, RagOptions, grounded_messages
 from lamina.clock import Clock, utcnow
 from lamina.data import Retrieval
 from lamina.errors import ConflictError, NotFoundError, StoreError
-from lamina.store import Store, replay_requests
+from lamina.store import Store, insert_rows, replay_requests
 
 log = logging.getLogger("lamina.replay")
 
@@ -258,7 +258,7 @@ class ReplayRecorder:
     def _insert(self, batch: list[dict[str, Any]]) -> None:
         try:
             with self._store.begin() as conn:
-                conn.execute(replay_requests.insert(), batch)
+                insert_rows(conn, replay_requests, batch)
         except ConflictError:  # a trace kept twice (a group's stream retried): the first row stays
             for row in batch if len(batch) > 1 else ():
                 self._insert([row])

@@ -1,7 +1,7 @@
 """Spans kept in the metadata store, so a trace can be read back by its id without a tracing backend.
 
 :class:`SpanWriter` is the path kept traces take (see ``_keeper.py``): a thread of its own that turns
-spans into rows and writes them with SQLAlchemy Core ``executemany`` inserts, in transactions of at most
+spans into rows and writes them with multi-row INSERTs (``insert_rows``), in transactions of at most
 :data:`ROWS_PER_TRANSACTION` spans, so SQLite's write lock is only ever held for a few milliseconds and
 the event loop's own reads and writes (keys, budgets) never wait long behind it. Each trace also gets
 its row in ``traces`` (its per-layer breakdown, for listing and retention). A failing store loses that
@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from lamina.errors import StoreError
 from lamina.observability._breakdown import Timed, breakdown
 from lamina.observability._sampling import Kept
-from lamina.store import Store, spans, traces
+from lamina.store import Store, insert_rows, spans, traces
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ def _insert(store: Store, span_rows: list[dict[str, Any]], trace_rows: list[dict
         last = at + ROWS_PER_TRANSACTION >= len(span_rows)
         with store.begin() as conn:
             if chunk:
-                conn.execute(spans.insert(), chunk)
+                insert_rows(conn, spans, chunk)
             if last and trace_rows:
-                conn.execute(traces.insert(), trace_rows)
+                insert_rows(conn, traces, trace_rows)
 
 
 _STOP = object()

@@ -1,6 +1,7 @@
 """The metadata store shared by every layer (a foundation, like config and errors)."""
 
 from lamina.store._columns import UTCDateTime
+from lamina.store._rows import insert_rows
 from lamina.store._schema import (
     api_keys,
     budget_spend,
@@ -48,6 +49,7 @@ __all__ = [
     "drift_reports",
     "drift_samples",
     "ingest_runs",
+    "insert_rows",
     "jobs",
     "metadata",
     "model_aliases",
