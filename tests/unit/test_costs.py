@@ -364,7 +364,7 @@ def test_a_batch_of_settlements_writes_its_ledger_rows_in_a_few_statements(tmp_p
     inserts: list[bool] = []  # executemany or not, per INSERT into the ledger
 
     def seen(_c: object, _cur: object, sql: str, _p: object, _ctx: object, many: bool) -> None:
-        if sql.startswith("INSERT INTO cost_ledger"):
+        if sql.startswith('INSERT INTO "cost_ledger"'):
             inserts.append(many)
 
     sqlalchemy.event.listen(store.engine, "before_cursor_execute", seen)
