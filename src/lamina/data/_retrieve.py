@@ -12,7 +12,7 @@ the vector store is synchronous and runs in a worker thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -110,13 +110,18 @@ class Retriever:
         store: VectorStore,
         embedder: AsyncEmbedder,
         query_model: str | None = None,
+        embedder_for: Callable[[str], AsyncEmbedder | None] | None = None,
     ) -> None:
-        """``query_model``: ``name@version`` of the model ``embedder`` runs; versions embedded with another
-        model are refused for vector and hybrid search (their vectors live in another space)."""
+        """``query_model``: ``name@version`` of the model ``embedder`` runs. Queries of a version are
+        embedded by ``embedder_for(the model it was embedded with)`` where that gives one (the stack's
+        follows rollouts: a version embedded with a new model is searched with it, an older one with its
+        own); else by ``embedder`` if the version's model is ``query_model``; else vector and hybrid search
+        of the version are refused (its vectors live in another space)."""
         self._versions = versions
         self._store = store
         self._embedder = embedder
         self._query_model = query_model
+        self._embedder_for = embedder_for
 
     async def retrieve(
         self,
@@ -130,9 +135,7 @@ class Retriever:
         if not query.strip():
             raise InvalidRequestError("the query is empty; send the text to search for", param="query")
         version = await anyio.to_thread.run_sync(self._versions.pin, ref)
-        if mode != "keyword":
-            self._check_model(version)
-        vector = None if mode == "keyword" else (await self._embedder.embed_queries([query]))[0]
+        vector = None if mode == "keyword" else (await self._embedder_of(version).embed_queries([query]))[0]
         hits = await anyio.to_thread.run_sync(lambda: self._search(version, query, vector, k, mode, filters))
         return Retrieval(query, mode, version, citations(hits, version), query_vector=vector)
 
@@ -148,13 +151,18 @@ class Retriever:
                 failed.append(ref)
         return failed
 
-    def _check_model(self, version: PinnedVersion) -> None:
+    def _embedder_of(self, version: PinnedVersion) -> AsyncEmbedder:
+        """What embeds queries into the space of ``version``'s vectors."""
         model, query_model = version.embedding_model, self._query_model
+        found = None if model is None or self._embedder_for is None else self._embedder_for(model)
+        if found is not None:
+            return found
         if model is None or query_model is None or model == query_model:
-            return
+            return self._embedder
         raise ConflictError(
-            f"{version.ref} was embedded with {model}, but queries here are embedded with {query_model}: "
-            f"search it with mode=keyword, or ingest it again with data.embedding_model: {query_model}",
+            f"{version.ref} was embedded with {model}, which no deployment serves and the registry does not "
+            f"hold, and queries here are embedded with {query_model}: search it with mode=keyword, deploy "
+            f"{model}, or ingest it again with data.embedding_model: {query_model}",
             param="dataset",
         )
 

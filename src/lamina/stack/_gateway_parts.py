@@ -27,7 +27,7 @@ from lamina.compute import probe_inventory
 from lamina.config import LaminaConfig
 from lamina.data import AsyncEmbedder
 from lamina.errors import LaminaError
-from lamina.models import Catalog, DispatchQueryEmbedder, Registry, ThreadQueryEmbedder
+from lamina.models import Catalog, DispatchQueryEmbedder, EngineEmbedder, Registry, ThreadQueryEmbedder
 from lamina.orchestration import Dispatcher
 from lamina.stack._data import DataStack
 from lamina.stack._demo import rag_aliases
@@ -78,6 +78,43 @@ def query_embedder(
     if deployment is not None:
         return DispatchQueryEmbedder(dispatcher, deployment), ref
     return ThreadQueryEmbedder(data.embedder), ref
+
+
+class QueryEmbedders:
+    """The retriever's embedder for each embedding model ``name@version`` a dataset version was embedded
+    with, looked up per query: the deployment serving that model now (so a rollout of the embedding
+    deployment moves the queries of versions embedded with the new model to it, and those of older
+    versions off it), else the model in this process (the datasets' own embedding model, or one from the
+    registry, loaded on first use; at most ``MAX_LOADED`` kept), else None (the retriever refuses)."""
+
+    MAX_LOADED = 4
+
+    def __init__(self, registry: Registry, catalog: Catalog, dispatcher: Dispatcher, data: DataStack) -> None:
+        self._registry, self._catalog, self._dispatcher, self._data = registry, catalog, dispatcher, data
+        self._loaded: dict[str, AsyncEmbedder] = {}
+
+    def __call__(self, model_ref: str) -> AsyncEmbedder | None:
+        deployment = self._catalog.serving(model_ref)
+        if deployment is not None:
+            return DispatchQueryEmbedder(self._dispatcher, deployment)
+        loaded = self._loaded.get(model_ref)
+        if loaded is None:
+            loaded = self._load(model_ref)
+            if loaded is None:
+                return None
+            while len(self._loaded) >= self.MAX_LOADED:  # the oldest goes; its model is freed when unused
+                del self._loaded[next(iter(self._loaded))]
+            self._loaded[model_ref] = loaded
+        return loaded
+
+    def _load(self, model_ref: str) -> AsyncEmbedder | None:
+        try:
+            if model_ref == self._data.embedding_model_ref():
+                return ThreadQueryEmbedder(self._data.embedder)
+            version = self._registry.get(model_ref)
+        except LaminaError:
+            return None
+        return ThreadQueryEmbedder(lambda: EngineEmbedder(version, None))
 
 
 def gateway_policies(stack: Stack) -> list[Policy]:

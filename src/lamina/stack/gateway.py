@@ -55,7 +55,7 @@ from lamina.stack._deployments import RuntimeDeployments, open_deployments, serv
 from lamina.stack._doctor import doctor_for
 from lamina.stack._doctor import gather_offline as gather_offline  # for `lamina doctor --offline`
 from lamina.stack._fit import check_fit, workload_needs
-from lamina.stack._gateway_parts import GatewayParts, query_embedder
+from lamina.stack._gateway_parts import GatewayParts, QueryEmbedders, query_embedder
 from lamina.stack._jobs import job_scheduler, open_job_queue, serving_demands
 from lamina.store import Store
 
@@ -146,6 +146,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     catalog = Catalog([s for s, _ in deployed], readiness=lambda: _readiness(controller))
     data = open_data_stack(config, state_dir, store=store, registry=registry)
     queries, query_model = query_embedder(config, registry, catalog, dispatcher, data)
+    other_models = QueryEmbedders(registry, catalog, dispatcher, data)  # versions embedded with other models
     return Stack(
         config=config,
         state_dir=state_dir,
@@ -158,7 +159,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         catalog=catalog,
         workloads=[w for _, w in deployed],
         data=data,
-        retriever=Retriever(data.catalog, data.vectors, queries, query_model),
+        retriever=Retriever(data.catalog, data.vectors, queries, query_model, other_models),
         drift=DriftRecorder(DriftWindow(store)),
         drift_metrics=DriftMetrics(telemetry.metrics.registry),
         ingest=ThreadedIngestService(data.pipeline, data.catalog, config.data, config.data.ingest_roots),
