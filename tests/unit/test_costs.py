@@ -39,7 +39,7 @@ from lamina.application._budgets import Settlement
 from lamina.application._ledger_writer import LedgerWriter
 from lamina.config import CostsConfig, ModelPriceConfig
 from lamina.data.drift import since_of
-from lamina.errors import InvalidRequestError, NoReadyReplicaError
+from lamina.errors import InvalidRequestError, NoReadyReplicaError, UnavailableError
 from lamina.observability import Telemetry
 from lamina.store import Store, cost_ledger
 from tests.support import (
@@ -389,6 +389,9 @@ async def test_admission_waits_while_the_ledger_writer_is_too_far_behind(tmp_pat
         for _ in range(5):
             writer.settle([], 0, entry)
         assert writer.backlog == 5
+        with pytest.raises(UnavailableError, match="5 changes behind") as refused:
+            await writer.room(wait_s=0.2)  # a store that does not come back: a 503, not a hang
+        assert refused.value.headers["Retry-After"] == "5"
         waiting = asyncio.ensure_future(writer.room())
         await asyncio.sleep(0.3)
         assert not waiting.done()

@@ -12,7 +12,8 @@ many tokens at a conservative tokens per second of the deployment. Settling repl
 with the actual cost (see ``_budgets``). Holds come out of this process's lease of each budget
 (``_budget_leases``), so most admissions touch no database; with no budget in play none does. The store is
 written by one :class:`LedgerWriter` thread per policy, in batches; an answer never waits for it, and a
-call waits at admission only while the writer is 10,000 changes behind (the store slower than the calls).
+call waits at admission only while the writer is 10,000 changes behind (the store slower than the calls),
+at most 10 s before a 503.
 """
 
 from __future__ import annotations

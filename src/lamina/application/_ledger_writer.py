@@ -26,7 +26,7 @@ from lamina.application._budgets import (
     Reservation,
     Settlement,
 )
-from lamina.errors import BudgetExceededError
+from lamina.errors import BudgetExceededError, UnavailableError
 
 log = logging.getLogger("lamina.costs")
 
@@ -113,11 +113,20 @@ class LedgerWriter:
         """Reservations and settlements submitted and not written yet."""
         return self._state.submitted - self._state.done
 
-    async def room(self, poll_s: float = 0.01) -> None:
+    async def room(self, wait_s: float = 10.0, poll_s: float = 0.01) -> None:
         """Return once at most ``max_backlog`` changes wait to be written: admission waits here, so a
         store slower than the calls holds calls back instead of queueing their settlements (and memory)
-        without end."""
+        without end. After ``wait_s`` the call is refused (503, Retry-After) rather than left hanging."""
+        if self.backlog <= self._max_backlog:
+            return
+        deadline = time.monotonic() + wait_s
         while self.backlog > self._max_backlog:
+            if time.monotonic() >= deadline:
+                raise UnavailableError(
+                    f"the cost ledger is {self.backlog} changes behind (at most {self._max_backlog}): the "
+                    "metadata store is slower than the calls, or down; check it (`lamina doctor`) and retry",
+                    headers={"Retry-After": "5"},
+                )
             await asyncio.sleep(poll_s)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
