@@ -233,3 +233,14 @@ def test_routing_gives_the_canary_its_weight_and_done_makes_the_target_the_spec(
     assert step is not None and step.phase is RolloutPhase.DONE
     assert dep.spec == control.target_spec and dep.version == "m@2"
     assert control.route(ready) == ready  # no split once done
+
+
+def test_a_request_pinned_to_a_version_goes_to_its_replicas_whatever_the_weight() -> None:
+    """Query embeddings must come from the model that embedded the dataset, canary or not."""
+    control, dep = control_of({"m-0": "m@1", "m-1": "", "m-2": "m@2"}, None)  # "": never labelled
+    ready = [r.status() for r in dep.replicas.values()]
+    for _ in range(20):
+        assert {r.version for r in control.route(ready, "m@2")} == {"m@2"}
+        assert {r.replica_id for r in control.route(ready, "m@1")} == {"m-0", "m-1"}
+    only_new = [r for r in ready if r.version == "m@2"]
+    assert control.route(only_new, "m@1") == only_new  # none of m@1 left: not held up

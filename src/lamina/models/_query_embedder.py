@@ -23,13 +23,18 @@ class SyncEmbedder(Protocol):
 class DispatchQueryEmbedder:
     """The data layer's AsyncEmbedder port, answered by a replica through the dispatcher."""
 
-    def __init__(self, dispatcher: Dispatcher, deployment: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, deployment: str, version: str | None = None) -> None:
+        """``version``: the model ``name@version`` the vectors must come from (during a rollout of the
+        deployment, its replicas are asked, not the other version's)."""
         self._dispatcher = dispatcher
         self._deployment = deployment
+        self._version = version
 
     async def embed_queries(self, texts: Sequence[str]) -> list[list[float]]:
         body = {"model": self._deployment, "input": list(texts), "encoding_format": "float"}
-        result = await self._dispatcher.request(self._deployment, "/v1/embeddings", body)
+        result = await self._dispatcher.request(
+            self._deployment, "/v1/embeddings", body, version=self._version
+        )
         response = result.response
         payload = response.json() if response.content else {}
         if response.status_code >= 400:

@@ -125,13 +125,15 @@ class Dispatcher:
         path: str,
         json_body: Mapping[str, Any],
         headers: Mapping[str, str] | None = None,
+        version: str | None = None,
     ) -> DispatchResult:
-        """POST ``json_body`` to ``path`` on a ready replica and read the whole answer.
+        """POST ``json_body`` to ``path`` on a ready replica and read the whole answer; with ``version``
+        (a model ``name@version``), on a replica running it (during a rollout, its group only).
 
         Raises ModelNotFoundError for an unknown deployment, NoReadyReplicaError when no replica could
         answer before the retry deadline, and PoisonRequestError once two replicas died serving it.
         """
-        attempt = _Attempts(deployment, self._clock() + self._retry_deadline_s)
+        attempt = _Attempts(deployment, self._clock() + self._retry_deadline_s, version=version)
         while True:
             replica = await self._acquire(attempt)
             assert replica.url is not None
@@ -214,7 +216,7 @@ class Dispatcher:
             ready = self._controller.ready_replicas(attempt.deployment)
             control = self._controller.rollout(attempt.deployment)
             if ready and control is not None:
-                ready = control.route(ready)  # a canary's share of the requests
+                ready = control.route(ready, attempt.version)  # a canary's share, or the version asked
             if ready:
                 loads = [ReplicaLoad(r.replica_id, self._in_flight[r.replica_id]) for r in ready]
                 chosen = pick_replica(loads, self._picks)
@@ -289,6 +291,8 @@ class _Attempts:
 
     deployment: str
     deadline: float
+    #: the model version the request must be answered by (None: any)
+    version: str | None = None
     count: int = 0
     failures: list[str] = field(default_factory=list)
     #: replicas whose process exited while this request was on them

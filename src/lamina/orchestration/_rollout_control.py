@@ -70,13 +70,20 @@ class RolloutControl:
             dep.spec, dep.version = self.target_spec, self.rollout.target
         return step
 
-    def route(self, ready: list[ReplicaStatus]) -> list[ReplicaStatus]:
+    def route(self, ready: list[ReplicaStatus], version: str | None = None) -> list[ReplicaStatus]:
         """The ready replicas this request may go to: during a canary, the target's or the stable ones,
-        the target's for ``weight`` % of the requests (while both groups have a ready replica)."""
-        if self.rollout.phase is not RolloutPhase.CANARY:
-            return ready
+        the target's for ``weight`` % of the requests (while both groups have a ready replica). A request
+        pinned to a model ``version`` (a query embedding, whose vectors must come from the model that
+        embedded the dataset) goes to that version's replicas, whatever the phase, while one is ready
+        (at the very end of a rollout, before the catalog moves the version's queries elsewhere, none
+        is: the request is not held up)."""
         canary = [r for r in ready if r.version == self.rollout.target]
         stable = [r for r in ready if r.version != self.rollout.target]
+        pinned = None if version is None else canary if version == self.rollout.target else stable
+        if pinned:
+            return pinned
+        if self.rollout.phase is not RolloutPhase.CANARY:
+            return ready
         if not canary or not stable:
             return ready
         chosen = canary if picks_canary(self.picks, self.rollout.weight) else stable

@@ -76,7 +76,7 @@ def query_embedder(
         ref = None
     deployment = None if ref is None else catalog.serving(ref)
     if deployment is not None:
-        return DispatchQueryEmbedder(dispatcher, deployment), ref
+        return DispatchQueryEmbedder(dispatcher, deployment, ref), ref
     return ThreadQueryEmbedder(data.embedder), ref
 
 
@@ -96,7 +96,7 @@ class QueryEmbedders:
     def __call__(self, model_ref: str) -> AsyncEmbedder | None:
         deployment = self._catalog.serving(model_ref)
         if deployment is not None:
-            return DispatchQueryEmbedder(self._dispatcher, deployment)
+            return DispatchQueryEmbedder(self._dispatcher, deployment, model_ref)
         loaded = self._loaded.get(model_ref)
         if loaded is None:
             loaded = self._load(model_ref)
