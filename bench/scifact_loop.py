@@ -193,6 +193,19 @@ class Loop:
             raise RuntimeError(f"{kind} job {job['id']} {job['state']}: {job['error'] or job['message']}")
         return dict(job)
 
+    def evaluate(self, step: str, dataset: str, queries: Path, model: str) -> float:
+        """An ``eval`` job of ``model`` on ``dataset``, timed as ``step``; its nDCG@10."""
+        with self.step(step) as s:
+            job = self.job("eval", dataset=dataset, queries=queries, model=model)
+            s |= {"job_s": _job_s(job), **job["result"]}
+        return float(s["ndcg@10"])
+
+    def search(self, step: str, dataset: str, rows: list[Labelled]) -> float:
+        """The served vector search of ``dataset``, timed as ``step``; its nDCG@10."""
+        with self.step(step) as s:
+            s |= retrieval_ndcg(self.stack.base_url, dataset, rows)
+        return float(s["ndcg@10"])
+
     def deployment(self) -> dict[str, Any]:
         data = httpx.get(f"{self.stack.base_url}/admin/v1/deployments", timeout=30).json()["data"]
         return next(d for d in data if d["name"] == DEPLOYMENT)
@@ -284,13 +297,8 @@ def baseline(loop: Loop, inputs: dict[str, Any]) -> tuple[dict[str, Any], str, l
         report = loop.cli("data", "ingest", str(inputs["corpus"]), "--dataset", DATASET)
         s |= {"version": report["version"]["ref"], "counts": report.get("counts")}
     dataset = s["version"]
-    with loop.step("eval_before") as s:
-        job = loop.job("eval", dataset=dataset, queries=inputs["held"], model=BASE_MODEL)
-        s |= {"job_s": _job_s(job), **job["result"]}
-    out["ndcg_before"] = s["ndcg@10"]
-    with loop.step("retrieve_before") as s:
-        s |= retrieval_ndcg(loop.stack.base_url, dataset, inputs["held_rows"])
-    out["retrieve_ndcg_before"] = s["ndcg@10"]
+    out["ndcg_before"] = loop.evaluate("eval_before", dataset, inputs["held"], BASE_MODEL)
+    out["retrieve_ndcg_before"] = loop.search("retrieve_before", dataset, inputs["held_rows"])
     return out, dataset, before_vec
 
 
@@ -311,18 +319,12 @@ def roll_out(
         job = loop.job("embed", dataset=dataset, model=model)
         s |= {"job_s": _job_s(job), **job["result"]}
     new_version = s["version"] or dataset  # None: nothing changed (the same chunks and model)
-    with loop.step("eval_after") as s:
-        job = loop.job("eval", dataset=new_version, queries=inputs["held"], model=model)
-        s |= {"job_s": _job_s(job), **job["result"]}
-    out["ndcg_after"] = s["ndcg@10"]
+    out["ndcg_after"] = loop.evaluate("eval_after", new_version, inputs["held"], model)
     # no restart: the gateway embeds each version's queries with the model that embedded it, the new
     # version's through the rolled-out deployment, the old one's in its own process
-    with loop.step("retrieve_after") as s:
-        s |= retrieval_ndcg(loop.stack.base_url, new_version, inputs["held_rows"])
-    out["retrieve_ndcg_after"] = s["ndcg@10"]
-    with loop.step("retrieve_old") as s:  # the version before, after the rollout: still its own model
-        s |= retrieval_ndcg(loop.stack.base_url, dataset, inputs["held_rows"])
-    out["retrieve_ndcg_old_after_rollout"] = s["ndcg@10"]
+    out["retrieve_ndcg_after"] = loop.search("retrieve_after", new_version, inputs["held_rows"])
+    # the version before, after the rollout: still searched with its own model
+    out["retrieve_ndcg_old_after_rollout"] = loop.search("retrieve_old", dataset, inputs["held_rows"])
     return out | {"model": model, "dataset_before": dataset, "dataset_after": new_version}
 
 

@@ -77,13 +77,15 @@ class RolloutControl:
         embedded the dataset) goes to that version's replicas, whatever the phase, while one is ready
         (at the very end of a rollout, before the catalog moves the version's queries elsewhere, none
         is: the request is not held up)."""
-        canary = [r for r in ready if r.version == self.rollout.target]
-        stable = [r for r in ready if r.version != self.rollout.target]
-        pinned = None if version is None else canary if version == self.rollout.target else stable
-        if pinned:
-            return pinned
+        target = self.rollout.target
+        if version is not None:
+            pinned = [r for r in ready if (r.version == target) == (version == target)]
+            if pinned:
+                return pinned
         if self.rollout.phase is not RolloutPhase.CANARY:
             return ready
+        canary = [r for r in ready if r.version == target]
+        stable = [r for r in ready if r.version != target]
         if not canary or not stable:
             return ready
         chosen = canary if picks_canary(self.picks, self.rollout.weight) else stable

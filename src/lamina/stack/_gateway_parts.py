@@ -74,10 +74,8 @@ def query_embedder(
         ref = registry.get(config.data.embedding_model).ref
     except LaminaError:
         ref = None
-    deployment = None if ref is None else catalog.serving(ref)
-    if deployment is not None:
-        return DispatchQueryEmbedder(dispatcher, deployment, ref), ref
-    return ThreadQueryEmbedder(data.embedder), ref
+    found = None if ref is None else QueryEmbedders(registry, catalog, dispatcher, data)(ref)
+    return found or ThreadQueryEmbedder(data.embedder), ref
 
 
 class QueryEmbedders:
