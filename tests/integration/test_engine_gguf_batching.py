@@ -228,3 +228,38 @@ def test_a_prefix_held_by_a_running_request_is_copied_and_changes_nothing(engine
         pass
     assert copied.text == fresh and not copied.errors and not running.errors
     assert engine.prefix_cache()["reused"] - before["reused"] > 100
+
+
+def test_running_requests_keep_consecutive_slots_listed_in_slot_order(engine: GGUFEngine) -> None:
+    """llama.cpp's split KV cache decodes one run of consecutive sequence ids per graph, so a gap between
+    running slots, or a batch out of slot order, would cost a whole graph more on every step."""
+    decoder = engine._decoder
+
+    def running() -> list[int]:
+        return sorted(s.seq_id for s in decoder._slots if s.running is not None)
+
+    def batch() -> list[int]:
+        b = decoder._batch
+        return [b.seq_id[i][0] for i in range(b.n_tokens)]
+
+    long, short = (
+        SamplingParams(max_tokens=30, temperature=0.0),
+        SamplingParams(max_tokens=3, temperature=0.0),
+    )
+    sinks = [Sink() for _ in range(4)]
+    for question, params, sink in zip(QUESTIONS, [long, short, long, long], sinks[:3], strict=False):
+        engine.submit_chat(ask(question), params, sink)
+    engine.step()
+    first = running()
+    assert first == list(range(first[0], first[0] + 3)) and batch() == sorted(batch())
+    middle = first[1] == next(s.seq_id for s in decoder._slots if s.running and s.running.sink is sinks[1])
+    while not sinks[1].closed:
+        engine.step()
+    engine.submit_chat(ask(QUESTIONS[4]), long, sinks[3])
+    engine.step()
+    now = running()
+    assert now == list(range(now[0], now[0] + 3))  # no gap, wherever the short request was
+    assert not middle or now == first  # a gap left in the middle is filled
+    while engine.step():
+        assert batch() == sorted(batch())
+    assert all(s.closed == 1 and not s.errors for s in sinks)

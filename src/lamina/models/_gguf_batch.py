@@ -11,9 +11,16 @@ batch (up to ``n_batch`` tokens) with chunks of prompts being prefilled, so a lo
 streams already running. Requests wait in FIFO order for a free slot; one whose client has gone is dropped
 before it costs a prefill, and a running one leaves the batch at the next step.
 
-Prefix caching: a finished sequence leaves its tokens in its slot. A new request takes the free slot whose
-cached tokens share the longest prefix with its prompt and evaluates only the rest; when a busy slot holds a
-much longer shared prefix (a common system prompt or RAG template), its stream is copied first.
+The split cache computes one run of consecutive sequence ids per graph: a batch of slots {0, 1, 3}, or one
+listing slot 1 before slot 0, is two graphs, each costing about a whole step. So the batch lists its tokens
+in slot order, and a new request takes a free slot that keeps the running slots consecutive (filling gaps
+first). Measured in process, 8 sequences of 96 tokens: 145 tokens/s with the batch in arrival order, 188 to
+198 in slot order.
+
+Prefix caching: a finished sequence leaves its tokens in its slot. Among the slots that keep the running
+ones consecutive, a new request takes the one whose cached tokens share the longest prefix with its prompt
+and evaluates only the rest; when another slot, free or busy, holds a much longer shared prefix (a common
+system prompt, a RAG template, an earlier turn of the conversation), its stream is copied in first.
 """
 
 from __future__ import annotations
@@ -65,6 +72,12 @@ class Slot:
     last_used: int = 0
 
 
+def layout(ids: set[int]) -> tuple[int, int]:
+    """How many runs of consecutive numbers ``ids`` makes ({0, 1, 3} is two), and the span they cover
+    (4): fewer runs first, then the smaller span, which fills gaps before it extends the ends."""
+    return sum(1 for i in ids if i - 1 not in ids), max(ids) - min(ids) + 1
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -89,6 +102,8 @@ class BatchDecoder:
         #: prompt tokens served from the prefix cache, and evaluated, since the start (for metrics)
         self.reused_tokens = 0
         self.evaluated_tokens = 0
+        #: KV streams copied from one slot to another to reuse a prefix
+        self.copied_streams = 0
 
     def warm_up(self, token: int) -> None:
         """One decode of one token, then an empty cache: llama.cpp's first decode sets things up (as
@@ -123,18 +138,21 @@ class BatchDecoder:
             free.remove(slot)
 
     def _place(self, seq: Sequence, free: list[Slot]) -> Slot:
-        """Put ``seq`` in the free slot that saves the most prompt evaluation, reusing its cached prefix."""
+        """Put ``seq`` in a free slot next to the running ones (a gap in the running sequence ids costs a
+        graph per step, see ``_fill``), the one that saves the most prompt evaluation among those; when
+        another slot, free or busy, holds a much longer shared prefix, its stream is copied in first."""
         limit = len(seq.prompt) - 1  # the last prompt token is always evaluated: its logits start the answer
         shared = {s.seq_id: min(common_prefix(s.cached, seq.prompt), limit) for s in self._slots}
-        slot = max(free, key=lambda s: (shared[s.seq_id], -s.last_used))
+        busy = {s.seq_id for s in self._slots if s.running is not None}
+        slot = min(free, key=lambda s: (*layout(busy | {s.seq_id}), -shared[s.seq_id], s.last_used))
         keep = shared[slot.seq_id]
-        donors = [s for s in self._slots if s.running is not None]
-        donor = max(donors, key=lambda s: shared[s.seq_id], default=None)
-        if donor is not None and shared[donor.seq_id] >= keep + COPY_PREFIX_MIN:
+        donor = max(self._slots, key=lambda s: shared[s.seq_id])
+        if shared[donor.seq_id] >= keep + COPY_PREFIX_MIN:
             keep = shared[donor.seq_id]
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, -1, -1)
             slot.cached = donor.cached[:keep]
+            self.copied_streams += 1
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
         del slot.cached[keep:]
         seq.n_past = keep
@@ -189,34 +207,34 @@ class BatchDecoder:
         )
 
     def _fill(self, running: list[tuple[Slot, Sequence]]) -> None:
-        """Every decoding sequence's pending token first, then prompt chunks up to ``n_batch`` tokens."""
-        b, n = self._batch, 0
-
-        def add(slot: Slot, token: int, pos: int, logits: bool) -> None:
-            nonlocal n
-            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, logits
-            b.seq_id[n][0] = slot.seq_id
-            slot.cached.append(token)
-            n += 1
-
+        """Every decoding sequence's pending token first, then prompt chunks (oldest request first) up to
+        ``n_batch`` tokens, written into the batch in slot order: llama.cpp's split KV cache computes one
+        run of consecutive sequence ids per graph, so any other order would split the step."""
+        plan: list[tuple[Slot, Sequence, int]] = []
+        room = self._n_batch
         for slot, seq in running:
             seq.out_index = -1
             if not seq.prefilling:
-                seq.out_index = n
-                add(slot, seq.tokens[seq.n_past], seq.n_past, True)
-                seq.n_past += 1
+                plan.append((slot, seq, 1))
+                room -= 1
         for slot, seq in running:
-            room = self._n_batch - n
-            if not seq.prefilling or room <= 0:
-                continue
-            chunk = seq.prompt[seq.n_past : seq.n_past + room]
-            for i, token in enumerate(chunk):
-                last = seq.n_past + i == len(seq.prompt) - 1
-                if last:
+            if seq.prefilling and room > 0:
+                take = min(room, len(seq.prompt) - seq.n_past)
+                plan.append((slot, seq, take))
+                room -= take
+                self.evaluated_tokens += take
+        b, n = self._batch, 0
+        for slot, seq, take in sorted(plan, key=lambda p: p[0].seq_id):
+            last = len(seq.tokens) - 1
+            for pos in range(seq.n_past, seq.n_past + take):
+                token = seq.tokens[pos]
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, pos == last
+                b.seq_id[n][0] = slot.seq_id
+                slot.cached.append(token)
+                if pos == last:
                     seq.out_index = n
-                add(slot, token, seq.n_past + i, last)
-            seq.n_past += len(chunk)
-            self.evaluated_tokens += len(chunk)
+                n += 1
+            seq.n_past += take
         b.n_tokens = n
 
     def _advance(self, slot: Slot, seq: Sequence) -> None:
