@@ -32,10 +32,11 @@ def test_the_config_defaults_are_the_replicas_defaults() -> None:
 
 def test_a_deployment_sets_its_batching_and_watchdog(tmp_path: Path) -> None:
     cfg = _config(
-        tmp_path, "{name: e, engine: fake, batching: {window_ms: 2.5, max_texts: 8}, watchdog_s: 30}"
+        tmp_path,
+        "{name: e, engine: fake, batching: {window_ms: 2.5, max_texts: 8, gather_ms: 0}, watchdog_s: 30}",
     )
     deployment = cfg.deployments[0]
-    assert deployment.batching == BatchingConfig(window_ms=2.5, max_texts=8)
+    assert deployment.batching == BatchingConfig(window_ms=2.5, max_texts=8, gather_ms=0)
     assert deployment.watchdog_s == 30.0
     assert deployment.options == {}, "the batching block is a field, not an engine's options"
 
@@ -47,6 +48,7 @@ def test_a_deployment_sets_its_batching_and_watchdog(tmp_path: Path) -> None:
         ("batching: {window_ms: 5000}", "field `deployments.0.batching.window_ms`"),
         ("batching: {window_ms: .inf}", "field `deployments.0.batching.window_ms`"),
         ("batching: {max_texts: 0}", "field `deployments.0.batching.max_texts`"),
+        ("batching: {gather_ms: -2}", "field `deployments.0.batching.gather_ms`"),
         ("batching: {window: 5}", "unknown field `deployments.0.batching.window`"),
         ("watchdog_s: 0.5", "field `deployments.0.watchdog_s`"),
     ],

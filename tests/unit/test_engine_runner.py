@@ -210,3 +210,36 @@ class _Ending:
 
     def close(self) -> None:
         self._stream.close()
+
+
+@pytest.mark.anyio
+async def test_requests_sent_together_to_an_idle_engine_start_in_one_step() -> None:
+    """The first request waits for company (``gather_s`` without a newcomer), so a burst is prefilled in
+    one step; with no gathering the first request is stepped alone before the others are admitted."""
+
+    async def burst(runner: EngineRunner) -> list[int]:
+        stepper, at_first_step = Stepper(length=2), []
+        real_step = stepper.step
+
+        def step() -> bool:
+            if stepper.steps == 0:
+                at_first_step.append(stepper.admitted)
+            return real_step()
+
+        stepper.step = step  # type: ignore[method-assign]
+        runner.attach(stepper)
+        streams = []
+        for _ in range(4):  # arrivals 10 ms apart, as from a gateway relaying a client's burst
+            streams.append(runner.submit(stepper.add))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*(drain(s) for s in streams))
+        return at_first_step
+
+    gathering, plain = EngineRunner(gather_s=0.1), EngineRunner()
+    try:
+        began = time.monotonic()
+        assert await burst(gathering) == [4]
+        assert time.monotonic() - began < 0.4 + 1.0  # 4 x 100 ms at most, however slow the machine
+        assert (await burst(plain))[0] < 4
+    finally:
+        assert gathering.close(5) and plain.close(5)

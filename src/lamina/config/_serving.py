@@ -13,7 +13,8 @@ DEFAULT_WATCHDOG_S = 60.0
 
 
 class BatchingConfig(_Strict):
-    """How an embedding replica gathers concurrent requests into one engine call (micro-batching)."""
+    """How a replica gathers concurrent requests: embeddings into one engine call (micro-batching), and
+    the prompts of requests sent together into one prefill (a batching generation engine)."""
 
     window_ms: float = Field(
         1.0,
@@ -29,6 +30,16 @@ class BatchingConfig(_Strict):
         ge=1,
         description="Texts per engine call; a request that would overflow the open batch starts the next "
         "one (a larger request alone is one batch).",
+    )
+    gather_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Generation on a batching engine: when a request reaches an idle replica, its prompt "
+        "waits until no other request has arrived for this many milliseconds (4 times as long at most), "
+        "so that requests sent together are prefilled together instead of one first and the rest a whole "
+        "prefill later (0: at once). A busy replica never waits: newcomers join its next step.",
     )
 
 

@@ -92,7 +92,8 @@ class Worker:
     ) -> None:
         self.spec = spec
         self.sock = sock
-        self.replica = Replica(spec.served_name, spec.model_version, EngineRunner())
+        runner = EngineRunner(gather_s=spec.batching.gather_ms / 1000.0)
+        self.replica = Replica(spec.served_name, spec.model_version, runner)
         self.failed = False
         self.app = WorkerApp(self.replica, batching=batch_policy(spec), watchdog_s=spec.watchdog_s)
         app = gated(self.app.starlette(on_startup=self._start_loading), secret or None, allow_hosts)

@@ -3,9 +3,12 @@
 One engine, one thread. An engine that batches (capability ``batching``) gets its requests submitted and
 is stepped whenever it has work, with other jobs (token counts, embeddings, admissions) run between steps;
 any other engine runs its requests one at a time, FIFO, so many clients all get answers and none sees a
-"busy" error. The thread notes when its current job or step began, so a stuck engine shows in the health
-check. Tokens cross from the engine thread to the event loop through ``loop.call_soon_threadsafe`` onto an
-``asyncio.Queue``; the HTTP side drains whatever has arrived in one write.
+"busy" error. A request that finds a batching engine idle waits, before the first step, until no other
+request has arrived for ``gather_s`` (the deployment's ``batching.gather_ms``): requests sent together
+are then prefilled in one step, where otherwise the first would be prefilled alone and the rest would wait
+for that whole step. The thread notes when its current job or step began, so a stuck engine shows in the
+health check. Tokens cross from the engine thread to the event loop through ``loop.call_soon_threadsafe``
+onto an ``asyncio.Queue``; the HTTP side drains whatever has arrived in one write.
 """
 
 from __future__ import annotations
@@ -92,8 +95,12 @@ class BusyShare:
 class EngineRunner:
     """A single thread that runs engine jobs one at a time, in the order they were submitted."""
 
-    def __init__(self) -> None:
+    def __init__(self, gather_s: float = 0.0) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        #: an idle batching engine's first step waits until no request has arrived for this long
+        self._gather_s = gather_s
+        #: while gathering: when the first request arrived and when the latest one did (monotonic)
+        self._gather: tuple[float, float] | None = None
         #: set on shutdown: queued jobs are skipped and running ones stop at their next token
         self.closing = False
         self._stepper: Stepper | None = None
@@ -127,7 +134,31 @@ class EngineRunner:
         try:
             return self._jobs.get_nowait()
         except queue.Empty:
-            return self._step
+            pass
+        wait = self._gather_wait()
+        if wait > 0:
+            try:
+                return self._jobs.get(timeout=wait)
+            except queue.Empty:
+                pass
+        self._gather = None
+        return self._step
+
+    def _gather_wait(self) -> float:
+        """Seconds the first step of a batch still waits for company: until ``gather_s`` without a new
+        request, four times that since the first at most."""
+        if self._gather is None:
+            return 0.0
+        first, latest = self._gather
+        return min(latest + self._gather_s, first + 4 * self._gather_s) - time.monotonic()
+
+    def _arrived(self, idle: bool) -> None:
+        """A request was admitted; one that finds the engine idle opens the gathering."""
+        now = time.monotonic()
+        if idle and self._gather_s > 0:
+            self._gather = (now, now)
+        elif self._gather is not None:
+            self._gather = (self._gather[0], now)
 
     def _step(self) -> None:
         """One step of the batching engine; what it hands to streams crosses to the loop in one go."""
@@ -202,6 +233,7 @@ class EngineRunner:
                 stream.fail(exc)
                 stream.close()
                 return
+            self._arrived(idle=not self._stepping)
             self._stepping = True
 
         self._jobs.put(job)
