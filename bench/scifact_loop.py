@@ -5,7 +5,7 @@
 Driven as a user would, through the CLI against a stack started on a temporary state directory:
 
 1. ``deploy``: ``lamina deploy minilm-l6-v2 --name embeddings`` (the embedding deployment; a run-time one,
-   because only those take rollouts);
+   so that the run leaves the config's own deployment of the model as it was);
 2. ``ingest``: ``lamina data ingest`` of the corpus as dataset ``scifact``, one file per document named
    ``<doc id>.txt`` (title and abstract), so the ``eval`` job's document-level relevance applies;
 3. ``eval_before``: an ``eval`` job of the bundled model on the held queries; ``retrieve_before``: the same

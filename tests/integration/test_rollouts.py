@@ -23,6 +23,7 @@ register_bundled: false
 deployments:
   - name: base
     engine: fake
+    fake: {mode: replay, tokens: [c1]}
 orchestration:
   health_interval_s: 0.2
   ready_timeout_s: 60
@@ -54,9 +55,9 @@ def cli(stack: RunningStack, *args: str) -> Any:
     return json.loads(result.output)
 
 
-def described(stack: RunningStack) -> dict[str, Any]:
+def described(stack: RunningStack, name: str = "echo") -> dict[str, Any]:
     data = httpx.get(f"{stack.base_url}/admin/v1/deployments", timeout=10).json()["data"]
-    return next(d for d in data if d["name"] == "echo")
+    return next(d for d in data if d["name"] == name)
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
@@ -66,8 +67,8 @@ def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 30.0) -> No
         time.sleep(0.1)
 
 
-def answer(stack: RunningStack) -> tuple[int, str]:
-    body = {"model": "echo", "messages": [{"role": "user", "content": "which version?"}]}
+def answer(stack: RunningStack, model: str = "echo") -> tuple[int, str]:
+    body = {"model": model, "messages": [{"role": "user", "content": "which version?"}]}
     reply = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=60)
     text = reply.json()["choices"][0]["message"]["content"] if reply.status_code == 200 else reply.text
     return reply.status_code, text
@@ -137,7 +138,7 @@ def test_canary_at_half_weight_is_rolled_back_by_command(stack: RunningStack) ->
     same = CliRunner().invoke(app, ["rollout", "echo", "echo@2", "--url", stack.base_url])
     assert same.exit_code == 2 and "already runs echo@2" in same.output, same.output
     unknown = CliRunner().invoke(app, ["rollout", "nope", "x@2", "--url", stack.base_url])
-    assert unknown.exit_code == 2 and "no run-time deployment named 'nope'" in unknown.output
+    assert unknown.exit_code == 2 and "no deployment named 'nope'" in unknown.output
 
 
 def test_a_slow_canary_is_rolled_back_automatically(stack: RunningStack) -> None:
@@ -159,6 +160,16 @@ def test_a_slow_canary_is_rolled_back_automatically(stack: RunningStack) -> None
     wait_for(lambda: described(stack)["versions"] == ["echo@2"], "the canary's replica to go")
 
 
+def test_a_deployment_of_the_config_rolls_out_too(stack: RunningStack) -> None:
+    assert answer(stack, "base") == (200, "c1")
+    started = cli(stack, "rollout", "base", "base@2", "--options", replay("c2"))
+    assert started["source"] == "config" and started["rollout"]["target"] == "base@2"
+    wait_for(lambda: (described(stack, "base")["rollout"] or {})["phase"] == "done", "the rollout", 40)
+    final = described(stack, "base")
+    assert final["model"] == "base@2" and final["versions"] == ["base@2"], final
+    assert {answer(stack, "base")[1] for _ in range(4)} == {"c2"}
+
+
 def test_a_restart_serves_the_rolled_out_version(stacks: list[RunningStack]) -> None:
     old = stacks[-1]
     stop_stack(old)
@@ -167,3 +178,6 @@ def test_a_restart_serves_the_rolled_out_version(stacks: list[RunningStack]) -> 
     assert described(stack)["model"] == "echo@2"  # the finished rollout was stored; the canaries were not
     wait_for(lambda: described(stack)["state"] == "ready", "the restored deployment")
     assert {answer(stack)[1] for _ in range(4)} == {"v2"}
+    # the config's deployment too, while the config names the model it named at the rollout
+    assert described(stack, "base")["model"] == "base@2"
+    assert {answer(stack, "base")[1] for _ in range(4)} == {"c2"}

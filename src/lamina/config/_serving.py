@@ -103,7 +103,8 @@ class DeploymentConfig(_Strict):
     )
     batching: BatchingConfig = Field(
         default_factory=BatchingConfig,
-        description="Micro-batching of concurrent embedding requests on each replica (embedding models).",
+        description="How each replica gathers concurrent requests: embeddings into one engine call, the "
+        "prompts of generation requests sent together into one prefill.",
     )
     watchdog_s: float = Field(
         DEFAULT_WATCHDOG_S,

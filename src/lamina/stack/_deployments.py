@@ -24,7 +24,7 @@ from sqlalchemy import update
 from lamina.application import DeployRequest
 from lamina.clock import utcnow
 from lamina.compute import NodeInventory, probe_inventory
-from lamina.config import LaminaConfig
+from lamina.config import DeploymentConfig, LaminaConfig
 from lamina.errors import (
     ConfigError,
     ConflictError,
@@ -35,7 +35,6 @@ from lamina.errors import (
 )
 from lamina.models import Catalog, Registry, ServedModel, check_deployment, deploy
 from lamina.orchestration import (
-    AutoscalePolicy,
     CanaryJudge,
     CanaryPolicy,
     Controller,
@@ -45,6 +44,7 @@ from lamina.orchestration import (
     RolloutStrategy,
     WorkloadSpec,
 )
+from lamina.stack._config_rollouts import ConfigRollout, ConfigRollouts
 from lamina.stack._deployment_store import DeploymentStore, StoredDeployment
 from lamina.stack._fit import check_fit, workload_needs
 from lamina.store import Store
@@ -68,6 +68,7 @@ class RuntimeDeployments:
         inventory: Callable[[], Sequence[NodeInventory]] = lambda: [probe_inventory()],
         drain_timeout_s: float = 60.0,
         store: Store | None = None,
+        config_models: dict[str, str] | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -79,8 +80,10 @@ class RuntimeDeployments:
         self._drain_timeout_s = drain_timeout_s
         self._store = store
         self._stored: dict[str, StoredDeployment] = {}
+        #: the model the config file names for each of its deployments (a rollout may serve another)
+        self._config_models = {d.name: d.model_ref for d in config.deployments} | (config_models or {})
         #: a rollout's target (what is stored and served once it is done), by deployment
-        self._targets: dict[str, tuple[StoredDeployment, ServedModel]] = {}
+        self._targets: dict[str, tuple[StoredDeployment | DeploymentConfig, ServedModel]] = {}
         controller.after_step.append(self._settle_rollouts)
         #: stored deployments that could not be restored at start, with why
         self._broken: dict[str, tuple[StoredDeployment, str]] = {}
@@ -167,23 +170,36 @@ class RuntimeDeployments:
         policy: dict[str, float] | None,
         options: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """Roll ``model`` out to the run-time deployment ``name`` (see ``lamina.orchestration._rollout``)."""
-        stored, served = self._stored.get(name), self._catalog.get(name)
-        if stored is None or served is None:
-            known = ", ".join(sorted(self._stored)) or "none"
-            raise NotFoundError(f"no run-time deployment named {name!r} to roll out to (run-time: {known})")
-        target = dataclasses.replace(
-            stored, model=model, options=stored.options if options is None else options
-        )
+        """Roll ``model`` out to the deployment ``name`` (see ``lamina.orchestration._rollout``); one of the
+        config file's is kept over a restart as the config's rollout (``_config_rollouts``)."""
+        stored, config = self._stored.get(name), self._config_deployment(name)
+        served = self._catalog.get(name)
+        if served is None or (stored is None and config is None):
+            known = ", ".join(sorted(set(self._stored) | set(self._config_models))) or "none"
+            raise NotFoundError(f"no deployment named {name!r} to roll out to (deployments: {known})")
         # the target's worker spec file beside the stable one's, which its restarts still read
         here = self._run_dir / "rollouts" / re.sub(r"[^A-Za-z0-9._-]", "_", model)
-        new_served, workload = await asyncio.to_thread(self._prepare, target, check_space=False, run_dir=here)
+        target: StoredDeployment | DeploymentConfig
+        if stored is not None:
+            target = dataclasses.replace(
+                stored, model=model, options=stored.options if options is None else options
+            )
+            new_served, workload = await asyncio.to_thread(
+                self._prepare, target, check_space=False, run_dir=here
+            )
+        else:
+            assert config is not None
+            target = config.model_copy(
+                update={"model": model, "options": config.options if options is None else options}
+            )
+            new_served, workload = await asyncio.to_thread(self._prepare_config, target, here)
         one = dataclasses.replace(workload, replicas=1)  # the surge: one more replica at a time
         try:
             check_fit(workload_needs(self._registry, [(new_served.model_ref, one)]), self._inventory())
         except ConfigError as exc:
             raise InvalidRequestError(exc.message, param="model") from exc
-        stable, wanted = served.model_ref or stored.model, new_served.model_ref or model
+        asked = stored.model if stored is not None else config.model_ref if config is not None else name
+        stable, wanted = served.model_ref or asked, new_served.model_ref or model
         try:
             judge = None if policy is None else CanaryJudge(_canary_policy(policy))
             begun = Rollout.begin(stable, wanted, RolloutStrategy(strategy), time.monotonic(), weight)
@@ -196,7 +212,8 @@ class RuntimeDeployments:
 
     async def finish_rollout(self, name: str, action: str) -> dict[str, Any]:
         """Promote the canary of ``name``, or roll its rollout back."""
-        control = self._controller.rollout(name) if name in self._stored else None
+        known = name in self._stored or self._config_deployment(name) is not None
+        control = self._controller.rollout(name) if known else None
         if control is None:
             raise NotFoundError(
                 f"{name!r} has no rollout; start one with `lamina rollout {name} MODEL@VERSION`"
@@ -224,9 +241,17 @@ class RuntimeDeployments:
             target, new_served = done
             self._catalog.remove(name)
             self._catalog.add(new_served)
-            self._stored[name] = target
             del self._targets[name]
-            self._store_version(target)
+            if isinstance(target, StoredDeployment):
+                self._stored[name] = target
+                self._store_version(target)
+            else:
+                kept = [target if d.name == name else d for d in self._config.deployments]
+                self._config = self._config.model_copy(update={"deployments": kept})
+                rolled = ConfigRollout(
+                    name, self._config_models[name], new_served.model_ref or target.model_ref, target.options
+                )
+                self._store_config_rollout(rolled)
         return rollout.to_json()
 
     def _store_version(self, target: StoredDeployment) -> None:
@@ -241,7 +266,28 @@ class RuntimeDeployments:
         except LaminaError as exc:
             log.error("could not store the new version of %r: %s", target.name, exc.message)
 
+    def _store_config_rollout(self, rolled: ConfigRollout) -> None:
+        """Keep the version a rollout moved a config deployment to: a restart serves it (see
+        ``_config_rollouts``)."""
+        if self._store is None:
+            return
+        try:
+            ConfigRollouts(self._store).save(rolled)
+        except LaminaError as exc:
+            log.error("could not store the new version of %r: %s", rolled.name, exc.message)
+
     # ---- the parts -----------------------------------------------------------------------------------
+
+    def _config_deployment(self, name: str) -> DeploymentConfig | None:
+        return next((d for d in self._config.deployments if d.name == name), None)
+
+    def _prepare_config(self, target: DeploymentConfig, run_dir: Path) -> tuple[ServedModel, WorkloadSpec]:
+        """The catalog entry and workload of a config deployment moved to another model."""
+        try:
+            timeout_s = self._config.orchestration.ready_timeout_s
+            return deploy(check_deployment(target), self._registry, run_dir, timeout_s)
+        except ConfigError as exc:
+            raise InvalidRequestError(exc.message) from exc
 
     def _refuse_taken(self, name: str) -> None:
         config = self._config
@@ -292,7 +338,7 @@ class RuntimeDeployments:
         stored = self._stored.get(name) or (broken[0] if broken else None)
         config = next((d for d in self._config.deployments if d.name == name), None)
         status = next((s for s in self._controller.status() if s.name == name), None)
-        rollout = self._settle(name) if name in self._stored else None
+        rollout = self._settle(name) if name in self._stored or config is not None else None
         served = self._catalog.get(name)
         desired = status.desired if status else 0
         ready = status.ready if status else 0
@@ -348,45 +394,3 @@ def _canary_policy(given: dict[str, float]) -> CanaryPolicy:
         max_latency_ratio=given.get("max_latency_ratio", 2.0),
         promote_after_s=None if promote is None else float(promote),
     )
-
-
-def open_deployments(
-    config: LaminaConfig,
-    registry: Registry,
-    store: Store,
-    controller: Controller,
-    catalog: Catalog,
-    run_dir: Path,
-    deployed: Sequence[tuple[ServedModel, WorkloadSpec]] = (),
-) -> RuntimeDeployments:
-    """The run-time deployments of a stack, with those an earlier run stored restored."""
-    deployments = RuntimeDeployments(
-        config=config,
-        registry=registry,
-        repo=DeploymentStore(store),
-        controller=controller,
-        catalog=catalog,
-        run_dir=run_dir,
-        drain_timeout_s=config.orchestration.drain_grace_s + 30.0,  # the drain, then stopping
-        store=store,
-    )
-    autoscaled = {d.name: d.autoscale for d in config.deployments if d.autoscale is not None}
-    for _, workload in deployed:  # the config's autoscaled ones: ``apply`` keeps their autoscaler
-        if (scale := autoscaled.get(workload.name)) is not None:
-            controller.add(workload, AutoscalePolicy(**scale.model_dump()))
-    deployments.restore()
-    return deployments
-
-
-def serving_readiness(controller: Controller) -> dict[str, bool]:
-    """Whether each deployment can take a request now: it has a ready replica, or its autoscaler scaled it
-    to zero (a request starts one). Deployments removed and still draining are left out."""
-    readiness = {}
-    for status in controller.status():
-        try:
-            decision = controller.decision(status.name)
-        except ModelNotFoundError:  # removed: draining, no longer served
-            continue
-        scaled_to_zero = decision is not None and status.desired == 0
-        readiness[status.name] = status.ready > 0 or scaled_to_zero
-    return readiness

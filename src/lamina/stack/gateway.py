@@ -48,10 +48,12 @@ from lamina.models import (
 from lamina.observability import DriftMetrics, Telemetry
 from lamina.orchestration import Controller, Dispatcher, Http1Client, JobScheduler, WorkloadSpec
 from lamina.stack._backends import replica_backend
+from lamina.stack._config_rollouts import ConfigRollouts
 from lamina.stack._dashboard import dashboard_sources
 from lamina.stack._data import DataStack, checked_config, open_data_stack, open_registry
 from lamina.stack._demo import DemoIngest
-from lamina.stack._deployments import RuntimeDeployments, open_deployments, serving_readiness
+from lamina.stack._deployments import RuntimeDeployments
+from lamina.stack._deployments_start import open_deployments, serving_readiness
 from lamina.stack._doctor import doctor_for
 from lamina.stack._doctor import gather_offline as gather_offline  # for `lamina doctor --offline`
 from lamina.stack._fit import check_fit, workload_needs
@@ -121,6 +123,9 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     store, registry = open_registry(config, state_dir)
     if config.register_bundled:
         register_bundled(registry)
+    # the versions rollouts moved the config's deployments to, while the config names what it did then
+    config, config_models = ConfigRollouts(store).apply(config)
+    config = checked_config(config)
     orch = config.orchestration
     run_dir = state_dir / "run"
     deployed = [deploy(d, registry, run_dir, orch.ready_timeout_s) for d in config.deployments]
@@ -163,7 +168,9 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
         drift=DriftRecorder(DriftWindow(store)),
         drift_metrics=DriftMetrics(telemetry.metrics.registry),
         ingest=ThreadedIngestService(data.pipeline, data.catalog, config.data, config.data.ingest_roots),
-        deployments=open_deployments(config, registry, store, controller, catalog, run_dir, deployed),
+        deployments=open_deployments(
+            config, registry, store, controller, catalog, run_dir, deployed, config_models
+        ),
         jobs=None
         if not config.jobs.enabled
         else job_scheduler(

@@ -298,7 +298,7 @@ replay_requests = Table(
 )
 
 
-# -- run-time deployments (migration 0008) -------------------------------------------------------------------
+# -- run-time deployments (migration 0008), rollouts of config deployments (migration 0014) ---------------
 
 #: deployments made at run time through the admin API (``lamina deploy``); the config's own deployments are
 #: not stored here. The stack restores these at start.
@@ -315,6 +315,18 @@ deployments = Table(
     Column("scale_to_zero", Boolean, nullable=False),
     Column("autoscale", JSON, nullable=False, comment="the autoscaler's delays and window, seconds"),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+#: a config deployment moved to another model version by a rollout (the config file is its record, so the
+#: rollout is kept beside it): applied at start while the config still names ``config_model``
+config_rollouts = Table(
+    "config_rollouts",
+    metadata,
+    Column("name", String(200), primary_key=True, comment="the config deployment"),
+    Column("config_model", String(300), nullable=False, comment="the model the config named at the rollout"),
+    Column("model", String(300), nullable=False, comment="the version it rolled to, NAME@VERSION"),
+    Column("options", JSON, nullable=False, comment="engine options by engine name, as rolled out"),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 
