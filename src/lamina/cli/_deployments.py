@@ -231,7 +231,7 @@ def _rollout_line(roll: dict[str, Any]) -> str:
 
 
 def rollout(
-    name: Annotated[str, typer.Argument(help="The deployment (one made with `lamina deploy`).")],
+    name: Annotated[str, typer.Argument(help="The deployment, the config's or a run-time one.")],
     model: Annotated[
         str | None, typer.Argument(help="The new version, NAME@VERSION or NAME@ALIAS (not with --promote).")
     ] = None,
