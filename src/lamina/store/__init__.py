@@ -7,19 +7,16 @@ from lamina.store._schema import (
     budget_spend,
     cache_entries,
     chunk_lineage,
-    config_rollouts,
     cost_ledger,
     dataset_members,
     dataset_sources,
     dataset_tags,
     dataset_versions,
     datasets,
-    deployments,
     drift_buckets,
     drift_reports,
     drift_samples,
     ingest_runs,
-    jobs,
     metadata,
     model_aliases,
     model_gate,
@@ -29,6 +26,7 @@ from lamina.store._schema import (
     spans,
     traces,
 )
+from lamina.store._schema_orchestration import config_rollouts, deployments, jobs
 from lamina.store._store import HeldLock, Store
 
 __all__ = [
