@@ -19,6 +19,7 @@ from sqlalchemy import delete, insert, select
 
 from lamina.clock import Clock, utcnow
 from lamina.config import DeploymentConfig, LaminaConfig
+from lamina.models import check_deployment
 from lamina.store import Store, config_rollouts
 
 log = logging.getLogger("lamina.deployments")
@@ -72,7 +73,8 @@ class ConfigRollouts:
             rolled = kept.get(d.name)
             if rolled is not None and rolled.config_model == d.model_ref:
                 del kept[d.name]
-                deployments.append(d.model_copy(update={"model": rolled.model, "options": rolled.options}))
+                moved = d.model_copy(update={"model": rolled.model, "options": rolled.options})
+                deployments.append(check_deployment(moved))  # its engine's options, defaults filled in
                 log.info("deployment %r serves %s, where a rollout moved it", d.name, rolled.model)
                 continue
             if rolled is not None:

@@ -42,6 +42,7 @@ from lamina.errors import LaminaError
 from lamina.models import (
     Catalog,
     Registry,
+    ServedModel,
     deploy,
     register_bundled,
 )
@@ -117,20 +118,28 @@ class Stack:
         self.store.close()
 
 
+def _config_deployments(
+    config: LaminaConfig, store: Store, registry: Registry, run_dir: Path
+) -> tuple[LaminaConfig, dict[str, str], list[tuple[ServedModel, WorkloadSpec]]]:
+    """The config's deployments as they will serve: each where a kept rollout moved it while the config
+    still names what it named then (with the model the config names for each), ready to start; refused
+    before anything starts unless every replica fits in what this machine has free (README, "Compute")."""
+    config, config_models = ConfigRollouts(store).apply(config)
+    timeout_s = config.orchestration.ready_timeout_s
+    deployed = [deploy(d, registry, run_dir, timeout_s) for d in config.deployments]
+    check_fit(workload_needs(registry, [(s.model_ref, w) for s, w in deployed]), [probe_inventory()])
+    return config, config_models, deployed
+
+
 def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     """Build every layer on ``config``, whole; starts no process yet."""
     config = checked_config(config)
     store, registry = open_registry(config, state_dir)
     if config.register_bundled:
         register_bundled(registry)
-    # the versions rollouts moved the config's deployments to, while the config names what it did then
-    config, config_models = ConfigRollouts(store).apply(config)
-    config = checked_config(config)
-    orch = config.orchestration
     run_dir = state_dir / "run"
-    deployed = [deploy(d, registry, run_dir, orch.ready_timeout_s) for d in config.deployments]
-    # before anything starts: every replica must fit in what this machine has free (README, "Compute")
-    check_fit(workload_needs(registry, [(s.model_ref, w) for s, w in deployed]), [probe_inventory()])
+    config, config_models, deployed = _config_deployments(config, store, registry, run_dir)
+    orch = config.orchestration
     telemetry = Telemetry.of(config.observability, store)
     telemetry.device_kinds = {w.name: "gpu" if w.resources.gpus else "cpu" for _, w in deployed}
     http = httpx.AsyncClient(
