@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -99,7 +100,8 @@ def http_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             wrk(f"{url}/v1/chat/completions", None, 4, 2, None)
         for connections in (1, 16):
             for rnd in range(args.rounds):
-                for name, (url, proc) in targets.items():
+                order = list(targets.items())
+                for name, (url, proc) in order if rnd % 2 == 0 else order[::-1]:  # neither always first
                     load = wrk(f"{url}/v1/chat/completions", None, connections, args.seconds, proc)
                     runs = out.setdefault(name, {}).setdefault(str(connections), [])
                     runs.append(asdict(load) | {"cpu_ms_per_request": load.cpu_ms_per_request})
@@ -290,8 +292,8 @@ def cpu_part(n: int, rounds: int, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
-    ap.add_argument("--rounds", type=int, default=3, help="wrk runs per stack and concurrency, interleaved")
+    ap.add_argument("--seconds", type=float, default=4.0, help="length of each wrk run")
+    ap.add_argument("--rounds", type=int, default=8, help="wrk runs per stack and concurrency, interleaved")
     ap.add_argument("--keep-all", action="store_true", help="a third stack that stores every trace")
     ap.add_argument("--store-traces", type=int, default=100_000, help="traces for the store bound (0: skip)")
     ap.add_argument("--skip-http", action="store_true")
@@ -304,6 +306,7 @@ def main() -> None:
             runs = http_part(args, tmp)
             result["http_runs"] = runs
             result["http"] = {n: {c: _summary(r) for c, r in levels.items()} for n, levels in runs.items()}
+            result["http_paired"] = _paired(runs)
         if args.cpu:
             result["cpu"] = cpu_part(args.cpu, args.rounds, tmp)
         if args.store_traces:
@@ -313,6 +316,25 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"written to {out.relative_to(ROOT)}")
+
+
+def _paired(runs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per connection count, the medians over rounds of on against off in the same round: the machine's
+    drift between rounds (often 10-30% here within minutes) cancels out of each pair."""
+    out: dict[str, dict[str, float]] = {}
+    for c, offs in runs["off"].items():
+        ons = runs["on"][c]
+        pairs = list(zip(ons, offs, strict=True))
+        rps = sorted(1 - on["rps"] / off["rps"] for on, off in pairs)
+        cpu = sorted(on["cpu_ms_per_request"] / off["cpu_ms_per_request"] - 1 for on, off in pairs)
+        added = sorted(on["cpu_ms_per_request"] - off["cpu_ms_per_request"] for on, off in pairs)
+        out[c] = {
+            "rounds": len(rps),
+            "rps_cost_pct": statistics.median(rps) * 100,
+            "cpu_cost_pct": statistics.median(cpu) * 100,
+            "cpu_added_ms": statistics.median(added),
+        }
+    return out
 
 
 def report(result: dict[str, Any]) -> str:
@@ -332,6 +354,12 @@ def report(result: dict[str, Any]) -> str:
         for c in http["on"]:
             extra = http["on"][c]["cpu_ms_per_request"] - http["off"][c]["cpu_ms_per_request"]
             lines.append(f"tracing CPU per request at {c} connections: {extra:+.3f} ms")
+        for c, paired in _paired(result["http_runs"]).items():
+            lines.append(
+                f"paired by round at {c} connections (median of {paired['rounds']}): throughput cost "
+                f"{paired['rps_cost_pct']:+.1f}%, gateway CPU per request {paired['cpu_cost_pct']:+.1f}% "
+                f"({paired['cpu_added_ms']:+.4f} ms)"
+            )
     for kind, c in (result.get("cpu") or {}).items():
         lines.append(
             f"in process ({kind}): {c['off']:.3f} CPU ms/request off, {c['on']:.3f} on: "

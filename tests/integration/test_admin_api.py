@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from lamina.application import ThreadedIngestService, admin_router
 from lamina.application._auth import StaticKeys, authenticated
 from lamina.application._errors import install_error_handlers
-from lamina.application._tracing import TelemetryMiddleware
+from lamina.application._tracing_middleware import TelemetryMiddleware
 from lamina.config import DataConfig, LaminaConfig
 from lamina.data import IngestPipeline, Retriever
 from lamina.errors import EngineCrashedError

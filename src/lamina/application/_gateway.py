@@ -63,7 +63,8 @@ from lamina.application._rag import (
 from lamina.application._relay import Forward, StreamRelay
 from lamina.application._requests import invalid_fields
 from lamina.application._routing import ModelRouter
-from lamina.application._tracing import Exchange, TelemetryMiddleware
+from lamina.application._tracing import Exchange
+from lamina.application._tracing_middleware import TelemetryMiddleware
 from lamina.application.dashboard import DashboardSources, dashboard_router
 from lamina.application.guards import OutputGuards
 from lamina.config import RequestLimitsConfig
@@ -74,7 +75,7 @@ from lamina.errors import (
     UnsupportedCapabilityError,
 )
 from lamina.models import Capability, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelList
-from lamina.observability import Layer, Telemetry
+from lamina.observability import Telemetry
 from lamina.store import Store
 
 Parsed = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
@@ -288,7 +289,7 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
     grounding = await _ground(deps, body, parsed, principal_of(request))
     exchange.span.set_attributes(_request_attributes(op, parsed))
     tries = None if deps.router is None else deps.router.tries(parsed.model, body, request.headers)
-    route = _resolve(deps.telemetry, deps.catalog, parsed.model) if tries is None else tries.route
+    route = exchange.resolve(deps.catalog, parsed.model) if tries is None else tries.route
     check_model(principal_of(request), asked, route if tries is None else tries.asked)
     _require(route, op.capability, parsed.model, "model")
     stream = not isinstance(parsed, EmbeddingRequest) and parsed.stream
@@ -377,15 +378,6 @@ def _request_attributes(op: _Operation, parsed: Parsed) -> dict[str, AttributeVa
         if parsed.token_limit is not None:
             attrs["gen_ai.request.max_tokens"] = parsed.token_limit
     return attrs
-
-
-def _resolve(telemetry: Telemetry, catalog: ModelCatalog, name: str) -> Route:
-    with telemetry.span("route", Layer.MODELS, {"gen_ai.request.model": name}) as span:
-        route = catalog.resolve(name)
-        span.set_attribute("lamina.deployment", route.deployment)
-        if route.model_version:
-            span.set_attribute("lamina.model_version", route.model_version)
-    return route
 
 
 def _require(route: Route, capability: Capability, requested: str, param: str) -> None:

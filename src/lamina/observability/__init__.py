@@ -12,8 +12,11 @@ from lamina.observability._doctor import (
     Verdict,
     diagnose,
 )
+from lamina.observability._light import LightSpan
 from lamina.observability._metrics import DeviceMetrics, DriftMetrics, GatewayMetrics
+from lamina.observability._open_trace import Deferred
 from lamina.observability._sampling import Kept, SamplingPolicy, TraceSampler
+from lamina.observability._serving_metrics import ModelSeries
 from lamina.observability._store_exporter import LAYER, SpanRow, StoreSpanExporter, read_trace
 from lamina.observability._telemetry import Layer, Telemetry
 from lamina.observability._trace_views import (
@@ -40,6 +43,7 @@ __all__ = [
     "Breakdown",
     "BudgetState",
     "DatasetState",
+    "Deferred",
     "DeploymentState",
     "DeviceMetrics",
     "DeviceState",
@@ -50,6 +54,8 @@ __all__ = [
     "GatewayMetrics",
     "Kept",
     "Layer",
+    "LightSpan",
+    "ModelSeries",
     "Pruned",
     "RetentionPolicy",
     "SamplingPolicy",

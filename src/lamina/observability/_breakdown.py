@@ -13,7 +13,6 @@ in the order of :data:`LAYERS`, milliseconds with up to three decimals, e.g.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 #: the layers in the order the header and the ``lamina`` extension list them
@@ -30,25 +29,42 @@ class Timed(NamedTuple):
     end_ns: int | None
 
 
-@dataclass(frozen=True)
 class Breakdown:
-    """Milliseconds per layer (every layer of :data:`LAYERS` present) and the one that took longest."""
+    """Milliseconds per layer (every layer of :data:`LAYERS` present) and the one that took longest.
+    Made once per answer (the header, the body and the metrics read the same one): a plain class."""
 
-    layers: dict[str, float]
-    total_ms: float
+    __slots__ = ("_bottleneck", "_header", "layers", "total_ms")
+
+    def __init__(self, layers: dict[str, float], total_ms: float) -> None:
+        self.layers = layers
+        self.total_ms = total_ms
+        self._header: str | None = None
+        self._bottleneck: str | bool | None = False
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Breakdown):
+            return NotImplemented
+        return self.layers == other.layers and self.total_ms == other.total_ms
+
+    def __repr__(self) -> str:
+        return f"Breakdown({self.layers!r}, {self.total_ms!r})"
 
     @property
     def bottleneck(self) -> str | None:
-        best, ms = None, 0.0
-        for layer, value in self.layers.items():  # the first of equals, in the order of LAYERS
-            if value > ms:
-                best, ms = layer, value
-        return best
+        if self._bottleneck is False:
+            best, ms = None, 0.0
+            for layer, value in self.layers.items():  # the first of equals, in the order of LAYERS
+                if value > ms:
+                    best, ms = layer, value
+            self._bottleneck = best
+        return self._bottleneck  # type: ignore[return-value]
 
     def header(self) -> str:
         """The ``x-lamina-layers`` value."""
-        layers = self.layers
-        return ";".join([f"{layer}={_ms(layers[layer])}" for layer in LAYERS])
+        if self._header is None:
+            layers = self.layers
+            self._header = ";".join([f"{layer}={_ms(layers[layer])}" for layer in LAYERS])
+        return self._header
 
     def as_json(self) -> dict[str, Any]:
         """The ``lamina`` extension of an answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``."""
@@ -57,8 +73,11 @@ class Breakdown:
 
 
 def _ms(value: float) -> str:
-    text = f"{value:.3f}".rstrip("0").rstrip(".")
-    return text or "0"
+    """Milliseconds as the header writes them: ``0``, or the shortest form of a value rounded to 3 places."""
+    if not value:
+        return "0"
+    text = repr(value)
+    return text[:-2] if text.endswith(".0") else text
 
 
 def parse_header(value: str) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -23,11 +24,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes
-from prometheus_client import Counter
 
 from lamina.observability._breakdown import Breakdown
+from lamina.observability._fast_metrics import Family
 from lamina.observability._open_trace import Held, Later, OpenTrace, Record
 from lamina.observability._sampling import Kept, TraceSampler
 from lamina.observability._store_exporter import LAYER, SpanWriter
@@ -58,7 +59,7 @@ class TraceKeeper(SpanProcessor):
         sampler: TraceSampler,
         writer: SpanWriter | None = None,
         sinks: Sequence[SpanProcessor] = (),
-        decisions: Counter | None = None,
+        decisions: Family | None = None,
         resource: Resource | None = None,
     ) -> None:
         self.sampler = sampler
@@ -129,16 +130,17 @@ class TraceKeeper(SpanProcessor):
         # the trace holds its light spans and they hold it: letting go of them breaks the cycle, so a
         # request's spans are freed by reference counting, not left to the cyclic garbage collector
         held, opened.held = opened.held, []
+        extra, opened.extra = opened.extra, None
         if kept is None:
             return
-        done = self._spans(opened, held)
+        done = self._spans(opened, held, extra)
         for sink in self.sinks:
             for s in done:
                 sink.on_end(s)
         if self.writer is not None:
             self.writer.put(done[0], done, kept)
 
-    def _spans(self, opened: OpenTrace, held: list[Held]) -> list[ReadableSpan]:
+    def _spans(self, opened: OpenTrace, held: list[Held], extra: Any) -> list[ReadableSpan]:
         """The ended spans of a kept trace (the root first) as ``ReadableSpan`` objects."""
         out: list[ReadableSpan] = []
         trace_id, flags = opened.trace_id, TraceFlags(opened.flags)
@@ -157,6 +159,13 @@ class TraceKeeper(SpanProcessor):
             for name, attrs, c_start, c_end in obj.later:
                 child = SpanContext(trace_id, self._ids.generate_span_id(), False, flags)
                 out.append(self._readable(name, child, ctx, attrs, c_start, c_end))
+        if extra is not None:
+            root = opened.root_id
+            for name, attrs, start, end, sid, pid, error in extra():
+                ctx = SpanContext(trace_id, sid or self._ids.generate_span_id(), False, flags)
+                parent = SpanContext(trace_id, pid if pid is not None else root, False, flags)
+                status = Status(StatusCode.ERROR, error) if error is not None else None
+                out.append(self._readable(name, ctx, parent, attrs, start, end, status))
         return out
 
     def _readable(
@@ -167,6 +176,7 @@ class TraceKeeper(SpanProcessor):
         attributes: Attributes,
         start: int,
         end: int | None,
+        status: Status | None = None,
     ) -> ReadableSpan:
         return ReadableSpan(
             name,
@@ -174,6 +184,7 @@ class TraceKeeper(SpanProcessor):
             parent,
             self.resource,
             attributes,
+            status=status or Status(StatusCode.UNSET),
             start_time=start,
             end_time=end,
             instrumentation_scope=self.scope,
@@ -200,6 +211,12 @@ class TraceKeeper(SpanProcessor):
         span_id = self._ids.generate_span_id()
         opened.record(span_id, parent_id, name, attributes, start_ns, end_ns, later)
         return span_id
+
+    @staticmethod
+    def trace_of(span: object) -> OpenTrace | None:
+        """The open trace of a light span (the request's root), None for any other span."""
+        opened = getattr(span, "trace", None)
+        return opened if isinstance(opened, OpenTrace) else None
 
     def breakdown(self, root: object) -> Breakdown | None:
         """Where the trace of ``root`` spent its time so far; None once it is decided (or not recorded)."""

@@ -13,6 +13,7 @@ writer and the OTLP exporter only if the keeper keeps the trace (at its root's e
 
 from __future__ import annotations
 
+import random
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -192,6 +193,11 @@ class LightSpan(trace.Span):
         )
 
 
+def _new_id(bits: int) -> int:
+    """A random trace (128 bits) or span (64 bits) id; never 0, the invalid one."""
+    return random.getrandbits(bits) or 1
+
+
 class LightTracer(trace.Tracer):
     """Starts :class:`LightSpan`\\ s (every one recorded) or, with ``record=False``, non-recording spans
     that still carry a trace id (the ``x-lamina-trace-id`` header has one either way)."""
@@ -236,6 +242,14 @@ class LightTracer(trace.Tracer):
         return LightSpan(
             self.keeper, opened, name, self._ids.generate_span_id(), parent_id, attributes, start_time
         )
+
+    def start_root(self, name: str, attributes: Attributes = None) -> trace.Span:
+        """A new trace's root, whatever the current span (a request's): ``start_span`` with an empty
+        context, without its parent lookups."""
+        if not self.record:
+            return trace.NonRecordingSpan(SpanContext(_new_id(128), _new_id(64), False, _SAMPLED))
+        opened = self.keeper.open(_new_id(128), _SAMPLED)
+        return LightSpan(self.keeper, opened, name, _new_id(64), None, attributes, None)
 
     def start_as_current_span(  # type: ignore[override]  # a plain class, not the API's private decorator
         self,

@@ -8,17 +8,12 @@ model is known), ``endpoint`` one of the gateway's routes, ``status`` an HTTP st
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from lamina.observability._serving_metrics import EngineMetrics, LabelCache, TrafficMetrics
+from lamina.observability._fast_metrics import FastMetrics
+from lamina.observability._serving_metrics import EngineMetrics, LabelCache, ModelSeries, TrafficMetrics
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -32,39 +27,32 @@ class GatewayMetrics:
         """``enabled=False``: the request path counts nothing (the series exist, empty)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
-        self.requests = Counter(
-            "lamina_requests",
-            "API requests answered, by outcome.",
-            ("endpoint", "model", "status"),
-            registry=reg,
+        fast = FastMetrics(reg)  # the request path's series (_fast_metrics.py): updated on the event loop
+        self.requests = fast.counter(
+            "lamina_requests", "API requests answered, by outcome.", ("endpoint", "model", "status")
         )
-        self.request_duration = Histogram(
+        self.request_duration = fast.histogram(
             "lamina_request_duration_seconds",
             "Time from request received to last byte sent (whole stream for streams).",
             ("endpoint", "model"),
-            buckets=_DURATION_BUCKETS,
-            registry=reg,
+            _DURATION_BUCKETS,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = fast.histogram(
             "lamina_time_to_first_token_seconds",
             "Time from request received to the first content chunk relayed (streams).",
             ("model",),
-            buckets=_TTFT_BUCKETS,
-            registry=reg,
+            _TTFT_BUCKETS,
         )
-        self.tokens_per_second = Histogram(
+        self.tokens_per_second = fast.histogram(
             "lamina_tokens_per_second",
             "Output tokens divided by the engine's generation time, per request.",
             ("model",),
-            buckets=_TPS_BUCKETS,
-            registry=reg,
+            _TPS_BUCKETS,
         )
-        self.input_tokens = Counter(
-            "lamina_input_tokens", "Prompt tokens processed.", ("model",), registry=reg
-        )
-        self.output_tokens = Counter("lamina_output_tokens", "Tokens generated.", ("model",), registry=reg)
-        self.in_flight = Gauge(
-            "lamina_requests_in_flight", "Requests being served right now.", ("model",), registry=reg
+        self.input_tokens = fast.counter("lamina_input_tokens", "Prompt tokens processed.", ("model",))
+        self.output_tokens = fast.counter("lamina_output_tokens", "Tokens generated.", ("model",))
+        self.in_flight = fast.gauge(
+            "lamina_requests_in_flight", "Requests being served right now.", ("model",)
         )
         self.guard_decisions = Counter(
             "lamina_guard_decisions",
@@ -76,8 +64,28 @@ class GatewayMetrics:
         #: the engine's series under vLLM's names, and the cache, rate-limit, layer and trace ones
         #: ``child(metric, *labels)``: a labelled series, looked up once
         self.child = LabelCache(enabled)
-        self.engine = EngineMetrics(reg, self.child)
-        self.traffic = TrafficMetrics(reg)
+        self.engine = EngineMetrics(fast, self.child)
+        self.traffic = TrafficMetrics(reg, fast)
+        self._models: dict[str, ModelSeries] = {}
+        self._layers: dict[str, tuple[Any, Any]] = {}
+
+    def layer(self, name: str) -> tuple[Any, Any]:
+        """The ``lamina_layer_seconds`` and ``lamina_bottleneck_requests`` series of the layer ``name``."""
+        found = self._layers.get(name)
+        if found is None:
+            traffic = self.traffic
+            found = self._layers[name] = (
+                self.child(traffic.layer_seconds, name),
+                self.child(traffic.bottleneck, name),
+            )
+        return found
+
+    def model(self, name: str) -> ModelSeries:
+        """The series of the deployment ``name`` (every one the request path updates), looked up once."""
+        found = self._models.get(name)
+        if found is None:
+            found = self._models[name] = ModelSeries(self, name)
+        return found
 
     def observe_request(self, *, endpoint: str, model: str, status: int, seconds: float) -> None:
         """Count one finished request and its duration."""

@@ -39,6 +39,11 @@ class Record:
         self.later = later
 
 
+#: a span kept as timestamps until its trace is kept: ``(name, attributes, start_ns, end_ns, span_id,
+#: parent_id, error)`` (span id 0: it gets one then; parent id None: the root; error: the description of
+#: its ERROR status, None for none)
+Deferred = tuple[str, Attributes, int, int, int, int | None, str | None]
+
 #: a span (a LightSpan, an SDK span or a Record) of an open trace: it, its id, its parent's id, its start
 Held = tuple[Any, int, int | None, int]
 
@@ -48,6 +53,7 @@ class OpenTrace:
 
     __slots__ = (
         "closed",
+        "extra",
         "failed",
         "flags",
         "held",
@@ -79,6 +85,9 @@ class OpenTrace:
         self.failed = False
         #: it holds SDK spans (their status is read at the decision)
         self.sdk = False
+        #: spans kept as plain timestamps by their owner (the gateway's own steps), made only if the trace
+        #: is kept: a function that returns them as ``Deferred`` tuples
+        self.extra: Any = None
 
     def begin(self, obj: Any, span_id: int, parent_id: int | None, layer: str | None, start: int) -> str:
         """``obj`` starts (the first span to start is the root); returns its layer (its own or its
@@ -110,6 +119,14 @@ class OpenTrace:
             net[entry[2]] += duration
         if entry[3] in net:
             net[entry[3]] -= duration
+
+    def shift(self, layer: str, parent_layer: str, ns: int) -> None:
+        """A span of ``layer`` under one of ``parent_layer`` took ``ns`` (a span whose owner keeps it as
+        timestamps, made only if the trace is kept: ``extra``)."""
+        if ns > 0 and layer != parent_layer and not self.closed:
+            net = self.net
+            net[layer] += ns
+            net[parent_layer] -= ns
 
     def record(
         self,
@@ -158,5 +175,6 @@ class OpenTrace:
                 totals[entry[3]] -= duration
         root = self.known[self.root_id]
         total = (root[1] if root[1] is not None else now) - root[0]
-        layers = {k: round(v / 1e6, 3) if v > 0 else 0.0 for k, v in totals.items()}
-        return Breakdown(layers, max(total, 0) / 1e6)
+        # whole microseconds, as milliseconds: up to three decimals (cheaper than round())
+        layers = {k: v // 1000 / 1000 if v > 0 else 0.0 for k, v in totals.items()}
+        return Breakdown(layers, max(total, 0) // 1000 / 1000)

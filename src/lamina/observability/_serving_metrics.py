@@ -27,12 +27,14 @@ The queue, prefill and decode times come from the timings each replica reports w
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry, Gauge
 
-M = TypeVar("M", bound=MetricWrapperBase)
+from lamina.observability._fast_metrics import FastMetrics
+
+if TYPE_CHECKING:
+    from lamina.observability._metrics import GatewayMetrics
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -55,88 +57,124 @@ _NULL = _NullSeries()
 
 
 class LabelCache:
-    """``metric.labels(*values)`` remembered: prometheus_client's lookup costs microseconds, a dict hit a
-    fraction of one, and a request touches twenty series. Only for bounded label values (deployments,
-    endpoints, statuses, layers) of series that are never removed."""
+    """``metric.labels(*values)``, or a series that counts nothing when the metrics are off. Only for
+    bounded label values (deployments, endpoints, statuses, layers) of series that are never removed."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.enabled = enabled
 
-    def __call__(self, metric: M, *values: str) -> M:
+    def __call__(self, metric: Any, *values: str) -> Any:
         if not self.enabled:  # metrics off: every series is one that counts nothing
-            return _NULL  # type: ignore[return-value]
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
+            return _NULL
+        return metric.labels(*values)
+
+
+class ModelSeries:
+    """Every series of one deployment that a request updates, looked up once per request instead of once
+    per update (``GatewayMetrics.model``); all count nothing when the metrics are off."""
+
+    __slots__ = (
+        "decode",
+        "e2e",
+        "in_flight",
+        "input_tokens",
+        "inter_token",
+        "output_tokens",
+        "prefill",
+        "prefix_hits",
+        "prefix_queries",
+        "queue",
+        "running",
+        "time_to_first_token",
+        "tokens_per_second",
+        "waiting",
+    )
+
+    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+        child, engine = metrics.child, metrics.engine
+        self.in_flight = child(metrics.in_flight, model)
+        self.input_tokens = child(metrics.input_tokens, model)
+        self.output_tokens = child(metrics.output_tokens, model)
+        self.tokens_per_second = child(metrics.tokens_per_second, model)
+        self.time_to_first_token = child(metrics.time_to_first_token, model)
+        self.queue = child(engine.queue_time, model)
+        self.prefill = child(engine.prefill_time, model)
+        self.decode = child(engine.decode_time, model)
+        self.inter_token = child(engine.inter_token, model)
+        self.e2e = child(engine.e2e, model)
+        self.running = child(engine.running, model)
+        self.waiting = child(engine.waiting, model)
+        self.prefix_queries = child(engine.prefix_queries, model)
+        self.prefix_hits = child(engine.prefix_hits, model)
+
+    def observe_engine(
+        self, *, queue_ms: float | None, prefill_ms: float | None, decode_ms: float | None, output_tokens: int
+    ) -> None:
+        """One request's timings as its replica reported them (None: not reported)."""
+        if queue_ms is not None and queue_ms >= 0:
+            self.queue.observe(queue_ms / 1000)
+        if prefill_ms is not None and prefill_ms >= 0:
+            self.prefill.observe(prefill_ms / 1000)
+        if decode_ms is not None and decode_ms >= 0:
+            self.decode.observe(decode_ms / 1000)
+            if output_tokens > 1:
+                self.inter_token.observe(decode_ms / 1000 / (output_tokens - 1))
 
 
 class EngineMetrics:
     """vLLM-named series per deployment (``model``)."""
 
-    def __init__(self, registry: CollectorRegistry, child: LabelCache) -> None:
-        reg = registry
+    def __init__(self, fast: FastMetrics, child: LabelCache) -> None:
         self.child = child
-        self.queue_time = Histogram(
+        self.queue_time = fast.histogram(
             "lamina_request_queue_time_seconds",
             "Time a request waited in its replica's queue before the engine started it.",
             ("model",),
-            buckets=_LATENCY,
-            registry=reg,
+            _LATENCY,
         )
-        self.prefill_time = Histogram(
+        self.prefill_time = fast.histogram(
             "lamina_request_prefill_time_seconds",
             "Engine time from starting a request to its first token (prompt processing).",
             ("model",),
-            buckets=_LATENCY,
-            registry=reg,
+            _LATENCY,
         )
-        self.decode_time = Histogram(
+        self.decode_time = fast.histogram(
             "lamina_request_decode_time_seconds",
             "Engine time from a request's first token to its last.",
             ("model",),
-            buckets=_E2E,
-            registry=reg,
+            _E2E,
         )
-        self.inter_token = Histogram(
+        self.inter_token = fast.histogram(
             "lamina_inter_token_latency_seconds",
             "Mean time between two output tokens of a request (decode time / (output tokens - 1)).",
             ("model",),
-            buckets=_ITL,
-            registry=reg,
+            _ITL,
         )
-        self.e2e = Histogram(
+        self.e2e = fast.histogram(
             "lamina_e2e_request_latency_seconds",
             "Model requests: time from received by the gateway to the last byte sent.",
             ("model",),
-            buckets=_E2E,
-            registry=reg,
+            _E2E,
         )
-        self.running = Gauge(
+        self.running = fast.gauge(
             "lamina_num_requests_running",
             "Requests dispatched to a replica and not finished.",
             ("model",),
-            registry=reg,
         )
-        self.waiting = Gauge(
+        self.waiting = fast.gauge(
             "lamina_num_requests_waiting",
             "Requests routed to a deployment and not yet dispatched to a replica.",
             ("model",),
-            registry=reg,
         )
-        self.prefix_queries = Counter(
+        self.prefix_queries = fast.counter(
             "lamina_prefix_cache_queries",
             "Prompt tokens looked up in the engine's prefix cache (replicas that report cached tokens).",
             ("model",),
-            registry=reg,
         )
-        self.prefix_hits = Counter(
+        self.prefix_hits = fast.counter(
             "lamina_prefix_cache_hits",
             "Prompt tokens the engine found in its prefix cache (usage.prompt_tokens_details.cached_tokens).",
             ("model",),
-            registry=reg,
         )
 
     def observe_engine(
@@ -167,37 +205,32 @@ class EngineMetrics:
 class TrafficMetrics:
     """The gateway's per-request outcomes beyond the request counters: cache, rate limits, layers, traces."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, fast: FastMetrics) -> None:
         reg = registry
-        self.cache = Counter(
+        self.cache = fast.counter(
             "lamina_cache_requests",
             "Response-cache lookups by result (hit, miss, bypass, ... as the x-lamina-cache header says).",
             ("result",),
-            registry=reg,
         )
-        self.rate_limited = Counter(
+        self.rate_limited = fast.counter(
             "lamina_rate_limited_requests",
             "Requests refused by a rate limit, by the limit's scope and unit (e.g. 'key requests').",
             ("limit",),
-            registry=reg,
         )
-        self.layer_seconds = Counter(
+        self.layer_seconds = fast.counter(
             "lamina_layer_seconds",
             "Time requests spent in each layer (the self time of its spans).",
             ("layer",),
-            registry=reg,
         )
-        self.bottleneck = Counter(
+        self.bottleneck = fast.counter(
             "lamina_bottleneck_requests",
             "Requests by the layer that took longest in them.",
             ("layer",),
-            registry=reg,
         )
-        self.traces = Counter(
+        self.traces = fast.counter(
             "lamina_traces",
             "Finished traces by the sampler's decision (error, slow, sampled: stored; dropped: not).",
             ("decision",),
-            registry=reg,
         )
         self.spans_lost = Gauge(
             "lamina_trace_spans_lost",

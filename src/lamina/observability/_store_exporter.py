@@ -13,6 +13,7 @@ batch (logged) and never reaches the request path; a writer that falls behind dr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -143,12 +144,14 @@ def _insert(store: Store, span_rows: list[dict[str, Any]], trace_rows: list[dict
 
 
 _STOP = object()
+#: ends the writer's wait for more traces: a flush writes what is queued now
+_FLUSH = object()
 
 
 class SpanWriter:
     """Writes kept traces to the store from a thread of its own (see the module doc)."""
 
-    def __init__(self, store: Store, *, max_queued: int = 2000, linger_s: float = 0.2) -> None:
+    def __init__(self, store: Store, *, max_queued: int = 2000, linger_s: float = 1.0) -> None:
         self._store = store
         self._linger_s = linger_s
         self._queue: queue.Queue[object] = queue.Queue(max_queued)
@@ -181,12 +184,17 @@ class SpanWriter:
             item = self._queue.get()
             if item is _STOP:
                 return
+            if item is _FLUSH:
+                continue
             batch, stop = [item], False
-            until = time.monotonic() + self._linger_s  # a moment for more traces: fewer transactions
+            # a moment for more traces: at the default sampling (2 a second) one transaction a second
+            until = time.monotonic() + self._linger_s
             while len(batch) < 200 and not stop:
                 try:
                     more = self._queue.get(timeout=max(until - time.monotonic(), 0.0))
                 except queue.Empty:
+                    break
+                if more is _FLUSH:
                     break
                 stop = more is _STOP
                 if not stop:
@@ -216,6 +224,8 @@ class SpanWriter:
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every trace queued so far is written (or lost); False on timeout."""
+        with contextlib.suppress(queue.Full):  # full: the writer is not lingering anyway
+            self._queue.put_nowait(_FLUSH)
         with self._idle:
             return self._idle.wait_for(lambda: self._pending <= 0, timeout_s)
 

@@ -90,7 +90,7 @@ class Telemetry:
             self.retention = TraceRetention(store, retention or RetentionPolicy())
             self.retention.start(retention_interval_s)
         #: spans as plain records until their trace is kept (``_light.py``); OpenTelemetry's API all the same
-        self.tracer: trace.Tracer = LightTracer(self.keeper, resource, record=tracing)
+        self.tracer = LightTracer(self.keeper, resource, record=tracing)
 
     @classmethod
     def of(cls, config: ObservabilityConfig, store: Store | None) -> Telemetry:
