@@ -459,6 +459,7 @@ PUBLIC = {
         "Layer",
         "LightSpan",
         "ModelSeries",
+        "OpenTrace",
         "Pruned",
         "RetentionPolicy",
         "SamplingPolicy",

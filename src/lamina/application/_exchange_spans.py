@@ -7,36 +7,73 @@ spans a kept trace stores, under the root unless said otherwise:
 - ``auth``, ``parse``, ``cache`` and the policies' steps (application): before routing under the root,
   between routing and the first dispatch under ``admission``, after the reply under ``respond``;
 - ``route`` (models), ``admission`` (application, routing to the first dispatch);
-- per reply, under its ``dispatch`` span: ``engine`` (models, the replica's clock, same host) with
-  ``queue``, then ``prefill`` up to the first token and ``decode`` after it (``embed`` for an embedding),
-  and ``device`` (compute: the device and its utilisation then);
+- ``dispatch`` (orchestration, :class:`DispatchStep`: one per try), and per reply, under it: ``engine``
+  (models, the replica's clock, same host) with ``queue``, then ``prefill`` up to the first token and
+  ``decode`` after it (``embed`` for an embedding), and ``device`` (compute: the device and its
+  utilisation then);
 - ``respond`` (application: output guards, cache store, settling, sending, after the reply).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.util.types import AttributeValue
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.util.types import Attributes, AttributeValue
 
-from lamina.observability import LAYER, Deferred, Layer
+from lamina.observability import LAYER, Deferred, Layer, LightSpan, OpenTrace
 
 _APPLICATION: dict[str, AttributeValue] = {LAYER: Layer.APPLICATION.value}
 _MODELS: dict[str, AttributeValue] = {LAYER: Layer.MODELS.value}
 
-#: one reply: its dispatch span, the replica's ``lamina`` extension, the prefill ms, whether it generates
-#: tokens, and the device span's attributes
-Reply = tuple[Any, Mapping[str, Any], float | None, bool, dict[str, AttributeValue]]
+#: one reply: its dispatch span, the replica's ``lamina`` extension, the answer's usage, and the device
+#: span's attributes
+Reply = tuple[Any, Mapping[str, Any], Mapping[str, Any], dict[str, AttributeValue]]
 
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _span_id() -> int:
+def new_span_id() -> int:
+    """A random span id (64 bits, never the invalid 0)."""
     return random.getrandbits(64) or 1
+
+
+_span_id = new_span_id
+
+
+def root_attributes(
+    described: Callable[[], dict[str, AttributeValue]] | None,
+    route: Any,
+    replies: Sequence[tuple[Mapping[str, Any], Mapping[str, Any], object, object]],
+    breakdown: Any,
+) -> dict[str, AttributeValue]:
+    """The root span's attributes kept aside while the request ran (made only if its trace is kept): the
+    request's own, its route, then what the (last) reply says, and the layer that took longest."""
+    attrs: dict[str, AttributeValue] = described() if described is not None else {}
+    if route is not None:
+        attrs["lamina.deployment"] = route.deployment
+        attrs["gen_ai.response.model"] = route.served_name
+        if route.model_version:
+            attrs["lamina.model_version"] = route.model_version
+    for usage, ext, model, _ in replies:
+        if isinstance(model, str):
+            attrs["gen_ai.response.model"] = model
+        if isinstance(ext.get("model_version"), str):
+            attrs["lamina.model_version"] = ext["model_version"]
+        tokens_in, tokens_out = _number(usage.get("prompt_tokens")), _number(usage.get("completion_tokens"))
+        if tokens_in is not None:
+            attrs["gen_ai.usage.input_tokens"] = int(tokens_in)
+        if tokens_out is not None:
+            attrs["gen_ai.usage.output_tokens"] = int(tokens_out)
+    if breakdown is not None and breakdown.bottleneck is not None:
+        attrs["lamina.bottleneck"] = breakdown.bottleneck
+    return attrs
 
 
 def deferred_spans(
@@ -70,11 +107,7 @@ def deferred_spans(
 
 
 def _engine(
-    dispatch: Any,
-    ext: Mapping[str, Any],
-    prefill_ms: float | None,
-    generates: bool,
-    device: dict[str, AttributeValue],
+    dispatch: Any, ext: Mapping[str, Any], usage: Mapping[str, Any], device: dict[str, AttributeValue]
 ) -> list[Deferred]:
     """The replica's work as spans timed by the replica's clock (same host): ``engine`` (models) from
     receipt to the end, with ``queue``, then ``prefill`` up to the first token and ``decode`` after it
@@ -83,6 +116,11 @@ def _engine(
     if not (isinstance(start, int) and isinstance(end, int)) or isinstance(start, bool) or end < start:
         return []
     queue_ms = _number(ext.get("queue_ms")) or 0.0
+    ttft_ms = _number(ext.get("ttft_ms"))
+    prefill_ms = (
+        None if ttft_ms is None or _number(ext.get("queue_ms")) is None else max(ttft_ms - queue_ms, 0.0)
+    )
+    generates = _number(usage.get("completion_tokens")) is not None
     received = max(start - int(queue_ms * 1e6), 0)
     attrs: dict[str, AttributeValue] = {LAYER: Layer.MODELS.value}
     for key in ("queue_ms", "ttft_ms", "engine_ms", "compute_ms"):
@@ -104,3 +142,91 @@ def _engine(
         out.append(("embed" if not generates else "generate", _MODELS, start, end, 0, engine_id, None))
     out.append(("device", device, start, start, 0, engine_id, None))
     return out
+
+
+class DispatchStep(trace.Span):
+    """The ``dispatch`` span of one try (orchestration), kept as timestamps and attributes: it counts in
+    the trace's per-layer time while it runs and when it ends, and is made a span (:meth:`deferred`) only
+    if the trace is kept. The API of a span for the code around the dispatcher (attributes, an ERROR
+    status, an exception); not made current: nothing below the dispatcher records spans."""
+
+    __slots__ = ("_opened", "attributes", "end_ns", "error", "parent_id", "span_id", "start_ns")
+
+    def __init__(self, opened: OpenTrace, parent: trace.Span, attributes: dict[str, AttributeValue]) -> None:
+        self._opened = opened
+        self.span_id = _span_id()
+        self.attributes = attributes
+        self.error: str | None = None
+        self.end_ns = 0
+        self.start_ns = time.time_ns()
+        parent_layer = Layer.APPLICATION.value
+        self.parent_id: int | None = None  # the root
+        if isinstance(parent, LightSpan) and parent.trace is opened and parent.span_id != opened.root_id:
+            self.parent_id, parent_layer = parent.span_id, parent.layer  # a model group's attempt
+        opened.begin_step(self.span_id, self.start_ns, Layer.ORCHESTRATION.value, parent_layer)
+
+    @property
+    def layer(self) -> str:
+        return Layer.ORCHESTRATION.value
+
+    @property
+    def start_time(self) -> int:
+        return self.start_ns
+
+    def traceparent(self) -> str:
+        """The W3C ``traceparent`` header that carries this span to the replica."""
+        opened = self._opened
+        return f"00-{opened.trace_id:032x}-{self.span_id:016x}-{opened.flags:02x}"
+
+    def deferred(self) -> Deferred:
+        return (
+            "dispatch",
+            self.attributes,
+            self.start_ns,
+            self.end_ns,
+            self.span_id,
+            self.parent_id,
+            self.error,
+        )
+
+    def end(self, end_time: int | None = None) -> None:
+        if not self.end_ns:
+            self.end_ns = end_time or time.time_ns()
+            self._opened.end(self.span_id, self.end_ns)
+
+    def get_span_context(self) -> SpanContext:
+        opened = self._opened
+        return SpanContext(opened.trace_id, self.span_id, False, TraceFlags(opened.flags))
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        self.attributes.update(attributes)
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        self.attributes[key] = value
+
+    def add_event(self, name: str, attributes: Attributes = None, timestamp: int | None = None) -> None:
+        """Events are not kept on a dispatch (exceptions are, as attributes)."""
+
+    def update_name(self, name: str) -> None:
+        """The name is ``dispatch``."""
+
+    def is_recording(self) -> bool:
+        return not self.end_ns
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        code = status.status_code if isinstance(status, Status) else status
+        if isinstance(status, Status):
+            description = status.description
+        if code is StatusCode.ERROR:
+            self.error = description or ""
+            self._opened.failed = True
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        self.attributes["exception.type"] = type(exception).__qualname__
+        self.attributes["exception.message"] = str(exception)

@@ -287,7 +287,7 @@ async def _serve(deps: GatewayDeps, op: _Operation, request: Request) -> Respons
     exchange.timed("parse", began)
     asked = parsed.model
     grounding = await _ground(deps, body, parsed, principal_of(request))
-    exchange.span.set_attributes(_request_attributes(op, parsed))
+    exchange.describe(lambda: _request_attributes(op, parsed))  # made only if the trace is kept
     tries = None if deps.router is None else deps.router.tries(parsed.model, body, request.headers)
     route = exchange.resolve(deps.catalog, parsed.model) if tries is None else tries.route
     check_model(principal_of(request), asked, route if tries is None else tries.asked)

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from lamina.application._cache import CacheLookup
 from lamina.application._policy import Admission, Usage
@@ -79,9 +79,8 @@ async def forward_plain(
             await guards.check_answer(call, body)
         if cache is not None and cache.stores:
             await cache.store_plain(body)
-        layers = exchange.extension()  # where the time went, per layer (observability/_breakdown.py)
-        out = {**body, **extra} if layers is None else {**body, **extra, "lamina": layers}
-        return JSONResponse(out, headers=call.headers)
+        # with where the time went, per layer (observability/_breakdown.py)
+        return exchange.answer({**body, **extra} if extra else body, call.headers)
     finally:
         with anyio.CancelScope(shield=True):
             await admission.settle(None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,11 +17,13 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 from starlette.requests import Request
+from starlette.responses import Response
 
-from lamina.application._exchange_spans import deferred_spans
+from lamina.application._exchange_spans import DispatchStep, deferred_spans, root_attributes
+from lamina.application._exchange_spans import new_span_id as _new_span_id
 from lamina.application._ports import DispatchResult, ModelCatalog, Route
 from lamina.errors import LaminaError
-from lamina.observability import LAYER, Breakdown, Deferred, Layer, LightSpan, ModelSeries, Telemetry
+from lamina.observability import LAYER, Breakdown, Deferred, Layer, ModelSeries, Telemetry
 
 log = logging.getLogger("lamina.gateway")
 
@@ -37,6 +39,8 @@ _MODELS_LAYER = Layer.MODELS.value
 _ORCHESTRATION_LAYER = Layer.ORCHESTRATION.value
 #: the ``lamina`` extension of a stream's last event, compact (one encoder, not one per answer)
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+#: a plain answer, as Starlette's JSONResponse writes it
+_ANSWER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 def endpoint_of(path: str) -> str | None:
@@ -44,10 +48,6 @@ def endpoint_of(path: str) -> str | None:
     if path in METERED:
         return path
     return "/v1/models/{model}" if path.startswith("/v1/models/") else None
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 class Exchange:
@@ -61,13 +61,17 @@ class Exchange:
     """
 
     __slots__ = (
+        "_bound",
         "_bound_ns",
+        "_described",
         "_dispatched_ns",
-        "_engines",
+        "_finished",
         "_first_token",
         "_opened",
         "_replied_ns",
+        "_replies",
         "_route",
+        "_steps",
         "_waiting",
         "endpoint",
         "model",
@@ -104,8 +108,14 @@ class Exchange:
         self.steps: list[tuple[str, int, int]] = []
         #: the ``route`` step: (start_ns, end_ns, its attributes, its error or None)
         self._route: tuple[int, int, dict[str, AttributeValue], str | None] | None = None
-        #: each reply's engine report: (the dispatch span, the replica's extension, prefill ms, generates)
-        self._engines: list[tuple[trace.Span, Mapping[str, Any], float | None, bool]] = []
+        #: kept for the trace's root if it is kept: the request's attributes, its route, its breakdown
+        self._described: Callable[[], dict[str, AttributeValue]] | None = None
+        self._bound: Route | None = None
+        self._finished: Breakdown | None = None
+        #: each reply: (its usage, the replica's ``lamina`` extension, its ``model``, its dispatch span)
+        self._replies: list[tuple[Mapping[str, Any], Mapping[str, Any], object, trace.Span]] = []
+        #: the dispatch spans of its tries
+        self._steps: list[DispatchStep] = []
 
     def timed(self, step: str, since_ns: int) -> None:
         """The step ``step`` ran from ``since_ns`` until now (an application span if the trace is kept)."""
@@ -152,15 +162,15 @@ class Exchange:
     def bind(self, route: Route) -> None:
         """The request is routed: label it with its deployment and count it in flight."""
         self.model = route.deployment
-        span = self.span
-        span.set_attribute("lamina.deployment", route.deployment)
-        span.set_attribute("gen_ai.response.model", route.served_name)
-        if route.model_version:
-            span.set_attribute("lamina.model_version", route.model_version)
+        self._bound = route
         series = self.series = self._waiting = self.telemetry.metrics.model(self.model)
         series.in_flight.inc()
         series.waiting.inc()
         self._bound_ns = time.time_ns()
+
+    def describe(self, attributes: Callable[[], dict[str, AttributeValue]]) -> None:
+        """The request's own attributes (model, parameters), made only if its trace is kept."""
+        self._described = attributes
 
     def breakdown(self) -> Breakdown | None:
         """Where this request's time went so far, per layer (None when its spans are not recorded)."""
@@ -172,6 +182,15 @@ class Exchange:
         the response's ``x-lamina-layers`` header, if not sent yet, says the same."""
         result = self.reported = self.breakdown()
         return None if result is None else result.as_json()
+
+    def answer(self, content: Mapping[str, Any], headers: Mapping[str, str]) -> Response:
+        """``content`` as the JSON answer, with the ``lamina`` extension last when spans are recorded (its
+        JSON written by the breakdown, not encoded again); the ``x-lamina-layers`` header says the same."""
+        raw = _ANSWER.encode(content).encode()
+        result = self.reported = self.breakdown()
+        if result is not None:
+            raw = raw[:-1] + (b',"lamina":' if len(raw) > 2 else b'"lamina":') + result.json() + b"}"
+        return Response(raw, media_type="application/json", headers=headers)
 
     def final_event(self, chunk: Mapping[str, Any] | None) -> bytes:
         """The stream's last chunk before ``[DONE]`` when the client asked for no usage chunk: one empty
@@ -205,22 +224,25 @@ class Exchange:
 
     @contextmanager
     def dispatch_span(self, deployment: str) -> Iterator[tuple[trace.Span, dict[str, str]]]:
-        """The orchestration span around a dispatcher call, and the headers that carry it to the replica
-        (W3C ``traceparent``). Not made the current span: nothing below the dispatcher records spans."""
+        """The orchestration span around a dispatcher call (a :class:`DispatchStep`, timestamps until
+        the trace is kept), and the headers that carry it to the replica (W3C ``traceparent``)."""
         if self._waiting is not None:  # the first try: the gateway's checks before it are one span
             self._waiting.waiting.dec()
             self._waiting = None
             self._dispatched_ns = time.time_ns()
         running = self.telemetry.metrics.model(deployment).running
         running.inc()
-        attrs: dict[str, AttributeValue] = {LAYER: _ORCHESTRATION_LAYER, "lamina.deployment": deployment}
-        span = self.telemetry.tracer.start_span("dispatch", attributes=attrs)
-        if isinstance(span, LightSpan):  # its ids as they are (a SpanContext is made with checks)
-            ids = (span.trace.trace_id, span.span_id, span.trace.flags)
+        opened = self._opened
+        span: trace.Span
+        if opened is not None and not opened.closed:
+            attrs: dict[str, AttributeValue] = {LAYER: _ORCHESTRATION_LAYER, "lamina.deployment": deployment}
+            step = DispatchStep(opened, trace.get_current_span(), attrs)
+            self._steps.append(step)
+            span, headers = step, {"traceparent": step.traceparent()}
         else:
-            ctx = span.get_span_context()
-            ids = (ctx.trace_id, ctx.span_id, ctx.trace_flags)
-        headers = {"traceparent": f"00-{ids[0]:032x}-{ids[1]:016x}-{ids[2]:02x}"}
+            ctx = self.span.get_span_context()
+            span = trace.NonRecordingSpan(ctx)
+            headers = {"traceparent": f"00-{ctx.trace_id:032x}-{_new_span_id():016x}-{ctx.trace_flags:02x}"}
         try:
             yield span, headers
         except Exception as exc:
@@ -233,57 +255,33 @@ class Exchange:
 
     @staticmethod
     def dispatched(span: trace.Span, result: DispatchResult) -> None:
-        span.set_attribute("lamina.replica.id", result.replica_id)
-        span.set_attribute("lamina.replica.url", result.url)
-        span.set_attribute("lamina.dispatch.attempts", result.attempts)
-        span.set_attribute("http.response.status_code", result.response.status_code)
+        if isinstance(span, DispatchStep):
+            attrs = span.attributes
+            attrs["lamina.replica.id"] = result.replica_id
+            attrs["lamina.replica.url"] = result.url
+            attrs["lamina.dispatch.attempts"] = result.attempts
+            attrs["http.response.status_code"] = result.response.status_code
 
     def record_reply(self, body: dict[str, Any], dispatch: trace.Span) -> Mapping[str, Any]:
-        """Take the replica's ``lamina`` extension out of ``body``; turn it and the usage into telemetry.
-        Returns the extension (empty when there was none)."""
+        """Take the replica's ``lamina`` extension out of ``body``; keep it and the usage for the metrics
+        (counted in batches) and the trace (the engine's spans, if kept). Returns the extension (empty
+        when there was none)."""
         raw = body.pop("lamina", None)
         ext: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
-        span = self.span
-        if isinstance(body.get("model"), str):
-            span.set_attribute("gen_ai.response.model", body["model"])
-        if isinstance(ext.get("model_version"), str):
-            span.set_attribute("lamina.model_version", ext["model_version"])
-        usage: Mapping[str, Any] = body["usage"] if isinstance(body.get("usage"), dict) else {}
-        tokens_in, tokens_out = _number(usage.get("prompt_tokens")), _number(usage.get("completion_tokens"))
-        if tokens_in is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", int(tokens_in))
-        if tokens_out is not None:
-            span.set_attribute("gen_ai.usage.output_tokens", int(tokens_out))
-        engine_ms = _number(ext.get("engine_ms"))
-        series = self.telemetry.metrics.model(self.model)
-        series.input_tokens.inc(max(int(tokens_in or 0), 0))
-        series.output_tokens.inc(max(int(tokens_out or 0), 0))
-        if tokens_out and tokens_out > 0 and engine_ms:
-            series.tokens_per_second.observe(tokens_out / (engine_ms / 1000))
-        queue_ms, ttft_ms = _number(ext.get("queue_ms")), _number(ext.get("ttft_ms"))
-        prefill_ms = None if ttft_ms is None or queue_ms is None else max(ttft_ms - queue_ms, 0.0)
-        decode_ms = None
-        if engine_ms is not None and prefill_ms is not None and tokens_out is not None:
-            decode_ms = max(engine_ms - prefill_ms, 0.0)
-        series.observe_engine(
-            queue_ms=queue_ms,
-            prefill_ms=prefill_ms if tokens_out is not None else None,
-            decode_ms=decode_ms,
-            output_tokens=int(tokens_out or 0),
-        )
-        details = usage.get("prompt_tokens_details")
-        cached = _number(details.get("cached_tokens")) if isinstance(details, dict) else None
-        if cached is not None and tokens_in is not None:
-            series.prefix_queries.inc(max(int(tokens_in), 0))
-            series.prefix_hits.inc(max(min(int(cached), int(tokens_in)), 0))
+        usage = body.get("usage")
+        self._replies.append((usage if isinstance(usage, dict) else {}, ext, body.get("model"), dispatch))
         opened = self._opened
-        if opened is not None and isinstance(dispatch, LightSpan):
+        if opened is not None and isinstance(dispatch, DispatchStep):
             self._replied_ns = now = time.time_ns()
-            self._engines.append((dispatch, ext, prefill_ms, tokens_out is not None))
             start, end = ext.get("start_ns"), ext.get("end_ns")
             if isinstance(start, int) and isinstance(end, int) and end >= start:  # the replica's clock
-                received = max(start - int((queue_ms or 0.0) * 1e6), dispatch.start_time)
-                opened.shift(_MODELS_LAYER, dispatch.layer, min(end, now) - received)
+                queue_ms = ext.get("queue_ms")
+                queued = int(queue_ms * 1e6) if isinstance(queue_ms, int | float) else 0
+                opened.shift(
+                    _MODELS_LAYER,
+                    _ORCHESTRATION_LAYER,
+                    min(end, now) - max(start - queued, dispatch.start_ns),
+                )
         return ext
 
     def finish(self, status: int) -> None:
@@ -293,55 +291,45 @@ class Exchange:
         span.set_attribute("http.response.status_code", status)
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
-        metrics = self.telemetry.metrics
         if self.series is not None:
             self.series.in_flight.dec()
         if self._waiting is not None:
             self._waiting.waiting.dec()
             self._waiting = None
-        if self.endpoint is not None:
-            seconds = time.perf_counter() - self.started
-            metrics.observe_request(endpoint=self.endpoint, model=self.model, status=status, seconds=seconds)
-            if self.series is not None:
-                self.series.e2e.observe(seconds)
-        self._count_outcomes()
+        result = self.reported or self.breakdown()
+        attributes = getattr(span, "attributes", None) or {}
+        cache, limited = attributes.get("lamina.cache"), attributes.get("lamina.rate_limited")
+        self.telemetry.metrics.record(
+            (
+                self.model,
+                self.endpoint,
+                status,
+                time.perf_counter() - self.started,
+                [(usage, ext) for usage, ext, _, _ in self._replies],
+                None if result is None else result.layers,
+                cache if isinstance(cache, str) else None,
+                limited if isinstance(limited, str) else None,
+            )
+        )
         if self._opened is not None:
+            self._finished = result
             self._opened.extra = self._deferred
         span.end()
 
-    def _deferred(self) -> list[Deferred]:
-        """The gateway's steps as spans, for a trace that is kept (the root's end is their bound)."""
+    def _deferred(self) -> tuple[dict[str, AttributeValue], list[Deferred]]:
+        """For a trace that is kept: the root's attributes kept aside, and the gateway's steps as spans
+        (the root's end is their bound)."""
         root_end = getattr(self.span, "end_time", None) or time.time_ns()
-        return deferred_spans(
+        spans = deferred_spans(
             self.steps,
             self._route,
             (self._bound_ns, self._dispatched_ns),
             (self._replied_ns, root_end),
             [
-                (d, ext, prefill, gen, self.telemetry.device_span(self.model))
-                for d, ext, prefill, gen in self._engines
+                (d, ext, usage, self.telemetry.device_span(self.model))
+                for usage, ext, _, d in self._replies
+                if isinstance(d, DispatchStep)
             ],
         )
-
-    def _count_outcomes(self) -> None:
-        """The per-layer time and what the policies recorded on the root span, as metrics: the breakdown
-        the answer reported (all but the sending of its last bytes), else the one of now."""
-        result = self.reported or self.breakdown()
-        if result is None:
-            return
-        metrics = self.telemetry.metrics
-        layer = metrics.layer
-        for name, ms in result.layers.items():
-            if ms > 0:
-                layer(name)[0].inc(ms / 1000)
-        bottleneck = result.bottleneck
-        if bottleneck is not None:
-            layer(bottleneck)[1].inc()
-            self.span.set_attribute("lamina.bottleneck", bottleneck)
-        attributes = getattr(self.span, "attributes", None) or {}
-        cache = attributes.get("lamina.cache")
-        if isinstance(cache, str):
-            metrics.child(metrics.traffic.cache, cache).inc()
-        limited = attributes.get("lamina.rate_limited")
-        if isinstance(limited, str):
-            metrics.child(metrics.traffic.rate_limited, limited).inc()
+        spans.extend(step.deferred() for step in self._steps)
+        return root_attributes(self._described, self._bound, self._replies, self._finished), spans

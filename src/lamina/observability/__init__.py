@@ -14,7 +14,7 @@ from lamina.observability._doctor import (
 )
 from lamina.observability._light import LightSpan
 from lamina.observability._metrics import DeviceMetrics, DriftMetrics, GatewayMetrics
-from lamina.observability._open_trace import Deferred
+from lamina.observability._open_trace import Deferred, OpenTrace
 from lamina.observability._sampling import Kept, SamplingPolicy, TraceSampler
 from lamina.observability._serving_metrics import ModelSeries
 from lamina.observability._store_exporter import LAYER, SpanRow, StoreSpanExporter, read_trace
@@ -56,6 +56,7 @@ __all__ = [
     "Layer",
     "LightSpan",
     "ModelSeries",
+    "OpenTrace",
     "Pruned",
     "RetentionPolicy",
     "SamplingPolicy",

@@ -66,6 +66,14 @@ class Breakdown:
             self._header = ";".join([f"{layer}={_ms(layers[layer])}" for layer in LAYERS])
         return self._header
 
+    def json(self) -> bytes:
+        """:meth:`as_json` as compact JSON (what ``json.dumps`` writes, made without an encoder)."""
+        layers = self.layers
+        pairs = ",".join([f'"{layer}":{float(layers[layer])!r}' for layer in LAYERS])
+        bottleneck = "null" if self.bottleneck is None else f'"{self.bottleneck}"'
+        total = float(round(self.total_ms, 3))
+        return f'{{"layers":{{{pairs}}},"bottleneck":{bottleneck},"total_ms":{total!r}}}'.encode()
+
     def as_json(self) -> dict[str, Any]:
         """The ``lamina`` extension of an answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``."""
         total = round(self.total_ms, 3)

@@ -13,7 +13,7 @@ threads update (devices, drift, guards, the span writer's losses) stay prometheu
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -109,6 +109,8 @@ class FastMetrics(Collector):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.families: list[Family] = []
+        #: called before each collection (what counts in batches folds its pending updates in)
+        self.before_collect: list[Callable[[], None]] = []
         registry.register(self)
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Family:
@@ -127,6 +129,8 @@ class FastMetrics(Collector):
         return family
 
     def collect(self) -> Iterator[Any]:
+        for hook in self.before_collect:
+            hook()
         for family in self.families:
             yield family.collect()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -29,7 +28,8 @@ from opentelemetry.util.types import Attributes
 
 from lamina.observability._breakdown import Breakdown
 from lamina.observability._fast_metrics import Family
-from lamina.observability._open_trace import Held, Later, OpenTrace, Record
+from lamina.observability._light import LightSpan
+from lamina.observability._open_trace import Deferred, Held, Later, OpenTrace, Record
 from lamina.observability._sampling import Kept, TraceSampler
 from lamina.observability._store_exporter import LAYER, SpanWriter
 
@@ -133,14 +133,17 @@ class TraceKeeper(SpanProcessor):
         extra, opened.extra = opened.extra, None
         if kept is None:
             return
-        done = self._spans(opened, held, extra)
+        more, deferred = extra() if extra is not None else ({}, ())
+        if more and isinstance(root, LightSpan):
+            root.merge(more)
+        done = self._spans(opened, held, deferred)
         for sink in self.sinks:
             for s in done:
                 sink.on_end(s)
         if self.writer is not None:
             self.writer.put(done[0], done, kept)
 
-    def _spans(self, opened: OpenTrace, held: list[Held], extra: Any) -> list[ReadableSpan]:
+    def _spans(self, opened: OpenTrace, held: list[Held], deferred: Sequence[Deferred]) -> list[ReadableSpan]:
         """The ended spans of a kept trace (the root first) as ``ReadableSpan`` objects."""
         out: list[ReadableSpan] = []
         trace_id, flags = opened.trace_id, TraceFlags(opened.flags)
@@ -159,9 +162,9 @@ class TraceKeeper(SpanProcessor):
             for name, attrs, c_start, c_end in obj.later:
                 child = SpanContext(trace_id, self._ids.generate_span_id(), False, flags)
                 out.append(self._readable(name, child, ctx, attrs, c_start, c_end))
-        if extra is not None:
+        if deferred:
             root = opened.root_id
-            for name, attrs, start, end, sid, pid, error in extra():
+            for name, attrs, start, end, sid, pid, error in deferred:
                 ctx = SpanContext(trace_id, sid or self._ids.generate_span_id(), False, flags)
                 parent = SpanContext(trace_id, pid if pid is not None else root, False, flags)
                 status = Status(StatusCode.ERROR, error) if error is not None else None

@@ -128,6 +128,10 @@ class LightSpan(trace.Span):
         if self.end_time is None:
             self._events.append(Event(name, attributes, timestamp))
 
+    def merge(self, attributes: Mapping[str, Any]) -> None:
+        """Attributes its owner kept aside until the trace was kept (after the span ended)."""
+        self._attributes.update(attributes)
+
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         """Links are not kept (no span of Lamina makes one)."""
 

@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from lamina.observability._fast_metrics import FastMetrics
+from lamina.observability._request_fold import Finished, RequestFold
 from lamina.observability._serving_metrics import EngineMetrics, LabelCache, ModelSeries, TrafficMetrics
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -68,6 +69,16 @@ class GatewayMetrics:
         self.traffic = TrafficMetrics(reg, fast)
         self._models: dict[str, ModelSeries] = {}
         self._layers: dict[str, tuple[Any, Any]] = {}
+        self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        #: finished requests, counted in batches (``_request_fold.py``)
+        self.finished = RequestFold(self)
+        fast.before_collect.append(self.finished.fold)
+        self.enabled = enabled
+
+    def record(self, finished: Finished) -> None:
+        """One finished request, counted with the next batch (nothing when the metrics are off)."""
+        if self.enabled:
+            self.finished.add(finished)
 
     def layer(self, name: str) -> tuple[Any, Any]:
         """The ``lamina_layer_seconds`` and ``lamina_bottleneck_requests`` series of the layer ``name``."""
@@ -89,8 +100,15 @@ class GatewayMetrics:
 
     def observe_request(self, *, endpoint: str, model: str, status: int, seconds: float) -> None:
         """Count one finished request and its duration."""
-        self.child(self.requests, endpoint, model, str(status)).inc()
-        self.child(self.request_duration, endpoint, model).observe(seconds)
+        key = (endpoint, model, status)
+        found = self._requests.get(key)
+        if found is None:  # bounded: routes, deployments, HTTP statuses
+            found = self._requests[key] = (
+                self.child(self.requests, endpoint, model, str(status)),
+                self.child(self.request_duration, endpoint, model),
+            )
+        found[0].inc()
+        found[1].observe(seconds)
 
     def observe_guard(self, *, guard: str, action: str, direction: str) -> None:
         """Count one guard's decision on one request (``guard`` is a configured guard's name)."""

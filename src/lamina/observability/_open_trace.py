@@ -86,7 +86,7 @@ class OpenTrace:
         #: it holds SDK spans (their status is read at the decision)
         self.sdk = False
         #: spans kept as plain timestamps by their owner (the gateway's own steps), made only if the trace
-        #: is kept: a function that returns them as ``Deferred`` tuples
+        #: is kept: a function that returns the root's further attributes and those spans (``Deferred``)
         self.extra: Any = None
 
     def begin(self, obj: Any, span_id: int, parent_id: int | None, layer: str | None, start: int) -> str:
@@ -119,6 +119,12 @@ class OpenTrace:
             net[entry[2]] += duration
         if entry[3] in net:
             net[entry[3]] -= duration
+
+    def begin_step(self, key: int, start: int, layer: str, parent_layer: str) -> None:
+        """A span its owner keeps as timestamps (``extra``) starts: it counts up to now until :meth:`end`
+        (with ``key``) ends it."""
+        if not self.closed:
+            self.running[key] = [start, None, layer, parent_layer]
 
     def shift(self, layer: str, parent_layer: str, ns: int) -> None:
         """A span of ``layer`` under one of ``parent_layer`` took ``ns`` (a span whose owner keeps it as

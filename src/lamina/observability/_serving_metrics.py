@@ -107,19 +107,6 @@ class ModelSeries:
         self.prefix_queries = child(engine.prefix_queries, model)
         self.prefix_hits = child(engine.prefix_hits, model)
 
-    def observe_engine(
-        self, *, queue_ms: float | None, prefill_ms: float | None, decode_ms: float | None, output_tokens: int
-    ) -> None:
-        """One request's timings as its replica reported them (None: not reported)."""
-        if queue_ms is not None and queue_ms >= 0:
-            self.queue.observe(queue_ms / 1000)
-        if prefill_ms is not None and prefill_ms >= 0:
-            self.prefill.observe(prefill_ms / 1000)
-        if decode_ms is not None and decode_ms >= 0:
-            self.decode.observe(decode_ms / 1000)
-            if output_tokens > 1:
-                self.inter_token.observe(decode_ms / 1000 / (output_tokens - 1))
-
 
 class EngineMetrics:
     """vLLM-named series per deployment (``model``)."""
@@ -176,30 +163,6 @@ class EngineMetrics:
             "Prompt tokens the engine found in its prefix cache (usage.prompt_tokens_details.cached_tokens).",
             ("model",),
         )
-
-    def observe_engine(
-        self,
-        model: str,
-        *,
-        queue_ms: float | None,
-        prefill_ms: float | None,
-        decode_ms: float | None,
-        output_tokens: int,
-    ) -> None:
-        """One request's timings as its replica reported them (None: not reported)."""
-        child = self.child
-        if queue_ms is not None and queue_ms >= 0:
-            child(self.queue_time, model).observe(queue_ms / 1000)
-        if prefill_ms is not None and prefill_ms >= 0:
-            child(self.prefill_time, model).observe(prefill_ms / 1000)
-        if decode_ms is not None and decode_ms >= 0:
-            child(self.decode_time, model).observe(decode_ms / 1000)
-            if output_tokens > 1:
-                child(self.inter_token, model).observe(decode_ms / 1000 / (output_tokens - 1))
-
-    def observe_prefix_cache(self, model: str, *, prompt_tokens: int, cached_tokens: int) -> None:
-        self.child(self.prefix_queries, model).inc(max(prompt_tokens, 0))
-        self.child(self.prefix_hits, model).inc(max(min(cached_tokens, prompt_tokens), 0))
 
 
 class TrafficMetrics:

@@ -1,0 +1,118 @@
+"""The request path's telemetry at its cheapest: lock-free series, batched counting, and the gateway's
+steps made spans only when their trace is kept (observability/_fast_metrics.py, _request_fold.py;
+application/_exchange_spans.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from lamina.application._exchange_spans import DispatchStep
+from lamina.application._tracing import Exchange
+from lamina.observability import LAYER, SamplingPolicy, Telemetry, read_trace
+from lamina.observability._fast_metrics import FastMetrics
+from lamina.observability._request_fold import BATCH
+from lamina.store import Store
+from tests.support.gateway import LAMINA
+
+
+def _samples(text: bytes) -> list[str]:
+    """The exposition without comments and prometheus_client's ``_created`` samples."""
+    return [
+        line
+        for line in text.decode().splitlines()
+        if line and not line.startswith("#") and "_created" not in line
+    ]
+
+
+def test_fast_series_render_as_prometheus_client_renders_the_same_updates() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    fast = FastMetrics(ours)
+    buckets = (0.01, 0.1, 1.0, 10.0)
+    counter = Counter("x_requests", "h", ("model",), registry=theirs)
+    gauge = Gauge("x_running", "h", ("model",), registry=theirs)
+    histogram = Histogram("x_seconds", "h", ("model",), buckets=buckets, registry=theirs)
+    fast_counter = fast.counter("x_requests", "h", ("model",))
+    fast_gauge = fast.gauge("x_running", "h", ("model",))
+    fast_histogram = fast.histogram("x_seconds", "h", ("model",), buckets)
+    for model, amount in (("m", 3.0), ("n", 1.0)):
+        counter.labels(model).inc(amount)
+        fast_counter.labels(model).inc(amount)
+        gauge.labels(model).inc(amount)
+        fast_gauge.labels(model).inc(amount)
+    gauge.labels("m").dec()
+    fast_gauge.labels("m").dec()
+    for value in (0.01, 0.05, 1.0, 99.0):  # 0.01 and 1.0 sit on a bound: in its bucket (le)
+        histogram.labels("m").observe(value)
+        fast_histogram.labels("m").observe(value)
+    assert sorted(_samples(generate_latest(ours))) == sorted(_samples(generate_latest(theirs)))
+
+
+def _chat(telemetry: Telemetry, model: str = "chat") -> Exchange:
+    """One chat request's telemetry as the gateway drives it, replied with tests.support's extension."""
+    root = telemetry.tracer.start_root("POST /v1/chat/completions", {LAYER: "application"})
+    exchange = Exchange(telemetry, root, "/v1/chat/completions")
+    with trace.use_span(root):
+        exchange.bind(SimpleNamespace(deployment=model, served_name=model, model_version=f"{model}@1"))
+        with exchange.dispatch_span(model) as (span, _):
+            usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+            time.sleep(0.005)  # the replica's work: all of the dispatch (its clock is the same host's)
+            start = span.start_ns  # type: ignore[attr-defined]
+            ext = {**LAMINA, "start_ns": start, "end_ns": time.time_ns(), "queue_ms": 0.0}
+            exchange.record_reply({"model": model, "usage": usage, "lamina": ext}, span)
+        exchange.answer({"id": "x"}, {})
+    exchange.finish(200)
+    return exchange
+
+
+def test_finished_requests_are_counted_when_scraped_and_every_batch() -> None:
+    telemetry = Telemetry(service_name="t")
+    metrics = telemetry.metrics
+    _chat(telemetry)
+    assert len(metrics.finished.pending) == 1  # not counted yet: nothing read the series
+    text = telemetry.render_metrics()[0].decode()
+    assert metrics.finished.pending == []
+    assert 'lamina_requests_total{endpoint="/v1/chat/completions",model="chat",status="200"} 1.0' in text
+    assert 'lamina_output_tokens_total{model="chat"} 3.0' in text
+    assert 'lamina_request_queue_time_seconds_count{model="chat"} 1.0' in text
+    assert 'lamina_bottleneck_requests_total{layer="models"} 1.0' in text
+    assert 'lamina_requests_in_flight{model="chat"} 0.0' in text  # the live gauges: at once
+    for _ in range(BATCH):
+        _chat(telemetry)
+    assert len(metrics.finished.pending) < BATCH  # a full batch was counted without a scrape
+    assert metrics.registry.get_sample_value("lamina_input_tokens_total", {"model": "chat"}) == 9.0 * (
+        BATCH + 1
+    )
+    telemetry.shutdown()
+
+
+def test_a_kept_traces_steps_become_spans_under_the_right_parents(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    store.migrate()
+    telemetry = Telemetry(service_name="t", store=store, sampling=SamplingPolicy(1.0, 1000.0))
+    root = telemetry.tracer.start_root("POST /v1/chat/completions", {LAYER: "application"})
+    exchange = Exchange(telemetry, root, "/v1/chat/completions")
+    replica = SimpleNamespace(replica_id="r0", url="u", attempts=2, response=httpx.Response(502))
+    with (
+        trace.use_span(root),
+        telemetry.tracer.start_as_current_span("attempt", attributes={LAYER: "models"}),  # a group's try
+        exchange.dispatch_span("chat") as (span, headers),
+    ):
+        assert isinstance(span, DispatchStep)
+        assert headers["traceparent"].split("-")[1:3] == [exchange.trace_id, f"{span.span_id:016x}"]
+        exchange.dispatched(span, replica)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, "HTTP 502"))
+    exchange.finish(502)
+    assert telemetry.force_flush()
+    spans = {s["name"]: s for s in read_trace(store, exchange.trace_id)}
+    assert spans["dispatch"]["parent_span_id"] == spans["attempt"]["span_id"]
+    assert spans["dispatch"]["status"] == "error" and spans["dispatch"]["layer"] == "orchestration"
+    assert spans["dispatch"]["attributes"]["lamina.dispatch.attempts"] == 2
+    assert spans["POST /v1/chat/completions"]["status"] == "error"
+    telemetry.shutdown()
+    store.close()
