@@ -33,12 +33,13 @@ class Breakdown:
     """Milliseconds per layer (every layer of :data:`LAYERS` present) and the one that took longest.
     Made once per answer (the header, the body and the metrics read the same one): a plain class."""
 
-    __slots__ = ("_bottleneck", "_header", "layers", "total_ms")
+    __slots__ = ("_bottleneck", "_header", "_json", "layers", "total_ms")
 
     def __init__(self, layers: dict[str, float], total_ms: float) -> None:
         self.layers = layers
         self.total_ms = total_ms
         self._header: str | None = None
+        self._json: bytes | None = None
         self._bottleneck: str | bool | None = False
 
     def __eq__(self, other: object) -> bool:
@@ -62,22 +63,31 @@ class Breakdown:
     def header(self) -> str:
         """The ``x-lamina-layers`` value."""
         if self._header is None:
-            layers = self.layers
-            self._header = ";".join([f"{layer}={_ms(layers[layer])}" for layer in LAYERS])
-        return self._header
+            self._texts()
+        return self._header  # type: ignore[return-value]
 
     def json(self) -> bytes:
-        """:meth:`as_json` as compact JSON (what ``json.dumps`` writes, made without an encoder)."""
+        """:meth:`as_json` as compact JSON (the same numbers as the header, formatted once)."""
+        if self._json is None:
+            self._texts()
+        return self._json  # type: ignore[return-value]
+
+    def _texts(self) -> None:
         layers = self.layers
-        pairs = ",".join([f'"{layer}":{float(layers[layer])!r}' for layer in LAYERS])
+        parts = tuple([_ms(layers[layer]) for layer in LAYERS])
+        self._header = _HEADER % parts
         bottleneck = "null" if self.bottleneck is None else f'"{self.bottleneck}"'
-        total = float(round(self.total_ms, 3))
-        return f'{{"layers":{{{pairs}}},"bottleneck":{bottleneck},"total_ms":{total!r}}}'.encode()
+        self._json = (_JSON % (*parts, bottleneck, _ms(self.total_ms // 0.001 / 1000))).encode()
 
     def as_json(self) -> dict[str, Any]:
         """The ``lamina`` extension of an answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``."""
         total = round(self.total_ms, 3)
         return {"layers": dict(self.layers), "bottleneck": self.bottleneck, "total_ms": total}
+
+
+#: the header and the ``lamina`` extension's JSON, their numbers filled in (in the order of LAYERS)
+_HEADER = ";".join(f"{layer}=%s" for layer in LAYERS)
+_JSON = '{"layers":{' + ",".join(f'"{layer}":%s' for layer in LAYERS) + '},"bottleneck":%s,"total_ms":%s}'
 
 
 def _ms(value: float) -> str:
