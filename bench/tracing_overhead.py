@@ -1,7 +1,7 @@
 """What tracing, span storage and the per-layer breakdown cost the gateway, and how big the trace store gets.
 
     apt-get install wrk                    # the load generator (C, so the client costs little CPU)
-    .venv/bin/python bench/tracing_overhead.py [--seconds 10] [--rounds 3] [--store-traces 100000]
+    .venv/bin/python bench/tracing_overhead.py [--seconds 4] [--rounds 8] [--store-traces 100000] [--cpu 200]
 
 Part 1, HTTP (one run, side by side): two `lamina up` stacks serve the same fake-engine deployment (the
 chat request of bench/gateway_overhead.py, 8 tokens, non-streamed):
@@ -13,9 +13,10 @@ chat request of bench/gateway_overhead.py, 8 tokens, non-streamed):
   the Prometheus metrics.
 
 (``--keep-all`` adds a third stack that stores every trace, the worst case of an error storm.)
-wrk drives each stack in turn, ``--rounds`` times (off, on, off, on, ...) so that drift of a shared
-machine hits both alike, at 1 and 16 connections; reported: requests per second, p50/p99, and the
-gateway process's CPU time per request, with the cost of "on" against "off" (target: under 3%).
+wrk drives each stack in turn, ``--rounds`` times (off then on, on then off, ...) so that drift of a
+shared machine hits both alike, at 1 and 16 connections; reported: requests per second, p50/p99, and the
+gateway process's CPU time per request, with the cost of "on" against "off" (target: under 3%), also as
+the median over rounds of each round's pair (this machine's speed drifts 10-30% within minutes).
 
 Part 2, the store's bound (``--store-traces N``, default 100,000): N request-shaped traces (the spans one
 chat request records: root, route, dispatch, engine, queue, prefill, decode, device) through the real
@@ -27,6 +28,9 @@ upper bound of the trace tables') at the end and at most, sampled every 1,000 tr
 file's size and its WAL's, at the end and at most; and the same N
 traces under the default sampling, driven at 1,000 requests a second of simulated time (how many are kept).
 This drives the exporter directly: 100k HTTP requests would take minutes per stack on a small machine.
+
+Part 3, in process (``--cpu``): the same chat request through two gateway apps in this process, off and
+on, in interleaved batches (the median of the per-pair differences), without the network's noise.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from lamina.observability import (  # noqa: E402
 from lamina.observability._keeper import TraceKeeper  # noqa: E402
 from lamina.observability._store_exporter import SpanWriter  # noqa: E402
 from lamina.observability._trace_size import stored_bytes, used_bytes  # noqa: E402
+from lamina.stack.gateway import settle_garbage_collector  # noqa: E402
 from lamina.store import Store, spans, traces  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
@@ -251,43 +256,56 @@ def store_part(n: int, tmp: Path) -> dict[str, Any]:
     return result
 
 
-async def _inprocess(telemetry: Telemetry, n: int, stream: bool) -> float:
-    """Process CPU ms per request of ``n`` chat requests through the gateway app in this process."""
-    deps = GatewayDeps(StaticCatalog(), ReplayDispatcher(), lambda: {CHAT: True, EMBED: True}, telemetry, ())
-    transport = httpx.ASGITransport(app=create_app(deps))
+async def _inprocess(
+    telemetries: dict[str, Telemetry], batch: int, pairs: int, stream: bool
+) -> dict[str, Any]:
+    """Process CPU per request of chat requests through two gateway apps in this process (off and on),
+    ``pairs`` times a batch of ``batch`` each, alternating which goes first: the median of the per-pair
+    differences is what tracing adds, drift of the machine cancelled out of each pair."""
     body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-        for _ in range(50):  # warm up
+    clients: dict[str, httpx.AsyncClient] = {}
+    ready = {CHAT: True, EMBED: True}
+    for name, telemetry in telemetries.items():
+        deps = GatewayDeps(StaticCatalog(), ReplayDispatcher(), lambda: ready, telemetry, ())
+        transport = httpx.ASGITransport(app=create_app(deps))
+        clients[name] = httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1")
+    for client in clients.values():  # warm up
+        for _ in range(200):
             await client.post("/v1/chat/completions", json=body)
-        began = time.process_time()
-        for _ in range(n):
-            r = await client.post("/v1/chat/completions", json=body)
-            assert r.status_code == 200, r.text
-        return (time.process_time() - began) * 1000 / n
+    settle_garbage_collector()  # as the gateway does before it serves
+    per: dict[str, list[float]] = {name: [] for name in clients}
+    for i in range(pairs):
+        for name in list(clients) if i % 2 == 0 else list(clients)[::-1]:
+            began = time.process_time()
+            for _ in range(batch):
+                r = await clients[name].post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+            per[name].append((time.process_time() - began) * 1000 / batch)
+    for client in clients.values():
+        await client.aclose()
+    added = [on - off for on, off in zip(per["on"], per["off"], strict=True)]
+    return {
+        "off": statistics.median(per["off"]),
+        "on": statistics.median(per["on"]),
+        "added_ms": statistics.median(added),
+        "pairs": pairs,
+        "batch": batch,
+    }
 
 
-def cpu_part(n: int, rounds: int, tmp: Path) -> dict[str, Any]:
-    """The gateway's CPU per request in process (no network, the fake replies of tests/support): tracing
-    and span storage off against on, interleaved ``rounds`` times; what tracing adds per request."""
-    store = Store(f"sqlite:///{tmp / 'cpu.db'}")
-    store.migrate()
+def cpu_part(batch: int, pairs: int) -> dict[str, Any]:
+    """The gateway's CPU per request in process (no network, the fake replies of tests/support; the
+    client's share too): tracing, breakdown and metrics off against on (no store: part 2 measures it)."""
     out: dict[str, Any] = {}
     for stream in (False, True):
-        for _ in range(rounds):
-            for name in ("off", "on"):
-                telemetry = Telemetry(
-                    service_name="bench", store=store, tracing=name == "on", metrics=name == "on"
-                )
-                ms = anyio.run(_inprocess, telemetry, n, stream)
-                telemetry.shutdown()
-                out.setdefault("stream" if stream else "plain", {}).setdefault(name, []).append(ms)
-                print(f"in process, {'stream' if stream else 'plain'} {name}: {ms:.3f} CPU ms/request")
-    store.close()
-    return {
-        kind: {name: min(values) for name, values in by.items()}
-        | {"added_ms": min(by["on"]) - min(by["off"])}
-        for kind, by in out.items()
-    }
+        telemetries = {
+            name: Telemetry(service_name="bench", tracing=name == "on", metrics=name == "on")
+            for name in ("off", "on")
+        }
+        out["stream" if stream else "plain"] = anyio.run(_inprocess, telemetries, batch, pairs, stream)
+        for telemetry in telemetries.values():
+            telemetry.shutdown()
+    return out
 
 
 def main() -> None:
@@ -297,7 +315,8 @@ def main() -> None:
     ap.add_argument("--keep-all", action="store_true", help="a third stack that stores every trace")
     ap.add_argument("--store-traces", type=int, default=100_000, help="traces for the store bound (0: skip)")
     ap.add_argument("--skip-http", action="store_true")
-    ap.add_argument("--cpu", type=int, default=2000, help="requests per in-process CPU run (0: skip)")
+    ap.add_argument("--cpu", type=int, default=200, help="requests per in-process CPU batch (0: skip)")
+    ap.add_argument("--cpu-pairs", type=int, default=40, help="in-process batches per mode, interleaved")
     args = ap.parse_args()
     result: dict[str, Any] = {"machine": _machine(), "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -308,7 +327,7 @@ def main() -> None:
             result["http"] = {n: {c: _summary(r) for c, r in levels.items()} for n, levels in runs.items()}
             result["http_paired"] = _paired(runs)
         if args.cpu:
-            result["cpu"] = cpu_part(args.cpu, args.rounds, tmp)
+            result["cpu"] = cpu_part(args.cpu, args.cpu_pairs)
         if args.store_traces:
             result["store"] = store_part(args.store_traces, tmp)
     print(report(result))
@@ -362,8 +381,9 @@ def report(result: dict[str, Any]) -> str:
             )
     for kind, c in (result.get("cpu") or {}).items():
         lines.append(
-            f"in process ({kind}): {c['off']:.3f} CPU ms/request off, {c['on']:.3f} on: "
-            f"tracing adds {c['added_ms']:.3f} ms"
+            f"in process ({kind}, median of {c['pairs']} interleaved batches of {c['batch']}): "
+            f"{c['off']:.3f} CPU ms/request off, {c['on']:.3f} on: tracing adds {c['added_ms']:.4f} ms "
+            f"({c['added_ms'] / c['off'] * 100:+.1f}%)"
         )
     store = result.get("store")
     if store:
