@@ -242,12 +242,12 @@ class _Events:
             return b""
         if call.usage_extra and isinstance(chunk.get("usage"), dict):
             chunk["usage"] = {**chunk["usage"], **call.usage_extra}
-        plain = b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + _EVENT_END
-        layers = self._exchange.extension()  # the last chunk carries the per-layer breakdown
+        raw = json.dumps(chunk, separators=(",", ":")).encode()
+        plain = b"data: " + raw + _EVENT_END
+        layers = self._exchange.with_extension(raw)  # the last chunk carries the per-layer breakdown
         if layers is None:
             return plain
-        shown = b"data: " + json.dumps({**chunk, "lamina": layers}, separators=(",", ":")).encode()
-        shown += _EVENT_END
+        shown = b"data: " + layers + _EVENT_END
         self._shown = (shown, plain)
         return shown
 

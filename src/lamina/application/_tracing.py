@@ -177,27 +177,25 @@ class Exchange:
         opened = self._opened
         return None if opened is None or opened.closed else opened.breakdown(time.time_ns())
 
-    def extension(self) -> dict[str, Any] | None:
-        """The ``lamina`` extension of the answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``;
-        the response's ``x-lamina-layers`` header, if not sent yet, says the same."""
+    def with_extension(self, raw: bytes) -> bytes | None:
+        """``raw`` (a JSON object) with the ``lamina`` extension added last, written by the breakdown
+        (not encoded again), or None when spans are not recorded; the ``x-lamina-layers`` header, if not
+        sent yet, says the same."""
         result = self.reported = self.breakdown()
-        return None if result is None else result.as_json()
+        if result is None:
+            return None
+        return raw[:-1] + (b',"lamina":' if len(raw) > 2 else b'"lamina":') + result.json() + b"}"
 
     def answer(self, content: Mapping[str, Any], headers: Mapping[str, str]) -> Response:
-        """``content`` as the JSON answer, with the ``lamina`` extension last when spans are recorded (its
-        JSON written by the breakdown, not encoded again); the ``x-lamina-layers`` header says the same."""
+        """``content`` as the JSON answer, with the ``lamina`` extension when spans are recorded."""
         raw = _ANSWER.encode(content).encode()
-        result = self.reported = self.breakdown()
-        if result is not None:
-            raw = raw[:-1] + (b',"lamina":' if len(raw) > 2 else b'"lamina":') + result.json() + b"}"
-        return Response(raw, media_type="application/json", headers=headers)
+        return Response(self.with_extension(raw) or raw, media_type="application/json", headers=headers)
 
     def final_event(self, chunk: Mapping[str, Any] | None) -> bytes:
         """The stream's last chunk before ``[DONE]`` when the client asked for no usage chunk: one empty
         choice (no text, no finish reason, so a client reading ``choices[0]`` of every chunk still works)
         and the ``lamina`` extension; ``id``, ``object``, ``created``, ``model`` are the replica's."""
-        ext = self.extension()
-        if ext is None:
+        if self._opened is None:
             return b""
         event: dict[str, Any] = {
             k: chunk[k] for k in ("id", "object", "created", "model") if chunk and k in chunk
@@ -205,8 +203,8 @@ class Exchange:
         completion = event.get("object") == "text_completion"
         empty: dict[str, Any] = {"text": ""} if completion else {"delta": {}}
         event["choices"] = [{"index": 0, **empty, "finish_reason": None}]
-        event["lamina"] = ext
-        return b"data: " + _COMPACT.encode(event).encode() + b"\n\n"
+        shown = self.with_extension(_COMPACT.encode(event).encode())
+        return b"" if shown is None else b"data: " + shown + b"\n\n"
 
     def fail(self, exc: LaminaError) -> None:
         """Mark the request failed with ``exc`` (the error body the client gets says the same)."""
