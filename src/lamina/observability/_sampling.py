@@ -78,8 +78,11 @@ class TraceSampler:
         return Kept.SAMPLED if self._take(self._sampled) else None
 
     def _take(self, bucket: _Bucket) -> bool:
+        now = self._clock()
+        if bucket.tokens + (now - bucket.last) * bucket.per_s < 1.0:
+            return False  # empty (read without the lock: a stale read only makes a take wait a little)
         with self._lock:
-            return bucket.take(self._clock())
+            return bucket.take(now)
 
 
 class _Bucket:
