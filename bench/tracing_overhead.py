@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -103,6 +104,8 @@ def http_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         targets = {n: stacks.enter_context(stack_of(tmp / n, MODES[n])) for n in names}
         for url, _ in targets.values():  # warm up: imports, connection pools
             wrk(f"{url}/v1/chat/completions", None, 4, 2, None)
+        if args.pin:
+            _pin([proc for _, proc in targets.values()])
         for connections in (1, 16):
             for rnd in range(args.rounds):
                 order = list(targets.items())
@@ -116,6 +119,22 @@ def http_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         f"cpu {load.cpu_ms_per_request:6.3f} ms/req  err {load.errors}"
                     )
     return out
+
+
+def _pin(gateways: list[psutil.Process]) -> None:
+    """Every thread of each gateway on the first CPU; the replicas, wrk (started from here) and this
+    process on the others: the gateway's CPU per request no longer depends on what shares its core."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return
+    first, rest = {cpus[0]}, set(cpus[1:])
+    for gateway in gateways:
+        for task in Path(f"/proc/{gateway.pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), first)
+        for child in gateway.children(recursive=True):
+            for task in Path(f"/proc/{child.pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), rest)
+    os.sched_setaffinity(0, rest)
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -315,6 +334,7 @@ def main() -> None:
     ap.add_argument("--keep-all", action="store_true", help="a third stack that stores every trace")
     ap.add_argument("--store-traces", type=int, default=100_000, help="traces for the store bound (0: skip)")
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--pin", action="store_true", help="gateways on the first CPU, the rest elsewhere")
     ap.add_argument("--cpu", type=int, default=200, help="requests per in-process CPU batch (0: skip)")
     ap.add_argument("--cpu-pairs", type=int, default=40, help="in-process batches per mode, interleaved")
     args = ap.parse_args()
