@@ -82,6 +82,17 @@ def test_finished_requests_are_counted_when_scraped_and_every_batch() -> None:
     assert 'lamina_request_queue_time_seconds_count{model="chat"} 1.0' in text
     assert 'lamina_bottleneck_requests_total{layer="models"} 1.0' in text
     assert 'lamina_requests_in_flight{model="chat"} 0.0' in text  # the live gauges: at once
+    metrics.record(("", "/v1/chat/completions", 404, 0.001, [], None, None, None))  # never routed
+    text = telemetry.render_metrics()[0].decode()
+    assert 'lamina_requests_total{endpoint="/v1/chat/completions",model="",status="404"} 1.0' in text
+    unrouted = [line.split("{")[0] for line in text.splitlines() if 'model=""' in line]
+    assert {
+        name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for name in unrouted
+    } == {
+        "lamina_requests_total",
+        "lamina_request_duration_seconds",
+    }  # no per-model series for it
+    assert 'lamina_bottleneck_requests_total{layer="orchestration"}' not in text  # only layers that led
     for _ in range(BATCH):
         _chat(telemetry)
     assert len(metrics.finished.pending) < BATCH  # a full batch was counted without a scrape

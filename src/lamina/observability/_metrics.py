@@ -68,7 +68,6 @@ class GatewayMetrics:
         self.engine = EngineMetrics(fast, self.child)
         self.traffic = TrafficMetrics(reg, fast)
         self._models: dict[str, ModelSeries] = {}
-        self._layers: dict[str, tuple[Any, Any]] = {}
         self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         #: finished requests, counted in batches (``_request_fold.py``)
         self.finished = RequestFold(self)
@@ -79,17 +78,6 @@ class GatewayMetrics:
         """One finished request, counted with the next batch (nothing when the metrics are off)."""
         if self.enabled:
             self.finished.add(finished)
-
-    def layer(self, name: str) -> tuple[Any, Any]:
-        """The ``lamina_layer_seconds`` and ``lamina_bottleneck_requests`` series of the layer ``name``."""
-        found = self._layers.get(name)
-        if found is None:
-            traffic = self.traffic
-            found = self._layers[name] = (
-                self.child(traffic.layer_seconds, name),
-                self.child(traffic.bottleneck, name),
-            )
-        return found
 
     def model(self, name: str) -> ModelSeries:
         """The series of the deployment ``name`` (every one the request path updates), looked up once."""

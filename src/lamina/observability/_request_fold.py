@@ -58,28 +58,29 @@ class RequestFold:
         with self._lock:
             batch, self.pending = self.pending, []
             metrics = self._metrics
-            layer, model_of = metrics.layer, metrics.model
+            child, traffic, model_of = metrics.child, metrics.traffic, metrics.model
             for model, endpoint, status, seconds, replies, layers, cache, limited in batch:
-                series = model_of(model)
+                series = model_of(model) if model else None  # a request never routed has no model series
                 if endpoint is not None:
                     metrics.observe_request(endpoint=endpoint, model=model, status=status, seconds=seconds)
-                    if model:
+                    if series is not None:
                         series.e2e.observe(seconds)
-                for usage, ext in replies:
-                    _reply(series, usage, ext)
+                if series is not None:
+                    for usage, ext in replies:
+                        _reply(series, usage, ext)
                 if layers is not None:
                     best, most = None, 0.0
                     for name, ms in layers.items():
                         if ms > 0:
-                            layer(name)[0].inc(ms / 1000)
+                            child(traffic.layer_seconds, name).inc(ms / 1000)
                             if ms > most:
                                 best, most = name, ms
                     if best is not None:
-                        layer(best)[1].inc()
+                        child(traffic.bottleneck, best).inc()
                 if cache is not None:
-                    metrics.child(metrics.traffic.cache, cache).inc()
+                    child(traffic.cache, cache).inc()
                 if limited is not None:
-                    metrics.child(metrics.traffic.rate_limited, limited).inc()
+                    child(traffic.rate_limited, limited).inc()
 
 
 def _reply(series: Any, usage: Mapping[str, Any], ext: Mapping[str, Any]) -> None:
