@@ -44,9 +44,6 @@ def new_span_id() -> int:
     return random.getrandbits(64) or 1
 
 
-_span_id = new_span_id
-
-
 def root_attributes(
     described: Callable[[], dict[str, AttributeValue]] | None,
     route: Any,
@@ -86,8 +83,8 @@ def deferred_spans(
     """The spans of a kept trace's gateway steps (see the module doc); ``admission`` and ``respond`` are
     (start_ns, end_ns), 0 when the request never got there."""
     out: list[Deferred] = []
-    admitted_id = _span_id() if admission[0] and admission[1] else None
-    respond_id = _span_id() if respond[0] else None
+    admitted_id = new_span_id() if admission[0] and admission[1] else None
+    respond_id = new_span_id() if respond[0] else None
     if route is not None:
         out.append(("route", route[2], route[0], route[1], 0, None, route[3]))
     if admitted_id is not None:
@@ -129,7 +126,7 @@ def _engine(
             attrs[f"lamina.{key}"] = value
     if isinstance(ext.get("model_version"), str):
         attrs["lamina.model_version"] = ext["model_version"]
-    engine_id = _span_id()
+    engine_id = new_span_id()
     out: list[Deferred] = [("engine", attrs, received, end, engine_id, dispatch.span_id, None)]
     if start > received:
         out.append(("queue", _MODELS, received, start, 0, engine_id, None))
@@ -154,7 +151,7 @@ class DispatchStep(trace.Span):
 
     def __init__(self, opened: OpenTrace, parent: trace.Span, attributes: dict[str, AttributeValue]) -> None:
         self._opened = opened
-        self.span_id = _span_id()
+        self.span_id = new_span_id()
         self.attributes = attributes
         self.error: str | None = None
         self.end_ns = 0

@@ -65,7 +65,7 @@ class GatewayMetrics:
         #: the engine's series under vLLM's names, and the cache, rate-limit, layer and trace ones
         #: ``child(metric, *labels)``: a labelled series, looked up once
         self.child = LabelCache(enabled)
-        self.engine = EngineMetrics(fast, self.child)
+        self.engine = EngineMetrics(fast)
         self.traffic = TrafficMetrics(reg, fast)
         self._models: dict[str, ModelSeries] = {}
         self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}

@@ -111,8 +111,7 @@ class ModelSeries:
 class EngineMetrics:
     """vLLM-named series per deployment (``model``)."""
 
-    def __init__(self, fast: FastMetrics, child: LabelCache) -> None:
-        self.child = child
+    def __init__(self, fast: FastMetrics) -> None:
         self.queue_time = fast.histogram(
             "lamina_request_queue_time_seconds",
             "Time a request waited in its replica's queue before the engine started it.",
