@@ -22,7 +22,7 @@ from lamina.models._engine import (
     TopLogprob,
     Usage,
 )
-from lamina.models._openai import ChatCompletionRequest, CompletionRequest
+from lamina.models._openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from lamina.models._request_plan import (
     check_capabilities,
     needed_capabilities,
@@ -92,7 +92,7 @@ def test_nulls_mean_defaults_and_harmless_fields_are_accepted() -> None:
         ({"logit_bias": {"50256": -101}}, ("logit_bias",), "-100..100"),
         ({"top_logprobs": 3}, ("top_logprobs",), "needs `logprobs: true`"),
         ({"logprobs": True, "top_logprobs": 21}, ("top_logprobs",), "less than or equal to 20"),
-        ({"n": 2}, ("n",), "less than or equal to 1"),
+        ({"n": 2}, ("n",), "one choice per request"),
         (
             {"response_format": {"type": "json_schema"}},
             ("response_format", "json_schema"),
@@ -194,6 +194,30 @@ def test_completion_requests_take_the_legacy_fields() -> None:
         with pytest.raises(ValidationError) as err:
             CompletionRequest.model_validate({"model": "m", "prompt": "x", **body})
         assert err.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "value", "says"),
+    [
+        (CompletionRequest, "prompt", [1, 2, 3], "send the prompt as text"),
+        (CompletionRequest, "prompt", [[1, 2], [3]], "send the prompt as text"),
+        (CompletionRequest, "prompt", ["a", "b"], "one request per prompt"),
+        (EmbeddingRequest, "input", [[101, 7592, 102]], "check_embedding_ctx_length=False"),
+        (EmbeddingRequest, "input", [5], "token ids"),
+        (EmbeddingRequest, "input", [], "at least one text"),
+    ],
+)
+def test_token_ids_and_many_prompts_are_refused_saying_what_to_send(
+    model: type[CompletionRequest | EmbeddingRequest], field: str, value: Any, says: str
+) -> None:
+    """OpenAI's token-id form of a prompt or input (LangChain's embeddings send it) is a 400 that says to
+    send text, located at the field, without pydantic's prefixes."""
+    with pytest.raises(ValidationError) as err:
+        model.model_validate({"model": "m", field: value})
+    error = err.value.errors()[0]
+    assert error["loc"] == (field,)
+    assert says in error["msg"]
+    assert not error["msg"].startswith("Value error")
 
 
 # planning onto an engine

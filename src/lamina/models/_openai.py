@@ -32,7 +32,7 @@ _TOKEN_ID = re.compile(r"\d{1,9}")
 
 
 def _refuse(field: str, message: str) -> PydanticCustomError:
-    return problem("unsupported_field", f"{message}; leave `{field}` out and send the request again")
+    return problem("unsupported_field", f"{message}; leave `{field}` out")
 
 
 class _SamplingRequest(Wire):
@@ -47,9 +47,20 @@ class _SamplingRequest(Wire):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     #: token id (a decimal string) -> bias in -100..100 added to its logit
     logit_bias: dict[str, float] | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int = Field(1, description="Only n=1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise problem(
+                "one_choice",
+                "one choice per request is supported; for several answers send the request that many "
+                "times (with a different `seed` each, or a temperature above 0), and leave `n` out",
+            )
+        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -194,6 +205,16 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+def _token_ids(value: Any) -> bool:
+    """Whether ``value`` is OpenAI's token-id form of a prompt or input: ints, or lists of ints."""
+    if not isinstance(value, list) or not value:
+        return False
+    first = value[0]
+    if isinstance(first, list):
+        first = first[0] if first else None
+    return isinstance(first, int) and not isinstance(first, bool)
+
+
 def _shown(choice: Any) -> str:
     return repr(choice) if isinstance(choice, str) else f"for {choice.function.name!r}"
 
@@ -206,11 +227,24 @@ class CompletionRequest(_SamplingRequest):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompt(cls, v: Any) -> Any:
+        if _token_ids(v):
+            raise problem(
+                "token_ids",
+                "a prompt of token ids is not supported: token ids depend on the model's tokenizer; send "
+                "the prompt as text",
+            )
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt is supported per request; send one request per prompt")
+            raise problem(
+                "one_prompt", "exactly one prompt is supported per request; send one request per prompt"
+            )
         return v
 
     @field_validator("logprobs")
@@ -245,11 +279,23 @@ class EmbeddingRequest(Wire):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_input(cls, v: Any) -> Any:
+        if _token_ids(v):
+            raise problem(
+                "token_ids",
+                "input as token ids is not supported: token ids depend on the model's tokenizer; send "
+                "the texts (LangChain's OpenAIEmbeddings sends OpenAI's token ids unless it is made with "
+                "check_embedding_ctx_length=False)",
+            )
+        return v
+
     @field_validator("input")
     @classmethod
     def _non_empty(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
-            raise ValueError("input must hold at least one text")
+            raise problem("no_texts", "input must hold at least one text")
         return v
 
     @property
