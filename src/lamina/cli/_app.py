@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shlex
@@ -56,6 +57,19 @@ app.command("trace")(trace)
 app.command("replay")(replay)
 app.command("doctor")(doctor)
 app.command("top")(top)
+
+
+def one_line_summaries(group: typer.Typer) -> None:
+    """Give every command whose docstring's first paragraph spans lines a one-line summary: Typer's rich
+    help keeps single line breaks in the list of commands, which breaks the table's rows."""
+    for info in group.registered_commands:
+        doc = inspect.cleandoc(info.help or (info.callback.__doc__ if info.callback else None) or "")
+        first = doc.split("\n\n")[0]
+        if info.short_help is None and "\n" in first:
+            info.short_help = " ".join(first.split())
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            one_line_summaries(sub.typer_instance)
 
 
 def _example(base: str, catalog: Catalog) -> str:
@@ -119,6 +133,9 @@ def config_show(config: ConfigOption = None, state_dir: StateDirOption = None) -
 def config_schema() -> None:
     """Print the JSON schema of lamina.yaml."""
     typer.echo(json.dumps(LaminaConfig.model_json_schema(), indent=2))
+
+
+one_line_summaries(app)
 
 
 def main() -> None:
