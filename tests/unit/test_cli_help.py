@@ -1,14 +1,19 @@
-"""The command line's help: every command in the lists of commands has a one-line summary."""
+"""The command line's output: one-line summaries in the lists of commands, tables that never cut a word."""
 
 from __future__ import annotations
 
 import inspect
+import io
 from typing import Any
 
+import pytest
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 from typer.testing import CliRunner
 
-from lamina.cli import app
+from lamina.cli import _common, app
 from lamina.cli._app import one_line_summaries
 
 
@@ -45,3 +50,26 @@ def test_a_summary_given_by_hand_is_kept() -> None:
 
     one_line_summaries(group)
     assert [c.short_help for c in group.registered_commands] == ["Short.", None]
+
+
+def test_a_table_never_cuts_a_word_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids and names keep every character on a narrow terminal (the table is laid out wider and the
+    terminal wraps it); prose wraps at its spaces; a table that fits is left as Rich lays it out."""
+    out = io.StringIO()
+    monkeypatch.setattr(_common, "out_console", Console(file=out, width=60))
+    trace_id = "cf17cc371aed49a88ffa271bc7126044"
+    table = Table("trace id", "model", "about")
+    table.add_row(trace_id, Text("smollm2-135m-instruct"), "a sentence of prose that wraps at its spaces")
+    _common.print_table(table)
+    text = out.getvalue()
+    assert trace_id in text and "smollm2-135m-instruct" in text and "…" not in text
+    assert max(map(len, text.splitlines())) > 60  # wider than the terminal rather than cut
+    assert "a sentence of prose that wraps at its spaces" not in text  # wrapped
+    assert _common.out_console.width == 60
+
+    small_out = io.StringIO()
+    monkeypatch.setattr(_common, "out_console", Console(file=small_out, width=60))
+    small = Table("a", "b")
+    small.add_row("x", "y")
+    _common.print_table(small)
+    assert 0 < max(map(len, small_out.getvalue().splitlines())) <= 60

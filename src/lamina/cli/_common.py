@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
 from lamina.config import LaminaConfig, load_config, resolve_state_dir
 from lamina.errors import ConfigError, InvalidRequestError, LaminaError
@@ -28,6 +31,31 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 err_console = Console(stderr=True)
 out_console = Console()
+
+
+def print_table(table: Table) -> None:
+    """``table`` with no word cut short: a column is at least as wide as its longest word (a name, an id,
+    a path, a number), prose wraps at its spaces, and a table whose words do not fit the terminal is laid
+    out wider (the terminal wraps its rows; a pipe gets them whole) instead of ending them with "…"."""
+    for column in table.columns:
+        words = (word for cell in column.cells for word in _plain(cell).split())
+        column.min_width = max(column.min_width or 0, max(map(cell_len, words), default=0))
+    width = out_console.width
+    # what Rich lays the columns out at for this width (it cannot shrink a column below its longest word)
+    laid_out = table._calculate_column_widths(out_console, out_console.options.update_width(width))
+    needed = sum(laid_out) + table._extra_width
+    if needed <= width:
+        out_console.print(table)
+        return
+    out_console.width = needed
+    try:
+        out_console.print(table)
+    finally:
+        out_console.width = width
+
+
+def _plain(cell: object) -> str:
+    return cell.plain if isinstance(cell, Text) else cell if isinstance(cell, str) else ""
 
 
 def fail(exc: LaminaError | str, exit_code: int = 1) -> NoReturn:

@@ -21,6 +21,7 @@ from lamina.cli._common import (
     load,
     out_console,
     print_json,
+    print_table,
 )
 from lamina.compute import FitReport, GPUInfo, NodeInventory, gib, probe_inventory
 from lamina.errors import ConfigError, LaminaError
@@ -135,7 +136,7 @@ def _print_fit(report: FitReport, need: ReplicaNeed, engine: str, options: dict[
     table = Table("device", "total", "available", "replicas that fit")
     for d in report.devices:
         table.add_row(d.name, gib(d.total_bytes), gib(d.available_bytes), str(d.replicas))
-    out_console.print(table)
+    print_table(table)
     for note in need.notes:
         out_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     verdict = "[green]fits[/]" if report.fits else "[bold red]does not fit[/]"

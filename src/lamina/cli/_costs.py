@@ -11,7 +11,16 @@ from typing import Annotated, Literal
 import typer
 from rich.table import Table
 
-from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
+from lamina.cli._common import (
+    ConfigOption,
+    JsonOption,
+    StateDirOption,
+    fail,
+    load,
+    out_console,
+    print_json,
+    print_table,
+)
 from lamina.clock import utcnow
 from lamina.data.drift import since_of
 from lamina.errors import LaminaError
@@ -73,4 +82,4 @@ def costs(
         style="bold",
     )
     out_console.print(f"since {start:%Y-%m-%d %H:%M} UTC")
-    out_console.print(table)
+    print_table(table)

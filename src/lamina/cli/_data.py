@@ -26,6 +26,7 @@ from lamina.cli._common import (
     load,
     out_console,
     print_json,
+    print_table,
 )
 from lamina.data import (
     DatasetVersion,
@@ -195,7 +196,7 @@ def list_(
             tags or "-",
             f"{v.created_at:%Y-%m-%d %H:%M}",
         )
-    out_console.print(table)
+    print_table(table)
 
 
 @data_app.command("log")
@@ -225,7 +226,7 @@ def log(
             v.embedding_model,
             f"{v.created_at:%Y-%m-%d %H:%M:%S}",
         )
-    out_console.print(table)
+    print_table(table)
 
 
 @data_app.command("show")
@@ -247,7 +248,7 @@ def show(
     table = Table(Column("source", overflow="fold"), "sha256", "size", "documents", "chunks")
     for s in sources:
         table.add_row(s.uri, s.sha256[:12], str(s.size_bytes), str(len(s.documents)), str(s.n_chunks))
-    out_console.print(table)
+    print_table(table)
 
 
 def _print_version(v: DatasetVersion) -> None:
@@ -339,7 +340,7 @@ def lineage(
     table = Table("link", Column("value", overflow="fold"), show_header=False)
     for label, value in lineage_chain(row):
         table.add_row(label, value)
-    out_console.print(table)
+    print_table(table)
 
 
 @data_app.command("search")
@@ -368,7 +369,7 @@ def search(
     for c in result.citations:
         snippet = c.text if len(c.text) <= 160 else c.text[:157] + "..."
         table.add_row(str(c.index), f"{c.score:.3f}", c.source_uri, f"{c.byte_start}-{c.byte_end}", snippet)
-    out_console.print(table)
+    print_table(table)
 
 
 def main() -> None:  # pragma: no cover - for `python -m lamina.cli._data`

@@ -16,7 +16,16 @@ import httpx
 import typer
 from rich.table import Table
 
-from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
+from lamina.cli._common import (
+    ConfigOption,
+    JsonOption,
+    StateDirOption,
+    fail,
+    load,
+    out_console,
+    print_json,
+    print_table,
+)
 from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError, LaminaError, NotFoundError
 
@@ -203,7 +212,7 @@ def deployments(
             scaler.get("reason", ""),
             _rollout_line(roll) if roll else "",
         )
-    out_console.print(table)
+    print_table(table)
 
 
 def undeploy(

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Column, Table
 
-from lamina.cli._common import JsonOption, fail, out_console, print_json
+from lamina.cli._common import JsonOption, fail, out_console, print_json, print_table
 from lamina.errors import LaminaError
 from lamina.models import EngineDescriptor, engine_descriptors
 
@@ -46,7 +46,7 @@ def engines(json_output: JsonOption = False) -> None:
         options = ", ".join(f"{name} ({field.get('default')})" for name, field in d["options"].items())
         loads = ", ".join(d["formats"]) or "no model file"
         table.add_row(d["name"], ", ".join(d["capabilities"]), loads, options or "-", d["description"])
-    out_console.print(table)
+    print_table(table)
     out_console.print(
         "set options per deployment in lamina.yaml, e.g. `gguf: {n_ctx: 4096}`; --json for details"
     )

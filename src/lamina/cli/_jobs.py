@@ -27,6 +27,7 @@ from lamina.cli._common import (
     load,
     out_console,
     print_json,
+    print_table,
 )
 from lamina.errors import InvalidRequestError, LaminaError
 from lamina.orchestration import Job, JobQueue, JobResources
@@ -146,7 +147,7 @@ def list_jobs(
     elif not jobs:
         out_console.print("no jobs yet; `lamina jobs submit KIND --arg NAME=VALUE` queues one")
     else:
-        out_console.print(_table(jobs))
+        print_table(_table(jobs))
 
 
 @jobs_app.command("show")

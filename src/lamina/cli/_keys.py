@@ -27,6 +27,7 @@ from lamina.cli._common import (
     fail,
     out_console,
     print_json,
+    print_table,
     state_store,
 )
 from lamina.clock import utcnow
@@ -175,7 +176,7 @@ def list_(
     table = Table("name", "id", "scope", "status", "secret", "models", "datasets", "limits", "expires")
     for r in records:
         table.add_row(*_row(r.to_json(now)))
-    out_console.print(table)
+    print_table(table)
 
 
 def _row(key: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ from lamina.cli._common import (
     load,
     out_console,
     print_json,
+    print_table,
 )
 from lamina.cli._quantize import quantize
 from lamina.errors import LaminaError
@@ -105,7 +106,7 @@ def list_(
         table.add_row(
             mv.ref, ", ".join(mv.aliases), mv.format, _size(mv.size_bytes), gate, created, mv.source
         )
-    out_console.print(table)
+    print_table(table)
 
 
 @models_app.command("show")
@@ -125,7 +126,7 @@ def show(
     table = Table("field", Column("value", overflow="fold"), show_header=False)
     for key, value in _details(mv):
         table.add_row(key, value)
-    out_console.print(table)
+    print_table(table)
 
 
 @models_app.command("alias")

@@ -24,6 +24,7 @@ from lamina.cli._common import (
     fail,
     out_console,
     print_json,
+    print_table,
     state_store,
 )
 
@@ -131,7 +132,7 @@ def list_(
         table.add_row(
             v.name, str(v.version), str(n), v.kind, names, v.spec.description, v.created_at.isoformat()[:16]
         )
-    out_console.print(table)
+    print_table(table)
 
 
 def _shown(version: PromptVersion) -> None:

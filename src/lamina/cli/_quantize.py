@@ -9,7 +9,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, fail, load, out_console, print_json
+from lamina.cli._common import (
+    ConfigOption,
+    JsonOption,
+    StateDirOption,
+    fail,
+    load,
+    out_console,
+    print_json,
+    print_table,
+)
 from lamina.config import GateTolerance
 from lamina.errors import LaminaError
 from lamina.models import GATE_LIMITS, QUANT_METHODS, GateResult, dataset_sample, quantize_and_gate
@@ -110,7 +119,7 @@ def _print(result: GateResult) -> None:
     for figure, value in result.figures.items():
         key = limit_of.get(figure)
         table.add_row(figure, f"{value:.5g}", f"{key} {result.tolerance[key]:g}" if key else "")
-    out_console.print(table)
+    print_table(table)
     verdict = "[green]passed[/]: it serves" if result.passed else "[red]failed[/]: recorded, never serves"
     out_console.print(
         f"{result.ref} ({result.method} of {result.parent}, {result.size_bytes:,} bytes, quantized in "

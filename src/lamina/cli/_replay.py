@@ -29,6 +29,7 @@ from lamina.cli._common import (
     load,
     out_console,
     print_json,
+    print_table,
     state_store,
 )
 from lamina.cli._gateway_client import (
@@ -188,4 +189,4 @@ def _print(report: dict[str, Any]) -> None:
     for layer in sorted(set(layers["original"]) | set(layers["replay"])):
         old, new = layers["original"].get(layer), layers["replay"].get(layer)
         table.add_row(layer, "-" if old is None else f"{old:.1f}", "-" if new is None else f"{new:.1f}")
-    out_console.print(table)
+    print_table(table)

@@ -13,7 +13,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from lamina.cli._common import ConfigOption, JsonOption, StateDirOption, out_console, print_json, state_store
+from lamina.cli._common import (
+    ConfigOption,
+    JsonOption,
+    StateDirOption,
+    out_console,
+    print_json,
+    print_table,
+    state_store,
+)
 from lamina.clock import utcnow
 from lamina.data.drift import since_of
 from lamina.errors import NotFoundError
@@ -51,7 +59,7 @@ def traces(
     if not lines:
         out_console.print(f"no traces since {start:%Y-%m-%d %H:%M:%S} UTC", highlight=False)
         return
-    out_console.print(_table(lines))
+    print_table(_table(lines))
 
 
 def _table(lines: list[TraceLine]) -> Table:
@@ -121,7 +129,7 @@ def trace(
             f"{span.duration_ms:.1f}",
             bar(span, summary.duration_ms, width),
         )
-    out_console.print(table)
+    print_table(table)
     shares = ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(summary.layers_ms.items(), key=lambda kv: -kv[1]))
     out_console.print(
         f"self time per layer: {shares}; bottleneck: {summary.bottleneck or '-'}", highlight=False
