@@ -166,9 +166,18 @@ def test_the_waterfall_places_each_span_on_the_traces_timeline(client: TestClien
 
 
 def test_an_unknown_trace_is_a_page_that_looks_again(client: TestClient) -> None:
-    page = client.get("/ui/traces/" + "f" * 32)
+    page = client.get("/ui/traces/" + "F" * 32)
     assert page.status_code == 200
     assert 'http-equiv="refresh"' in page.text
+    assert "f" * 32 in page.text  # the id as stored: lower case
+
+
+def test_what_is_not_a_trace_id_is_a_404_saying_what_one_looks_like(client: TestClient) -> None:
+    """A mistyped id must not wait forever on the page that looks again."""
+    page = client.get("/ui/traces/cf17cc37")
+    assert page.status_code == 404
+    assert "32 hex digits" in page.text
+    assert 'http-equiv="refresh"' not in page.text
 
 
 def test_tables_link_and_costs_come_from_the_ledger(client: TestClient) -> None:

@@ -472,6 +472,7 @@ PUBLIC = {
         "TraceSummary",
         "TreeSpan",
         "Verdict",
+        "check_trace_id",
         "diagnose",
         "layer_times_ms",
         "list_traces",

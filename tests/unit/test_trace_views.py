@@ -12,15 +12,17 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from lamina.application import ANONYMOUS, Call, ReplayRecorder, Usage, answer_summary, read_replay
 from lamina.application._rag import grounded_messages
 from lamina.application._replay import ungrounded
+from lamina.cli import app
 from lamina.cli._traces import bar
 from lamina.clock import utcnow
 from lamina.data import Citation, PinnedVersion, Retrieval
-from lamina.errors import NotFoundError
-from lamina.observability import SpanRow, layer_times_ms, recent_traces, summarize, tree
+from lamina.errors import InvalidRequestError, NotFoundError
+from lamina.observability import SpanRow, check_trace_id, layer_times_ms, recent_traces, summarize, tree
 from lamina.store import Store, replay_requests, spans
 
 MS = 1_000_000
@@ -282,3 +284,16 @@ def test_a_call_that_failed_is_not_kept_and_an_unknown_trace_says_why(store: Sto
     with pytest.raises(NotFoundError, match=r"observability\.keep_requests: true"):
         read_replay(store, "f" * 32)
     asyncio.run(recorder.aclose())
+
+
+def test_a_trace_id_is_32_hex_digits_everywhere_one_is_given(tmp_path: Path) -> None:
+    """The CLI's trace and replay, the admin API and the dashboard take the header's form (any case,
+    spaces around it); anything else is a bad input that says what a trace id looks like."""
+    assert check_trace_id(" 0123456789ABCDEF0123456789abcdef\n") == "0123456789abcdef" * 2
+    for bad in ("cf17cc37", "nonexistent", "g" * 32, "0" * 33):
+        with pytest.raises(InvalidRequestError, match="32 hex digits"):
+            check_trace_id(bad)
+    for command in ("trace", "replay"):
+        result = CliRunner().invoke(app, [command, "cf17cc37", "--state-dir", str(tmp_path / "state")])
+        assert result.exit_code == 2, result.output
+        assert "is not a trace id" in result.output

@@ -11,7 +11,6 @@ Store reads run in a worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,22 +21,12 @@ from starlette.responses import JSONResponse, Response
 from lamina.clock import Clock, utcnow
 from lamina.data.drift import parse_window, since_of
 from lamina.errors import InvalidRequestError, NotFoundError, UnavailableError
-from lamina.observability import Verdict, recent_traces, trace_json
+from lamina.observability import Verdict, check_trace_id, recent_traces, trace_json
 from lamina.store import Store
 
 #: the doctor over a window (``15m``, ``1h``...), gathered by the composition root
 Doctor = Callable[[str], Awaitable[Verdict]]
 MAX_LIMIT = 1_000
-_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
-
-
-def check_trace_id(trace_id: str) -> str:
-    if not _TRACE_ID.fullmatch(trace_id):
-        raise InvalidRequestError(
-            f"{trace_id!r} is not a trace id: give the 32 hex digits of an answer's x-lamina-trace-id header",
-            param="trace_id",
-        )
-    return trace_id.lower()
 
 
 def observe_router(

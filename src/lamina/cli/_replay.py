@@ -41,7 +41,7 @@ from lamina.cli._gateway_client import (
     unreachable,
 )
 from lamina.errors import LaminaError, ModelNotFoundError
-from lamina.observability import layer_times_ms, parse_header, read_trace
+from lamina.observability import check_trace_id, layer_times_ms, parse_header, read_trace
 
 if TYPE_CHECKING:
     from lamina.application import ReplayRecord
@@ -95,7 +95,7 @@ def replay(
 
     cfg, _ = load(config, state_dir)
     with state_store(config, state_dir) as store:
-        record = read_replay(store, trace_id.strip())
+        record = read_replay(store, check_trace_id(trace_id))
         before_layers = layer_times_ms(read_trace(store, record.trace_id))
     base = gateway_url(cfg, url)
     try:

@@ -25,7 +25,15 @@ from lamina.cli._common import (
 from lamina.clock import utcnow
 from lamina.data.drift import since_of
 from lamina.errors import NotFoundError
-from lamina.observability import TraceLine, TreeSpan, read_trace, recent_traces, summarize, tree
+from lamina.observability import (
+    TraceLine,
+    TreeSpan,
+    check_trace_id,
+    read_trace,
+    recent_traces,
+    summarize,
+    tree,
+)
 
 #: the timeline's width in characters
 BAR_WIDTH = 40
@@ -98,7 +106,7 @@ def trace(
 ) -> None:
     """One trace as a waterfall: each span under its parent, with its layer, duration and time bar."""
     with state_store(config, state_dir) as store:
-        rows = read_trace(store, trace_id.strip().lower())
+        rows = read_trace(store, check_trace_id(trace_id))
         if not rows:
             raise NotFoundError(
                 f"no stored trace {trace_id}: it was sampled out or deleted by retention, or its spans are "

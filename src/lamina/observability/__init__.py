@@ -17,7 +17,7 @@ from lamina.observability._metrics import DeviceMetrics, DriftMetrics, GatewayMe
 from lamina.observability._open_trace import Deferred, OpenTrace
 from lamina.observability._sampling import Kept, SamplingPolicy, TraceSampler
 from lamina.observability._serving_metrics import ModelSeries
-from lamina.observability._store_exporter import LAYER, SpanRow, StoreSpanExporter, read_trace
+from lamina.observability._store_exporter import LAYER, SpanRow, StoreSpanExporter, check_trace_id, read_trace
 from lamina.observability._telemetry import Layer, Telemetry
 from lamina.observability._trace_views import (
     TraceLine,
@@ -69,6 +69,7 @@ __all__ = [
     "TraceSummary",
     "TreeSpan",
     "Verdict",
+    "check_trace_id",
     "diagnose",
     "layer_times_ms",
     "list_traces",

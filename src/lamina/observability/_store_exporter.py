@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,7 +27,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from lamina.errors import StoreError
+from lamina.errors import InvalidRequestError, StoreError
 from lamina.observability._breakdown import Timed, breakdown
 from lamina.observability._sampling import Kept
 from lamina.store import Store, insert_rows, spans, traces
@@ -258,6 +259,21 @@ class StoreSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+#: a W3C trace id as the ``x-lamina-trace-id`` header gives it
+_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def check_trace_id(trace_id: str) -> str:
+    """``trace_id`` in lower case, or an InvalidRequestError saying what a trace id looks like."""
+    trace_id = trace_id.strip()
+    if not _TRACE_ID.fullmatch(trace_id):
+        raise InvalidRequestError(
+            f"{trace_id!r} is not a trace id: give the 32 hex digits of an answer's x-lamina-trace-id header",
+            param="trace_id",
+        )
+    return trace_id.lower()
 
 
 def read_trace(store: Store, trace_id: str) -> list[SpanRow]:

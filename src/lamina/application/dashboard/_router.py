@@ -28,7 +28,8 @@ from lamina.application.dashboard._pages import Pages, Panel, awaited, bars, gua
 from lamina.application.dashboard._playground import ask
 from lamina.application.dashboard._ports import DashboardSources, DeploymentView, Health, Table, Verdict
 from lamina.application.dashboard._session import admitted, check_admin, clear_login, set_login
-from lamina.errors import NotFoundError
+from lamina.errors import LaminaError, NotFoundError
+from lamina.observability import check_trace_id
 
 Page = Callable[[Request], Awaitable[Response]]
 #: the window of the per-layer breakdown and of costs on the overview
@@ -202,6 +203,10 @@ class _Dashboard:
 
     async def trace(self, request: Request) -> Response:
         trace_id, store = request.path_params["trace_id"], self.sources.traces
+        try:
+            trace_id = check_trace_id(trace_id)
+        except LaminaError as exc:
+            return self.pages.render("missing.html", status=404, title="Not a trace id", message=exc.message)
         spans = [] if store is None else await run_in_threadpool(store.spans, trace_id)
         if not spans:  # not exported yet (batches), or gone: the page looks again
             return self.pages.render("pending.html", title=f"Trace {trace_id}", trace_id=trace_id)
