@@ -80,6 +80,13 @@ def alone(engine: GGUFEngine, messages: list[ChatMessage], params: SamplingParam
     return "".join(d.text for d in engine.chat(messages, params))
 
 
+def forget_all(engine: GGUFEngine) -> None:
+    """Empty every slot's cache (between requests), as if the replica had just started."""
+    for slot in engine._decoder._slots:
+        assert slot.running is None
+        engine._decoder._forget(slot)
+
+
 def test_greedy_answers_are_the_same_alone_and_in_a_batch_of_8(engine: GGUFEngine) -> None:
     single = {q: alone(engine, ask(q)) for q in QUESTIONS}
     mixed = run_together(engine, [(ask(q), GREEDY) for q in QUESTIONS])
@@ -89,6 +96,28 @@ def test_greedy_answers_are_the_same_alone_and_in_a_batch_of_8(engine: GGUFEngin
     # every request finished with its own usage
     finals = [s.deltas[-1] for s in mixed]
     assert all(f.finish_reason in {"stop", "length"} and f.usage is not None for f in finals)
+
+
+def test_greedy_answers_do_not_depend_on_what_runs_beside_them(engine: GGUFEngine) -> None:
+    """Long prompts that overflow one step's batch (512 tokens), requests joining while others decode,
+    prompts split at any point: each answer is the one it gets alone from an empty cache. (Evaluated as a
+    stream's only token in a ubatch beside streams of more, a prompt token took other arithmetic, and
+    answers changed; the step now keeps them apart.)"""
+    system = "You are a guide to the mountains of Norway; cite the trail you mean. " * 8 + "Be brief."
+    questions = [ask(q, system) for q in QUESTIONS]
+    fresh = []
+    for q in questions:
+        forget_all(engine)
+        fresh.append(alone(engine, q))
+    forget_all(engine)
+    sinks = [Sink() for _ in questions]
+    for i, (q, sink) in enumerate(zip(questions, sinks, strict=True)):
+        engine.submit_chat(q, GREEDY, sink)
+        for _ in range(i % 3):  # the next one joins while these prefill or decode
+            engine.step()
+    while engine.step():
+        pass
+    assert [s.text for s in sinks] == fresh
 
 
 def test_more_requests_than_slots_wait_and_all_finish(engine: GGUFEngine) -> None:
@@ -110,7 +139,8 @@ def test_a_shared_prefix_is_evaluated_once_and_changes_nothing(engine: GGUFEngin
     after = engine.prefix_cache()
     assert again == fresh
     prompt = engine.count_chat_tokens(first)
-    assert after_again["reused"] - before["reused"] == prompt - 1  # all but the last token came from cache
+    # all but the last two tokens came from cache (two: a lone token would take other arithmetic)
+    assert after_again["reused"] - before["reused"] == prompt - 2
     assert after["reused"] - after_again["reused"] > 100  # the long system prompt was not evaluated again
     assert after["evaluated"] - after_again["evaluated"] < 30
 
@@ -228,6 +258,48 @@ def test_a_prefix_held_by_a_running_request_is_copied_and_changes_nothing(engine
         pass
     assert copied.text == fresh and not copied.errors and not running.errors
     assert engine.prefix_cache()["reused"] - before["reused"] > 100
+
+
+def test_requests_sent_together_evaluate_their_shared_prefix_once(engine: GGUFEngine) -> None:
+    """Four requests with one long system prompt (a RAG template), sent together while no slot holds it:
+    the first evaluates it, the others wait one step, copy it and evaluate only their own part; the
+    answers are those each gets alone."""
+    system = "You are a guide to the mountains of Norway; cite the trail you mean. " * 8 + "Be brief."
+    questions = [ask(q, system) for q in QUESTIONS[:4]]
+    single = [alone(engine, q) for q in questions]
+    decoder = engine._decoder
+    forget_all(engine)  # nothing holds the system prompt
+    before, copies = engine.prefix_cache(), decoder.copied_streams
+    together = run_together(engine, [(q, GREEDY) for q in questions])
+    assert [s.text for s in together] == single
+    prompts = [engine.count_chat_tokens(q) for q in questions]
+    shared = min(prompts) - 20  # the system prompt and the template around it, at least
+    evaluated = engine.prefix_cache()["evaluated"] - before["evaluated"]
+    assert decoder.copied_streams - copies == 3
+    assert evaluated < sum(prompts) - 3 * shared, (evaluated, prompts)
+
+
+def test_a_request_waiting_for_a_prefix_that_goes_away_evaluates_it_itself(engine: GGUFEngine) -> None:
+    """The prefix is longer than one step's batch (512 tokens); the request evaluating it leaves after
+    its first chunk, so the one waiting for it copies nothing and evaluates the whole prompt itself."""
+    system = "You are a tutor of Latin grammar for beginners who love poetry. " * 50 + "Be brief."
+    first, second = ask(QUESTIONS[0], system), ask(QUESTIONS[1], system)
+    assert engine.count_chat_tokens(second) > 600
+    expected = alone(engine, second)
+    decoder = engine._decoder
+    forget_all(engine)
+    copies = decoder.copied_streams
+    leaving, staying = Sink(), Sink()
+    engine.submit_chat(first, GREEDY, leaving)
+    engine.submit_chat(second, GREEDY, staying)
+    engine.step()  # both admitted: the first evaluates 512 tokens, the second waits for it
+    waiting = [(s.running.sink is staying, s.running.awaits is not None) for s in decoder._slots if s.running]
+    leaving.cancelled = True
+    assert sorted(waiting) == [(False, False), (True, True)]
+    while engine.step():
+        pass
+    assert staying.text == expected and not staying.errors and leaving.closed == 1
+    assert decoder.copied_streams == copies
 
 
 def test_running_requests_keep_consecutive_slots_listed_in_slot_order(engine: GGUFEngine) -> None:

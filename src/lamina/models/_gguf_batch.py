@@ -1,15 +1,20 @@
 """Continuous batching over one llama.cpp context: slots, admission, prefix reuse, and the decode step.
 
 The context holds ``parallel`` sequences, each in its own KV stream of ``n_ctx`` tokens (llama.cpp's
-non-unified cache), so a request's context never depends on its neighbours. Without flash attention,
-llama.cpp computes each token's numbers the same whatever shares its batch and however its prompt was split
-(measured: logits equal to the bit), so identical greedy requests give identical answers alone, in a batch,
-or after a cached prefix.
+non-unified cache), so a request's context never depends on its neighbours, and identical greedy requests
+give identical answers alone, in a batch, or after a cached prefix (logits equal to the bit). That holds
+without flash attention and on one condition the step keeps: a prompt token is never evaluated as its
+stream's only token in a ubatch. llama.cpp's CPU build computes attention for one query token with ggml's
+dot products and for several with llamafile's tinyBLAS, which round differently; and llama.cpp splits a
+batch into ubatches of equal tokens per stream, so a prompt chunk sent with decoding streams had its first
+token evaluated beside their single tokens (answers changed, found with long prompts joining running
+streams). So each step sends the decoding streams' tokens in one ``llama_decode`` and the prompt chunks in
+one per chunk length, chunks are at least two tokens, and a cached prefix leaves the last two to evaluate.
 
-Each step puts every running sequence's pending token into one ``llama_batch`` and fills the rest of the
-batch (up to ``n_batch`` tokens) with chunks of prompts being prefilled, so a long prompt never stalls the
-streams already running. Requests wait in FIFO order for a free slot; one whose client has gone is dropped
-before it costs a prefill, and a running one leaves the batch at the next step.
+Each step decodes every running sequence's pending token and chunks of prompts being prefilled (up to
+``n_batch`` tokens in all), so a long prompt never stalls the streams already running. Requests wait in
+FIFO order for a free slot; one whose client has gone is dropped before it costs a prefill, and a running
+one leaves the batch at the next step.
 
 The split cache computes one run of consecutive sequence ids per graph: a batch of slots {0, 1, 3}, or one
 listing slot 1 before slot 0, is two graphs, each costing about a whole step. So the batch lists its tokens
@@ -20,7 +25,8 @@ first). Measured in process, 8 sequences of 96 tokens: 145 tokens/s with the bat
 Prefix caching: a finished sequence leaves its tokens in its slot. Among the slots that keep the running
 ones consecutive, a new request takes the one whose cached tokens share the longest prefix with its prompt
 and evaluates only the rest; when another slot, free or busy, holds a much longer shared prefix (a common
-system prompt, a RAG template, an earlier turn of the conversation), its stream is copied in first.
+system prompt, a RAG template, an earlier turn of the conversation), its stream is copied in first. Requests
+sent together with such a prefix evaluate it once: the others wait a step for the first and copy it.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ class Sequence:
     #: where this sequence's logits are in the batch just decoded, -1 when it has none
     out_index: int = -1
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: a request admitted with another that is prefilling the same long prefix waits for it: (the other's
+    #: slot, the tokens they share); its prefill starts from a copy of them
+    awaits: tuple[Slot, Sequence, int] | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -84,6 +93,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def chunk(remaining: int, room: int) -> int:
+    """How many of a prompt's ``remaining`` tokens to evaluate in a step with ``room`` tokens left: all
+    that fit, else at least two and never leaving exactly one for later (a lone prompt token in its
+    stream's ubatch takes other arithmetic than a run of them); 0: none this step."""
+    if remaining <= room:
+        return remaining
+    take = room if remaining - room >= 2 else room - 1
+    return take if take >= 2 else 0
 
 
 class BatchDecoder:
@@ -140,8 +159,12 @@ class BatchDecoder:
     def _place(self, seq: Sequence, free: list[Slot]) -> Slot:
         """Put ``seq`` in a free slot next to the running ones (a gap in the running sequence ids costs a
         graph per step, see ``_fill``), the one that saves the most prompt evaluation among those; when
-        another slot, free or busy, holds a much longer shared prefix, its stream is copied in first."""
-        limit = len(seq.prompt) - 1  # the last prompt token is always evaluated: its logits start the answer
+        another slot, free or busy, holds a much longer shared prefix, its stream is copied in first; when a
+        request still prefilling will hold one (requests sent together with the same system prompt or RAG
+        template), ``seq`` waits for it and copies it then (``_copy_awaited``)."""
+        # the last two prompt tokens are always evaluated: the last's logits start the answer, and a single
+        # token evaluated alone would take other arithmetic than it does in the whole prompt
+        limit = max(len(seq.prompt) - 2, 0)
         shared = {s.seq_id: min(common_prefix(s.cached, seq.prompt), limit) for s in self._slots}
         busy = {s.seq_id for s in self._slots if s.running is not None}
         slot = min(free, key=lambda s: (*layout(busy | {s.seq_id}), -shared[s.seq_id], s.last_used))
@@ -149,16 +172,52 @@ class BatchDecoder:
         donor = max(self._slots, key=lambda s: shared[s.seq_id])
         if shared[donor.seq_id] >= keep + COPY_PREFIX_MIN:
             keep = shared[donor.seq_id]
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, -1, -1)
-            slot.cached = donor.cached[:keep]
-            self.copied_streams += 1
+            self._copy(donor, slot, keep)
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
         del slot.cached[keep:]
         seq.n_past = keep
         self.reused_tokens += keep
+        seq.awaits = self._prefilling_with(seq, keep + COPY_PREFIX_MIN, limit)
         slot.running, slot.last_used = seq, next(self._clock)
         return slot
+
+    def _prefilling_with(self, seq: Sequence, least: int, limit: int) -> tuple[Slot, Sequence, int] | None:
+        """The running request still prefilling that shares the longest prefix with ``seq`` (at least
+        ``least`` tokens, at most ``limit``): its slot, itself and that length; None if there is none."""
+        best: tuple[Slot, Sequence, int] | None = None
+        for other in self._slots:
+            running = other.running
+            if running is None or running.awaits is not None or not running.prefilling:
+                continue
+            n = min(common_prefix(running.prompt, seq.prompt), limit)
+            if n >= least and (best is None or n > best[2]):
+                best = (other, running, n)
+        return best
+
+    def _copy(self, donor: Slot, slot: Slot, keep: int) -> None:
+        """``slot``'s stream becomes a copy of ``donor``'s first ``keep`` tokens."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
+        slot.cached = donor.cached[:keep]
+        self.copied_streams += 1
+
+    def _copy_awaited(self, running: list[tuple[Slot, Sequence]]) -> None:
+        """Requests waiting for another's prefill of their prefix: copy it once it is in the cache; if that
+        request left before it got there (or its slot was given to another), prefill it themselves."""
+        for slot, seq in running:
+            if seq.awaits is None:
+                continue
+            donor, other, n = seq.awaits
+            if donor.running is other and other.n_past < n:
+                continue  # not in the cache yet
+            seq.awaits = None
+            # in the cache (evaluated by the last step, or left there by the request that ended), unless
+            # its slot has been given to another request meanwhile: then this one evaluates it itself
+            if donor.cached[:n] == seq.prompt[:n]:
+                self._copy(donor, slot, n)
+                self.reused_tokens += n - seq.n_past
+                seq.n_past = n
 
     # -- the step ----------------------------------------------------------------------------------------
 
@@ -188,17 +247,19 @@ class BatchDecoder:
         running = self._running()
         if not running:
             return self.busy
-        self._fill(running)
-        rc = llama_cpp.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            failure = EngineError(f"llama.cpp failed to decode a batch (status {rc}); retry the request")
-            for slot, seq in running:
-                self._forget(slot)
-                self._release(slot, seq, failure)
-            return self.busy
-        for slot, seq in running:
-            if seq.out_index >= 0:
-                self._advance(slot, seq)
+        self._copy_awaited(running)
+        for group in self._plan(running):
+            self._fill(group)
+            rc = llama_cpp.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                failure = EngineError(f"llama.cpp failed to decode a batch (status {rc}); retry the request")
+                for slot, seq in self._running():
+                    self._forget(slot)
+                    self._release(slot, seq, failure)
+                return self.busy
+            for slot, seq, _ in group:
+                if seq.out_index >= 0:
+                    self._advance(slot, seq)
         return self.busy
 
     def _running(self) -> list[tuple[Slot, Sequence]]:
@@ -206,25 +267,37 @@ class BatchDecoder:
             ((s, s.running) for s in self._slots if s.running is not None), key=lambda p: p[1].order
         )
 
-    def _fill(self, running: list[tuple[Slot, Sequence]]) -> None:
-        """Every decoding sequence's pending token first, then prompt chunks (oldest request first) up to
-        ``n_batch`` tokens, written into the batch in slot order: llama.cpp's split KV cache computes one
-        run of consecutive sequence ids per graph, so any other order would split the step."""
-        plan: list[tuple[Slot, Sequence, int]] = []
+    def _plan(self, running: list[tuple[Slot, Sequence]]) -> list[list[tuple[Slot, Sequence, int]]]:
+        """This step's decodes: every decoding sequence's pending token, then prompt chunks (oldest request
+        first) up to ``n_batch`` tokens in all. The pending tokens go in one decode, the chunks in one
+        decode per chunk length, so that no prompt token is ever evaluated as its stream's only token in
+        a ubatch beside streams of more (see the module doc); each decode is in slot order."""
         room = self._n_batch
+        single: list[tuple[Slot, Sequence, int]] = []
+        chunks: list[tuple[Slot, Sequence, int]] = []
         for slot, seq in running:
             seq.out_index = -1
             if not seq.prefilling:
-                plan.append((slot, seq, 1))
+                single.append((slot, seq, 1))
                 room -= 1
         for slot, seq in running:
-            if seq.prefilling and room > 0:
-                take = min(room, len(seq.prompt) - seq.n_past)
-                plan.append((slot, seq, take))
-                room -= take
-                self.evaluated_tokens += take
+            if seq.prefilling and seq.awaits is None:
+                take = chunk(len(seq.prompt) - seq.n_past, room)
+                if take:
+                    (single if take == 1 else chunks).append((slot, seq, take))
+                    room -= take
+                    self.evaluated_tokens += take
+        by_length: dict[int, list[tuple[Slot, Sequence, int]]] = {}
+        for item in chunks:
+            by_length.setdefault(item[2], []).append(item)
+        groups = [single] if single else []
+        return groups + list(by_length.values())
+
+    def _fill(self, group: list[tuple[Slot, Sequence, int]]) -> None:
+        """Write ``group``'s tokens into the batch in slot order: llama.cpp's split KV cache computes one
+        run of consecutive sequence ids per graph, so any other order would split the decode."""
         b, n = self._batch, 0
-        for slot, seq, take in sorted(plan, key=lambda p: p[0].seq_id):
+        for slot, seq, take in sorted(group, key=lambda p: p[0].seq_id):
             last = len(seq.tokens) - 1
             for pos in range(seq.n_past, seq.n_past + take):
                 token = seq.tokens[pos]
