@@ -197,6 +197,17 @@ def test_a_seed_repeats_a_sampled_answer(engine: GGUFEngine) -> None:
     assert len(others | {first}) > 1
 
 
+def test_the_greedy_pick_is_llama_cpps(engine: GGUFEngine) -> None:
+    """A plain greedy request takes numpy's argmax of the logits; a bias of zero sends the same request
+    through llama.cpp's sampler chain, which must pick the same tokens."""
+    for question in QUESTIONS[:3]:
+        fast = alone(engine, ask(question))
+        chain = alone(
+            engine, ask(question), SamplingParams(max_tokens=24, temperature=0.0, logit_bias=((0, 0.0),))
+        )
+        assert fast == chain
+
+
 def test_logit_bias_bans_and_forces_tokens(engine: GGUFEngine) -> None:
     messages = ask(QUESTIONS[0])
     first = next(d for d in engine.chat(messages, SamplingParams(max_tokens=1, temperature=0.0, logprobs=0)))

@@ -64,7 +64,7 @@ class Sequence:
     out_index: int = -1
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     #: a request admitted with another that is prefilling the same long prefix waits for it: (the other's
-    #: slot, the tokens they share); its prefill starts from a copy of them
+    #: slot, the other, the tokens they share); its prefill starts from a copy of them
     awaits: tuple[Slot, Sequence, int] | None = None
 
     @property

@@ -66,6 +66,9 @@ class Sampler:
     def __init__(self, vocab: Vocab, params: SamplingParams, seed: int, history: int) -> None:
         self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._grammar: Any = None
+        #: a greedy pick with nothing before it: numpy's argmax over the logits, a tenth of the chain's cost
+        #: (which copies the whole vocabulary into a candidate list first)
+        self._argmax = False
         self._vocab = vocab
         try:
             self._build(params, seed, history)
@@ -109,6 +112,10 @@ class Sampler:
             self._grammar = grammar
         if params.temperature == 0:
             self._add(llama_cpp.llama_sampler_init_greedy())
+            # nothing before the pick: the first highest logit (as llama.cpp's greedy sampler takes it)
+            self._argmax = params.grammar is None and not (
+                params.logit_bias or params.presence_penalty or params.frequency_penalty
+            )
             return
         if params.top_p < 1.0:
             self._add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
@@ -123,7 +130,10 @@ class Sampler:
             raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self._vocab.size,))
             shifted = raw.astype(np.float64) - raw.max()
             logprobs = shifted - np.log(np.exp(shifted).sum())
-        if self._grammar is None:
+        if self._argmax:
+            row = llama_cpp.llama_get_logits_ith(ctx, index)
+            token = int(np.ctypeslib.as_array(row, shape=(self._vocab.size,)).argmax())
+        elif self._grammar is None:
             token = int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
         else:
             token = self._constrained(ctx, index)
