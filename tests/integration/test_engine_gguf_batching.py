@@ -40,6 +40,9 @@ class Sink:
     def put(self, delta: Delta) -> None:
         self.deltas.append(delta)
 
+    def flush(self) -> None:
+        pass
+
     def fail(self, exc: BaseException) -> None:
         self.errors.append(exc)
 

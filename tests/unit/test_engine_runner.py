@@ -243,3 +243,44 @@ async def test_requests_sent_together_to_an_idle_engine_start_in_one_step() -> N
         assert (await burst(plain))[0] < 4
     finally:
         assert gathering.close(5) and plain.close(5)
+
+
+@pytest.mark.anyio
+async def test_a_flush_delivers_a_steps_items_before_the_step_ends() -> None:
+    """A long step (a decode, then a long prompt's prefill) hands the decoded tokens over as soon as the
+    engine flushes, not when the whole step ends."""
+    runner = EngineRunner()
+    release = threading.Event()
+
+    class TwoParts:
+        def __init__(self) -> None:
+            self.stream: TokenStream[str | Delta] | None = None
+
+        def step(self) -> bool:
+            assert self.stream is not None
+            self.stream.put(Delta("early"))
+            self.stream.flush()
+            release.wait(10)  # the rest of the step (the prefill) takes its time
+            self.stream.put(Delta("late", "stop", Usage(1, 2)))
+            self.stream.close()
+            return False
+
+    engine = TwoParts()
+    runner.attach(engine)
+
+    def admit(stream: TokenStream[str | Delta]) -> None:
+        stream.put("admitted")
+        engine.stream = stream
+
+    try:
+        stream = runner.submit(admit)
+        assert await stream.first() == "admitted"
+        batches = stream.batches()
+        early = await asyncio.wait_for(anext(batches), 5)  # while the step still runs
+        assert [d.text for d in early if isinstance(d, Delta)] == ["early"]
+        release.set()
+        late = await asyncio.wait_for(anext(batches), 5)
+        assert [d.text for d in late if isinstance(d, Delta)] == ["late"]
+    finally:
+        release.set()
+        assert runner.close(5)

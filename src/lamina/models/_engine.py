@@ -161,6 +161,12 @@ class Sink(Protocol):
 
     def put(self, delta: Delta) -> None: ...
 
+    def flush(self) -> None:
+        """What was put so far may go to the client now: an engine calls it between the parts of a long
+        step (decoding streams' tokens before a long prompt's prefill); without it they go at the step's
+        end."""
+        ...
+
     def fail(self, exc: BaseException) -> None: ...
 
     def close(self) -> None:

@@ -103,6 +103,9 @@ class _Collect:
     def put(self, delta: Delta) -> None:
         self.deltas.append(delta)
 
+    def flush(self) -> None:
+        pass  # the caller reads the deltas after each step
+
     def fail(self, exc: BaseException) -> None:
         self.error = exc
 

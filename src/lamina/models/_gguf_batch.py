@@ -248,7 +248,11 @@ class BatchDecoder:
         if not running:
             return self.busy
         self._copy_awaited(running)
-        for group in self._plan(running):
+        groups = self._plan(running)
+        for i, group in enumerate(groups):
+            if i:  # what the decodes before this one produced goes out before it runs
+                for _, seq, _ in groups[i - 1]:
+                    seq.sink.flush()
             self._fill(group)
             rc = llama_cpp.llama_decode(self._ctx, self._batch)
             if rc != 0:

@@ -82,6 +82,9 @@ class TimedSink:
             self._timing.end()
         self._stream.put(delta)
 
+    def flush(self) -> None:
+        self._stream.flush()
+
     def fail(self, exc: BaseException) -> None:
         self._stream.fail(exc)
 

@@ -173,6 +173,13 @@ class EngineRunner:
             if outbox:
                 _deliver(outbox)
 
+    def flush(self) -> None:
+        """On the engine thread, during a step: deliver its items so far, and gather the rest anew."""
+        outbox = self._outbox
+        if outbox:
+            self._outbox = []
+            _deliver(outbox)
+
     def attach(self, stepper: Stepper) -> None:
         """Step ``stepper`` (a batching engine) whenever it has work; call on the engine thread."""
         self._stepper = stepper
@@ -281,6 +288,11 @@ class TokenStream(Generic[X]):
 
     def put(self, item: X) -> None:
         self._push(item)
+
+    def flush(self) -> None:
+        """Deliver what the current step handed to streams so far (see ``Sink.flush``)."""
+        if threading.current_thread() is self._runner._thread:
+            self._runner.flush()
 
     def fail(self, exc: BaseException) -> None:
         self._push(_Failure(exc))
