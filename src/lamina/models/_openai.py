@@ -205,14 +205,17 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-def _token_ids(value: Any) -> bool:
-    """Whether ``value`` is OpenAI's token-id form of a prompt or input: ints, or lists of ints."""
-    if not isinstance(value, list) or not value:
-        return False
-    first = value[0]
+def _text_only(value: Any, what: str, send: str) -> Any:
+    """``value``, unless it is OpenAI's token-id form of a prompt or input (ints, or lists of ints): token
+    ids are the model's tokenizer's, which a client cannot know here."""
+    first = value[0] if isinstance(value, list) and value else None
     if isinstance(first, list):
         first = first[0] if first else None
-    return isinstance(first, int) and not isinstance(first, bool)
+    if isinstance(first, int) and not isinstance(first, bool):
+        raise problem(
+            "token_ids", f"{what} is not supported: token ids depend on the model's tokenizer; send {send}"
+        )
+    return value
 
 
 def _shown(choice: Any) -> str:
@@ -230,13 +233,7 @@ class CompletionRequest(_SamplingRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _text_prompt(cls, v: Any) -> Any:
-        if _token_ids(v):
-            raise problem(
-                "token_ids",
-                "a prompt of token ids is not supported: token ids depend on the model's tokenizer; send "
-                "the prompt as text",
-            )
-        return v
+        return _text_only(v, "a prompt of token ids", "the prompt as text")
 
     @field_validator("prompt")
     @classmethod
@@ -282,14 +279,12 @@ class EmbeddingRequest(Wire):
     @field_validator("input", mode="before")
     @classmethod
     def _text_input(cls, v: Any) -> Any:
-        if _token_ids(v):
-            raise problem(
-                "token_ids",
-                "input as token ids is not supported: token ids depend on the model's tokenizer; send "
-                "the texts (LangChain's OpenAIEmbeddings sends OpenAI's token ids unless it is made with "
-                "check_embedding_ctx_length=False)",
-            )
-        return v
+        return _text_only(
+            v,
+            "input as token ids",
+            "the texts (LangChain's OpenAIEmbeddings sends OpenAI's token ids unless it is made with "
+            "check_embedding_ctx_length=False)",
+        )
 
     @field_validator("input")
     @classmethod
