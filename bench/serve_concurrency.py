@@ -21,8 +21,11 @@ level. Every stream asks a different prompt written to get a long answer, greedi
 fixed; the OpenAI API has no ignore_eos, so tokens are counted, not assumed. No text is sent twice to one
 system (a tag starts each), so no prompt cache serves a whole prompt; the systems get the same texts.
 Systems alternate: single streams A B C, C A B, ...; each concurrency level runs on both servers back to
-back, the order rotating. On a shared machine every measurement waits for idle CPUs and is taken again
-when other processes ran meanwhile (see ``Machine``); the report says how often.
+back, the order rotating. Then ``--pairs`` times per system, a wave of one stream and one of eight back to
+back (the order alternating): the median of those pairs' 8 / 1 ratios, and of Lamina / llama-server at 8
+streams, is the paired figure, less moved by the machine's drift than the ratio of two levels' medians.
+On a shared machine every measurement waits for idle CPUs and is taken again when other processes ran
+meanwhile (see ``Machine``); the report says how often.
 Printed as a table; the whole run is written as JSON to bench/results/. Not a test: run by hand, the
 figures go in the README.
 """
@@ -429,6 +432,50 @@ def concurrency(
     return out
 
 
+def paired(
+    runs: dict[str, Callable[[str], Stream]], pairs: int, machine: Machine
+) -> dict[str, list[tuple[float, float]]]:
+    """``pairs`` times, on each system in turn (the order rotating): one stream, then eight at once (or eight
+    then one, alternately), back to back: the 8 / 1 ratio of one pair has seconds of the machine's drift
+    in it, where the rounds' levels are half a minute or more apart."""
+    names = list(runs)
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    with ThreadPoolExecutor(8) as pool:
+        for i in range(pairs):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                tps: dict[int, float] = {}
+                for n in (1, 8) if i % 2 == 0 else (8, 1):
+                    what = f"pair {i + 1} {name} {n} streams"
+                    streams, _ = machine.measure(what, partial(wave, pool, runs[name], n, f"p{i}.{n}"))
+                    tps[n] = Wave.of(streams, True).aggregate_tps
+                out[name].append((tps[1], tps[8]))
+                log(f"  pair {i + 1} {name}: {tps[8] / tps[1]:.2f}x ({tps[1]:.1f} and {tps[8]:.1f} t/s)")
+    return out
+
+
+def paired_summary(pairs: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    """Per system, the median of the pairs' 8 / 1 ratios and their range; Lamina / llama-server at 8 streams,
+    the median of the pairs' (the two systems' waves of one pair index ran back to back)."""
+    out: dict[str, Any] = {}
+    for name, got in pairs.items():
+        ratios = [eight / one for one, eight in got]
+        out[name] = {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+            "n": len(got),
+        }
+    if {"lamina", "llama-server"} <= set(pairs):
+        versus = [a[1] / b[1] for a, b in zip(pairs["lamina"], pairs["llama-server"], strict=True)]
+        out["lamina_vs_server_at_8"] = {
+            "median": statistics.median(versus),
+            "min": min(versus),
+            "max": max(versus),
+        }
+    return out
+
+
 _ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|" + r"\s*([\d.]+)\s*\|" * 6)
 _COLS = ("pp", "tg", "b", "n_kv", "t_pp_s", "s_pp_tps", "t_tg_s", "s_tg_tps", "t_s", "s_tps")
 
@@ -553,6 +600,19 @@ def report(result: dict[str, Any]) -> str:
             f"; lamina TTFT p50 at 8 streams = {lam[i8]['ttft_p50_s']:.2f} s"
             " (targets: >= 1.6x, >= 1.0, < 1 s)"
         )
+    pairs = result.get("paired") or {}
+    for name, got in pairs.items():
+        if name != "lamina_vs_server_at_8":
+            lines.append(
+                f"{name}: 8 / 1 over {got['n']} back-to-back pairs = {got['median']:.2f}x (median; "
+                f"{got['min']:.2f} to {got['max']:.2f})"
+            )
+    if "lamina_vs_server_at_8" in pairs:
+        v = pairs["lamina_vs_server_at_8"]
+        lines.append(
+            f"lamina / llama-server at 8 streams over the pairs = {v['median']:.2f} (median; "
+            f"{v['min']:.2f} to {v['max']:.2f})"
+        )
     return "\n".join(lines)
 
 
@@ -576,6 +636,9 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=8, help="slots of llama-server and of Lamina's engine")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="llama-batched-bench's prompt length")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument(
+        "--pairs", type=int, default=6, help="back-to-back waves of 1 and 8 streams per system (0: none)"
+    )
     ap.add_argument("--llama-bin", help=f"folder of the llama.cpp tools (else ${TOOLS_ENV}, else build/)")
     ap.add_argument(
         "--quiet-wait",
@@ -611,6 +674,7 @@ def main() -> None:
         single = single_streams(runs, args.single_runs, machine)
         log("concurrent streams")
         levels = concurrency(http, args.rounds, machine)
+        pairs = paired(http, args.pairs, machine) if args.pairs else {}
 
     bb_rows: list[dict[str, float]] = []
     bb_table = ""
@@ -625,7 +689,7 @@ def main() -> None:
         "waited_for_idle_cpus_s": machine.waited_s,
         "measured_again": machine.redone,
         "disturbed_kept": machine.disturbed,
-        "settings": asdict(s) | {"rounds": args.rounds, "single_runs": args.single_runs},
+        "settings": asdict(s) | {"rounds": args.rounds, "single_runs": args.single_runs, "pairs": args.pairs},
         "lamina_gguf_options": gguf,
         "lamina_parallel": "parallel" in gguf,
         "lamina_config": json.loads(config),
@@ -636,6 +700,8 @@ def main() -> None:
         },
         "concurrent": {name: [lv.summary() for lv in by.values()] for name, by in levels.items()},
         "concurrent_waves": {name: {n: asdict(lv) for n, lv in by.items()} for name, by in levels.items()},
+        "pairs": pairs,
+        "paired": paired_summary(pairs) if pairs else {},
         "single_streams": {name: [asdict(r) for r in streams] for name, streams in single.items()},
         "batched_bench": bb_rows,
         "batched_bench_table": bb_table,
