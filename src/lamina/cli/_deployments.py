@@ -126,25 +126,14 @@ def deploy(
 ) -> None:
     """Deploy a registered model on the running stack (it serves once a replica is ready), or write it with
     the config's deployments as Kubernetes manifests (``--target k8s --out DIR``)."""
-    body: dict[str, Any] = {"model": model, "replicas": replicas, "target_concurrency": target_concurrency}
-    body |= {"name": name} if name else {}
-    body |= {"engine": engine} if engine else {}
-    if options:
-        try:
-            body["options"] = json.loads(options)
-        except ValueError as exc:
-            fail(ConfigError(f'--options is not JSON ({exc}); e.g. \'{{"fake": {{"n_ctx": 512}}}}\''), 2)
+    body = _deployment_body(model, name, replicas, target_concurrency, engine, options)
     if target == "k8s":
         _to_k8s(body, out, config, state_dir, json_out)
         return
-    timings = {
-        "window_s": window,
-        "upscale_delay_s": upscale_delay,
-        "downscale_delay_s": downscale_delay,
-        "idle_delay_s": idle_delay,
-        "cold_start_budget_s": cold_start_budget,
-    }
-    body |= {k: v for k, v in timings.items() if v is not None}
+    timings = zip(
+        _TIMINGS, (window, upscale_delay, downscale_delay, idle_delay, cold_start_budget), strict=True
+    )
+    body |= {k: v for k, v in timings if v is not None}
     described = _call("POST", _base_url(url, config), PATH, api_key, timeout, body)
     if json_out:
         print_json(described)
@@ -154,6 +143,30 @@ def deploy(
         f"{described['min_replicas']}..{described['max_replicas']}): {described['state']}; "
         "`lamina deployments` shows when it is ready"
     )
+
+
+#: the autoscaler's timing options, as the admin API names them (in deploy's order)
+_TIMINGS = ("window_s", "upscale_delay_s", "downscale_delay_s", "idle_delay_s", "cold_start_budget_s")
+
+
+def _deployment_body(
+    model: str,
+    name: str | None,
+    replicas: str,
+    target_concurrency: float,
+    engine: str | None,
+    options: str | None,
+) -> dict[str, Any]:
+    """What ``deploy`` asks for, as the admin API (or the manifests) take it; --options must be JSON."""
+    body: dict[str, Any] = {"model": model, "replicas": replicas, "target_concurrency": target_concurrency}
+    body |= {"name": name} if name else {}
+    body |= {"engine": engine} if engine else {}
+    if options:
+        try:
+            body["options"] = json.loads(options)
+        except ValueError as exc:
+            fail(ConfigError(f'--options is not JSON ({exc}); e.g. \'{{"fake": {{"n_ctx": 512}}}}\''), 2)
+    return body
 
 
 def _to_k8s(

@@ -24,35 +24,40 @@ from lamina.errors import LaminaError
 from lamina.models import GATE_LIMITS, QUANT_METHODS, GateResult, dataset_sample, quantize_and_gate
 from lamina.stack import open_data_stack
 
+ToleranceOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tolerance",
+        "-t",
+        help=f"LIMIT=VALUE, repeatable; limits: {', '.join(GateTolerance.model_fields)} "
+        "(e.g. min_cosine=0.98).",
+    ),
+]
+DatasetOption = Annotated[
+    str | None,
+    typer.Option("--dataset", "-d", help="Embedding models: evaluate on a sample of this D@V's chunks."),
+]
+QueriesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--queries",
+        help='Embedding models: JSONL of {"query": TEXT, "relevant": [INDEX, ...]} labelled against the '
+        "evaluated texts, for nDCG@10.",
+    ),
+]
+SampleOption = Annotated[
+    int | None,
+    typer.Option("--sample", min=1, help="Chunks sampled from --dataset (default: quantization.sample)."),
+]
+
 
 def quantize(
     ref: Annotated[str, typer.Argument(metavar="NAME@VERSION", help="The version to quantize.")],
     method: Annotated[str, typer.Option("--method", "-m", help=f"One of: {', '.join(QUANT_METHODS)}.")],
-    tolerance: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--tolerance",
-            "-t",
-            help=f"LIMIT=VALUE, repeatable; limits: {', '.join(GateTolerance.model_fields)} "
-            "(e.g. min_cosine=0.98).",
-        ),
-    ] = None,
-    dataset: Annotated[
-        str | None,
-        typer.Option("--dataset", "-d", help="Embedding models: evaluate on a sample of this D@V's chunks."),
-    ] = None,
-    queries: Annotated[
-        Path | None,
-        typer.Option(
-            "--queries",
-            help='Embedding models: JSONL of {"query": TEXT, "relevant": [INDEX, ...]} labelled against the '
-            "evaluated texts, for nDCG@10.",
-        ),
-    ] = None,
-    sample: Annotated[
-        int | None,
-        typer.Option("--sample", min=1, help="Chunks sampled from --dataset (default: quantization.sample)."),
-    ] = None,
+    tolerance: ToleranceOption = None,
+    dataset: DatasetOption = None,
+    queries: QueriesOption = None,
+    sample: SampleOption = None,
     version: Annotated[
         str | None, typer.Option("--version", help="The variant's version (default: PARENT-METHOD).")
     ] = None,

@@ -178,56 +178,29 @@ class DeviceMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        gpu = ("node", "gpu", "uuid", "model_name")
+        gpu, node = ("node", "gpu", "uuid", "model_name"), ("node",)
+
+        def gauge(name: str, documentation: str, labels: tuple[str, ...]) -> Gauge:
+            return Gauge(f"lamina_device_{name}", documentation, labels, registry=registry)
+
         self.registry = registry
-        self.cpu_load = Gauge(
-            "lamina_device_cpu_load1", "1-minute load average of the node.", ("node",), registry=registry
+        self.cpu_load = gauge("cpu_load1", "1-minute load average of the node.", node)
+        self.cpu_usable = gauge(
+            "cpu_usable_cores", "Physical cores this process may run on (its affinity mask).", node
         )
-        self.cpu_usable = Gauge(
-            "lamina_device_cpu_usable_cores",
-            "Physical cores this process may run on (its affinity mask).",
-            ("node",),
-            registry=registry,
-        )
-        self.memory_total = Gauge(
-            "lamina_device_memory_total_bytes", "RAM of the node.", ("node",), registry=registry
-        )
-        self.memory_available = Gauge(
-            "lamina_device_memory_available_bytes",
-            "RAM available to new processes.",
-            ("node",),
-            registry=registry,
-        )
-        self.gpu_utilization = Gauge(
-            "lamina_device_gpu_utilization_percent",
+        self.memory_total = gauge("memory_total_bytes", "RAM of the node.", node)
+        self.memory_available = gauge("memory_available_bytes", "RAM available to new processes.", node)
+        self.gpu_utilization = gauge(
+            "gpu_utilization_percent",
             "Percent of the last sample period a kernel ran (DCGM_FI_DEV_GPU_UTIL).",
             gpu,
-            registry=registry,
         )
-        self.gpu_memory_used = Gauge(
-            "lamina_device_gpu_memory_used_bytes",
-            "GPU memory in use (DCGM_FI_DEV_FB_USED).",
-            gpu,
-            registry=registry,
+        self.gpu_memory_used = gauge("gpu_memory_used_bytes", "GPU memory in use (DCGM_FI_DEV_FB_USED).", gpu)
+        self.gpu_memory_free = gauge("gpu_memory_free_bytes", "GPU memory free (DCGM_FI_DEV_FB_FREE).", gpu)
+        self.gpu_temperature = gauge(
+            "gpu_temperature_celsius", "GPU temperature (DCGM_FI_DEV_GPU_TEMP).", gpu
         )
-        self.gpu_memory_free = Gauge(
-            "lamina_device_gpu_memory_free_bytes",
-            "GPU memory free (DCGM_FI_DEV_FB_FREE).",
-            gpu,
-            registry=registry,
-        )
-        self.gpu_temperature = Gauge(
-            "lamina_device_gpu_temperature_celsius",
-            "GPU temperature (DCGM_FI_DEV_GPU_TEMP).",
-            gpu,
-            registry=registry,
-        )
-        self.gpu_power = Gauge(
-            "lamina_device_gpu_power_watts",
-            "GPU power draw (DCGM_FI_DEV_POWER_USAGE).",
-            gpu,
-            registry=registry,
-        )
+        self.gpu_power = gauge("gpu_power_watts", "GPU power draw (DCGM_FI_DEV_POWER_USAGE).", gpu)
         self.gpu_gauges = (
             self.gpu_utilization,
             self.gpu_memory_used,
