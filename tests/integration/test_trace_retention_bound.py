@@ -21,6 +21,8 @@ from lamina.store import Store, traces
 BOUND = 2 << 20
 #: traces written between two retention passes: about 230 KB, within the room retention leaves
 PER_PASS = 80
+#: what a pass by size leaves, at most (it aims at PRUNE_TO of the bound; the index pages keep some slack)
+PRUNE_TO_CHECK = 0.85
 
 
 def _request(tracer: trace.Tracer, i: int) -> str:
@@ -101,5 +103,37 @@ def test_a_fast_growing_store_is_pruned_before_the_interval_is_up(tmp_path: Path
         assert _sizes(store)[0] <= BOUND
     finally:
         retention.stop()
+        provider.shutdown()
+        store.close()
+
+
+def test_a_pass_after_a_prune_compares_with_what_the_prune_left(tmp_path: Path) -> None:
+    """Pruned well past the bound, then refilled past it quickly (faster than the probe): the next pass
+    must prune again, though the tables hold less than the first pass found (the CI failure of stop 20)."""
+    store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
+    store.migrate()
+    retention = TraceRetention(store, RetentionPolicy(max_bytes=BOUND))
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(
+        TraceKeeper(TraceSampler(SamplingPolicy(per_s=1e9)), SpanWriter(store, linger_s=0.0))
+    )
+    tracer = provider.get_tracer("t")
+    try:
+        for i in range(1000):  # about 2.8 MB
+            _request(tracer, i)
+        assert provider.force_flush()
+        first = _sizes(store)[0]
+        assert retention.run_once().traces > 0
+        assert _sizes(store)[0] <= PRUNE_TO_CHECK * BOUND
+        i = 1000
+        while _sizes(store)[0] <= BOUND:  # refill past the bound, still under what the first pass found
+            for _ in range(20):
+                _request(tracer, i)
+                i += 1
+            assert provider.force_flush()
+        assert _sizes(store)[0] < first
+        assert retention.run_once().traces > 0
+        assert _sizes(store)[0] <= BOUND
+    finally:
         provider.shutdown()
         store.close()

@@ -234,6 +234,8 @@ class TraceRetention:
             self._reclaim()
         with self.store.begin() as conn:
             self._probed = used_bytes(conn)
+            if by_size and removed_traces:  # "grew" (_excess): from what the pass left
+                self.stored_bytes, self._anchor = stored_bytes(conn), self._probed
         return Pruned(removed_traces, removed_spans, self.stored_bytes or 0)
 
     def _reclaim(self) -> None:
