@@ -175,6 +175,8 @@ def test_lamina_top_without_a_key_says_what_it_needs(stack: RunningStack) -> Non
     assert done.exit_code == 0, done.output
     assert "need an admin key" in done.stdout
     assert "chat ready" in done.stdout  # replicas from /readyz
+    wrong = top("--url", stack.base_url, "--interval", "0.2", key="not-a-key")
+    assert "need an admin key" in wrong.stdout and "invalid API key" in wrong.stdout, wrong.stdout
 
 
 def test_lamina_top_names_a_gateway_that_is_not_there() -> None:

@@ -14,8 +14,9 @@ from typing import Literal
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import Request
 
-from lamina.application import CostLine, GatewayDeps, create_app
+from lamina.application import CostLine, GatewayDeps, Principal, create_app
 from lamina.application.dashboard import (
     DashboardSources,
     DeploymentView,
@@ -32,6 +33,7 @@ from lamina.application.dashboard import (
     self_time_by_layer,
 )
 from lamina.application.dashboard._pages import STATIC
+from lamina.errors import AuthenticationError, NotFoundError
 from lamina.observability import Telemetry
 from tests.support.gateway import CHAT, ReplayDispatcher, StaticCatalog
 
@@ -84,6 +86,12 @@ async def verdict() -> Verdict:
     return Verdict("orchestration", "dispatch p95 27 ms", ("both replicas busy",), "add a replica")
 
 
+def _lineage(ref: str) -> Table:
+    if not ref.startswith("docs@"):
+        raise NotFoundError(f"dataset {ref.partition('@')[0]!r} has no versions")
+    return Table(("source",), [(f"file:///{ref}/tea.md",)])
+
+
 def full_sources(registry: CollectorRegistry) -> DashboardSources:
     replicas = (ReplicaView("chat-0", "ready", 123, "http://127.0.0.1:9", 0),)
     return DashboardSources(
@@ -93,7 +101,7 @@ def full_sources(registry: CollectorRegistry) -> DashboardSources:
         chat_models=lambda: ["docs-bot", CHAT],
         playground_model="docs-bot",
         datasets=lambda: Table(("dataset", "version"), [("docs", Link("@1", "/ui/datasets/docs@1"))]),
-        lineage=lambda ref: Table(("source",), [(f"file:///{ref}/tea.md",)]),
+        lineage=_lineage,
         drift=failing,
         costs=Ledger(),
         traces=Traces(),
@@ -183,6 +191,9 @@ def test_what_is_not_a_trace_id_is_a_404_saying_what_one_looks_like(client: Test
 def test_tables_link_and_costs_come_from_the_ledger(client: TestClient) -> None:
     assert 'href="/ui/datasets/docs@1"' in client.get("/ui/datasets").text
     assert "file:///docs@1/tea.md" in client.get("/ui/datasets/docs@1").text
+    missing = client.get("/ui/datasets/nope@1")
+    assert missing.status_code == 404
+    assert "dataset &#39;nope&#39; has no versions" in missing.text and 'href="/ui/datasets"' in missing.text
     costs = client.get("/ui/costs").text
     assert "key-one" in costs and "model-one" in costs and "0.000123" in costs
 
@@ -225,6 +236,41 @@ def test_keys_on_login_sets_a_strict_httponly_cookie_that_opens_the_pages(
 def test_a_bearer_key_opens_the_pages_too(registry: CollectorRegistry) -> None:
     with client_for(full_sources(registry), keys=[ADMIN]) as c:
         assert c.get("/ui/api/summary", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
+
+
+class _UserKey:
+    """An authenticator that knows one admin key and one user key."""
+
+    async def __call__(self, request: Request) -> Principal:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if token == ADMIN:
+            return Principal(key_id="key_a", name="root", scope="admin")
+        if token == "user-secret":
+            return Principal(key_id="key_u", name="alice", scope="user")
+        raise AuthenticationError("invalid API key; pass a key created with `lamina keys create`")
+
+
+def test_the_json_summary_answers_the_api_errors_not_the_login_form(registry: CollectorRegistry) -> None:
+    """``/ui/api/summary`` is read by programs (``lamina top``): 401 without a valid key, 403 with a
+    key that is not an admin's, each as the admin API's JSON error that says what to do."""
+    deps = GatewayDeps(
+        catalog=StaticCatalog(),
+        dispatcher=ReplayDispatcher(),
+        readiness=lambda: {CHAT: True},
+        telemetry=Telemetry(service_name="test"),
+        authenticator=_UserKey(),
+        dashboard=full_sources(registry),
+    )
+    with TestClient(create_app(deps), base_url="http://127.0.0.1") as c:
+        missing = c.get("/ui/api/summary")
+        assert missing.status_code == 401
+        assert "invalid API key" in missing.json()["error"]["message"]
+        user = c.get("/ui/api/summary", headers={"authorization": "Bearer user-secret"})
+        assert user.status_code == 403
+        assert "--scope admin" in user.json()["error"]["message"]
+        assert c.get("/ui/models", headers={"authorization": "Bearer user-secret"}).status_code == 401
+        admin = c.get("/ui/api/summary", headers={"authorization": f"Bearer {ADMIN}"})
+        assert admin.status_code == 200 and "deployments" in admin.json()
 
 
 def test_login_takes_json_only_so_no_other_site_can_post_it(registry: CollectorRegistry) -> None:

@@ -67,7 +67,8 @@ class Poller:
         ):
             summary = response.json()
         elif response.status_code in (401, 403):
-            note = "replicas, cost and the bottleneck need an admin key: --api-key or $LAMINA_API_KEY"
+            note = "replicas, cost and the bottleneck need an admin key (--api-key or $LAMINA_API_KEY)"
+            note += f": {_message(response)}" if self._client.headers.get("authorization") else ""
         else:
             note = f"the dashboard summary is not available here (HTTP {response.status_code})"
         ready: dict[str, bool] = {}
@@ -79,6 +80,14 @@ class Poller:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _message(response: httpx.Response) -> str:
+    """The error message of a JSON error body, else the status line."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
 
 
 def _num(value: float | None, fmt: str, unit: str = "") -> str:

@@ -54,6 +54,8 @@ class Panel:
     title: str
     table: Table | None
     missing: str = ""
+    #: what the source raised, if it failed (``missing`` says it)
+    error: Exception | None = None
 
 
 def _environment() -> Environment:
@@ -108,7 +110,7 @@ async def panel(title: str, source: Callable[..., Table] | None, *args: object, 
         return Panel(title, await run_in_threadpool(source, *args))
     except Exception as exc:  # one failing source must not take the page down
         log.warning("dashboard panel %r failed: %s", title, exc)
-        return Panel(title, None, f"could not be read: {getattr(exc, 'message', exc)}")
+        return Panel(title, None, f"could not be read: {getattr(exc, 'message', exc)}", exc)
 
 
 async def guarded(call: Callable[..., Any], *args: object) -> tuple[Any, str]:

@@ -27,7 +27,7 @@ from lamina.application.dashboard._figures import FigureHistory, Figures
 from lamina.application.dashboard._pages import Pages, Panel, awaited, bars, guarded, panel
 from lamina.application.dashboard._playground import ask
 from lamina.application.dashboard._ports import DashboardSources, DeploymentView, Health, Table, Verdict
-from lamina.application.dashboard._session import admitted, check_admin, clear_login, set_login
+from lamina.application.dashboard._session import admitted, check_admin, clear_login, set_login, token_of
 from lamina.errors import LaminaError, NotFoundError
 from lamina.observability import check_trace_id
 
@@ -106,9 +106,14 @@ class _Dashboard:
         ]
 
     def guarded(self, handler: Page) -> Page:
-        """``handler`` for admins; the login form (401) for anyone else."""
+        """``handler`` for admins; the login form (401) for anyone else, or under ``/ui/api/`` (read by
+        programs: ``lamina top``) the admin API's JSON error, 401 without a valid key, 403 with a key
+        that is not an admin's."""
 
         async def guarded_page(request: Request) -> Response:
+            if request.url.path.startswith("/ui/api/"):
+                await check_admin(self.auth, request, token_of(request))
+                return await handler(request)
             principal, why = await admitted(self.auth, request)
             if principal is None:
                 return self.pages.render("login.html", status=401, title="Sign in", error=why)
@@ -191,6 +196,15 @@ class _Dashboard:
         shown = await panel(
             f"Lineage of {ref}", self.sources.lineage, ref, missing="lineage is not available"
         )
+        if isinstance(shown.error, NotFoundError):  # a dataset or version that is not there: a 404
+            return self.pages.render(
+                "missing.html",
+                status=404,
+                title="No such dataset version",
+                message=shown.error.message,
+                back="/ui/datasets",
+                back_label="The datasets",
+            )
         return self.pages.render("tables.html", title=f"Dataset {ref}", panels=[shown])
 
     async def traces(self, request: Request) -> Response:
@@ -206,7 +220,14 @@ class _Dashboard:
         try:
             trace_id = check_trace_id(trace_id)
         except LaminaError as exc:
-            return self.pages.render("missing.html", status=404, title="Not a trace id", message=exc.message)
+            return self.pages.render(
+                "missing.html",
+                status=404,
+                title="Not a trace id",
+                message=exc.message,
+                back="/ui/traces",
+                back_label="The stored traces",
+            )
         spans = [] if store is None else await run_in_threadpool(store.spans, trace_id)
         if not spans:  # not exported yet (batches), or gone: the page looks again
             return self.pages.render("pending.html", title=f"Trace {trace_id}", trace_id=trace_id)
