@@ -304,7 +304,7 @@ class Exchange:
                 status,
                 time.perf_counter() - self.started,
                 [(usage, ext) for usage, ext, _, _ in self._replies],
-                None if result is None else result.layers,
+                None if result is None else result.micros,
                 cache if isinstance(cache, str) else None,
                 limited if isinstance(limited, str) else None,
             )

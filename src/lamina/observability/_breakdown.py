@@ -31,16 +31,44 @@ class Timed(NamedTuple):
 
 class Breakdown:
     """Milliseconds per layer (every layer of :data:`LAYERS` present) and the one that took longest.
-    Made once per answer (the header, the body and the metrics read the same one): a plain class."""
+    Made once per answer (the header, the body and the metrics read the same one): a plain class.
 
-    __slots__ = ("_bottleneck", "_header", "_json", "layers", "total_ms")
+    On the request path it is made from whole microseconds per layer (:meth:`of_us`, in the order of
+    :data:`LAYERS`), and the texts come from a table of the numbers' strings: the dict of floats is made
+    only if asked for (``layers``)."""
+
+    __slots__ = ("_bottleneck", "_header", "_json", "_layers", "_us", "total_ms")
 
     def __init__(self, layers: dict[str, float], total_ms: float) -> None:
-        self.layers = layers
+        self._layers: dict[str, float] | None = layers
+        self._us: tuple[int, ...] | None = None
         self.total_ms = total_ms
         self._header: str | None = None
         self._json: bytes | None = None
         self._bottleneck: str | bool | None = False
+
+    @classmethod
+    def of_us(cls, us: tuple[int, ...], total_us: int) -> Breakdown:
+        """Whole microseconds per layer (in the order of :data:`LAYERS`, none below 0) and in all."""
+        made = cls.__new__(cls)
+        made._us, made._layers, made.total_ms = us, None, total_us / 1000
+        made._header = made._json = None
+        made._bottleneck = False
+        return made
+
+    @property
+    def layers(self) -> dict[str, float]:
+        if self._layers is None:
+            self._layers = dict(zip(LAYERS, [u / 1000 for u in self._us or ()], strict=True))
+        return self._layers
+
+    @property
+    def micros(self) -> tuple[int, ...]:
+        """Whole microseconds per layer, in the order of :data:`LAYERS`."""
+        if self._us is None:
+            layers = self.layers
+            self._us = tuple([max(round(layers[layer] * 1000), 0) for layer in LAYERS])
+        return self._us
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Breakdown):
@@ -53,11 +81,9 @@ class Breakdown:
     @property
     def bottleneck(self) -> str | None:
         if self._bottleneck is False:
-            best, ms = None, 0.0
-            for layer, value in self.layers.items():  # the first of equals, in the order of LAYERS
-                if value > ms:
-                    best, ms = layer, value
-            self._bottleneck = best
+            us = self.micros
+            most = max(us)  # the first of equals, in the order of LAYERS
+            self._bottleneck = LAYERS[us.index(most)] if most > 0 else None
         return self._bottleneck  # type: ignore[return-value]
 
     def header(self) -> str:
@@ -73,11 +99,15 @@ class Breakdown:
         return self._json  # type: ignore[return-value]
 
     def _texts(self) -> None:
-        layers = self.layers
-        parts = tuple([_ms(layers[layer]) for layer in LAYERS])
+        table = _TEXTS
+        parts = tuple([(table[u] or _text(u)) if u < _TABLE else _text(u) for u in self.micros])
         self._header = _HEADER % parts
-        bottleneck = "null" if self.bottleneck is None else f'"{self.bottleneck}"'
-        self._json = (_JSON % (*parts, bottleneck, _ms(self.total_ms // 0.001 / 1000))).encode()
+        bottleneck = self.bottleneck
+        total = max(int(self.total_ms * 1000 + 1e-6), 0)  # whole microseconds, as before: not rounded up
+        total_text = (table[total] or _text(total)) if total < _TABLE else _text(total)
+        self._json = (
+            _JSON % (*parts, "null" if bottleneck is None else f'"{bottleneck}"', total_text)
+        ).encode()
 
     def as_json(self) -> dict[str, Any]:
         """The ``lamina`` extension of an answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``."""
@@ -88,14 +118,19 @@ class Breakdown:
 #: the header and the ``lamina`` extension's JSON, their numbers filled in (in the order of LAYERS)
 _HEADER = ";".join(f"{layer}=%s" for layer in LAYERS)
 _JSON = '{"layers":{' + ",".join(f'"{layer}":%s' for layer in LAYERS) + '},"bottleneck":%s,"total_ms":%s}'
+#: the texts of 0 to 9.999 ms, by whole microseconds, filled in as they are first written
+_TABLE = 10_000
+_TEXTS: list[str | None] = [None] * _TABLE
 
 
-def _ms(value: float) -> str:
-    """Milliseconds as the header writes them: ``0``, or the shortest form of a value rounded to 3 places."""
-    if not value:
-        return "0"
-    text = repr(value)
-    return text[:-2] if text.endswith(".0") else text
+def _text(us: int) -> str:
+    """Whole microseconds as the header writes milliseconds: ``0``, or the shortest form with up to 3
+    decimals (``0.25``, ``41.207``); remembered in the table when under 10 ms."""
+    text = repr(us / 1000) if us else "0"
+    text = text[:-2] if text.endswith(".0") else text
+    if 0 <= us < _TABLE:
+        _TEXTS[us] = text
+    return text
 
 
 def parse_header(value: str) -> dict[str, float]:

@@ -181,6 +181,7 @@ class OpenTrace:
                 totals[entry[3]] -= duration
         root = self.known[self.root_id]
         total = (root[1] if root[1] is not None else now) - root[0]
-        # whole microseconds, as milliseconds: up to three decimals (cheaper than round())
-        layers = {k: v // 1000 / 1000 if v > 0 else 0.0 for k, v in totals.items()}
-        return Breakdown(layers, max(total, 0) // 1000 / 1000)
+        # whole microseconds (the keys are LAYERS, in order)
+        return Breakdown.of_us(
+            tuple([v // 1000 if v > 0 else 0 for v in totals.values()]), max(total, 0) // 1000
+        )

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from lamina.observability._breakdown import LAYERS
+
 if TYPE_CHECKING:
     from lamina.observability._metrics import GatewayMetrics
 
@@ -21,14 +23,15 @@ if TYPE_CHECKING:
 BATCH = 1024
 
 #: one finished request: (deployment or "", endpoint or None, status, seconds, its replies as
-#: (usage, the replica's ``lamina`` extension), {layer: ms} or None, the cache outcome, the rate limit)
+#: (usage, the replica's ``lamina`` extension), whole microseconds per layer (in the order of LAYERS) or
+#: None, the cache outcome, the rate limit)
 Finished = tuple[
     str,
     str | None,
     int,
     float,
     Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
-    Mapping[str, float] | None,
+    Sequence[int] | None,
     str | None,
     str | None,
 ]
@@ -69,12 +72,12 @@ class RequestFold:
                     for usage, ext in replies:
                         _reply(series, usage, ext)
                 if layers is not None:
-                    best, most = None, 0.0
-                    for name, ms in layers.items():
-                        if ms > 0:
-                            child(traffic.layer_seconds, name).inc(ms / 1000)
-                            if ms > most:
-                                best, most = name, ms
+                    best, most = None, 0
+                    for name, us in zip(LAYERS, layers, strict=True):
+                        if us > 0:
+                            child(traffic.layer_seconds, name).inc(us / 1e6)
+                            if us > most:
+                                best, most = name, us
                     if best is not None:
                         child(traffic.bottleneck, best).inc()
                 if cache is not None:
