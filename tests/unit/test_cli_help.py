@@ -73,3 +73,18 @@ def test_a_table_never_cuts_a_word_short(monkeypatch: pytest.MonkeyPatch) -> Non
     small.add_row("x", "y")
     _common.print_table(small)
     assert 0 < max(map(len, small_out.getvalue().splitlines())) <= 60
+
+
+def test_a_wide_table_keeps_its_last_column_and_headers_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lamina deployments` piped (80 columns): a header longer than its cells ("READY/DESIRED") counted
+    as a word too, or the table was laid out too narrow and its last column cropped ("ROLLO")."""
+    out = io.StringIO()
+    monkeypatch.setattr(_common, "out_console", Console(file=out, width=80))
+    headers = ("NAME", "SOURCE", "MODEL", "REPLICAS", "READY/DESIRED", "STATE", "AUTOSCALER", "ROLLOUT")
+    table = Table(*headers)
+    row = ("smollm2-135m-instruct", "config", "smollm2-135m-instruct@1", "1..1", "1/1", "ready", "", "")
+    table.add_row(*row)
+    _common.print_table(table)
+    lines = out.getvalue().splitlines()
+    assert all(header in lines[1] for header in headers), lines[1]
+    assert len({len(line) for line in lines}) == 1  # every line whole, none cut short

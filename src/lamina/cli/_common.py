@@ -38,7 +38,7 @@ def print_table(table: Table) -> None:
     a path, a number), prose wraps at its spaces, and a table whose words do not fit the terminal is laid
     out wider (the terminal wraps its rows; a pipe gets them whole) instead of ending them with "…"."""
     for column in table.columns:
-        words = (word for cell in column.cells for word in _plain(cell).split())
+        words = (word for cell in (column.header, *column.cells) for word in _plain(cell).split())
         column.min_width = max(column.min_width or 0, max(map(cell_len, words), default=0))
     width = out_console.width
     # what Rich lays the columns out at for this width (it cannot shrink a column below its longest word)
