@@ -343,6 +343,7 @@ async def test_an_unexpected_error_is_a_generic_500_with_the_trace_id(
 async def test_an_unknown_path_is_an_openai_style_404(gw: Gateway) -> None:
     r = await gw.client.get("/v2/nothing")
     assert r.status_code == 404 and error_of(r)["code"] == "not_found"
+    assert "/v1/retrieve" in error_of(r)["message"] and "/admin/v1/" in error_of(r)["message"]  # where to go
     assert "x-lamina-trace-id" in r.headers
     r = await gw.client.delete("/v1/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"

@@ -40,13 +40,18 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return await _lamina_error(request, invalid_fields(errors))
 
 
+#: where the routes are (a 404 says it): the OpenAI API, the admin API, the dashboard, the probes
+_ROUTES = (
+    "the API serves /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/retrieve; "
+    "the admin API is under /admin/v1/ (datasets, deployments, traces, doctor), the dashboard at /, "
+    "and /healthz, /readyz, /metrics"
+)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        error: LaminaError = NotFoundError(
-            f"no route {request.method} {request.url.path}; the API serves /v1/models, /v1/chat/completions, "
-            "/v1/completions and /v1/embeddings"
-        )
+        error: LaminaError = NotFoundError(f"no route {request.method} {request.url.path}; {_ROUTES}")
     else:
         error = InvalidRequestError(f"{request.method} {request.url.path}: {exc.detail}")
     Exchange.of(request).fail(error)
