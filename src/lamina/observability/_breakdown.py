@@ -37,12 +37,13 @@ class Breakdown:
     :data:`LAYERS`), and the texts come from a table of the numbers' strings: the dict of floats is made
     only if asked for (``layers``)."""
 
-    __slots__ = ("_bottleneck", "_header", "_json", "_layers", "_us", "total_ms")
+    __slots__ = ("_bottleneck", "_header", "_json", "_layers", "_total_us", "_us", "total_ms")
 
     def __init__(self, layers: dict[str, float], total_ms: float) -> None:
         self._layers: dict[str, float] | None = layers
         self._us: tuple[int, ...] | None = None
         self.total_ms = total_ms
+        self._total_us = max(int(total_ms * 1000 + 1e-6), 0)  # whole microseconds: not rounded up
         self._header: str | None = None
         self._json: bytes | None = None
         self._bottleneck: str | bool | None = False
@@ -51,7 +52,7 @@ class Breakdown:
     def of_us(cls, us: tuple[int, ...], total_us: int) -> Breakdown:
         """Whole microseconds per layer (in the order of :data:`LAYERS`, none below 0) and in all."""
         made = cls.__new__(cls)
-        made._us, made._layers, made.total_ms = us, None, total_us / 1000
+        made._us, made._layers, made.total_ms, made._total_us = us, None, total_us / 1000, total_us
         made._header = made._json = None
         made._bottleneck = False
         return made
@@ -100,14 +101,12 @@ class Breakdown:
 
     def _texts(self) -> None:
         table = _TEXTS
-        parts = tuple([(table[u] or _text(u)) if u < _TABLE else _text(u) for u in self.micros])
-        self._header = _HEADER % parts
+        *parts, total = [
+            (table[u] or _text(u)) if u < _TABLE else _text(u) for u in (*self.micros, self._total_us)
+        ]
+        self._header = _HEADER % tuple(parts)
         bottleneck = self.bottleneck
-        total = max(int(self.total_ms * 1000 + 1e-6), 0)  # whole microseconds, as before: not rounded up
-        total_text = (table[total] or _text(total)) if total < _TABLE else _text(total)
-        self._json = (
-            _JSON % (*parts, "null" if bottleneck is None else f'"{bottleneck}"', total_text)
-        ).encode()
+        self._json = (_JSON % (*parts, "null" if bottleneck is None else f'"{bottleneck}"', total)).encode()
 
     def as_json(self) -> dict[str, Any]:
         """The ``lamina`` extension of an answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``."""
