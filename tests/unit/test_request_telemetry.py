@@ -102,6 +102,45 @@ def test_finished_requests_are_counted_when_scraped_and_every_batch() -> None:
     telemetry.shutdown()
 
 
+def test_a_batch_counts_each_reply_as_it_reported_itself() -> None:
+    """The tally of a batch: numbers only (a bool or a string is no figure), a prefill only with a queue
+    and a first token, a decode only with the engine's time too, cached tokens capped by the prompt."""
+    telemetry = Telemetry(service_name="t")
+    metrics = telemetry.metrics
+    full = (
+        {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 40}},
+        {"queue_ms": 2.0, "ttft_ms": 12.0, "engine_ms": 50.0},
+    )
+    odd = ({"prompt_tokens": True, "completion_tokens": "7"}, {"queue_ms": -1.0, "ttft_ms": 3.0})
+    no_engine = ({"prompt_tokens": 4.0, "completion_tokens": 1}, {"queue_ms": 0.5, "ttft_ms": 1.5})
+    for model, replies in (("a", [full, odd]), ("a", [no_engine]), ("b", [full])):
+        metrics.record((model, "/v1/chat/completions", 200, 0.25, replies, (0, 0, 7, 7, 0), "hit", None))
+    metrics.record(("a", None, 429, 0.001, [], None, None, "key requests"))
+
+    def value(name: str, **labels: str) -> float | None:
+        telemetry.render_metrics()  # the scrape folds the batch
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert value("lamina_input_tokens_total", model="a") == 14.0
+    assert value("lamina_output_tokens_total", model="a") == 6.0
+    assert value("lamina_prefix_cache_queries_total", model="a") == 10.0
+    assert value("lamina_prefix_cache_hits_total", model="a") == 10.0  # 40 cached of a 10-token prompt
+    assert value("lamina_request_queue_time_seconds_count", model="a") == 2.0  # -1 ms is no wait
+    assert value("lamina_request_prefill_time_seconds_sum", model="a") == 0.01 + 0.001
+    assert value("lamina_request_decode_time_seconds_count", model="a") == 1.0
+    assert value("lamina_request_decode_time_seconds_sum", model="a") == 0.04
+    assert value("lamina_inter_token_latency_seconds_sum", model="a") == 0.04 / 4
+    assert value("lamina_tokens_per_second_sum", model="a") == 100.0
+    assert value("lamina_e2e_request_latency_seconds_count", model="a") == 2.0  # the 429 has no endpoint
+    assert value("lamina_requests_total", endpoint="/v1/chat/completions", model="a", status="200") == 2.0
+    assert value("lamina_request_duration_seconds_sum", endpoint="/v1/chat/completions", model="b") == 0.25
+    assert value("lamina_bottleneck_requests_total", layer="models") == 3.0  # the first of equals
+    assert value("lamina_layer_seconds_total", layer="orchestration") == 21e-6
+    assert value("lamina_cache_requests_total", result="hit") == 3.0
+    assert value("lamina_rate_limited_requests_total", limit="key requests") == 1.0
+    telemetry.shutdown()
+
+
 def test_a_kept_traces_steps_become_spans_under_the_right_parents(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'l.db'}")
     store.migrate()

@@ -53,6 +53,14 @@ class Buckets:
         self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in its bucket
         self.sum += value
 
+    def observe_many(self, values: Sequence[float]) -> None:
+        """``observe`` each of ``values``, in order (the same sum to the last bit)."""
+        counts, bounds, total = self.counts, self.bounds, self.sum
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            total += value
+        self.sum = total
+
 
 class Family:
     """A metric (name, help, type, label names) and its series by label values."""

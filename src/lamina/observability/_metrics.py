@@ -8,6 +8,7 @@ model is known), ``endpoint`` one of the gateway's routes, ``status`` an HTTP st
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
@@ -88,6 +89,10 @@ class GatewayMetrics:
 
     def observe_request(self, *, endpoint: str, model: str, status: int, seconds: float) -> None:
         """Count one finished request and its duration."""
+        self.observe_requests(endpoint=endpoint, model=model, status=status, seconds=(seconds,))
+
+    def observe_requests(self, *, endpoint: str, model: str, status: int, seconds: Sequence[float]) -> None:
+        """Count finished requests of one outcome, with their durations."""
         key = (endpoint, model, status)
         found = self._requests.get(key)
         if found is None:  # bounded: routes, deployments, HTTP statuses
@@ -95,8 +100,8 @@ class GatewayMetrics:
                 self.child(self.requests, endpoint, model, str(status)),
                 self.child(self.request_duration, endpoint, model),
             )
-        found[0].inc()
-        found[1].observe(seconds)
+        found[0].inc(len(seconds))
+        found[1].observe_many(seconds)
 
     def observe_guard(self, *, guard: str, action: str, direction: str) -> None:
         """Count one guard's decision on one request (``guard`` is a configured guard's name)."""

@@ -27,6 +27,7 @@ The queue, prefill and decode times come from the timings each replica reports w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -51,6 +52,8 @@ class _NullSeries:
     def set(self, value: float) -> None: ...
 
     def observe(self, amount: float) -> None: ...
+
+    def observe_many(self, amounts: Sequence[float]) -> None: ...
 
 
 _NULL = _NullSeries()
