@@ -84,7 +84,8 @@ class _ModelTally:
     def reply(self, usage: Mapping[str, Any], ext: Mapping[str, Any]) -> None:
         """One reply's tokens and the engine's timings as its replica reported them."""
         numbers = _NUMBERS
-        tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        tokens_in: Any = usage.get("prompt_tokens")  # Any: checked by type below, None when no number
+        tokens_out: Any = usage.get("completion_tokens")
         if type(tokens_in) not in numbers:
             tokens_in = None
         elif tokens_in > 0:
@@ -93,7 +94,9 @@ class _ModelTally:
             tokens_out = None
         elif tokens_out > 0:
             self.tokens[1] += int(tokens_out)
-        engine_ms, queue_ms, ttft_ms = ext.get("engine_ms"), ext.get("queue_ms"), ext.get("ttft_ms")
+        engine_ms: Any = ext.get("engine_ms")
+        queue_ms: Any = ext.get("queue_ms")
+        ttft_ms: Any = ext.get("ttft_ms")
         if type(engine_ms) not in numbers:
             engine_ms = None
         elif tokens_out and tokens_out > 0 and engine_ms > 0:
