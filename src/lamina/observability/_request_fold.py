@@ -115,7 +115,7 @@ class _ModelTally:
                     self.inter_token.append(decode_ms / 1000 / (tokens_out - 1))
         details = usage.get("prompt_tokens_details")
         if tokens_in is not None and isinstance(details, dict):
-            cached = details.get("cached_tokens")
+            cached: Any = details.get("cached_tokens")
             if type(cached) in numbers:
                 self.queries += max(int(tokens_in), 0)
                 self.hits += max(min(int(cached), int(tokens_in)), 0)
