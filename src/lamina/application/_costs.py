@@ -39,6 +39,7 @@ from lamina.application._policy import Call, Principal, Usage
 from lamina.clock import Clock, utcnow
 from lamina.config import CostsConfig
 from lamina.errors import ConfigError
+from lamina.observability import OpenTrace
 from lamina.store import Store
 
 log = logging.getLogger("lamina.costs")
@@ -246,10 +247,9 @@ class CostPolicy:
         await asyncio.to_thread(self.writer.close)
 
     def _entry(self, call: Call, usage: Usage, cost: Cost) -> LedgerEntry:
-        context = call.span.get_span_context()
         return LedgerEntry(
             ts=self._clock(),
-            trace_id=format(context.trace_id, "032x") if context.is_valid else None,
+            trace_id=_trace_id(call.span),
             key_id=call.principal.key_id,
             key_name=call.principal.name,
             operation=call.operation,
@@ -263,3 +263,15 @@ class CostPolicy:
             cost_usd=cost.usd,
             basis=cost.basis,
         )
+
+
+def _trace_id(span: Any) -> str | None:
+    """The trace id of ``span`` in hex, None for an invalid span; a recorded span's from its trace (no
+    ``SpanContext`` made for it)."""
+    opened = getattr(span, "trace", None)
+    if isinstance(opened, OpenTrace):
+        trace_id: int = opened.trace_id
+    else:
+        context = span.get_span_context()
+        trace_id = context.trace_id if context.is_valid else 0
+    return format(trace_id, "032x") if trace_id else None

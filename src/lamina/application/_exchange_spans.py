@@ -27,6 +27,8 @@ from opentelemetry.util.types import Attributes, AttributeValue
 
 from lamina.observability import LAYER, Deferred, Layer, LightSpan, OpenTrace
 
+_APPLICATION_LAYER = Layer.APPLICATION.value
+_ORCHESTRATION_LAYER = Layer.ORCHESTRATION.value
 _APPLICATION: dict[str, AttributeValue] = {LAYER: Layer.APPLICATION.value}
 _MODELS: dict[str, AttributeValue] = {LAYER: Layer.MODELS.value}
 
@@ -149,22 +151,24 @@ class DispatchStep(trace.Span):
 
     __slots__ = ("_opened", "attributes", "end_ns", "error", "parent_id", "span_id", "start_ns")
 
-    def __init__(self, opened: OpenTrace, parent: trace.Span, attributes: dict[str, AttributeValue]) -> None:
+    def __init__(
+        self, opened: OpenTrace, parent: trace.Span | None, attributes: dict[str, AttributeValue]
+    ) -> None:
         self._opened = opened
         self.span_id = new_span_id()
         self.attributes = attributes
         self.error: str | None = None
         self.end_ns = 0
         self.start_ns = time.time_ns()
-        parent_layer = Layer.APPLICATION.value
-        self.parent_id: int | None = None  # the root
+        parent_layer = _APPLICATION_LAYER
+        self.parent_id: int | None = None  # the root (also when ``parent`` is None)
         if isinstance(parent, LightSpan) and parent.trace is opened and parent.span_id != opened.root_id:
             self.parent_id, parent_layer = parent.span_id, parent.layer  # a model group's attempt
-        opened.begin_step(self.span_id, self.start_ns, Layer.ORCHESTRATION.value, parent_layer)
+        opened.begin_step(self.span_id, self.start_ns, _ORCHESTRATION_LAYER, parent_layer)
 
     @property
     def layer(self) -> str:
-        return Layer.ORCHESTRATION.value
+        return _ORCHESTRATION_LAYER
 
     @property
     def start_time(self) -> int:

@@ -234,7 +234,9 @@ class Exchange:
         span: trace.Span
         if opened is not None and not opened.closed:
             attrs: dict[str, AttributeValue] = {LAYER: _ORCHESTRATION_LAYER, "lamina.deployment": deployment}
-            step = DispatchStep(opened, trace.get_current_span(), attrs)
+            # the current span matters only when a span besides the root runs (a model group's attempt)
+            parent = trace.get_current_span() if len(opened.running) > 1 else None
+            step = DispatchStep(opened, parent, attrs)
             self._steps.append(step)
             span, headers = step, {"traceparent": step.traceparent()}
         else:

@@ -37,11 +37,12 @@ class Breakdown:
     :data:`LAYERS`), and the texts come from a table of the numbers' strings: the dict of floats is made
     only if asked for (``layers``)."""
 
-    __slots__ = ("_bottleneck", "_header", "_json", "_layers", "_total_us", "_us", "total_ms")
+    __slots__ = ("_bottleneck", "_header", "_json", "_layers", "_total_us", "micros", "total_ms")
 
     def __init__(self, layers: dict[str, float], total_ms: float) -> None:
         self._layers: dict[str, float] | None = layers
-        self._us: tuple[int, ...] | None = None
+        #: whole microseconds per layer, in the order of :data:`LAYERS`
+        self.micros = tuple([max(round(layers.get(layer, 0.0) * 1000), 0) for layer in LAYERS])
         self.total_ms = total_ms
         self._total_us = max(int(total_ms * 1000 + 1e-6), 0)  # whole microseconds: not rounded up
         self._header: str | None = None
@@ -52,7 +53,7 @@ class Breakdown:
     def of_us(cls, us: tuple[int, ...], total_us: int) -> Breakdown:
         """Whole microseconds per layer (in the order of :data:`LAYERS`, none below 0) and in all."""
         made = cls.__new__(cls)
-        made._us, made._layers, made.total_ms, made._total_us = us, None, total_us / 1000, total_us
+        made.micros, made._layers, made.total_ms, made._total_us = us, None, total_us / 1000, total_us
         made._header = made._json = None
         made._bottleneck = False
         return made
@@ -60,16 +61,8 @@ class Breakdown:
     @property
     def layers(self) -> dict[str, float]:
         if self._layers is None:
-            self._layers = dict(zip(LAYERS, [u / 1000 for u in self._us or ()], strict=True))
+            self._layers = dict(zip(LAYERS, [u / 1000 for u in self.micros], strict=True))
         return self._layers
-
-    @property
-    def micros(self) -> tuple[int, ...]:
-        """Whole microseconds per layer, in the order of :data:`LAYERS`."""
-        if self._us is None:
-            layers = self.layers
-            self._us = tuple([max(round(layers[layer] * 1000), 0) for layer in LAYERS])
-        return self._us
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Breakdown):

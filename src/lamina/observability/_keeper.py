@@ -126,7 +126,7 @@ class TraceKeeper(SpanProcessor):
         self.decided[decision] += 1
         counter = self._decisions.get(decision)
         if counter is not None:
-            counter.inc()
+            counter.value += 1  # a fast series (``_fast_metrics.Value``): no call
         # the trace holds its light spans and they hold it: letting go of them breaks the cycle, so a
         # request's spans are freed by reference counting, not left to the cyclic garbage collector
         held, opened.held = opened.held, []
