@@ -4,6 +4,7 @@ application/_exchange_spans.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -138,6 +139,29 @@ def test_a_batch_counts_each_reply_as_it_reported_itself() -> None:
     assert value("lamina_layer_seconds_total", layer="orchestration") == 21e-6
     assert value("lamina_cache_requests_total", result="hit") == 3.0
     assert value("lamina_rate_limited_requests_total", limit="key requests") == 1.0
+    telemetry.shutdown()
+
+
+def test_a_streams_final_event_repeats_the_replicas_fields_as_json() -> None:
+    telemetry = Telemetry(service_name="t")
+    root = telemetry.tracer.start_root("POST /v1/chat/completions", {LAYER: "application"})
+    exchange = Exchange(telemetry, root, "/v1/chat/completions")
+    for chunk, choice in (
+        ({"id": 'é"1\n', "object": "chat.completion.chunk", "created": 17, "model": "m", "x": 1}, "delta"),
+        ({"object": "text_completion", "created": 1.5, "model": None}, "text"),
+        ({"id": True, "model": ["odd"]}, "delta"),
+    ):
+        exchange.reported = None
+        raw = exchange.final_event(chunk)
+        assert raw.startswith(b"data: ") and raw.endswith(b"\n\n")
+        event = json.loads(raw[6:])
+        assert {k: v for k, v in event.items() if k not in ("choices", "lamina")} == {
+            k: v for k, v in chunk.items() if k != "x"
+        }
+        assert event["choices"] == [
+            {"index": 0, choice: {} if choice == "delta" else "", "finish_reason": None}
+        ]
+        assert set(event["lamina"]) == {"layers", "bottleneck", "total_ms"}
     telemetry.shutdown()
 
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from opentelemetry import trace
@@ -39,6 +40,12 @@ _MODELS_LAYER = Layer.MODELS.value
 _ORCHESTRATION_LAYER = Layer.ORCHESTRATION.value
 #: the ``lamina`` extension of a stream's last event, compact (one encoder, not one per answer)
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+#: the fields of the replica's chunk the stream's final event repeats, and that event's one empty choice
+_EVENT_KEYS = ("id", "object", "created", "model")
+_DELTA_CHOICE = '"choices":[{"index":0,"delta":{},"finish_reason":null}]}'
+_TEXT_CHOICE = '"choices":[{"index":0,"text":"","finish_reason":null}]}'
+#: a JSON string, as the compact encoder writes it (ASCII)
+_quoted = encode_basestring_ascii
 #: a plain answer, as Starlette's JSONResponse writes it
 _ANSWER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
@@ -197,13 +204,18 @@ class Exchange:
         and the ``lamina`` extension; ``id``, ``object``, ``created``, ``model`` are the replica's."""
         if self._opened is None:
             return b""
-        event: dict[str, Any] = {
-            k: chunk[k] for k in ("id", "object", "created", "model") if chunk and k in chunk
-        }
-        completion = event.get("object") == "text_completion"
-        empty: dict[str, Any] = {"text": ""} if completion else {"delta": {}}
-        event["choices"] = [{"index": 0, **empty, "finish_reason": None}]
-        shown = self.with_extension(_COMPACT.encode(event).encode())
+        parts = ["{"]  # written by hand: the encoder's setup costs more than these few fields
+        for key in _EVENT_KEYS:
+            if chunk and key in chunk:
+                value = chunk[key]
+                kind = type(value)
+                text = (
+                    _quoted(value) if kind is str else str(value) if kind is int else _COMPACT.encode(value)
+                )
+                parts.append(f'"{key}":{text},')
+        completion = chunk is not None and chunk.get("object") == "text_completion"
+        parts.append(_TEXT_CHOICE if completion else _DELTA_CHOICE)
+        shown = self.with_extension("".join(parts).encode())
         return b"" if shown is None else b"data: " + shown + b"\n\n"
 
     def fail(self, exc: LaminaError) -> None:
