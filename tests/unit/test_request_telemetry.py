@@ -165,6 +165,29 @@ def test_a_streams_final_event_repeats_the_replicas_fields_as_json() -> None:
     telemetry.shutdown()
 
 
+def test_a_kept_streams_root_records_its_time_to_first_token(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    store.migrate()
+    telemetry = Telemetry(service_name="t", store=store, sampling=SamplingPolicy(1.0, 1000.0))
+    root = telemetry.tracer.start_root("POST /v1/chat/completions", {LAYER: "application"})
+    exchange = Exchange(telemetry, root, "/v1/chat/completions")
+    with trace.use_span(root):
+        exchange.bind(SimpleNamespace(deployment="chat", served_name="chat", model_version="chat@1"))
+        time.sleep(0.002)
+        exchange.first_token()
+        exchange.first_token()  # once per request
+    exchange.finish(200)
+    assert telemetry.force_flush()
+    spans = {s["name"]: s for s in read_trace(store, exchange.trace_id)}
+    assert spans["POST /v1/chat/completions"]["attributes"]["lamina.gateway_ttft_ms"] >= 2.0
+    count = telemetry.metrics.registry.get_sample_value(
+        "lamina_time_to_first_token_seconds_count", {"model": "chat"}
+    )
+    assert count == 1.0
+    telemetry.shutdown()
+    store.close()
+
+
 def test_a_kept_traces_steps_become_spans_under_the_right_parents(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'l.db'}")
     store.migrate()

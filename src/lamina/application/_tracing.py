@@ -79,6 +79,7 @@ class Exchange:
         "_replies",
         "_route",
         "_steps",
+        "_ttft_s",
         "_waiting",
         "endpoint",
         "model",
@@ -104,6 +105,8 @@ class Exchange:
         #: the status to count instead of the HTTP one (a stream that failed after its 200)
         self.outcome: int | None = None
         self._first_token = False
+        #: seconds from the request's start to its first content chunk (streams), for the kept trace's root
+        self._ttft_s: float | None = None
         #: the series counting it in lamina_num_requests_waiting, until its first dispatch
         self._waiting: ModelSeries | None = None
         #: the breakdown the answer's body reports (the header repeats it)
@@ -228,8 +231,9 @@ class Exchange:
         if self._first_token:
             return
         self._first_token = True
-        seconds = time.perf_counter() - self.started
-        self.span.set_attribute("lamina.gateway_ttft_ms", round(seconds * 1000, 3))
+        seconds = self._ttft_s = time.perf_counter() - self.started
+        if self._opened is None:  # a span of the SDK's: the attribute now (else only if the trace is kept)
+            self.span.set_attribute("lamina.gateway_ttft_ms", round(seconds * 1000, 3))
         self.telemetry.metrics.model(self.model).time_to_first_token.observe(seconds)
 
     @contextmanager
@@ -344,4 +348,7 @@ class Exchange:
             ],
         )
         spans.extend(step.deferred() for step in self._steps)
-        return root_attributes(self._described, self._bound, self._replies, self._finished), spans
+        attributes = root_attributes(self._described, self._bound, self._replies, self._finished)
+        if self._ttft_s is not None:
+            attributes["lamina.gateway_ttft_ms"] = round(self._ttft_s * 1000, 3)
+        return attributes, spans
