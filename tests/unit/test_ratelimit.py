@@ -4,6 +4,8 @@ headers, token settlement, a refusal taking nothing from the other limits, Redis
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +22,11 @@ from lamina.errors import ConfigError, NoReadyReplicaError
 from tests.support import CHAT, EMBED, FakeClock, ReplayDispatcher
 from tests.support.processes import free_port
 from tests.support.ratelimit_gateway import principal, rate_limited_app
+
+#: Python-level calls per admitted and settled call (measured on 1 December 2026: 247 with five limits, 13
+#: with none), with room for library upgrades
+LIMITED_CALLS = 400
+NO_LIMIT_CALLS = 25
 
 pytestmark = pytest.mark.anyio
 
@@ -323,29 +330,36 @@ async def test_redis_down_fails_open_when_configured() -> None:
     assert "x-ratelimit-limit-requests" not in r.headers
 
 
-async def test_admission_cpu_cost_stays_small() -> None:
-    """CPU per admitted and settled call, in process: with five limits (key rpm and tpm, a model's tpm,
-    global rpm and tpm), and with none applying (the policy is always on)."""
+async def test_admission_work_stays_small() -> None:
+    """The work per admitted and settled call, in process: with five limits (key rpm and tpm, a model's
+    tpm, global rpm and tpm), and with none applying (the policy is always on). Counted as Python-level
+    calls, which do not depend on the machine's speed (bench/gateway_overhead.py has the CPU time): a
+    change that, say, compiled a statement on every call would multiply them."""
     huge = 10**12
     config = RateLimitsConfig(
         key_rpm=huge, key_tpm=huge, rpm=huge, tpm=huge, per_model={CHAT: ModelRateLimitsConfig(tpm=huge)}
     )
     usage = Usage(prompt_tokens=9, completion_tokens=2)
-    cost_ms: dict[str, float] = {}
-    calls = 2000
+    work: dict[str, float] = {}
+    calls = 200
     for name, policy in (("limited", RateLimitPolicy(config)), ("none", RateLimitPolicy(RateLimitsConfig()))):
-        start = time.process_time()
-        for _ in range(calls):
+        profile = cProfile.Profile()
+        for n in range(calls + 1):
+            if n == 1:  # the first call sets up the policy's counters
+                profile.enable()
             call = Call(BOB, "chat", CHAT, CHAT, None, {}, False, prompt_tokens=12, completion_tokens=100)
             ticket = await policy.admit(call)
             if ticket is not None:
                 await ticket.settle(call, usage)
-        cost_ms[name] = (time.process_time() - start) / calls * 1000
+        profile.disable()
+        stats: dict[Any, tuple[int, ...]] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+        work[name] = sum(entry[1] for entry in stats.values()) / calls
         if name == "limited":
             window = Window.at(time.time()).number
-            assert await policy.counters.value(f"global/*/tpm/{window}") in (11 * calls, 0)  # 0: minute ended
+            count = await policy.counters.value(f"global/*/tpm/{window}")
+            assert count in (11 * (calls + 1), 0)  # 0: the minute ended
             assert call.headers["x-ratelimit-limit-tokens"] == str(huge)
         await policy.aclose()
-    print(f"rate-limit CPU per call: {cost_ms['limited']:.4f} ms (5 limits), {cost_ms['none']:.4f} ms (none)")
-    assert cost_ms["limited"] < 0.3
-    assert cost_ms["none"] < 0.02
+    print(f"rate-limit work per call: {work['limited']:.0f} calls (5 limits), {work['none']:.0f} (none)")
+    assert work["limited"] < LIMITED_CALLS
+    assert work["none"] < NO_LIMIT_CALLS

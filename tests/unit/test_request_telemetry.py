@@ -165,12 +165,17 @@ def test_a_streams_final_event_repeats_the_replicas_fields_as_json() -> None:
     telemetry.shutdown()
 
 
-def test_a_kept_streams_root_records_its_time_to_first_token(tmp_path: Path) -> None:
+def _keeping_every_trace(tmp_path: Path) -> tuple[Store, Telemetry, trace.Span, Exchange]:
+    """A store, telemetry that keeps every trace in it, and one chat request's root and exchange."""
     store = Store(f"sqlite:///{tmp_path / 'l.db'}")
     store.migrate()
     telemetry = Telemetry(service_name="t", store=store, sampling=SamplingPolicy(1.0, 1000.0))
     root = telemetry.tracer.start_root("POST /v1/chat/completions", {LAYER: "application"})
-    exchange = Exchange(telemetry, root, "/v1/chat/completions")
+    return store, telemetry, root, Exchange(telemetry, root, "/v1/chat/completions")
+
+
+def test_a_kept_streams_root_records_its_time_to_first_token(tmp_path: Path) -> None:
+    store, telemetry, root, exchange = _keeping_every_trace(tmp_path)
     with trace.use_span(root):
         exchange.bind(SimpleNamespace(deployment="chat", served_name="chat", model_version="chat@1"))
         time.sleep(0.002)
@@ -189,11 +194,7 @@ def test_a_kept_streams_root_records_its_time_to_first_token(tmp_path: Path) -> 
 
 
 def test_a_kept_traces_steps_become_spans_under_the_right_parents(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
-    store.migrate()
-    telemetry = Telemetry(service_name="t", store=store, sampling=SamplingPolicy(1.0, 1000.0))
-    root = telemetry.tracer.start_root("POST /v1/chat/completions", {LAYER: "application"})
-    exchange = Exchange(telemetry, root, "/v1/chat/completions")
+    store, telemetry, root, exchange = _keeping_every_trace(tmp_path)
     replica = SimpleNamespace(replica_id="r0", url="u", attempts=2, response=httpx.Response(502))
     with (
         trace.use_span(root),
