@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from sqlalchemy import Connection, Table, delete, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -53,6 +53,8 @@ PRUNE_TO = 0.7
 #: grew by :data:`PROBE_GROWTH` of ``max_bytes`` since the last one
 PROBE_S = 1.0
 PROBE_GROWTH = 0.05
+#: further passes a pass by size may run when the tables are past the bound again as it ends
+REPASSES = 2
 
 
 class TraceSummary(TypedDict):
@@ -143,6 +145,14 @@ class Pruned:
     stored_bytes: int = 0
 
 
+class _Pass(NamedTuple):
+    """What one pass deleted, and whether it deleted by size."""
+
+    traces: int
+    spans: int
+    by_size: bool
+
+
 class TraceRetention:
     """Deletes the oldest stored traces beyond the policy's limits (see the module doc)."""
 
@@ -207,7 +217,19 @@ class TraceRetention:
         return min(n, math.ceil(n - PRUNE_TO * limit / self._per_trace))
 
     def run_once(self) -> Pruned:
-        """One pass: delete every trace beyond the limits (with its spans), oldest first."""
+        """One pass: delete every trace beyond the limits (with its spans), oldest first. On SQLite, a pass
+        by size that finds the tables past the bound again when it ends (written to while it deleted, faster
+        than the probe could see) runs again, at most :data:`REPASSES` times."""
+        done = self._pass()
+        for _ in range(REPASSES):
+            if self._sticky or not done.by_size or (self.stored_bytes or 0) <= self.policy.max_bytes:
+                break
+            self.stored_bytes = None  # what the pass left is growth: measured afresh
+            more = self._pass()
+            done = _Pass(done.traces + more.traces, done.spans + more.spans, more.by_size)
+        return Pruned(done.traces, done.spans, self.stored_bytes or 0)
+
+    def _pass(self) -> _Pass:
         cutoff, by_size = self._cutoff()
         removed_traces = removed_spans = 0
         while True:
@@ -236,7 +258,7 @@ class TraceRetention:
             self._probed = used_bytes(conn)
             if by_size and removed_traces:  # "grew" (_excess): from what the pass left
                 self.stored_bytes, self._anchor = stored_bytes(conn), self._probed
-        return Pruned(removed_traces, removed_spans, self.stored_bytes or 0)
+        return _Pass(removed_traces, removed_spans, bool(by_size and removed_traces))
 
     def _reclaim(self) -> None:
         """After deleting by size. PostgreSQL: VACUUM, so the deleted rows' space is reusable now rather than
