@@ -24,15 +24,15 @@ if TYPE_CHECKING:
 #: finished requests held before they are counted without a scrape
 BATCH = 1024
 
-#: one finished request: (deployment or "", endpoint or None, status, seconds, its replies as tuples that
-#: start with (usage, the replica's ``lamina`` extension), whole microseconds per layer (in the order of
-#: LAYERS) or None, the cache outcome, the rate limit)
+#: one finished request: (deployment or "", endpoint or None, status, seconds, its replies as
+#: (usage, the replica's ``lamina`` extension), whole microseconds per layer (in the order of LAYERS) or
+#: None, the cache outcome, the rate limit)
 Finished = tuple[
     str,
     str | None,
     int,
     float,
-    Sequence[tuple[Any, ...]],
+    Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
     Sequence[int] | None,
     str | None,
     str | None,
@@ -154,8 +154,8 @@ def _count(metrics: GatewayMetrics, batch: list[Finished]) -> None:
                 tally = models[model] = _ModelTally()
             if endpoint is not None:
                 tally.e2e.append(seconds)
-            for reply in replies:
-                tally.reply(reply[0], reply[1])
+            for usage, ext in replies:
+                tally.reply(usage, ext)
         if layers is not None:
             rows.append(layers)
         if cached is not None:
