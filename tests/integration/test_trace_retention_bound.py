@@ -6,16 +6,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import Status, StatusCode
 from sqlalchemy import select
 
-from lamina.observability import LAYER, RetentionPolicy, SamplingPolicy, TraceRetention, TraceSampler
+from lamina.observability import RetentionPolicy, SamplingPolicy, TraceRetention, TraceSampler
 from lamina.observability._keeper import TraceKeeper
 from lamina.observability._store_exporter import SpanWriter
 from lamina.observability._trace_size import stored_bytes, used_bytes
 from lamina.store import Store, traces
+from tests.support.traces import chat_trace
 
 #: PostgreSQL's empty trace tables, with their free-space and visibility maps, take about 0.4 MiB
 BOUND = 2 << 20
@@ -23,30 +22,6 @@ BOUND = 2 << 20
 PER_PASS = 80
 #: what a pass by size leaves, at most (it aims at PRUNE_TO of the bound; the index pages keep some slack)
 PRUNE_TO_CHECK = 0.85
-
-
-def _request(tracer: trace.Tracer, i: int) -> str:
-    """A chat request's spans (eight, with attributes of the real ones' size); every tenth one failed."""
-    with tracer.start_as_current_span("POST /v1/chat/completions", attributes={LAYER: "application"}) as root:
-        root.set_attributes(
-            {
-                "http.route": "/v1/chat/completions",
-                "gen_ai.request.model": "chat",
-                "lamina.deployment": "chat",
-                "gen_ai.usage.input_tokens": 41,
-                "gen_ai.usage.output_tokens": 8,
-                "http.response.status_code": 500 if i % 10 == 0 else 200,
-            }
-        )
-        for layer, name in [("models", "route"), ("orchestration", "dispatch"), ("models", "engine")]:
-            with tracer.start_as_current_span(name, attributes={LAYER: layer, "lamina.replica.id": "chat-0"}):
-                pass
-        for name in ("queue", "prefill", "decode", "device"):
-            with tracer.start_as_current_span(name, attributes={LAYER: "models", "lamina.queue_ms": 0.1}):
-                pass
-        if i % 10 == 0:
-            root.set_status(Status(StatusCode.ERROR, "engine_error: test"))
-        return format(root.get_span_context().trace_id, "032x")
 
 
 def _sizes(store: Store) -> tuple[int, int]:
@@ -64,7 +39,7 @@ def test_the_trace_tables_stay_within_their_byte_bound_and_keep_the_newest(store
     sent: list[str] = []
     peaks: list[int] = []
     for _ in range(40):  # about 9 MB of traces in all: four times the bound
-        sent += [_request(tracer, len(sent)) for _ in range(PER_PASS)]
+        sent += [chat_trace(tracer, len(sent)) for _ in range(PER_PASS)]
         assert provider.force_flush()
         peaks.append(_sizes(store)[0])  # the most the tables hold: just before a pass
         retention.run_once()
@@ -95,7 +70,7 @@ def test_a_fast_growing_store_is_pruned_before_the_interval_is_up(tmp_path: Path
     tracer = provider.get_tracer("t")
     try:
         for i in range(1000):  # about 2.8 MB: past the bound
-            _request(tracer, i)
+            chat_trace(tracer, i)
         assert provider.force_flush()
         deadline = time.monotonic() + 10
         while _sizes(store)[0] > BOUND and time.monotonic() < deadline:
@@ -120,7 +95,7 @@ def test_a_pass_after_a_prune_compares_with_what_the_prune_left(tmp_path: Path) 
     tracer = provider.get_tracer("t")
     try:
         for i in range(1000):  # about 2.8 MB
-            _request(tracer, i)
+            chat_trace(tracer, i)
         assert provider.force_flush()
         first = _sizes(store)[0]
         assert retention.run_once().traces > 0
@@ -128,7 +103,7 @@ def test_a_pass_after_a_prune_compares_with_what_the_prune_left(tmp_path: Path) 
         i = 1000
         while _sizes(store)[0] <= BOUND:  # refill past the bound, still under what the first pass found
             for _ in range(20):
-                _request(tracer, i)
+                chat_trace(tracer, i)
                 i += 1
             assert provider.force_flush()
         assert _sizes(store)[0] < first

@@ -219,7 +219,8 @@ class TraceRetention:
     def run_once(self) -> Pruned:
         """One pass: delete every trace beyond the limits (with its spans), oldest first. On SQLite, a pass
         by size that finds the tables past the bound again when it ends (written to while it deleted, faster
-        than the probe could see) runs again, at most :data:`REPASSES` times."""
+        than the probe could see) runs again, at most :data:`REPASSES` times; still past it then, the next
+        run measures afresh (else, with no growth since, it would find nothing to do)."""
         done = self._pass()
         for _ in range(REPASSES):
             if self._sticky or not done.by_size or (self.stored_bytes or 0) <= self.policy.max_bytes:
@@ -227,7 +228,10 @@ class TraceRetention:
             self.stored_bytes = None  # what the pass left is growth: measured afresh
             more = self._pass()
             done = _Pass(done.traces + more.traces, done.spans + more.spans, more.by_size)
-        return Pruned(done.traces, done.spans, self.stored_bytes or 0)
+        stored = self.stored_bytes or 0
+        if not self._sticky and stored > self.policy.max_bytes:
+            self.stored_bytes = None  # its re-passes spent: the next run (the probe's or the interval's) prunes
+        return Pruned(done.traces, done.spans, stored)
 
     def _pass(self) -> _Pass:
         cutoff, by_size = self._cutoff()
