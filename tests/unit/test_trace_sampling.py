@@ -4,6 +4,7 @@ the bounded trace store: the keeper writes kept traces only, retention deletes b
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from lamina.observability import (
     read_summary,
     read_trace,
 )
-from lamina.observability._breakdown import Timed, breakdown
+from lamina.observability._breakdown import Breakdown, Timed, breakdown
 from lamina.observability._keeper import TraceKeeper
 from lamina.observability._light import LightSpan, LightTracer
 from lamina.observability._open_trace import OpenTrace
@@ -130,6 +131,27 @@ def test_a_running_span_counts_up_to_now_and_an_unknown_parent_hangs_off_the_roo
     result = breakdown(spans_, 1, now_ns=10 * MS)
     assert result.layers["orchestration"] == 8.0 and result.layers["data"] == 1.0
     assert result.layers["application"] == 1.0 and result.total_ms == 10.0
+
+
+@pytest.mark.parametrize("total_us", [0, 7, 250, 1_000, 9_999, 10_000, 41_207, 1_234_567, 86_400_000_123])
+def test_the_texts_are_the_shortest_milliseconds_with_up_to_three_decimals(total_us: int) -> None:
+    """Under 10 ms from the kept texts, over it written afresh: the same form either way, as Python
+    writes the float (``41.207``, ``0.25``, ``1`` for 1.0)."""
+    us = (
+        total_us // 7,
+        0,
+        total_us // 2,
+        total_us // 5,
+        total_us - total_us // 7 - total_us // 2 - total_us // 5,
+    )
+    for _ in range(2):  # written, then kept
+        made = Breakdown.of_us(us, total_us)
+        as_float = [repr(u / 1000).removesuffix(".0") for u in (*us, total_us)]
+        assert made.header() == ";".join(
+            f"{layer}={text}" for layer, text in zip(LAYERS, as_float, strict=False)
+        )
+        assert json.loads(made.json())["total_ms"] == float(as_float[-1])
+        assert parse_header(made.header()) == made.layers
 
 
 def test_parse_header_refuses_a_malformed_value() -> None:

@@ -93,13 +93,20 @@ class Breakdown:
         return self._json  # type: ignore[return-value]
 
     def _texts(self) -> None:
-        table = _TEXTS
-        *parts, total = [
-            (table[u] or _text(u)) if u < _TABLE else _text(u) for u in (*self.micros, self._total_us)
-        ]
-        self._header = _HEADER % tuple(parts)
+        get = _TEXTS.get
+        app, data, models, orch, compute = self.micros
+        total = self._total_us
+        parts = (
+            get(app) or _text(app),
+            get(data) or _text(data),
+            get(models) or _text(models),
+            get(orch) or _text(orch),
+            get(compute) or _text(compute),
+        )
+        self._header = _HEADER % parts
         bottleneck = self.bottleneck
-        self._json = (_JSON % (*parts, "null" if bottleneck is None else f'"{bottleneck}"', total)).encode()
+        bottleneck_text = "null" if bottleneck is None else f'"{bottleneck}"'
+        self._json = (_JSON % (*parts, bottleneck_text, get(total) or _text(total))).encode()
 
     def as_json(self) -> dict[str, Any]:
         """The ``lamina`` extension of an answer: ``{"layers": {layer: ms}, "bottleneck", "total_ms"}``."""
@@ -110,16 +117,18 @@ class Breakdown:
 #: the header and the ``lamina`` extension's JSON, their numbers filled in (in the order of LAYERS)
 _HEADER = ";".join(f"{layer}=%s" for layer in LAYERS)
 _JSON = '{"layers":{' + ",".join(f'"{layer}":%s' for layer in LAYERS) + '},"bottleneck":%s,"total_ms":%s}'
-#: the texts of 0 to 9.999 ms, by whole microseconds, filled in as they are first written
+#: the texts of 0 to 9.999 ms, by whole microseconds, kept as they are first written
 _TABLE = 10_000
-_TEXTS: list[str | None] = [None] * _TABLE
+_TEXTS: dict[int, str] = {}
+#: a millisecond's microseconds as decimals: "" for 0, ".25" for 250, ".007" for 7
+_DECIMALS = ["", *[f".{r:03d}".rstrip("0") for r in range(1, 1000)]]
 
 
 def _text(us: int) -> str:
     """Whole microseconds as the header writes milliseconds: ``0``, or the shortest form with up to 3
-    decimals (``0.25``, ``41.207``); remembered in the table when under 10 ms."""
-    text = repr(us / 1000) if us else "0"
-    text = text[:-2] if text.endswith(".0") else text
+    decimals (``0.25``, ``41.207``); remembered when under 10 ms."""
+    ms, rest = divmod(us, 1000)
+    text = f"{ms}{_DECIMALS[rest]}"
     if 0 <= us < _TABLE:
         _TEXTS[us] = text
     return text
