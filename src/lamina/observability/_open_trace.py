@@ -21,6 +21,8 @@ from lamina.observability._breakdown import LAYERS, Breakdown
 
 #: the layer of a local root that names none
 ROOT_LAYER = "application"
+#: every layer's time at 0 (a trace's ``net`` starts as a copy)
+_ZERO = dict.fromkeys(LAYERS, 0)
 
 #: a child known only after the fact, made with its parent: ``(name, attributes, start_ns, end_ns)``
 Later = tuple[str, Attributes, int, int]
@@ -76,7 +78,7 @@ class OpenTrace:
         #: span id -> [start, end or None, its layer, its parent's layer or None for the root]
         self.known: dict[int, list[Any]] = {}
         #: finished spans' self time per layer so far (nanoseconds, may dip below 0 until children end)
-        self.net: dict[str, int] = dict.fromkeys(LAYERS, 0)
+        self.net: dict[str, int] = _ZERO.copy()
         #: spans started and not ended: span id -> its entry in ``known``
         self.running: dict[int, list[Any]] = {}
         #: decided (kept or dropped): nothing more is recorded
@@ -88,6 +90,13 @@ class OpenTrace:
         #: spans kept as plain timestamps by their owner (the gateway's own steps), made only if the trace
         #: is kept: a function that returns the root's further attributes and those spans (``Deferred``)
         self.extra: Any = None
+
+    def begin_root(self, obj: Any, span_id: int, layer: str | None, start: int) -> str:
+        """``obj``, the first span, starts: the root (:meth:`begin` without the parent's lookups)."""
+        self.root_id = span_id
+        entry = self.known[span_id] = self.running[span_id] = [start, None, layer or ROOT_LAYER, None]
+        self.held.append((obj, span_id, None, start))
+        return str(entry[2])
 
     def begin(self, obj: Any, span_id: int, parent_id: int | None, layer: str | None, start: int) -> str:
         """``obj`` starts (the first span to start is the root); returns its layer (its own or its
@@ -181,7 +190,14 @@ class OpenTrace:
                 totals[entry[3]] -= duration
         root = self.known[self.root_id]
         total = (root[1] if root[1] is not None else now) - root[0]
-        # whole microseconds (the keys are LAYERS, in order)
-        return Breakdown.of_us(
-            tuple([v // 1000 if v > 0 else 0 for v in totals.values()]), max(total, 0) // 1000
+        app, data, models, orch, compute = totals.values()  # the keys are LAYERS, in order
+        return Breakdown.of_us(  # whole microseconds
+            (
+                app // 1000 if app > 0 else 0,
+                data // 1000 if data > 0 else 0,
+                models // 1000 if models > 0 else 0,
+                orch // 1000 if orch > 0 else 0,
+                compute // 1000 if compute > 0 else 0,
+            ),
+            max(total, 0) // 1000,
         )

@@ -230,7 +230,9 @@ class TraceRetention:
             done = _Pass(done.traces + more.traces, done.spans + more.spans, more.by_size)
         stored = self.stored_bytes or 0
         if not self._sticky and stored > self.policy.max_bytes:
-            self.stored_bytes = None  # its re-passes spent: the next run (the probe's or the interval's) prunes
+            self.stored_bytes = (
+                None  # its re-passes spent: the next run (the probe's or the interval's) prunes
+            )
         return Pruned(done.traces, done.spans, stored)
 
     def _pass(self) -> _Pass:
