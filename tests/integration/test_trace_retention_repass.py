@@ -5,6 +5,7 @@ whether a pass ends past the bound (real SQLite, real traces)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def test_a_run_after_the_writes_stopped_brings_tables_left_past_the_bound_back_w
     pruned = retention.run_once()
     assert pruned.traces > 0
     assert pruned.stored_bytes == writer.stored() <= BOUND
+
+
+def test_the_background_loop_runs_again_at_its_next_probe_when_a_run_ended_past_the_bound(
+    writer: Writer,
+) -> None:
+    """The first run is refilled in each of its passes and ends past the bound; nothing is written after
+    it, so no probe sees growth and the interval is an hour away: the next probe runs again all the same."""
+    retention = RefilledRetention(writer, refills=1 + _traces.REPASSES)
+    retention.start(interval_s=3600.0)
+    try:
+        deadline = time.monotonic() + 30
+        while not (retention.passes > 1 + _traces.REPASSES and writer.stored() <= BOUND):
+            assert time.monotonic() < deadline, (retention.passes, writer.stored())
+            time.sleep(0.2)
+    finally:
+        retention.stop()

@@ -175,6 +175,8 @@ class TraceRetention:
         #: when they last grew (full then); SQLite's are measured as they are
         self._sticky = store.engine.dialect.name == "postgresql"
         self._per_trace: float | None = None
+        #: the last run ended past the bound (SQLite, its re-passes spent): the next probe runs again
+        self._past = False
 
     def _cutoff(self) -> tuple[int, bool]:
         """The newest root start (epoch ns) to delete up to, inclusive (-1: nothing beyond the limits), and
@@ -229,10 +231,9 @@ class TraceRetention:
             more = self._pass()
             done = _Pass(done.traces + more.traces, done.spans + more.spans, more.by_size)
         stored = self.stored_bytes or 0
-        if not self._sticky and stored > self.policy.max_bytes:
-            self.stored_bytes = (
-                None  # its re-passes spent: the next run (the probe's or the interval's) prunes
-            )
+        self._past = not self._sticky and stored > self.policy.max_bytes
+        if self._past:  # its re-passes spent: the next run (the next probe's) measures afresh
+            self.stored_bytes = None
         return Pruned(done.traces, done.spans, stored)
 
     def _pass(self) -> _Pass:
@@ -309,13 +310,14 @@ class TraceRetention:
     def start(self, interval_s: float) -> None:
         """Run :meth:`run_once` every ``interval_s`` seconds on a thread of its own until :meth:`stop`, and
         sooner when a probe every :data:`PROBE_S` finds the database grown by :data:`PROBE_GROWTH` of the
-        byte limit (a burst of errors fills it faster than a long interval would catch)."""
+        byte limit (a burst of errors fills it faster than a long interval would catch) or the last run
+        ended past the bound."""
 
         def loop() -> None:
             due = time.monotonic() + interval_s
             while not self._stop.wait(min(interval_s, PROBE_S)):
                 try:
-                    if time.monotonic() >= due or self._grew():
+                    if time.monotonic() >= due or self._past or self._grew():
                         due = time.monotonic() + interval_s
                         self.run_once()
                 except (StoreError, SQLAlchemyError) as exc:
