@@ -49,6 +49,8 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +59,6 @@ def child(mode: str, requests: int, stream: bool) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     sys.path.insert(0, str(ROOT))
     import anyio
-    import httpx
     from tracing_overhead import CHAT, EMBED, GatewayDeps, ReplayDispatcher, StaticCatalog, create_app
 
     from lamina.observability import Telemetry, _breakdown
@@ -118,7 +119,6 @@ def http_count(mode: str, tmp: Path, requests: int, stream: bool, idle_s: float)
     """One stack, its gateway under callgrind: instructions idle (per second) and per request."""
     sys.path.insert(0, str(ROOT / "bench"))
     sys.path.insert(0, str(ROOT))
-    import httpx
     from gateway_overhead import MODEL, PROMPT, TOKENS
     from tests.support import free_port
     from tracing_overhead import MODES
@@ -172,10 +172,7 @@ def http_count(mode: str, tmp: Path, requests: int, stream: bool, idle_s: float)
     return {"main": main, "others": others, "raw": sum(load) / requests, "wall_s": load_wall}
 
 
-def _ready(client: object) -> bool:
-    import httpx
-
-    assert isinstance(client, httpx.Client)
+def _ready(client: httpx.Client) -> bool:
     try:
         return client.get("/readyz").status_code == 200
     except httpx.TransportError:

@@ -83,20 +83,6 @@ class LightSpan(trace.Span):
             self, span_id, parent_id, layer if isinstance(layer, str) else None, self.start_time
         )
 
-    @classmethod
-    def root(cls, keeper: Any, opened: OpenTrace, name: str, attributes: Attributes) -> LightSpan:
-        """The root span of ``opened``, starting now (``__init__`` without the parent's lookups)."""
-        made = cls.__new__(cls)
-        made._keeper, made.trace, made.name, made.span_id = keeper, opened, name, _new_id(64)
-        made._parent_id = made._context = made.end_time = None
-        made._attributes = dict(attributes) if attributes else {}
-        made._events = []
-        made._status = _UNSET
-        start = made.start_time = time.time_ns()
-        layer = made._attributes.get(_LAYER)
-        made.layer = opened.begin_root(made, made.span_id, layer if isinstance(layer, str) else None, start)
-        return made
-
     @property
     def context(self) -> SpanContext:
         return self.get_span_context()
@@ -266,7 +252,8 @@ class LightTracer(trace.Tracer):
         context, without its parent lookups."""
         if not self.record:
             return trace.NonRecordingSpan(SpanContext(_new_id(128), _new_id(64), False, _SAMPLED))
-        return LightSpan.root(self.keeper, self.keeper.open(_new_id(128), _SAMPLED), name, attributes)
+        opened = self.keeper.open(_new_id(128), _SAMPLED)
+        return LightSpan(self.keeper, opened, name, _new_id(64), None, attributes, None)
 
     def start_as_current_span(  # type: ignore[override]  # a plain class, not the API's private decorator
         self,

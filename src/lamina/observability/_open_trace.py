@@ -91,13 +91,6 @@ class OpenTrace:
         #: is kept: a function that returns the root's further attributes and those spans (``Deferred``)
         self.extra: Any = None
 
-    def begin_root(self, obj: Any, span_id: int, layer: str | None, start: int) -> str:
-        """``obj``, the first span, starts: the root (:meth:`begin` without the parent's lookups)."""
-        self.root_id = span_id
-        entry = self.known[span_id] = self.running[span_id] = [start, None, layer or ROOT_LAYER, None]
-        self.held.append((obj, span_id, None, start))
-        return str(entry[2])
-
     def begin(self, obj: Any, span_id: int, parent_id: int | None, layer: str | None, start: int) -> str:
         """``obj`` starts (the first span to start is the root); returns its layer (its own or its
         parent's; a parent not in this trace is taken as the root)."""
