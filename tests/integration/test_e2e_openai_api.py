@@ -29,7 +29,7 @@ register_bundled: true
 deployments:
   - name: smollm2-135m-instruct
     engine: gguf
-    gguf: {n_ctx: 2048, parallel: 8, n_threads: 2}
+    gguf: {n_ctx: 2048, parallel: 8}
 """
 
 #: typed loosely: the tests send what a client sends, not what the SDK's types spell

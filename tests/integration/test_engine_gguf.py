@@ -10,6 +10,7 @@ import llama_cpp
 import llama_cpp.llama
 import pytest
 
+from lamina.compute import default_threads
 from lamina.errors import ConfigError, UnsupportedCapabilityError
 from lamina.models import Capability, ChatMessage, LoadSpec, SamplingParams, load_engine
 from lamina.models._gguf import GGUFEngine, context_window, model_params_with_extra_bufts
@@ -23,7 +24,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[GGUFEngine]:
-    loaded = load_engine("gguf", LoadSpec(name="smol", path=smollm2_path(), options={"n_threads": 2}))
+    loaded = load_engine("gguf", LoadSpec(name="smol", path=smollm2_path(), options={}))
     assert isinstance(loaded, GGUFEngine)
     yield loaded
     loaded.close()
@@ -33,7 +34,8 @@ def engine() -> Iterator[GGUFEngine]:
 def llama(engine: GGUFEngine) -> Iterator[Any]:
     """llama-cpp-python used directly, as the reference the engine must agree with."""
     with model_params_with_extra_bufts(False):
-        llm = llama_cpp.Llama(model_path=str(smollm2_path()), n_ctx=4096, n_threads=2, verbose=False)
+        path, threads = str(smollm2_path()), default_threads()  # the engine's own default
+        llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, verbose=False)
     yield llm
     llm.close()
 
@@ -106,7 +108,8 @@ def test_info(engine: GGUFEngine) -> None:
         Capability.PENALTIES,
     }
     assert info.context_length == 4096 and info.details["parallel"] == "4"
-    assert info.details["threads"] == "2" and info.details["use_extra_bufts"] == "false"
+    assert info.details["use_extra_bufts"] == "false"
+    assert info.details["threads"] == str(default_threads())  # one per physical core this process may use
     assert info.details["quantization"] == "Q4_1"
 
 
@@ -119,7 +122,7 @@ def test_context_is_capped_at_the_trained_length() -> None:
 
 
 def test_small_n_ctx_option_is_reported() -> None:
-    small = GGUFEngine(LoadSpec(name="smol", path=smollm2_path(), options={"n_threads": 2, "n_ctx": 256}))
+    small = GGUFEngine(LoadSpec(name="smol", path=smollm2_path(), options={"n_ctx": 256}))
     try:
         assert small.info().context_length == 256
     finally:

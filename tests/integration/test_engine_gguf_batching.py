@@ -56,9 +56,7 @@ class Sink:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[GGUFEngine]:
-    loaded = GGUFEngine(
-        LoadSpec(name="smol", path=smollm2_path(), options={"n_threads": 2, "n_ctx": 1024, "parallel": 8})
-    )
+    loaded = GGUFEngine(LoadSpec(name="smol", path=smollm2_path(), options={"n_ctx": 1024, "parallel": 8}))
     yield loaded
     loaded.close()
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from lamina.compute import default_threads
 from lamina.errors import ConfigError, UnsupportedCapabilityError
 from lamina.models._engine import Capability, ChatMessage, LoadSpec, SamplingParams, load_engine
 from lamina.models._onnx import ONNXEngine, choose_providers
@@ -66,6 +67,12 @@ def test_info_names_the_provider_in_use(engine: ONNXEngine) -> None:
     info = engine.info()
     assert info.device == CPU
     assert info.capabilities == {Capability.EMBEDDING}
+
+
+def test_threads_default_to_the_usable_cores_and_follow_the_option(engine: ONNXEngine) -> None:
+    assert engine.info().details["threads"] == str(default_threads())
+    one = load_engine("onnx", minilm_spec(intra_op_threads=1))
+    assert one.info().details["threads"] == "1"
 
 
 def test_generation_is_unsupported(engine: ONNXEngine) -> None:

@@ -120,7 +120,7 @@ async def test_a_train_job_registers_a_gated_int8_version_the_onnx_engine_serves
     data, queries = stack
     base = data.embedding_model_ref()
     args = {"dataset": "docs", "queries": str(queries), "held": "0.3", "max_steps": "3", "batch_size": "8"}
-    job = await run_job(data, {**args, "epochs": "2", "threads": "2", "seed": "7"})
+    job = await run_job(data, {**args, "epochs": "2", "seed": "7"})
     result = job.result
     assert result is not None
     assert result["passed"] is True, result["reasons"]
@@ -158,7 +158,7 @@ async def test_a_train_gate_set_too_tight_refuses_the_trained_model_with_its_fig
     data, queries = stack
     # a tolerance of -1 asks the trained model to gain 1.0 nDCG@10 over the base: impossible
     args = {"dataset": "docs@1", "queries": str(queries), "held": "0.3", "max_steps": "1", "tolerance": "-1"}
-    result = (await run_job(data, {**args, "batch_size": "4", "threads": "2"})).result
+    result = (await run_job(data, {**args, "batch_size": "4"})).result
     assert result is not None
     assert result["passed"] is False and result["quantized"] is None
     assert result["model"] == result["trained"]

@@ -375,7 +375,7 @@ def test_completion_body_with_echo(echo: Worker) -> None:
 
 
 def test_real_gguf_worker(spawn: Spawn) -> None:
-    spec = {"served_name": "smol", "engine": "gguf", "path": str(smollm2_path()), "options": {"n_threads": 2}}
+    spec = {"served_name": "smol", "engine": "gguf", "path": str(smollm2_path()), "options": {}}
     worker = spawn(spec, wait=False)
     seen = worker.wait_ready()
     assert all(r.json() == {"status": "loading"} for r in seen[:-1] if r.status_code == 503)

@@ -76,7 +76,9 @@ class ONNXOptions(_Strict):
     )
     batch_size: int = Field(32, ge=1, description="Texts per forward pass when embedding.")
     max_length: int = Field(256, ge=8, description="Tokens per text; longer texts are truncated.")
-    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads. Empty: its default.")
+    intra_op_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime threads. Empty: one per physical core this process may use."
+    )
 
 
 class FakeOptions(_Strict):

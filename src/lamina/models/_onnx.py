@@ -14,6 +14,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from lamina.compute import default_threads
 from lamina.errors import ConfigError, EngineError, UnsupportedCapabilityError
 from lamina.models._builtin_engines import ONNXOptions
 from lamina.models._engine import (
@@ -105,8 +106,9 @@ class ONNXEngine:
         providers = choose_providers(self._options.providers, ort.get_available_providers())
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only: provider fallbacks are reported through info()
-        if self._options.intra_op_threads is not None:
-            so.intra_op_num_threads = self._options.intra_op_threads
+        # sized like llama.cpp's: ONNX Runtime's own default counts the machine's cores, not those this
+        # process may use (a container pinned to some CPUs would spin more threads than it has)
+        so.intra_op_num_threads = self._options.intra_op_threads or default_threads()
         try:
             return ort.InferenceSession(path, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
@@ -138,6 +140,7 @@ class ONNXEngine:
                 "providers": ",".join(self._session.get_providers()),
                 "batch_size": str(self._options.batch_size),
                 "max_length": str(self._options.max_length),
+                "threads": str(self._session.get_session_options().intra_op_num_threads),
             },
         )
 
