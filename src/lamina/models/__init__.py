@@ -1,10 +1,16 @@
-"""Layer 4, models: the registry, engines per format, the replica worker and the catalog of served names."""
+"""Layer 4, models: the registry, engines per format, the replica worker and the catalog of served names.
+
+The names that need the metadata store (the registry, the bundled models, gates, deploying, embedders
+over registered versions) load on first use: a replica worker process, which imports this package for
+its engines, has no use for SQLAlchemy and Alembic, and starts that much sooner without them.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from lamina.models._builtin_engines import FakeOptions, GGUFOptions, ONNXOptions
-from lamina.models._bundled import BUNDLED, BundledModel, register_bundled, registered_or_bundled
 from lamina.models._catalog import Catalog, Route, ServedModel
 from lamina.models._deploy import check_deployment, deploy, worker_workload
-from lamina.models._embedder import EngineEmbedder, HTTPEmbedder
 from lamina.models._engine import (
     Capability,
     ChatMessage,
@@ -25,9 +31,6 @@ from lamina.models._engine import (
     load_engine,
 )
 from lamina.models._formats import detect_format, read_metadata
-from lamina.models._gate_record import LIMITS as GATE_LIMITS
-from lamina.models._gate_record import GateRecord
-from lamina.models._model_version import ModelVersion
 from lamina.models._openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,9 +39,7 @@ from lamina.models._openai import (
     ModelList,
 )
 from lamina.models._quantize import METHODS as QUANT_METHODS
-from lamina.models._quantize_gate import GateResult, dataset_sample, quantize_and_gate
 from lamina.models._query_embedder import DispatchQueryEmbedder, ThreadQueryEmbedder
-from lamina.models._registry import Registry
 from lamina.models._request_json import read_json
 from lamina.models._routing import (
     Classifier,
@@ -52,7 +53,37 @@ from lamina.models._routing import (
     rule_matches,
 )
 from lamina.models._train import TrainSettings
-from lamina.models._train_gate import TrainingData, TrainResult, train_and_gate
+
+if TYPE_CHECKING:
+    from lamina.models._bundled import BUNDLED, BundledModel, register_bundled, registered_or_bundled
+    from lamina.models._embedder import EngineEmbedder, HTTPEmbedder
+    from lamina.models._gate_record import LIMITS as GATE_LIMITS
+    from lamina.models._gate_record import GateRecord
+    from lamina.models._model_version import ModelVersion
+    from lamina.models._quantize_gate import GateResult, dataset_sample, quantize_and_gate
+    from lamina.models._registry import Registry
+    from lamina.models._train_gate import TrainingData, TrainResult, train_and_gate
+
+#: a lazily loaded name: its module and its name there
+_LAZY = {
+    "BUNDLED": ("_bundled", "BUNDLED"),
+    "BundledModel": ("_bundled", "BundledModel"),
+    "register_bundled": ("_bundled", "register_bundled"),
+    "registered_or_bundled": ("_bundled", "registered_or_bundled"),
+    "EngineEmbedder": ("_embedder", "EngineEmbedder"),
+    "HTTPEmbedder": ("_embedder", "HTTPEmbedder"),
+    "GATE_LIMITS": ("_gate_record", "LIMITS"),
+    "GateRecord": ("_gate_record", "GateRecord"),
+    "ModelVersion": ("_model_version", "ModelVersion"),
+    "GateResult": ("_quantize_gate", "GateResult"),
+    "dataset_sample": ("_quantize_gate", "dataset_sample"),
+    "quantize_and_gate": ("_quantize_gate", "quantize_and_gate"),
+    "Registry": ("_registry", "Registry"),
+    "TrainingData": ("_train_gate", "TrainingData"),
+    "TrainResult": ("_train_gate", "TrainResult"),
+    "train_and_gate": ("_train_gate", "train_and_gate"),
+}
+
 
 __all__ = [
     "BUNDLED",
@@ -119,3 +150,12 @@ __all__ = [
     "train_and_gate",
     "worker_workload",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{where[0]}"), where[1])
+    globals()[name] = value
+    return value

@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,8 +20,10 @@ from lamina.errors import ConfigError
 from lamina.models._catalog import ServedModel
 from lamina.models._checksums import MODEL_ROLE, RecordedFile
 from lamina.models._engine import LoadSpec, engine_descriptor, engine_for_format, engine_names
-from lamina.models._registry import Registry
 from lamina.orchestration import WorkloadSpec
+
+if TYPE_CHECKING:
+    from lamina.models._registry import Registry
 
 
 class WorkerSpec(BaseModel):
