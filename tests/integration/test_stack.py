@@ -84,6 +84,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_lancedb_loads_only_when_a_dataset_is_touched(tmp_path: Path) -> None:
+    """Importing LanceDB takes 1-2 s: a CLI command that reads no dataset, or a stack that serves none,
+    never pays it; the first dataset read does."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import lamina.cli\n"
+        "from lamina.config import LaminaConfig\n"
+        "from lamina.stack import open_data_stack\n"
+        f"data = open_data_stack(LaminaConfig(register_bundled=False), Path({str(tmp_path)!r}))\n"
+        "print('BEFORE', 'lancedb' in sys.modules)\n"
+        "print('COUNT', data.vectors.count('docs'))\n"
+        "print('AFTER', 'lancedb' in sys.modules)\n"
+        "data.close()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "BEFORE False" in done.stdout and "AFTER True" in done.stdout, done.stdout
+
+
 def test_lamina_data_never_imports_the_web_stack(tmp_path: Path) -> None:
     """`lamina data` runs without FastAPI, uvicorn or the application layer in the process."""
     script = (

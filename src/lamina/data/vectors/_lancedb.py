@@ -29,14 +29,12 @@ import contextlib
 from collections.abc import Collection, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lancedb
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
-from lancedb.index import BTree, HnswSq, IvfPq, LabelList
 
 from lamina.data.vectors._base import GraphRows, VectorStoreBase
 from lamina.data.vectors._lancetables import (
@@ -69,6 +67,9 @@ from lamina.data.vectors._types import (
 from lamina.data.vectors.graph import ROW_SCHEMA, GraphFiles
 from lamina.errors import NotFoundError, UnsupportedCapabilityError
 
+if TYPE_CHECKING:
+    from lancedb.index import HnswSq, IvfPq
+
 _INDEX_KEY = "lamina.index"
 #: The table token while a write is in flight: matches no graph.
 _WRITING = "writing"
@@ -90,11 +91,24 @@ class LanceDBStore(VectorStoreBase):
         self._graphs = GraphFiles(path / "_graphs")
         super().__init__(self._graphs)
         path.mkdir(parents=True, exist_ok=True)
-        # read_consistency_interval=0: every read sees the latest commit, also one made by another process.
-        self._db = lancedb.connect(path, read_consistency_interval=timedelta(0))
+        self._path = path
+        self._connection: Any = None
         self._open: dict[str, Any] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._metas: dict[str, tuple[int, int, IndexParams]] = {}
+
+    @property
+    def _db(self) -> Any:
+        """The LanceDB connection, made on first use: importing LanceDB takes 1-2 s (its REST namespace
+        client), which a process that never reads or writes a dataset (a CLI command, a stack that serves
+        no dataset yet) does not pay. Two threads racing here make two equal connections; one is kept."""
+        if self._connection is None:
+            import lancedb
+
+            # read_consistency_interval=0: every read sees the latest commit, also one made by another
+            # process
+            self._connection = lancedb.connect(self._path, read_consistency_interval=timedelta(0))
+        return self._connection
 
     def close(self) -> None:
         self._open.clear()
@@ -194,6 +208,8 @@ class LanceDBStore(VectorStoreBase):
         # one commit: readers see the appended rows or the merged ones, never neither
         merged = inverted(term.filter(pa.array(live)), docs[live], tfs[live].astype(np.int32))
         postings.add(merged, mode="overwrite")
+        from lancedb.index import BTree, LabelList
+
         for target, column, config in (
             (table, "chunk_id", BTree()),
             (table, "doc", BTree()),
@@ -322,6 +338,8 @@ class LanceDBStore(VectorStoreBase):
 
 
 def _lance_index(params: IvfPqIndex | IvfHnswSqIndex, dim: int) -> IvfPq | HnswSq:
+    from lancedb.index import HnswSq, IvfPq
+
     if isinstance(params, IvfPqIndex):
         sub_vectors = params.num_sub_vectors or max(1, dim // 8)
         if dim % sub_vectors:
