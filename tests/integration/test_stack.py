@@ -7,8 +7,6 @@ lifespan then starts real replica worker processes of the fake engine, and one r
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from lamina.config import DeploymentConfig, LaminaConfig, OrchestrationConfig
 from lamina.data import LanceDBStore
 from lamina.models import Catalog
 from lamina.stack.gateway import Stack, build_stack, create_gateway
+from tests.support import run_python
 
 pytestmark = pytest.mark.anyio
 
@@ -99,9 +98,8 @@ def test_lancedb_loads_only_when_a_dataset_is_touched(tmp_path: Path) -> None:
         "print('AFTER', 'lancedb' in sys.modules)\n"
         "data.close()\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "BEFORE False" in done.stdout and "AFTER True" in done.stdout, done.stdout
+    out = run_python(script)
+    assert "BEFORE False" in out and "AFTER True" in out, out
 
 
 def test_lamina_data_never_imports_the_web_stack(tmp_path: Path) -> None:
@@ -118,6 +116,5 @@ def test_lamina_data_never_imports_the_web_stack(tmp_path: Path) -> None:
         "             or m.startswith('lamina.application') or m == 'lamina.stack.gateway')\n"
         "print('WEB', web)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "WEB []" in done.stdout, done.stdout
+    out = run_python(script)
+    assert "WEB []" in out, out

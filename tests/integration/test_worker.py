@@ -28,7 +28,7 @@ from lamina.models._deploy import WorkerSpec, worker_workload
 from lamina.models._engine import LoadSpec, load_engine
 from lamina.models._worker_app import Replica, WorkerApp, field_path
 from lamina.models._worker_stream import EngineRunner
-from tests.support import free_port, smollm2_path
+from tests.support import free_port, run_python, smollm2_path
 
 pytestmark = pytest.mark.slow
 
@@ -454,6 +454,5 @@ def test_a_replica_worker_loads_no_metadata_store() -> None:
         "print('STORE', sorted(m for m in sys.modules if m.split('.')[0] in {'sqlalchemy', 'alembic'}\n"
         "                      or m.startswith('lamina.store')))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "STORE []" in done.stdout, done.stdout
+    out = run_python(script)
+    assert "STORE []" in out, out

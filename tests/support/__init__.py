@@ -51,7 +51,15 @@ from tests.support.gateway import (
     sse,
     trickle,
 )
-from tests.support.processes import ECHO_SERVER, RunningStack, echo_spec, free_port, start_stack, stop_stack
+from tests.support.processes import (
+    ECHO_SERVER,
+    RunningStack,
+    echo_spec,
+    free_port,
+    run_python,
+    start_stack,
+    stop_stack,
+)
 
 __all__ = [
     "BACKENDS",
@@ -93,6 +101,7 @@ __all__ = [
     "psycopg_url",
     "replica",
     "replica_status",
+    "run_python",
     "smollm2_path",
     "split",
     "sse",

@@ -49,6 +49,13 @@ class RunningStack:
         return [w for w in self.workers() if f"{deployment}.json" in " ".join(w.cmdline())]
 
 
+def run_python(script: str, timeout_s: float = 120.0) -> str:
+    """Run ``script`` in a fresh interpreter (``python -c``); return its output once it has succeeded."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def start_stack(tmp: Path, config_text: str | None = None, timeout_s: float = 240.0) -> RunningStack:
     """`lamina up` on a free port, returned once /readyz answers 200."""
     state = tmp / "state"
