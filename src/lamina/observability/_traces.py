@@ -15,8 +15,11 @@ their traces); the room left takes the writes until the next pass, and the pages
 so the database stops growing. SQLite: while the measured bytes do not grow, freed pages are being reused
 and nothing is deleted. PostgreSQL's tables never shrink (without ``VACUUM FULL``), so deleting whenever
 they are above the mark would empty them: what they hold is the traces counted times the bytes a trace
-took when the tables last grew (full then), and after deleting, retention VACUUMs them so the space is
-reusable at once rather than when autovacuum comes round.
+took when the tables last grew (full then). The further past the mark they have grown (space freed in
+them is never reused perfectly), the more room a pass leaves, so that they settle below the bound with
+room for the writes between passes. After deleting, retention VACUUMs them so the space is reusable at
+once rather than when autovacuum comes round, and again shortly while some transaction still sees the
+deleted rows.
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ PRUNE_TO = 0.7
 #: grew by :data:`PROBE_GROWTH` of ``max_bytes`` since the last one
 PROBE_S = 1.0
 PROBE_GROWTH = 0.05
+#: seconds to wait before VACUUMing again, each time, while the deleted rows are not yet reclaimable
+VACUUM_RETRY_S = (0.1, 0.3, 1.0)
+#: the dead rows that the last VACUUM of the trace tables could not remove (PostgreSQL's statistics)
+_PG_UNRECLAIMED = text(
+    "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables"
+    " WHERE relid IN (SELECT to_regclass(t) FROM unnest(CAST(:tables AS text[])) t)"
+)
 #: further passes a pass by size may run when the tables are past the bound again as it ends
 REPASSES = 2
 
@@ -216,7 +226,10 @@ class TraceRetention:
         occupied = n * self._per_trace if self._sticky else measured
         if occupied <= PRUNE_AT * limit:
             return 0
-        return min(n, math.ceil(n - PRUNE_TO * limit / self._per_trace))
+        target = PRUNE_TO * limit
+        if self._sticky:  # grown past the mark for good: leave more room, as much more as they grew past it
+            target *= PRUNE_AT * limit / measured
+        return min(n, math.ceil(n - target / self._per_trace))
 
     def run_once(self) -> Pruned:
         """One pass: delete every trace beyond the limits (with its spans), oldest first. On SQLite, a pass
@@ -273,11 +286,24 @@ class TraceRetention:
         the WAL, which the deletions filled and which, with the writer and readers never idle together,
         the automatic checkpoints could not restart (it grew past the bound in bench/tracing_overhead.py)."""
         if self.store.engine.dialect.name == "postgresql":
-            with self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(text(f"VACUUM {', '.join(TRACE_TABLES)}"))
+            self._vacuum()
             return
         with self.store.begin() as conn:
             conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+
+    def _vacuum(self) -> None:
+        """PostgreSQL: VACUUM the trace tables, and again after a short wait while the rows just deleted are
+        still visible to some transaction (an autovacuum's ANALYZE, a long dashboard query): VACUUM cannot
+        reclaim them until it ends, and the writes meanwhile would grow the tables instead of reusing them.
+        A snapshot held longer than the waits is left to the next pass."""
+        engine = self.store.engine.execution_options(isolation_level="AUTOCOMMIT")
+        for wait_s in (*VACUUM_RETRY_S, None):
+            with engine.connect() as conn:
+                conn.execute(text(f"VACUUM {', '.join(TRACE_TABLES)}"))
+                if not conn.execute(_PG_UNRECLAIMED, {"tables": list(TRACE_TABLES)}).scalar_one():
+                    return
+            if wait_s is not None:
+                self._stop.wait(wait_s)
 
     def _orphan_replays(self) -> None:
         """``replay_requests`` rows of traces the sampler dropped: written before the decision, so those
