@@ -214,7 +214,7 @@ def _hidden_states(bert: Any) -> Any:
     late)."""
     import torch
 
-    class HiddenStates(torch.nn.Module):
+    class HiddenStates(torch.nn.Module):  # type: ignore[misc]  # torch is unfollowed (pyproject.toml)
         def __init__(self) -> None:
             super().__init__()
             self.bert = bert
