@@ -30,7 +30,7 @@ from lamina.errors import InvalidRequestError
 # characters that are both), compatibility forms NFKC folds, combining marks, surrogates, non-BMP
 POOL = [*"abc xyz.,", " ", "  ", "\n", "\r\n", "\r", "\t", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\u2028"]
 POOL += ["\u00a0", "\u3000", "\x00", "\x07", "\x7f", "\x9f", "é", "ﬁ", "\uff21", "①", "\u1100", "\u1161"]
-POOL += ["가", "😀", "\ud800", "ß", "İ", "\ufeff", "\u200b"]
+POOL += ["가", "😀", "\ud800", "ß", "İ", "\ufeff", "\u200b", "\u0301", "\u0327", "e\u0301", "\u212b"]
 
 _RUNS = re.compile(r"\s+|[\x00-\x08\x0e-\x1f\x7f-\x9f]+")
 _BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")

@@ -72,52 +72,53 @@ def char_byte_offsets(text: str, base: int = 0) -> IntArray:
     return offsets
 
 
-def _normalize_groups(text: str) -> tuple[str, list[int], list[int]]:
-    """NFKC of each base character with its combining marks, and each output character's source range."""
-    out: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
-    i = 0
-    while i < len(text):
-        j = i + 1
-        while j < len(text) and unicodedata.combining(text[j]):
-            j += 1
-        piece = unicodedata.normalize("NFKC", text[i:j])
-        out.append(piece)
-        starts += [i] * len(piece)
-        ends += [j] * len(piece)
-        i = j
-    return "".join(out), starts, ends
-
-
 def _normalize(text: str) -> tuple[str, IntArray | None, IntArray | None]:
     """NFKC text and, per output character, the source character range it came from (None: unchanged).
 
-    ASCII characters never change and never combine with what follows, so only the stretches of
-    non-ASCII characters (with the character before each, the base its marks may combine with) that are
-    not already normalised go through the per-character loop.
+    Each base character is normalised with the combining marks after it (its group); every output
+    character of a group that NFKC changes comes from the group's whole range. ASCII characters never
+    change and never combine with what follows, so only the stretches of non-ASCII characters (with the
+    character before each, the base its marks may combine with) that are not already normalised go
+    through the loop over groups. It records only the characters that change; the ranges are then two
+    ``np.repeat`` over the whole text (about three times faster than arrays built stretch by stretch).
     """
     if unicodedata.is_normalized("NFKC", text):
         return text, None, None
     parts: list[str] = []
-    starts: list[IntArray] = []
-    ends: list[IntArray] = []
+    #: the changed characters: where each is, how many output characters it gives (0: a mark absorbed
+    #: into the group before it) and where its group ends
+    at: list[int] = []
+    width: list[int] = []
+    until: list[int] = []
     pos = 0
     for m in _NON_ASCII.finditer(text):
         a, b = max(m.start() - 1, 0), m.end()
         if unicodedata.is_normalized("NFKC", text[a:b]):
             continue
-        piece, piece_starts, piece_ends = _normalize_groups(text[a:b])
-        parts += [text[pos:a], piece]
-        starts += [np.arange(pos, a, dtype=np.int64), np.asarray(piece_starts, dtype=np.int64) + a]
-        ends += [np.arange(pos + 1, a + 1, dtype=np.int64), np.asarray(piece_ends, dtype=np.int64) + a]
+        parts.append(text[pos:a])
+        i = a
+        while i < b:
+            j = i + 1
+            while j < b and unicodedata.combining(text[j]):
+                j += 1
+            group = text[i:j]
+            piece = unicodedata.normalize("NFKC", group)
+            parts.append(piece)
+            if piece != group:  # an unchanged group keeps its characters' own ranges
+                at += range(i, j)
+                width += [len(piece)] + [0] * (j - i - 1)
+                until += [j] * (j - i)
+            i = j
         pos = b
     if not parts:
         return text, None, None
     parts.append(text[pos:])
-    starts.append(np.arange(pos, len(text), dtype=np.int64))
-    ends.append(np.arange(pos + 1, len(text) + 1, dtype=np.int64))
-    return "".join(parts), np.concatenate(starts), np.concatenate(ends)
+    count = np.ones(len(text), dtype=np.int64)
+    end = np.arange(1, len(text) + 1, dtype=np.int64)
+    changed = np.asarray(at, dtype=np.int64)
+    count[changed] = width
+    end[changed] = until
+    return "".join(parts), np.repeat(np.arange(len(text), dtype=np.int64), count), np.repeat(end, count)
 
 
 def whitespace_replacement(run: str, at_edge: bool) -> str:
