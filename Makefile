@@ -40,11 +40,13 @@ typecheck: dev
 	$(BIN)/mypy
 
 ## the suite runs in TEST_WORKERS processes (pytest-xdist, a test module per worker at a time), each kept to
-## its share of the CPUs (tests/conftest.py); TEST_WORKERS=0 runs it in this one process
+## its share of the CPUs (tests/conftest.py), the heaviest modules first (pytest-xdist's own order puts modules
+## of many tests first, which left the minute-long modules of one or two tests to the end); TEST_WORKERS=0 runs
+## it in this one process
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 unit: dev
-	$(BIN)/pytest --cov --cov-report=term -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest --cov --cov-report=term -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## make bench: gateway streaming tokens/s next to llama-cpp-python in-process (not a test)
 bench: dev

@@ -45,6 +45,26 @@ def pytest_configure(config: pytest.Config) -> None:
         os.sched_setaffinity(0, cpus[int(worker[2:]) :: count])
 
 
+#: the modules that take longest (about a minute each on two cores), handed to the workers first so that no
+#: worker is left running one of them after the other has finished the rest
+HEAVY_FIRST = (
+    "tests/integration/test_e2e_openai_api.py",
+    "tests/integration/test_engine_gguf_batching.py",
+    "tests/integration/test_train_job.py",
+    "tests/integration/test_e2e_rag.py",
+    "tests/integration/test_rollouts.py",
+    "tests/integration/test_ingest_memory.py",
+    "tests/integration/test_quantize_gate.py",
+    "tests/integration/test_ingest_hardening.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The heaviest modules first (a stable sort: the rest keep their order, and so does each module)."""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.partition("::")[0], len(rank)))
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """The SQLAlchemy URL (psycopg driver) of a PostgreSQL server started for this session."""
