@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Tracer
 from sqlalchemy import select, text
 
 from lamina.observability import RetentionPolicy, SamplingPolicy, TraceRetention, TraceSampler
@@ -29,6 +30,17 @@ PRUNE_TO_CHECK = 0.85
 def _sizes(store: Store) -> tuple[int, int]:
     with store.begin() as conn:
         return stored_bytes(conn), used_bytes(conn)
+
+
+def _storing(url: str) -> tuple[Store, TraceRetention, TracerProvider, Tracer]:
+    """A migrated store at ``url``, retention to :data:`BOUND`, and a tracer whose traces are all stored."""
+    store = Store(url)
+    store.migrate()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(
+        TraceKeeper(TraceSampler(SamplingPolicy(per_s=1e9)), SpanWriter(store, linger_s=0.0))
+    )
+    return store, TraceRetention(store, RetentionPolicy(max_bytes=BOUND)), provider, provider.get_tracer("t")
 
 
 def test_the_trace_tables_stay_within_their_byte_bound_and_keep_the_newest(store: Store) -> None:
@@ -61,15 +73,8 @@ def test_the_trace_tables_stay_within_their_byte_bound_and_keep_the_newest(store
 
 
 def test_a_fast_growing_store_is_pruned_before_the_interval_is_up(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
-    store.migrate()
-    retention = TraceRetention(store, RetentionPolicy(max_bytes=BOUND))
+    store, retention, provider, tracer = _storing(f"sqlite:///{tmp_path / 'lamina.db'}")
     retention.start(3600.0)  # only the growth probe can run a pass within this test
-    provider = TracerProvider(shutdown_on_exit=False)
-    provider.add_span_processor(
-        TraceKeeper(TraceSampler(SamplingPolicy(per_s=1e9)), SpanWriter(store, linger_s=0.0))
-    )
-    tracer = provider.get_tracer("t")
     try:
         for i in range(1000):  # about 2.8 MB: past the bound
             chat_trace(tracer, i)
@@ -87,14 +92,7 @@ def test_a_fast_growing_store_is_pruned_before_the_interval_is_up(tmp_path: Path
 def test_a_pass_after_a_prune_compares_with_what_the_prune_left(tmp_path: Path) -> None:
     """Pruned well past the bound, then refilled past it quickly (faster than the probe): the next pass
     must prune again, though the tables hold less than the first pass found (the CI failure of stop 20)."""
-    store = Store(f"sqlite:///{tmp_path / 'lamina.db'}")
-    store.migrate()
-    retention = TraceRetention(store, RetentionPolicy(max_bytes=BOUND))
-    provider = TracerProvider(shutdown_on_exit=False)
-    provider.add_span_processor(
-        TraceKeeper(TraceSampler(SamplingPolicy(per_s=1e9)), SpanWriter(store, linger_s=0.0))
-    )
-    tracer = provider.get_tracer("t")
+    store, retention, provider, tracer = _storing(f"sqlite:///{tmp_path / 'lamina.db'}")
     try:
         for i in range(1000):  # about 2.8 MB
             chat_trace(tracer, i)
@@ -120,14 +118,7 @@ def test_a_snapshot_held_through_the_vacuum_only_delays_the_reclaim(pg_database:
     """PostgreSQL: a transaction that still sees the deleted traces (an autovacuum's ANALYZE, a dashboard
     query) keeps VACUUM from reclaiming them; retention VACUUMs again once it has ended, so the next writes
     reuse the space instead of growing the tables (the CI failure of stop 23: 1.035 of the bound)."""
-    store = Store(pg_database)
-    store.migrate()
-    retention = TraceRetention(store, RetentionPolicy(max_bytes=BOUND))
-    provider = TracerProvider(shutdown_on_exit=False)
-    provider.add_span_processor(
-        TraceKeeper(TraceSampler(SamplingPolicy(per_s=1e9)), SpanWriter(store, linger_s=0.0))
-    )
-    tracer = provider.get_tracer("t")
+    store, retention, provider, tracer = _storing(pg_database)
     last_vacuum = text("SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = 'spans'")
     reader = store.engine.connect().execution_options(isolation_level="REPEATABLE READ")
     try:
