@@ -22,6 +22,8 @@ from lamina.data import PgVectorStore
 from lamina.data.vectors._pgschema import MIGRATIONS
 from lamina.errors import StoreError
 from lamina.store import Store, metadata
+from lamina.store._store import head_revision
+from tests.support import run_python
 
 MIGRATIONS_DIR = Path(lamina.store.__file__).resolve().parent / "migrations"
 
@@ -213,3 +215,21 @@ def test_stores_connecting_at_once_to_a_fresh_database_all_succeed(pg_database: 
     # a fresh database: the extension, the schema and the tables are all created by whichever comes first
     assert run_together(6, lambda _: open_and_touch(pg_database, "lamina_vectors")) == [0] * 6
     assert [v for v, _, _ in migration_log(pg_database, "lamina_vectors")] == [v for v, _, _ in MIGRATIONS]
+
+
+def test_the_head_revision_is_alembics_and_a_store_at_head_does_not_import_alembic(tmp_path: Path) -> None:
+    assert head_revision() == ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    url = f"sqlite:///{tmp_path / 'lamina.db'}"
+    store = Store(url)
+    assert store.revision() is None
+    store.migrate()
+    assert store.revision() == head_revision()
+    store.close()
+    # a fresh process opening the migrated store (a CLI command) skips Alembic: its import alone took 0.35 s
+    script = f"""
+import sys
+from lamina.store import Store
+Store({url!r}).migrate()
+print(sorted(m for m in sys.modules if m.partition(".")[0] == "alembic"))
+"""
+    assert run_python(script).strip() == "[]"

@@ -12,8 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -25,6 +23,12 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 #: The advisory lock key that serialises migrations on PostgreSQL (any fixed 64-bit number of our own).
 _MIGRATION_LOCK = 0x4C414D494E4100  # "LAMINA\0"
 _log = logging.getLogger(__name__)
+
+
+def head_revision() -> str:
+    """The newest migration's revision: its file's number (``versions/0014_config_rollouts.py`` is revision
+    ``0014``; tests/integration/test_store_migrations.py checks this against Alembic's reading)."""
+    return max(p.name[:4] for p in (_MIGRATIONS / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
 
 
 def _lock_key(name: str) -> int:
@@ -111,8 +115,15 @@ class Store:
 
         SQLite: on an engine of its own that runs DDL inside the transaction, so a failing migration leaves
         the schema as it was. PostgreSQL (transactional DDL by nature): under an advisory lock, so hosts
-        starting together migrate one at a time and the later ones find nothing left to do.
+        starting together migrate one at a time and the later ones find nothing left to do. A schema
+        already at :func:`head_revision` costs one query: Alembic is imported only when there is work
+        (its import and script scan took about 0.4 s of every CLI command).
         """
+        if self.revision() == head_revision():
+            return
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         engine = self.engine
@@ -134,6 +145,14 @@ class Store:
         finally:
             if engine is not self.engine:
                 engine.dispose()
+
+    def revision(self) -> str | None:
+        """The schema's migration revision (None: never migrated, or unreadable)."""
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except SQLAlchemyError:
+            return None
 
     def tables(self) -> list[str]:
         return sorted(inspect(self.engine).get_table_names())
