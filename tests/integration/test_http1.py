@@ -120,3 +120,22 @@ async def test_a_server_that_dies_mid_answer_and_one_that_is_gone(client: Http1C
         proc.wait(10)
     with pytest.raises(httpx.ConnectError, match="cannot connect"):
         await client.post(f"http://127.0.0.1:{port}/json", json={})
+
+
+async def test_a_request_that_kills_the_server_on_a_reused_connection_counts_as_sent(
+    client: Http1Client,
+) -> None:
+    """The pooled connection closes before any byte of the answer, as one closed while idle would; the
+    retry cannot connect, so the first error stands: the dispatcher must count the request as sent (the
+    process died of it), not as never delivered (a fresh-clone run of session 16: a poison prompt crashed a
+    third replica)."""
+    port = free_port()
+    proc = _serve(port)
+    try:
+        assert (await client.post(f"http://127.0.0.1:{port}/json", json={})).status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post(f"http://127.0.0.1:{port}/json", json={"die": True})
+        assert proc.wait(10) == 3
+    finally:
+        proc.kill()
+        proc.wait(10)

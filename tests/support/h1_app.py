@@ -1,6 +1,7 @@
 """A uvicorn app for the replica HTTP client's tests (tests/integration/test_http1.py).
 
-POST /json     200, the JSON body back under "got" with the request's X-Test header and the server's pid
+POST /json     200, the JSON body back under "got" with the request's X-Test header and the server's pid;
+               with "die": true, os._exit before answering (a request that crashes its replica)
 POST /stream   200, chunked: the body's "chunks" as lines, "delay_s" apart; "die_after" chunks then os._exit
 POST /status   the body's "status" with an error body
 """
@@ -20,6 +21,8 @@ from starlette.routing import Route
 
 async def echo(request: Request) -> Response:
     body = await request.json()
+    if isinstance(body, dict) and body.get("die"):
+        os._exit(3)
     return JSONResponse({"got": body, "x_test": request.headers.get("x-test"), "pid": os.getpid()})
 
 

@@ -10,9 +10,12 @@ Answers come back as ``httpx.Response`` objects, whole or streaming, and failure
 so the dispatcher's failover reads them as it reads httpx's.
 
 A connection the replica closed while idle is noticed by the event loop (``connection_lost``), not polled
-for; one that closes just as a request goes out (before any byte of the answer) is retried once on a fresh
-connection, since the replica cannot have acted on it. Idle connections older than ``idle_s`` are dropped
-before uvicorn's own keep-alive timeout (5 s) can close them under a request.
+for; one that closes just as a request goes out (before any byte of the answer) is retried on a fresh
+connection, since the replica most likely closed it idle. If no fresh connection can be made, the process
+is gone, perhaps killed by this very request: the first error is raised, so the dispatcher counts the
+request as sent (and checks whether the replica died of it) rather than as never delivered. Idle
+connections older than ``idle_s`` are dropped before uvicorn's own keep-alive timeout (5 s) can close them
+under a request.
 """
 
 from __future__ import annotations
@@ -210,16 +213,23 @@ class Http1Client:
             raise httpx.UnsupportedProtocol(f"replicas are reached over plain http, not {url!r}")
         origin = (parts.hostname, parts.port or 80)
         request = _request(parts.netloc, parts.path or "/", json, headers)
+        closed: Exception | None = None  # a pooled connection closed as the request went out
         while True:
             conn, reused = self._pooled(origin), True
             if conn is None:
-                conn, reused = await self._connect(origin), False
+                try:
+                    conn, reused = await self._connect(origin), False
+                except httpx.ConnectError:
+                    if closed is not None:  # the process is gone: it may have died of this very request
+                        raise closed from None
+                    raise
             conn.send(request)
             try:
                 await conn.head
-            except (httpx.RemoteProtocolError, httpx.ReadError):
+            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 conn.close()
-                if reused and not conn.started:  # closed under us while idle: it never saw the request
+                if reused and not conn.started:  # closed while idle, most likely: try a fresh connection
+                    closed = exc
                     continue
                 raise
             except BaseException:
