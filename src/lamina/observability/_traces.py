@@ -302,8 +302,8 @@ class TraceRetention:
                 conn.execute(text(f"VACUUM {', '.join(TRACE_TABLES)}"))
                 if not conn.execute(_PG_UNRECLAIMED, {"tables": list(TRACE_TABLES)}).scalar_one():
                     return
-            if wait_s is not None:
-                self._stop.wait(wait_s)
+            if wait_s is None or self._stop.wait(wait_s):  # retention stopping: no more tries
+                return
 
     def _orphan_replays(self) -> None:
         """``replay_requests`` rows of traces the sampler dropped: written before the decision, so those
