@@ -14,8 +14,7 @@ from sqlalchemy import select, text
 from lamina.observability import RetentionPolicy, SamplingPolicy, TraceRetention, TraceSampler
 from lamina.observability._keeper import TraceKeeper
 from lamina.observability._store_exporter import SpanWriter
-from lamina.observability._trace_size import TRACE_TABLES, stored_bytes, used_bytes
-from lamina.observability._traces import _PG_UNRECLAIMED
+from lamina.observability._trace_size import dead_rows, stored_bytes, used_bytes
 from lamina.store import Store, traces
 from tests.support.traces import chat_trace
 
@@ -143,7 +142,7 @@ def test_a_snapshot_held_through_the_vacuum_only_delays_the_reclaim(pg_database:
         assert retention.run_once().traces > 0
         releaser.join()
         with store.begin() as conn:
-            assert conn.execute(_PG_UNRECLAIMED, {"tables": list(TRACE_TABLES)}).scalar_one() == 0
+            assert dead_rows(conn) == 0
     finally:
         reader.close()
         provider.shutdown()

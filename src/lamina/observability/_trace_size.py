@@ -26,6 +26,10 @@ TRACE_TABLES = ("spans", "traces", "replay_requests")
 _PG_SIZE = text(
     "SELECT coalesce(sum(pg_total_relation_size(to_regclass(t))), 0) FROM unnest(CAST(:tables AS text[])) t"
 )
+_PG_DEAD = text(
+    "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables"
+    " WHERE relid IN (SELECT to_regclass(t) FROM unnest(CAST(:tables AS text[])) t)"
+)
 
 
 def stored_bytes(conn: Connection) -> int:
@@ -55,3 +59,9 @@ def used_bytes(conn: Connection) -> int:
     free = conn.execute(text("PRAGMA freelist_count")).scalar_one()
     size = conn.execute(text("PRAGMA page_size")).scalar_one()
     return int((pages - free) * size)
+
+
+def dead_rows(conn: Connection) -> int:
+    """PostgreSQL: the deleted rows of the trace tables that the last VACUUM could not reclaim yet (some
+    transaction still saw them), from the server's statistics."""
+    return int(conn.execute(_PG_DEAD, {"tables": list(TRACE_TABLES)}).scalar_one())

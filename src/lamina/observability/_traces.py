@@ -37,7 +37,7 @@ from sqlalchemy import Connection, Table, delete, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from lamina.errors import StoreError
-from lamina.observability._trace_size import TRACE_TABLES, stored_bytes, used_bytes
+from lamina.observability._trace_size import TRACE_TABLES, dead_rows, stored_bytes, used_bytes
 from lamina.store import Store, metadata, spans, traces
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,6 @@ PROBE_S = 1.0
 PROBE_GROWTH = 0.05
 #: seconds to wait before VACUUMing again, each time, while the deleted rows are not yet reclaimable
 VACUUM_RETRY_S = (0.1, 0.3, 1.0)
-#: the dead rows that the last VACUUM of the trace tables could not remove (PostgreSQL's statistics)
-_PG_UNRECLAIMED = text(
-    "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables"
-    " WHERE relid IN (SELECT to_regclass(t) FROM unnest(CAST(:tables AS text[])) t)"
-)
 #: further passes a pass by size may run when the tables are past the bound again as it ends
 REPASSES = 2
 
@@ -300,7 +295,7 @@ class TraceRetention:
         for wait_s in (*VACUUM_RETRY_S, None):
             with engine.connect() as conn:
                 conn.execute(text(f"VACUUM {', '.join(TRACE_TABLES)}"))
-                if not conn.execute(_PG_UNRECLAIMED, {"tables": list(TRACE_TABLES)}).scalar_one():
+                if not dead_rows(conn):
                     return
             if wait_s is None or self._stop.wait(wait_s):  # retention stopping: no more tries
                 return
