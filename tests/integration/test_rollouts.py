@@ -1,6 +1,7 @@
 """Rollouts on one real `lamina up` (fake-engine replicas, real HTTP): a rolling rollout under traffic
 loses no request and ends with every replica on the new version; a 50 % canary splits the traffic and
-is rolled back by command. The versions differ in what they answer (replay of "v1", "v2", "v3")."""
+is rolled back by command; after a restart the finished rollouts serve and a canary in progress runs
+again. The versions differ in what they answer (replay of "v1", "v2", "v3")."""
 
 from __future__ import annotations
 
@@ -170,14 +171,23 @@ def test_a_deployment_of_the_config_rolls_out_too(stack: RunningStack) -> None:
     assert {answer(stack, "base")[1] for _ in range(4)} == {"c2"}
 
 
-def test_a_restart_serves_the_rolled_out_version(stacks: list[RunningStack]) -> None:
+def test_a_restart_serves_the_rolled_out_versions_and_runs_a_canary_again(
+    stacks: list[RunningStack],
+) -> None:
     old = stacks[-1]
+    canary = ("rollout", "echo", "echo@5", "--strategy", "canary", "--weight", "50", "--no-auto-rollback")
+    cli(old, *canary, "--options", replay("v5"))
+    wait_for(lambda: described(old)["ready"] == 3, "the canary's replica")
     stop_stack(old)
     stacks.append(start_stack(old.state_dir.parent, CONFIG))
     stack = stacks[-1]
-    assert described(stack)["model"] == "echo@2"  # the finished rollout was stored; the canaries were not
-    wait_for(lambda: described(stack)["state"] == "ready", "the restored deployment")
-    assert {answer(stack)[1] for _ in range(4)} == {"v2"}
+    # the finished rollout was stored, the rolled-back canaries were not, and the one in progress begins again
+    assert described(stack)["model"] == "echo@2"
+    wait_for(lambda: described(stack)["ready"] == 3, "the restored deployment, then its canary")
+    rollout = described(stack)["rollout"]
+    assert (rollout["target"], rollout["phase"], rollout["weight"]) == ("echo@5", "canary", 50), rollout
+    assert described(stack)["versions"] == ["echo@2", "echo@5"]
+    assert {answer(stack)[1] for _ in range(20)} == {"v2", "v5"}
     # the config's deployment too, while the config names the model it named at the rollout
     assert described(stack, "base")["model"] == "base@2"
     assert {answer(stack, "base")[1] for _ in range(4)} == {"c2"}

@@ -12,8 +12,8 @@ the deployment's replicas (each with the version it runs) and says what to do ne
 
 ``CanaryJudge`` is the automatic rollback: it compares the canary's error rate (5xx answers) and p95
 latency with the stable group's over a sliding window and says when to roll back (and why) or, after a
-healthy period, to promote. The state is a frozen :class:`Rollout` that round-trips through JSON, so it
-is stored with the deployment and a restart resumes it.
+healthy period, to promote. The state is a frozen :class:`Rollout` that round-trips through JSON. A
+restart begins an unfinished rollout again from the stable replicas (the stack keeps what it was asked).
 """
 
 from __future__ import annotations

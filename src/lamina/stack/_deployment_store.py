@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lamina.clock import Clock, utcnow
@@ -89,7 +89,8 @@ class StoredDeployment:
 
 
 class DeploymentStore:
-    """The ``deployments`` table: add, list, get, delete. Synchronous (call it from a worker thread)."""
+    """The ``deployments`` table: add, list, get, set a rolled-out model, delete. Synchronous (call it
+    from a worker thread)."""
 
     def __init__(self, store: Store, clock: Clock = utcnow) -> None:
         self._store = store
@@ -133,6 +134,12 @@ class DeploymentStore:
         with self._store.begin() as conn:
             row = conn.execute(select(deployments).where(deployments.c.name == name)).first()
         return None if row is None else _record(row._mapping)
+
+    def set_model(self, name: str, model: str, options: dict[str, dict[str, Any]]) -> None:
+        """A finished rollout moved ``name`` to ``model`` and ``options``: a restart serves them."""
+        values = {"model": model, "options": options, "updated_at": self._clock()}
+        with self._store.begin() as conn:
+            conn.execute(update(deployments).where(deployments.c.name == name).values(**values))
 
     def delete(self, name: str) -> bool:
         """Forget ``name``; False when it was not stored."""

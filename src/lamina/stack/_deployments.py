@@ -16,13 +16,11 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
-
 from lamina.application import DeployRequest
-from lamina.clock import utcnow
 from lamina.compute import NodeInventory, probe_inventory
 from lamina.config import DeploymentConfig, LaminaConfig
 from lamina.errors import (
@@ -47,8 +45,8 @@ from lamina.orchestration import (
 from lamina.stack._config_rollouts import ConfigRollout, ConfigRollouts
 from lamina.stack._deployment_store import DeploymentStore, StoredDeployment
 from lamina.stack._fit import check_fit, workload_needs
+from lamina.stack._rollouts_pending import KeptRollouts, PendingRollout, resume
 from lamina.store import Store
-from lamina.store import deployments as deployments_table
 
 log = logging.getLogger("lamina.deployments")
 
@@ -85,6 +83,8 @@ class RuntimeDeployments:
         #: a rollout's target (what is stored and served once it is done), by deployment
         self._targets: dict[str, tuple[StoredDeployment | DeploymentConfig, ServedModel]] = {}
         controller.after_step.append(self._settle_rollouts)
+        #: the rollouts in progress, kept so that a restart begins them again
+        self._kept = KeptRollouts(store)
         #: stored deployments that could not be restored at start, with why
         self._broken: dict[str, tuple[StoredDeployment, str]] = {}
 
@@ -152,6 +152,7 @@ class RuntimeDeployments:
         await asyncio.to_thread(self._repo.delete, name)  # first: a restart meanwhile does not restore it
         self._broken.pop(name, None)
         self._targets.pop(name, None)
+        await asyncio.to_thread(self._kept.forget, name)
         if self._stored.pop(name, None) is not None:
             self._catalog.remove(name)  # stop routing: new requests for it are a 404 from here on
             with contextlib.suppress(ModelNotFoundError):
@@ -207,6 +208,9 @@ class RuntimeDeployments:
             raise InvalidRequestError(exc.message) from exc
         self._controller.start_rollout(name, RolloutControl(begun, workload, judge))
         self._targets[name] = (target, new_served)
+        config_model = None if stored is not None else self._config_models.get(name)
+        asked_for = PendingRollout(name, model, strategy, weight, policy, options, config_model)
+        await asyncio.to_thread(self._kept.begin, asked_for)
         log.info("rolling %s out to %s (%s)", wanted, name, strategy)
         return self._describe(name)
 
@@ -225,6 +229,16 @@ class RuntimeDeployments:
         self._controller.wake()
         return self._describe(name)
 
+    async def resume_rollouts(self) -> Sequence[str]:
+        """Begin again the rollouts that a restart interrupted (``_rollouts_pending``), each once its
+        deployment's replicas are ready (the control loop runs meanwhile); returns their deployments."""
+
+        async def start(p: PendingRollout) -> object:  # from the stable version's replicas, once they run
+            await self._controller.wait_ready(self._config.orchestration.ready_timeout_s, [p.name])
+            return await self.rollout(p.name, p.model, p.strategy, p.weight, p.policy, p.options)
+
+        return await resume(self._kept, start, self._config_models)
+
     def _settle_rollouts(self) -> None:
         """After each reconcile pass: a finished rollout's version serves (catalog, store) at once."""
         for name in list(self._targets):
@@ -236,6 +250,7 @@ class RuntimeDeployments:
         if control is None:
             return None
         rollout = control.rollout
+        self._kept.follow(name, rollout)
         done = self._targets.get(name) if rollout.phase is RolloutPhase.DONE else None
         if done is not None:
             target, new_served = done
@@ -244,37 +259,23 @@ class RuntimeDeployments:
             del self._targets[name]
             if isinstance(target, StoredDeployment):
                 self._stored[name] = target
-                self._store_version(target)
+                self._store_version(name, lambda: self._repo.set_model(name, target.model, target.options))
             else:
                 kept = [target if d.name == name else d for d in self._config.deployments]
                 self._config = self._config.model_copy(update={"deployments": kept})
                 rolled = ConfigRollout(
                     name, self._config_models[name], new_served.model_ref or target.model_ref, target.options
                 )
-                self._store_config_rollout(rolled)
+                if self._store is not None:
+                    self._store_version(name, partial(ConfigRollouts(self._store).save, rolled))
         return rollout.to_json()
 
-    def _store_version(self, target: StoredDeployment) -> None:
-        """Store the model and options a finished rollout moved ``target`` to: a restart serves them."""
-        if self._store is None:
-            return
-        values = {"model": target.model, "options": target.options, "updated_at": utcnow()}
+    def _store_version(self, name: str, save: Callable[[], None]) -> None:
+        """Store the version a finished rollout moved ``name`` to (``save`` does): a restart serves it."""
         try:
-            with self._store.begin() as conn:
-                table = deployments_table
-                conn.execute(update(table).where(table.c.name == target.name).values(**values))
+            save()
         except LaminaError as exc:
-            log.error("could not store the new version of %r: %s", target.name, exc.message)
-
-    def _store_config_rollout(self, rolled: ConfigRollout) -> None:
-        """Keep the version a rollout moved a config deployment to: a restart serves it (see
-        ``_config_rollouts``)."""
-        if self._store is None:
-            return
-        try:
-            ConfigRollouts(self._store).save(rolled)
-        except LaminaError as exc:
-            log.error("could not store the new version of %r: %s", rolled.name, exc.message)
+            log.error("could not store the new version of %r: %s", name, exc.message)
 
     # ---- the parts -----------------------------------------------------------------------------------
 

@@ -209,7 +209,8 @@ def _lifespan(
     stack: Stack, parts: GatewayParts, on_ready: Callable[[], None] | None
 ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """The gateway's background work: the control loop, the job queue, readiness, drift and device
-    metrics, warming the search indexes and the demo dataset; stopped, and every part closed, at the end."""
+    metrics, warming the search indexes, the demo dataset and the rollouts a restart interrupted;
+    stopped, and every part closed, at the end."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -225,6 +226,8 @@ def _lifespan(
             asyncio.create_task(sample_devices_forever(devices), name="lamina-device-metrics"),
             asyncio.create_task(asyncio.to_thread(stack.warm_search), name="lamina-warm-search"),
         ]
+        if stack.deployments is not None:  # the rollouts a restart interrupted
+            helpers.append(asyncio.create_task(stack.deployments.resume_rollouts(), name="lamina-rollouts"))
         demo = DemoIngest(stack.config, stack.data)  # the demo dataset, never before readiness
         demo_task = asyncio.create_task(asyncio.to_thread(demo.start), name="lamina-demo-ingest")
         try:

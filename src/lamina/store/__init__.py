@@ -26,7 +26,7 @@ from lamina.store._schema import (
     spans,
     traces,
 )
-from lamina.store._schema_orchestration import config_rollouts, deployments, jobs
+from lamina.store._schema_orchestration import config_rollouts, deployments, jobs, rollouts_in_progress
 from lamina.store._store import HeldLock, Store
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "model_versions",
     "prompt_versions",
     "replay_requests",
+    "rollouts_in_progress",
     "spans",
     "traces",
 ]

@@ -1,6 +1,6 @@
 """The metadata tables of the orchestration layer's state: run-time deployments, the rollouts of the
-config's deployments, and the job queue. Their shape changes only by a migration under
-``migrations/versions``."""
+config's deployments, the rollouts in progress, and the job queue. Their shape changes only by a
+migration under ``migrations/versions``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,20 @@ config_rollouts = Table(
     Column("config_model", String(300), nullable=False, comment="the model the config named at the rollout"),
     Column("model", String(300), nullable=False, comment="the version it rolled to, NAME@VERSION"),
     Column("options", JSON, nullable=False, comment="engine options by engine name, as rolled out"),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+#: a rollout not finished yet (migration 0015): begun again after a restart (``stack/_rollouts_pending.py``)
+rollouts_in_progress = Table(
+    "rollouts_in_progress",
+    metadata,
+    Column("name", String(200), primary_key=True, comment="the deployment rolling out"),
+    Column("model", String(300), nullable=False, comment="the target as asked, NAME@VERSION"),
+    Column("strategy", String(20), nullable=False, comment="rolling, or canary (a promoted canary: rolling)"),
+    Column("weight", Integer, nullable=False, comment="the canary's share of the requests, %"),
+    Column("policy", JSON, nullable=True, comment="the automatic rollback's settings; null: none"),
+    Column("options", JSON, nullable=True, comment="engine options asked; null: the deployment's"),
+    Column("config_model", String(300), nullable=True, comment="a config deployment's model at the start"),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 

@@ -1,0 +1,182 @@
+"""Rollouts in progress, kept over a restart: a rollout that a restart interrupts begins again after it.
+
+What a rollout was asked to do is kept in the ``rollouts_in_progress`` table from its start until it
+finishes or is rolled back: the deployment, the target as asked, the strategy, the canary's weight, the
+automatic rollback's settings, the engine options, and for a deployment of the config file the model the
+config named then. A canary promoted (by command or by its judge) is kept as a rolling rollout, the steps
+that promotion runs; one rolling back is dropped at once, since a restart serves the stable version anyway.
+
+At the next start, once the deployments serve again, each kept rollout begins again from the stable
+version: a canary runs beside it again (its judge's window starts empty), a rolling rollout replaces the
+stable replicas one at a time. A kept rollout is dropped, with a line in the log, when its deployment is
+gone, when the config now names another model for its config deployment (the edit is the newer decision),
+or when it cannot begin (its target was deleted from the registry); the stable version serves then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+
+from lamina.clock import Clock, utcnow
+from lamina.errors import LaminaError
+from lamina.orchestration import Rollout, RolloutPhase, RolloutStrategy
+from lamina.store import Store, rollouts_in_progress
+
+log = logging.getLogger("lamina.deployments")
+
+
+@dataclass(frozen=True)
+class PendingRollout:
+    """A rollout to begin again after a restart, as it was asked for."""
+
+    name: str
+    model: str
+    strategy: str
+    weight: int
+    policy: dict[str, float] | None
+    options: dict[str, dict[str, Any]] | None
+    #: the model the config file named for the deployment at the start (None: a run-time deployment)
+    config_model: str | None
+
+    def resumed_as(self, rollout: Rollout) -> PendingRollout | None:
+        """What to keep of this rollout in its current phase: a canary promoted goes on as a rolling
+        rollout; one finished, or rolling back, is not begun again (None)."""
+        if rollout.phase is RolloutPhase.CANARY:
+            return self
+        if rollout.phase is RolloutPhase.ROLLING:
+            return PendingRollout(
+                self.name,
+                self.model,
+                RolloutStrategy.ROLLING.value,
+                self.weight,
+                self.policy,
+                self.options,
+                self.config_model,
+            )
+        return None
+
+
+class PendingRollouts:
+    """The ``rollouts_in_progress`` table. Synchronous: call it from a worker thread on an event loop."""
+
+    def __init__(self, store: Store, clock: Clock = utcnow) -> None:
+        self._store = store
+        self._clock = clock
+
+    def save(self, pending: PendingRollout) -> None:
+        """Keep ``pending``, replacing what was kept of the deployment's rollout."""
+        table = rollouts_in_progress
+        values = {
+            "name": pending.name,
+            "model": pending.model,
+            "strategy": pending.strategy,
+            "weight": pending.weight,
+            "policy": pending.policy,
+            "options": pending.options,
+            "config_model": pending.config_model,
+            "updated_at": self._clock(),
+        }
+        with self._store.begin() as conn:
+            conn.execute(delete(table).where(table.c.name == pending.name))
+            conn.execute(insert(table).values(**values))
+
+    def drop(self, name: str) -> None:
+        with self._store.begin() as conn:
+            conn.execute(delete(rollouts_in_progress).where(rollouts_in_progress.c.name == name))
+
+    def list(self) -> builtins.list[PendingRollout]:
+        table = rollouts_in_progress
+        with self._store.begin() as conn:
+            rows = conn.execute(select(table).order_by(table.c.name)).all()
+        return [
+            PendingRollout(
+                r.name,
+                r.model,
+                r.strategy,
+                r.weight,
+                dict(r.policy) if r.policy is not None else None,
+                dict(r.options) if r.options is not None else None,
+                r.config_model,
+            )
+            for r in rows
+        ]
+
+
+class KeptRollouts:
+    """The rollouts in progress of one stack as the store keeps them (no store: none kept). A failure to
+    write is logged and the rollout goes on; it is then only not begun again after a restart."""
+
+    def __init__(self, store: Store | None) -> None:
+        self._table = None if store is None else PendingRollouts(store)
+        #: what is kept now, by deployment
+        self._kept: dict[str, PendingRollout] = {}
+
+    def begin(self, pending: PendingRollout) -> None:
+        self._write(pending.name, pending)
+
+    def follow(self, name: str, rollout: Rollout) -> None:
+        """The deployment's rollout is now ``rollout``: keep what a restart would begin again."""
+        kept = self._kept.get(name)
+        if kept is not None and kept.resumed_as(rollout) != kept:
+            self._write(name, kept.resumed_as(rollout))
+
+    def forget(self, name: str) -> None:
+        """Keep nothing of the deployment's rollout (gone, or one that cannot begin again)."""
+        self._write(name, None)
+
+    def kept(self) -> builtins.list[PendingRollout]:
+        return [] if self._table is None else self._table.list()
+
+    def _write(self, name: str, pending: PendingRollout | None) -> None:
+        self._kept.pop(name, None)
+        if pending is not None:
+            self._kept[name] = pending
+        if self._table is None:
+            return
+        try:
+            self._table.save(pending) if pending is not None else self._table.drop(name)
+        except LaminaError as exc:
+            log.error("could not keep the rollout of %r over a restart: %s", name, exc.message)
+
+
+async def resume(
+    kept: KeptRollouts,
+    start: Callable[[PendingRollout], Awaitable[object]],
+    config_models: Mapping[str, str],
+) -> builtins.list[str]:
+    """Begin again every rollout a restart interrupted (``start`` begins one); ``config_models`` is the
+    model the config file names for each of its deployments. Returns the deployments resumed."""
+    resumed = []
+    for pending in await asyncio.to_thread(kept.kept):
+        named = config_models.get(pending.name)
+        if pending.config_model is not None and named != pending.config_model:
+            log.warning(
+                "deployment %r: not resuming its rollout to %s: the config now names %s, not %s as then",
+                pending.name,
+                pending.model,
+                named or "no such deployment",
+                pending.config_model,
+            )
+        else:
+            try:
+                await start(pending)
+            except LaminaError as exc:
+                log.error(
+                    "deployment %r: could not resume its rollout to %s (%s); the stable version serves",
+                    pending.name,
+                    pending.model,
+                    exc.message,
+                )
+            else:
+                log.info("deployment %r: rollout to %s begun again", pending.name, pending.model)
+                resumed.append(pending.name)
+                continue
+        await asyncio.to_thread(kept.forget, pending.name)
+    return resumed
