@@ -558,8 +558,9 @@ async def test_an_answer_an_output_guard_blocks_is_not_stored() -> None:
 
 
 async def test_cpu_of_a_miss_and_a_hit() -> None:
-    """The cache's own CPU per request (printed with -s; the README quotes it): key and lookup on a miss,
-    lookup and answer on a hit. Bounded loosely here: the budget of a whole request is ~1.5 ms."""
+    """2,000 misses then 2,000 hits at two prompt sizes, and the cache's own CPU per request for each
+    (printed with -s; the README quotes it): key and lookup on a miss, lookup and answer on a hit. What is
+    asserted is the behaviour; the figures are the machine's, so they are printed, not bounded."""
     import time
 
     from lamina.application._cache_answers import plain_answer, plain_entry
@@ -581,22 +582,23 @@ async def test_cpu_of_a_miss_and_a_hit() -> None:
             for i in range(2000)
         ]
         started = time.process_time()
-        for c in calls:
-            await cache.lookup(c, None, None)
+        missed = [await cache.lookup(c, None, None) for c in calls]
         miss_us = (time.process_time() - started) / len(calls) * 1e6
+        assert all(m.entry is None for m in missed)
         for c in calls:
             await cache.backend.put(request_key(c, None, cache.salt), entry)
         started = time.process_time()
+        answers = []
         for c in calls:
             found = await cache.lookup(c, None, None)
             assert found.entry is not None
-            plain_answer(found.entry)
+            answers.append(plain_answer(found.entry))
         hit_us = (time.process_time() - started) / len(calls) * 1e6
+        assert all(a["choices"][0]["message"] == message and a["usage"] == usage for a in answers)
         print(
             f"\nprompt of {size} bytes: miss {miss_us:.1f} us CPU (key + lookup), "
             f"hit {hit_us:.1f} us (lookup + answer)"
         )
-        assert miss_us < 500 and hit_us < 1000
 
 
 def test_the_readme_example_is_a_valid_config() -> None:
