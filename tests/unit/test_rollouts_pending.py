@@ -75,6 +75,21 @@ def test_the_rollouts_begin_again_unless_the_config_moved_on_or_they_cannot(
     assert [p.name for p in PendingRollouts(store).list()] == ["base", "echo"]
 
 
+def test_a_rollout_begun_while_the_old_one_waited_is_kept(store: Store) -> None:
+    """A client starts another rollout of the deployment before the kept one could begin again: the kept
+    one fails (a rollout is running) and is dropped, and the new one stays kept."""
+    KeptRollouts(store).begin(CANARY)
+    kept = KeptRollouts(store)
+    newer = PendingRollout("echo", "echo@4", "rolling", 100, None, None, None)
+
+    async def start(pending: PendingRollout) -> object:
+        kept.begin(newer)  # meanwhile, through the admin API
+        raise LaminaError("'echo' is rolling out echo@4 already; promote it or roll it back first")
+
+    assert asyncio.run(resume(kept, start, {})) == []
+    assert PendingRollouts(store).list() == [newer]
+
+
 def test_a_store_that_fails_is_logged_and_the_rollout_goes_on(
     store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -127,9 +127,11 @@ class KeptRollouts:
         if kept is not None and kept.resumed_as(rollout) != kept:
             self._write(name, kept.resumed_as(rollout))
 
-    def forget(self, name: str) -> None:
-        """Keep nothing of the deployment's rollout (gone, or one that cannot begin again)."""
-        self._write(name, None)
+    def forget(self, name: str, kept: PendingRollout | None = None) -> None:
+        """Keep nothing of the deployment's rollout (gone, or one that cannot begin again); with ``kept``,
+        only if no other rollout of it has begun since."""
+        if kept is None or self._kept.get(name) in (None, kept):
+            self._write(name, None)
 
     def kept(self) -> builtins.list[PendingRollout]:
         return [] if self._table is None else self._table.list()
@@ -178,5 +180,5 @@ async def resume(
                 log.info("deployment %r: rollout to %s begun again", pending.name, pending.model)
                 resumed.append(pending.name)
                 continue
-        await asyncio.to_thread(kept.forget, pending.name)
+        await asyncio.to_thread(kept.forget, pending.name, pending)
     return resumed

@@ -220,7 +220,7 @@ def _lifespan(
         jobs = stack.jobs
         jobs_task = None if jobs is None else asyncio.create_task(jobs.run(stop), name="lamina-jobs")
         devices = stack.telemetry.devices  # also what each request's compute span reads
-        helpers = [
+        helpers: list[asyncio.Task[object]] = [
             asyncio.create_task(_announce_ready(stack, on_ready)),
             asyncio.create_task(_publish_drift_forever(stack), name="lamina-drift-metrics"),
             asyncio.create_task(sample_devices_forever(devices), name="lamina-device-metrics"),
