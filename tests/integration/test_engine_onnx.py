@@ -70,7 +70,7 @@ def test_batches_hold_similar_lengths_within_their_texts_and_tokens() -> None:
     assert batches == [[1, 5, 3, 0], [2, 4, 6, 7], [8]]  # a text over the budget runs alone
     assert [len(b) for b in length_batches([20] * 100, 32, 1024)] == [32, 32, 32, 4]
     assert [len(b) for b in length_batches([40] * 30, 32, 1024)] == [25, 5]  # 25 x 40 = 1,000 tokens
-    assert engine_details(32, None)["max_batch_tokens"] == "1024"  # the CPU's default
+    assert engine_details(32, None)["max_batch_tokens"] == "512"  # the CPU's default
 
 
 def engine_details(batch_size: int, max_batch_tokens: int | None) -> dict[str, str]:

@@ -78,7 +78,7 @@ class ONNXOptions(_Strict):
     max_batch_tokens: int | None = Field(
         None,
         ge=1,
-        description="Tokens per forward pass, padding included (a longer text runs alone). Empty: 1024 on "
+        description="Tokens per forward pass, padding included (a longer text runs alone). Empty: 512 on "
         "the CPU, where larger passes run slower per token, and 16384 on a GPU provider.",
     )
     max_length: int = Field(256, ge=8, description="Tokens per text; longer texts are truncated.")

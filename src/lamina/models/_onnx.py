@@ -5,9 +5,10 @@ mean over the real (unpadded) tokens, L2-normalised, as sentence-transformers co
 
 Texts are batched by length, so that a batch pads to little more than its longest text, and each forward
 pass holds at most ``batch_size`` texts and ``max_batch_tokens`` tokens padding included: on a CPU, passes
-beyond about a thousand tokens run slower per token, not faster (their activations leave the caches).
-Measured with MiniLM on 2 cores: 256-token abstracts at 14.2 texts/s four to a pass, 10.8 at 32; 20-token
-queries at 175 texts/s sixteen to a pass, 119 at 64.
+beyond a few hundred tokens run slower per token, not faster (their activations leave the caches).
+``bench/embed_batching.py``, MiniLM on 2 cores, calls of 32 texts: abstracts of about 256 tokens at 14.5
+texts/s with 512 tokens a pass (two abstracts) against 10.8 with all 32 in one; queries of about 20 tokens
+at 150 texts/s against 103.
 
 A model that quantizes its activations at run time (ONNX Runtime's ``quantize_dynamic``: one scale per
 tensor, from the pass's own minimum and maximum) would give a text a vector that depends on the texts
@@ -81,7 +82,7 @@ def normalize(vectors: FloatArray) -> FloatArray:
 
 
 #: padded tokens per forward pass when ``max_batch_tokens`` is unset: on a CPU, and on a GPU provider
-CPU_BATCH_TOKENS = 1024
+CPU_BATCH_TOKENS = 512
 GPU_BATCH_TOKENS = 16384
 #: operators that quantize activations with a scale computed from the whole pass
 _RUN_TIME_QUANTIZATION = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
