@@ -153,32 +153,41 @@ async def resume(
     start: Callable[[PendingRollout], Awaitable[object]],
     config_models: Mapping[str, str],
 ) -> builtins.list[str]:
-    """Begin again every rollout a restart interrupted (``start`` begins one); ``config_models`` is the
-    model the config file names for each of its deployments. Returns the deployments resumed."""
-    resumed = []
-    for pending in await asyncio.to_thread(kept.kept):
-        named = config_models.get(pending.name)
-        if pending.config_model is not None and named != pending.config_model:
-            log.warning(
-                "deployment %r: not resuming its rollout to %s: the config now names %s, not %s as then",
+    """Begin again every rollout a restart interrupted, each on its own (``start`` begins one, once its
+    deployment is ready); ``config_models`` is the model the config file names for each of its
+    deployments. Returns the deployments whose rollout runs again."""
+    pending = await asyncio.to_thread(kept.kept)
+    begun = await asyncio.gather(*(_resume(kept, p, start, config_models.get(p.name)) for p in pending))
+    return [p.name for p, ok in zip(pending, begun, strict=True) if ok]
+
+
+async def _resume(
+    kept: KeptRollouts,
+    pending: PendingRollout,
+    start: Callable[[PendingRollout], Awaitable[object]],
+    named: str | None,
+) -> bool:
+    if pending.config_model is not None and named != pending.config_model:
+        log.warning(
+            "deployment %r: not resuming its rollout to %s: the config now names %s, not %s as then",
+            pending.name,
+            pending.model,
+            named or "no such deployment",
+            pending.config_model,
+        )
+    else:
+        log.info("deployment %r: rollout to %s begins again once it is ready", pending.name, pending.model)
+        try:
+            await start(pending)
+        except LaminaError as exc:
+            log.error(
+                "deployment %r: could not resume its rollout to %s (%s); the stable version serves",
                 pending.name,
                 pending.model,
-                named or "no such deployment",
-                pending.config_model,
+                exc.message,
             )
         else:
-            try:
-                await start(pending)
-            except LaminaError as exc:
-                log.error(
-                    "deployment %r: could not resume its rollout to %s (%s); the stable version serves",
-                    pending.name,
-                    pending.model,
-                    exc.message,
-                )
-            else:
-                log.info("deployment %r: rollout to %s begun again", pending.name, pending.model)
-                resumed.append(pending.name)
-                continue
-        await asyncio.to_thread(kept.forget, pending.name, pending)
-    return resumed
+            log.info("deployment %r: rollout to %s begun again", pending.name, pending.model)
+            return True
+    await asyncio.to_thread(kept.forget, pending.name, pending)
+    return False
