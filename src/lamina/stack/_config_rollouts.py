@@ -15,11 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select
-
 from lamina.clock import Clock, utcnow
 from lamina.config import DeploymentConfig, LaminaConfig
 from lamina.models import check_deployment
+from lamina.stack._named_rows import NamedRows
 from lamina.store import Store, config_rollouts
 
 log = logging.getLogger("lamina.deployments")
@@ -39,28 +38,18 @@ class ConfigRollouts:
     """The ``config_rollouts`` table. Synchronous: call it from a worker thread on an event loop."""
 
     def __init__(self, store: Store, clock: Clock = utcnow) -> None:
-        self._store = store
-        self._clock = clock
+        self._rows = NamedRows(store, config_rollouts, clock)
 
     def save(self, rollout: ConfigRollout) -> None:
         """Keep ``rollout``, replacing an earlier one of the same deployment."""
-        table = config_rollouts
-        values = {
-            "name": rollout.name,
-            "config_model": rollout.config_model,
-            "model": rollout.model,
-            "options": rollout.options,
-            "updated_at": self._clock(),
-        }
-        with self._store.begin() as conn:
-            conn.execute(delete(table).where(table.c.name == rollout.name))
-            conn.execute(insert(table).values(**values))
+        self._rows.put(
+            rollout.name, config_model=rollout.config_model, model=rollout.model, options=rollout.options
+        )
 
     def list(self) -> builtins.list[ConfigRollout]:
-        table = config_rollouts
-        with self._store.begin() as conn:
-            rows = conn.execute(select(table).order_by(table.c.name)).all()
-        return [ConfigRollout(r.name, r.config_model, r.model, dict(r.options or {})) for r in rows]
+        return [
+            ConfigRollout(r.name, r.config_model, r.model, dict(r.options or {})) for r in self._rows.rows()
+        ]
 
     def apply(self, config: LaminaConfig) -> tuple[LaminaConfig, dict[str, str]]:
         """``config`` with every stored rollout that still applies in place of its deployment's model,
@@ -88,7 +77,5 @@ class ConfigRollouts:
                 )
             deployments.append(d)
         if kept:
-            with self._store.begin() as conn:
-                table = config_rollouts
-                conn.execute(delete(table).where(table.c.name.in_(builtins.list(kept))))
+            self._rows.drop(kept)
         return config.model_copy(update={"deployments": deployments}), named

@@ -22,11 +22,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select
-
 from lamina.clock import Clock, utcnow
 from lamina.errors import LaminaError
 from lamina.orchestration import Rollout, RolloutPhase, RolloutStrategy
+from lamina.stack._named_rows import NamedRows
 from lamina.store import Store, rollouts_in_progress
 
 log = logging.getLogger("lamina.deployments")
@@ -67,34 +66,24 @@ class PendingRollouts:
     """The ``rollouts_in_progress`` table. Synchronous: call it from a worker thread on an event loop."""
 
     def __init__(self, store: Store, clock: Clock = utcnow) -> None:
-        self._store = store
-        self._clock = clock
+        self._rows = NamedRows(store, rollouts_in_progress, clock)
 
-    def save(self, pending: PendingRollout) -> None:
-        """Keep ``pending``, replacing what was kept of the deployment's rollout."""
-        table = rollouts_in_progress
-        values = {
-            "name": pending.name,
-            "model": pending.model,
-            "strategy": pending.strategy,
-            "weight": pending.weight,
-            "policy": pending.policy,
-            "options": pending.options,
-            "config_model": pending.config_model,
-            "updated_at": self._clock(),
-        }
-        with self._store.begin() as conn:
-            conn.execute(delete(table).where(table.c.name == pending.name))
-            conn.execute(insert(table).values(**values))
+    def save(self, p: PendingRollout) -> None:
+        """Keep ``p``, replacing what was kept of the deployment's rollout."""
+        self._rows.put(
+            p.name,
+            model=p.model,
+            strategy=p.strategy,
+            weight=p.weight,
+            policy=p.policy,
+            options=p.options,
+            config_model=p.config_model,
+        )
 
     def drop(self, name: str) -> None:
-        with self._store.begin() as conn:
-            conn.execute(delete(rollouts_in_progress).where(rollouts_in_progress.c.name == name))
+        self._rows.drop([name])
 
     def list(self) -> builtins.list[PendingRollout]:
-        table = rollouts_in_progress
-        with self._store.begin() as conn:
-            rows = conn.execute(select(table).order_by(table.c.name)).all()
         return [
             PendingRollout(
                 r.name,
@@ -105,7 +94,7 @@ class PendingRollouts:
                 dict(r.options) if r.options is not None else None,
                 r.config_model,
             )
-            for r in rows
+            for r in self._rows.rows()
         ]
 
 
