@@ -19,7 +19,7 @@ import asyncio
 import builtins
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lamina.clock import Clock, utcnow
@@ -50,15 +50,7 @@ class PendingRollout:
         if rollout.phase is RolloutPhase.CANARY:
             return self
         if rollout.phase is RolloutPhase.ROLLING:
-            return PendingRollout(
-                self.name,
-                self.model,
-                RolloutStrategy.ROLLING.value,
-                self.weight,
-                self.policy,
-                self.options,
-                self.config_model,
-            )
+            return replace(self, strategy=RolloutStrategy.ROLLING.value)
         return None
 
 
