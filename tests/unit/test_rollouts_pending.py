@@ -60,14 +60,18 @@ def test_the_rollouts_begin_again_unless_the_config_moved_on_or_they_cannot(
     started: list[PendingRollout] = []
 
     async def start(pending: PendingRollout) -> object:
+        shown = kept_now.waiting_json(pending.name, "stable@1")  # what the admin API shows meanwhile
+        assert shown is not None and (shown["phase"], shown["target"]) == ("waiting", pending.model)
         if pending.name == "gone":
             raise ModelNotFoundError("no model named 'g@2' in the registry")
         started.append(pending)
         return None
 
     with caplog.at_level(logging.INFO, logger="lamina.deployments"):
-        resumed = asyncio.run(resume(KeptRollouts(store), start, {"base": "base", "moved": "m@2"}))
+        kept_now = KeptRollouts(store)
+        resumed = asyncio.run(resume(kept_now, start, {"base": "base", "moved": "m@2"}))
     assert sorted(resumed) == ["base", "echo"] and {p.name for p in started} == {"base", "echo"}
+    assert kept_now.waiting == {} and kept_now.waiting_json("echo", "echo@2") is None  # begun, or dropped
     assert next(p for p in started if p.name == "echo") == CANARY  # as it was asked for
     assert "the config now names m@2, not m@1 as then" in caplog.text
     assert "could not resume its rollout to g@2" in caplog.text and "the stable version serves" in caplog.text

@@ -341,6 +341,7 @@ class RuntimeDeployments:
         status = next((s for s in self._controller.status() if s.name == name), None)
         rollout = self._settle(name) if name in self._stored or config is not None else None
         served = self._catalog.get(name)
+        rollout = rollout or self._kept.waiting_json(name, served.model_ref if served else None)
         desired = status.desired if status else 0
         ready = status.ready if status else 0
         found = None

@@ -98,6 +98,8 @@ class KeptRollouts:
         self._table = None if store is None else PendingRollouts(store)
         #: what is kept now, by deployment
         self._kept: dict[str, PendingRollout] = {}
+        #: kept rollouts waiting at a start for their deployment to be ready, by deployment
+        self.waiting: dict[str, PendingRollout] = {}
 
     def begin(self, pending: PendingRollout) -> None:
         self._write(pending.name, pending)
@@ -113,6 +115,21 @@ class KeptRollouts:
         only if no other rollout of it has begun since."""
         if kept is None or self._kept.get(name) in (None, kept):
             self._write(name, None)
+
+    def waiting_json(self, name: str, stable: str | None) -> dict[str, Any] | None:
+        """A rollout that waits to begin again, as the admin API shows a rollout (phase ``waiting``)."""
+        p = self.waiting.get(name)
+        if p is None:
+            return None
+        return {
+            "stable": stable,
+            "target": p.model,
+            "strategy": p.strategy,
+            "phase": "waiting",
+            "started_at": None,
+            "weight": p.weight,
+            "reason": "interrupted by a restart; begins again once the deployment is ready",
+        }
 
     def kept(self) -> builtins.list[PendingRollout]:
         return [] if self._table is None else self._table.list()
@@ -158,6 +175,7 @@ async def _resume(
         )
     else:
         log.info("deployment %r: rollout to %s begins again once it is ready", pending.name, pending.model)
+        kept.waiting[pending.name] = pending
         try:
             await start(pending)
         except LaminaError as exc:
@@ -170,5 +188,7 @@ async def _resume(
         else:
             log.info("deployment %r: rollout to %s begun again", pending.name, pending.model)
             return True
+        finally:
+            kept.waiting.pop(pending.name, None)
     await asyncio.to_thread(kept.forget, pending.name, pending)
     return False
