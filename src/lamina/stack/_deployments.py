@@ -259,7 +259,7 @@ class RuntimeDeployments:
             del self._targets[name]
             if isinstance(target, StoredDeployment):
                 self._stored[name] = target
-                self._store_version(name, lambda: self._repo.set_model(name, target.model, target.options))
+                self._store_version(name, partial(self._repo.set_model, name, target.model, target.options))
             else:
                 kept = [target if d.name == name else d for d in self._config.deployments]
                 self._config = self._config.model_copy(update={"deployments": kept})

@@ -107,8 +107,11 @@ class KeptRollouts:
     def follow(self, name: str, rollout: Rollout) -> None:
         """The deployment's rollout is now ``rollout``: keep what a restart would begin again."""
         kept = self._kept.get(name)
-        if kept is not None and kept.resumed_as(rollout) != kept:
-            self._write(name, kept.resumed_as(rollout))
+        if kept is None:
+            return
+        now = kept.resumed_as(rollout)
+        if now != kept:
+            self._write(name, now)
 
     def forget(self, name: str, kept: PendingRollout | None = None) -> None:
         """Keep nothing of the deployment's rollout (gone, or one that cannot begin again); with ``kept``,
@@ -141,7 +144,10 @@ class KeptRollouts:
         if self._table is None:
             return
         try:
-            self._table.save(pending) if pending is not None else self._table.drop(name)
+            if pending is None:
+                self._table.drop(name)
+            else:
+                self._table.save(pending)
         except LaminaError as exc:
             log.error("could not keep the rollout of %r over a restart: %s", name, exc.message)
 
