@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -10,6 +11,7 @@ from lamina.observability import (
     BudgetState,
     DatasetState,
     DeploymentState,
+    DeviceSample,
     DeviceState,
     DoctorInputs,
     DriftState,
@@ -177,3 +179,45 @@ def test_the_verdict_is_json() -> None:
     assert body["bottleneck"] == "data" and body["requests"] == 5
     assert body["layers_ms"] == {"application": 10.0, "data": 3500.0, "models": 500.0}
     assert body["share"] == pytest.approx(3500 / 4010, abs=1e-3)
+
+
+def _period(start_s: float, end_s: float, cpu: float | None, gpu: float | None = None) -> DeviceSample:
+    t0 = T0.timestamp()
+    return DeviceSample(t0 + start_s, t0 + end_s, cpu, gpu)
+
+
+def test_the_cpu_quoted_is_that_of_the_periods_in_which_the_requests_ran() -> None:
+    # three saturated requests from 100 s to 103.3 s; the CPU has been idle since
+    traces = [replace(SATURATED[0], start=T0 + timedelta(seconds=s)) for s in (100, 101, 102)]
+    history = [_period(85, 100, 4.0), _period(100, 115, 97.0), _period(115, 130, 2.0)]
+    idle_now = DeviceState(cpu_percent=3.0)
+    verdict = diagnose(inputs(traces, deployments=[TWO_BUSY], device=idle_now, history=history))
+    assert "compute: CPU 97% while the requests ran" in verdict.evidence, verdict.evidence
+    assert any("the CPU is saturated" in a for a in verdict.actions)
+    assert not any("add a replica" in a for a in verdict.actions)
+    # no period of the history covers them (a store from before a restart): the CPU now, said to be so
+    verdict = diagnose(inputs(traces, deployments=[TWO_BUSY], device=idle_now, history=history[:1]))
+    assert "compute: CPU 3% now" in verdict.evidence, verdict.evidence
+    assert any("add a replica to chat" in a for a in verdict.actions)
+
+
+def test_periods_weigh_by_the_time_requests_ran_in_them() -> None:
+    # one request from 114 s to 118 s: 1 s of it in a period at 96%, 3 s in one at 40% (GPUs 80% and unread)
+    slow = line(
+        {"application": 10, "orchestration": 2_990, "models": 1_000}, {"queue": 2_990, "engine": 1_000}
+    )
+    traces = [replace(slow, start=T0 + timedelta(seconds=114))] * 3
+    history = [_period(100, 115, 96.0, 80.0), _period(115, 130, 40.0, None), _period(130, 131, 100.0, 5.0)]
+    verdict = diagnose(inputs(traces, deployments=[ONE_BUSY], history=history))
+    assert "compute: CPU 54% while the requests ran, peak 96%" in verdict.evidence, verdict.evidence
+    assert "compute: GPU 80% while the requests ran" in verdict.evidence
+
+
+def test_refused_requests_are_not_failures_of_the_stack() -> None:
+    refused = replace(line({"application": 1}), status=400, error=True)  # the root span is marked ERROR
+    verdict = diagnose(inputs([refused] * 19 + [line({"application": 1})] * 10))
+    assert [p.what for p in verdict.problems] == ["19 of 29 requests were refused in the last 15m (19 x 400)"]
+    mixed = [refused] * 2 + [replace(refused, status=429)] * 3 + [line({"application": 1})] * 20
+    assert [p.what for p in diagnose(inputs(mixed)).problems] == []  # 5 of 25: below the share reported
+    failing = [replace(refused, status=0)] * 3  # an error with no answer sent: the stack's
+    assert diagnose(inputs(failing)).problems[0].what == "3 of 3 requests failed in the last 15m"

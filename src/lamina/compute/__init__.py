@@ -38,6 +38,8 @@ from lamina.compute._placement import (
 )
 from lamina.compute._telemetry import (
     DEFAULT_SAMPLE_INTERVAL_S,
+    CpuMeter,
+    CpuReading,
     publish_inventory,
     sample_devices_forever,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "FULL_GPU",
     "CPUInfo",
     "ClusterSnapshot",
+    "CpuMeter",
+    "CpuReading",
     "Demand",
     "DeviceFit",
     "FitReport",

@@ -14,6 +14,7 @@ the highest p95 alone, which a handful of slow outliers decide.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ SATURATED_PCT = 90.0
 BUDGET_WARN = 0.9
 #: share of failed requests in the window that is reported
 ERROR_RATE_WARN = 0.05
+#: share of refused requests (4xx) in the window that is reported
+REFUSED_RATE_WARN = 0.25
 #: queue wait (share of the request's time, p95) from which a deployment counts as short of replicas
 QUEUE_SHARE = 0.25
 
@@ -46,10 +49,40 @@ class DeploymentState:
 
 @dataclass(frozen=True)
 class DeviceState:
+    """The machine's CPU and GPUs as the doctor read them at the time it was asked."""
+
     cpu_percent: float | None = None
     #: the machine's GPUs, and their mean utilisation (%) when known
     gpus: int = 0
     gpu_percent: float | None = None
+
+
+@dataclass(frozen=True)
+class DeviceSample:
+    """One sample period of the machine's devices (epoch seconds): the busy percent of its CPU time and
+    the mean utilisation of its GPUs (None: not read)."""
+
+    start: float
+    end: float
+    cpu_percent: float | None
+    gpu_percent: float | None
+
+
+@dataclass(frozen=True)
+class Utilisation:
+    """A device's utilisation as the evidence quotes it: its mean over the sample periods in which the
+    window's requests ran, weighted by the time they ran in each, and the highest of those periods; or,
+    with no such period (``during`` False), as read when the doctor was asked."""
+
+    percent: float
+    peak: float
+    during: bool
+
+    def words(self, device: str) -> str:
+        if not self.during:
+            return f"compute: {device} {self.percent:.0f}% now"
+        peak = f", peak {self.peak:.0f}%" if self.peak >= self.percent + 0.5 else ""
+        return f"compute: {device} {self.percent:.0f}% while the requests ran{peak}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +113,8 @@ class DoctorInputs:
     traces: Sequence[TraceLine] = ()
     deployments: Sequence[DeploymentState] = ()
     device: DeviceState = field(default_factory=DeviceState)
+    #: the device sample periods, oldest first (what the doctor reads the window's utilisation from)
+    history: Sequence[DeviceSample] = ()
     datasets: Sequence[DatasetState] = ()
     drift: Sequence[DriftState] = ()
     budgets: Sequence[BudgetState] = ()
@@ -154,13 +189,49 @@ def _replica_words(d: DeploymentState) -> str:
     return f"{d.name}: {both} replicas busy ({d.in_flight} in flight)"
 
 
-def _compute_evidence(device: DeviceState) -> list[str]:
-    out = []
-    if device.cpu_percent is not None:
-        out.append(f"compute: CPU {device.cpu_percent:.0f}%")
-    if device.gpu_percent is not None:
-        out.append(f"compute: GPU {device.gpu_percent:.0f}%")
-    return out
+def _busy_spans(traces: Sequence[TraceLine]) -> list[list[float]]:
+    """The times (epoch seconds) in which at least one of ``traces`` ran, merged, in order."""
+    merged: list[list[float]] = []
+    for start, end in sorted(
+        (t.start.timestamp(), t.start.timestamp() + t.duration_ms / 1000) for t in traces
+    ):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def utilisation(
+    traces: Sequence[TraceLine], history: Sequence[DeviceSample], now: DeviceState
+) -> tuple[Utilisation | None, Utilisation | None]:
+    """The CPU's and the GPUs' :class:`Utilisation` over the periods of ``history`` in which ``traces``
+    ran, each falling back to its reading ``now`` (None: neither is known)."""
+    spans, first = _busy_spans(traces), 0
+    weighted: dict[str, list[tuple[float, float]]] = {"cpu": [], "gpu": []}
+    for sample in sorted(history, key=lambda h: h.start):
+        while first < len(spans) and spans[first][1] <= sample.start:
+            first += 1
+        ran, i = 0.0, first
+        while i < len(spans) and spans[i][0] < sample.end:
+            ran += max(min(spans[i][1], sample.end) - max(spans[i][0], sample.start), 0.0)
+            i += 1
+        for device, value in (("cpu", sample.cpu_percent), ("gpu", sample.gpu_percent)):
+            if ran > 0 and value is not None:
+                weighted[device].append((value, ran))
+
+    def of(device: str, instant: float | None) -> Utilisation | None:
+        points = weighted[device]
+        if points:
+            mean = sum(v * w for v, w in points) / sum(w for _, w in points)
+            return Utilisation(mean, max(v for v, _ in points), during=True)
+        return None if instant is None else Utilisation(instant, instant, during=False)
+
+    return of("cpu", now.cpu_percent), of("gpu", now.gpu_percent)
+
+
+def _compute_evidence(cpu: Utilisation | None, gpu: Utilisation | None) -> list[str]:
+    return [u.words(device) for device, u in (("CPU", cpu), ("GPU", gpu)) if u is not None]
 
 
 def _serving(inputs: DoctorInputs, layer: str) -> tuple[list[str], list[str]]:
@@ -174,8 +245,9 @@ def _serving(inputs: DoctorInputs, layer: str) -> tuple[list[str], list[str]]:
     )
     if busiest is not None and _busy(busiest):
         evidence.append(f"{layer}: {_replica_words(busiest)}")
-    evidence += _compute_evidence(device)
-    cpu_full = device.cpu_percent is not None and device.cpu_percent >= SATURATED_PCT
+    cpu, gpu = utilisation(traces, inputs.history, device)
+    evidence += _compute_evidence(cpu, gpu)
+    cpu_full = cpu is not None and cpu.percent >= SATURATED_PCT
     queued = queue >= QUEUE_SHARE * total or (busiest is not None and _busy(busiest))
     name = busiest.name if busiest is not None else "the deployment"
     actions = []
@@ -260,13 +332,31 @@ def _problems(inputs: DoctorInputs) -> list[Finding]:
         for b in inputs.budgets
         if b.limit_usd > 0 and b.spent_usd >= BUDGET_WARN * b.limit_usd
     ]
-    failed = sum(t.error or t.status >= 500 for t in inputs.traces)
-    if inputs.traces and failed / len(inputs.traces) >= ERROR_RATE_WARN:
+    return out + _failures(inputs.traces, inputs.window)
+
+
+def _failures(traces: Sequence[TraceLine], window: str) -> list[Finding]:
+    """Requests the stack failed (5xx, or an error with no status of the client's), and apart from them
+    requests it refused (4xx: the client's request, a key, a limit) when they are a large share."""
+    refused = Counter(t.status for t in traces if 400 <= t.status < 500)
+    failed = sum(t.status >= 500 or (t.error and not 400 <= t.status < 500) for t in traces)
+    out = []
+    if traces and failed / len(traces) >= ERROR_RATE_WARN:
         out.append(
             Finding(
                 "application",
-                f"{failed} of {len(inputs.traces)} requests failed in the last {inputs.window}",
+                f"{failed} of {len(traces)} requests failed in the last {window}",
                 "open one with `lamina trace ID` (`lamina traces` lists them)",
+            )
+        )
+    if traces and refused.total() / len(traces) >= REFUSED_RATE_WARN:
+        codes = ", ".join(f"{n} x {status}" for status, n in sorted(refused.items()))
+        out.append(
+            Finding(
+                "application",
+                f"{refused.total()} of {len(traces)} requests were refused in the last {window} ({codes})",
+                "the clients' requests, keys or limits: each error body says what to change; "
+                "`lamina traces` lists them",
             )
         )
     return out

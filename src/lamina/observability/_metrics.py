@@ -8,11 +8,13 @@ model is known), ``endpoint`` one of the gateway's routes, ``status`` an HTTP st
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
+from lamina.observability._doctor import DeviceSample
 from lamina.observability._fast_metrics import FastMetrics
 from lamina.observability._request_fold import Finished, RequestFold
 from lamina.observability._serving_metrics import EngineMetrics, LabelCache, ModelSeries, TrafficMetrics
@@ -174,6 +176,10 @@ class DriftMetrics:
         self.detected.labels(dataset).set(1.0 if drifted else 0.0)
 
 
+#: the sample periods the device history keeps (24 hours at 15 s)
+HISTORY = 5_760
+
+
 class DeviceMetrics:
     """The compute layer's sampled devices as gauges, named after NVIDIA DCGM's fields where one exists
     (DCGM_FI_DEV_GPU_UTIL, _FB_USED, _FB_FREE, _GPU_TEMP, _POWER_USAGE), in base units (bytes, watts).
@@ -190,6 +196,11 @@ class DeviceMetrics:
 
         self.registry = registry
         self.cpu_load = gauge("cpu_load1", "1-minute load average of the node.", node)
+        self.cpu_utilization = gauge(
+            "cpu_utilization_percent",
+            "Percent of the node's CPU time busy over the last sample period (all its CPUs).",
+            node,
+        )
         self.cpu_usable = gauge(
             "cpu_usable_cores", "Physical cores this process may run on (its affinity mask).", node
         )
@@ -215,16 +226,31 @@ class DeviceMetrics:
         )
         #: the label sets of every GPU series set so far
         self._gpus: set[tuple[str, str, str, str]] = set()
-        #: the latest sample, for the compute span of each request: node -> (load1, usable cores), and
-        #: (node, gpu index) -> (model name, utilization %)
-        self.nodes: dict[str, tuple[float, int]] = {}
+        #: the latest sample, for the compute span of each request: node -> (load1, usable cores, CPU
+        #: utilisation % or None), and (node, gpu index) -> (model name, utilization %)
+        self.nodes: dict[str, tuple[float, int, float | None]] = {}
         self.gpus: dict[tuple[str, str], tuple[str, float | None]] = {}
+        #: the utilisation of each sample period, oldest first (a day of them at the default period)
+        self.history: deque[DeviceSample] = deque(maxlen=HISTORY)
+
+    def record(self, start: float, end: float, cpu_pct: float | None, gpu_pct: float | None) -> None:
+        """One sample period's CPU and mean GPU utilisation (epoch seconds), for the doctor."""
+        self.history.append(DeviceSample(start, end, cpu_pct, gpu_pct))
 
     def set_node(
-        self, node: str, *, load1: float, usable_cores: int, memory_total: int, memory_available: int
+        self,
+        node: str,
+        *,
+        load1: float,
+        usable_cores: int,
+        memory_total: int,
+        memory_available: int,
+        utilization_pct: float | None = None,
     ) -> None:
-        self.nodes[node] = (load1, usable_cores)
+        self.nodes[node] = (load1, usable_cores, utilization_pct)
         self.cpu_load.labels(node).set(load1)
+        if utilization_pct is not None:
+            self.cpu_utilization.labels(node).set(utilization_pct)
         self.cpu_usable.labels(node).set(usable_cores)
         self.memory_total.labels(node).set(memory_total)
         self.memory_available.labels(node).set(memory_available)

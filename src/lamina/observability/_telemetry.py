@@ -117,8 +117,8 @@ class Telemetry:
 
     def device_span(self, deployment: str) -> dict[str, AttributeValue]:
         """The attributes of a request's compute span: the kind of device ``deployment`` runs on and, from
-        the compute layer's latest sample, its node and utilisation (GPUs: their mean; CPU: the 1-minute
-        load over the usable cores)."""
+        the compute layer's latest sample, its node and utilisation (GPUs: their mean; CPU: the busy share
+        of the last sample period, or before the first, the 1-minute load over the usable cores)."""
         kind = self.device_kinds.get(deployment, "cpu")
         attrs: dict[str, AttributeValue] = {LAYER: Layer.COMPUTE.value, "lamina.device.kind": kind}
         devices = self.devices
@@ -128,9 +128,11 @@ class Telemetry:
             if used:
                 attrs["lamina.device.utilization_pct"] = round(sum(used) / len(used), 1)
         elif devices.nodes:
-            node, (load1, cores) = next(iter(devices.nodes.items()))
+            node, (load1, cores, busy) = next(iter(devices.nodes.items()))
             attrs["lamina.device.node"] = node
-            if cores > 0:
+            if busy is not None:
+                attrs["lamina.device.utilization_pct"] = round(busy, 1)
+            elif cores > 0:
                 attrs["lamina.device.utilization_pct"] = round(min(load1 / cores, 1.0) * 100, 1)
         return attrs
 

@@ -2,7 +2,9 @@
 
 :func:`gather` reads what the pure analysis (``lamina.observability.diagnose``) needs: the traces of the
 window from the store, and, when the stack runs in this process, its replicas, in-flight calls, the
-machine's CPU and GPUs, the datasets' search indexes, the newest drift reports and the global budget.
+machine's CPU and GPUs (now, and the device sampler's periods, from which the doctor takes those in
+which the window's requests ran), the datasets' search indexes, the newest drift reports and the global
+budget.
 Every source that fails is logged and left out: the doctor answers with what it could read.
 
 ``lamina doctor`` asks a running gateway (``GET /admin/v1/doctor``) so the live figures are included;
@@ -30,6 +32,7 @@ from lamina.observability import (
     BudgetState,
     DatasetState,
     DeploymentState,
+    DeviceSample,
     DeviceState,
     DoctorInputs,
     DriftState,
@@ -61,6 +64,12 @@ def _device() -> DeviceState:
         gpus=len(inventory.gpus),
         gpu_percent=sum(utils) / len(utils) if utils else None,
     )
+
+
+def _history(stack: Stack) -> list[DeviceSample]:
+    """The device sampler's periods, and the CPU since its last one (the sampler's next covers it)."""
+    since = stack.cpu.read(advance=False)
+    return [*stack.telemetry.devices.history, DeviceSample(since.start, since.end, since.percent, None)]
 
 
 def _drift(store: Store) -> list[DriftState]:
@@ -118,6 +127,7 @@ def _inputs_of(stack: Stack, window: str) -> DoctorInputs:
         traces=_guarded("the traces", lambda: _traces(store, window), []),
         deployments=_guarded("the deployments", lambda: _deployments(stack), []),
         device=_guarded("the devices", _device, DeviceState()),
+        history=_guarded("the device history", lambda: _history(stack), []),
         datasets=_guarded("the datasets", lambda: _datasets(stack), []),
         drift=_guarded("the drift reports", lambda: _drift(store), []),
         budgets=_guarded("the budgets", lambda: _budgets(config, store), []),

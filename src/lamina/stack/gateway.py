@@ -29,7 +29,7 @@ from lamina.application import (
     gateway_hosts,
 )
 from lamina.application.guards import output_guards
-from lamina.compute import probe_inventory, sample_devices_forever
+from lamina.compute import CpuMeter, probe_inventory, sample_devices_forever
 from lamina.config import LaminaConfig
 from lamina.data import (
     DriftRecorder,
@@ -90,6 +90,8 @@ class Stack:
     extra_policies: list[Policy] = field(default_factory=list)
     #: deployments made at run time (`lamina deploy`, /admin/v1/deployments); None: no such routes
     deployments: RuntimeDeployments | None = None
+    #: the node's CPU utilisation between device samples (the sampler's, and the doctor's look since)
+    cpu: CpuMeter = field(default_factory=CpuMeter)
 
     def readiness(self) -> dict[str, bool]:
         return _readiness(self.controller)
@@ -223,7 +225,9 @@ def _lifespan(
         helpers: list[asyncio.Task[object]] = [
             asyncio.create_task(_announce_ready(stack, on_ready)),
             asyncio.create_task(_publish_drift_forever(stack), name="lamina-drift-metrics"),
-            asyncio.create_task(sample_devices_forever(devices), name="lamina-device-metrics"),
+            asyncio.create_task(
+                sample_devices_forever(devices, meter=stack.cpu), name="lamina-device-metrics"
+            ),
             asyncio.create_task(asyncio.to_thread(stack.warm_search), name="lamina-warm-search"),
         ]
         if stack.deployments is not None:  # the rollouts a restart interrupted
