@@ -164,7 +164,16 @@ def top(*args: str, key: str | None = None) -> Result:
 def test_lamina_top_once_prints_the_key_figures(stack: RunningStack) -> None:
     done = top("--url", stack.base_url, "--interval", "0.5", key=ADMIN)
     assert done.exit_code == 0, done.output
-    for figure in ("requests/s", "latency p50 / p95", "errors", "queue", "cost (24 h)", "cache hit rate"):
+    figures = (
+        "requests/s",
+        "latency p50 / p95",
+        "errors",
+        "queue",
+        "cost (24 h)",
+        "cache hit rate",
+        "CPU / memory",
+    )
+    for figure in figures:
         assert figure in done.stdout
     assert "chat 1/1" in done.stdout  # replicas ready of desired, from the summary (the key was used)
     assert "bottleneck layer" in done.stdout

@@ -370,3 +370,25 @@ def test_the_vendored_files_are_served_and_nothing_else(client: TestClient) -> N
         assert len(served.content) > 500
     assert client.get("/ui/static/../_router.py").status_code == 404
     assert client.get("/ui/static/vendor/SOURCES.md").status_code == 404
+
+
+def test_the_cpu_busy_share_is_the_mean_of_the_nodes_last_periods() -> None:
+    registry = CollectorRegistry()
+    busy = Gauge("lamina_device_cpu_utilization_percent", "b", ("node",), registry=registry)
+    busy.labels("a").set(90.0)
+    busy.labels("b").set(40.0)
+    memory = Gauge("lamina_device_memory_total_bytes", "m", ("node",), registry=registry)
+    memory.labels("a").set(100.0)
+    Gauge("lamina_device_memory_available_bytes", "m", ("node",), registry=registry).labels("a").set(75.0)
+    shown = figures(parse_sample(generate_latest(registry).decode(), at=1.0), None)
+    assert (shown.cpu_busy_ratio, shown.memory_used_ratio) == (0.65, 0.25)
+    assert shown.to_json()["cpu_busy_ratio"] == 0.65
+    assert figures(parse_sample("", at=1.0), None).cpu_busy_ratio is None  # before the first sample
+
+
+def test_the_compute_layer_shows_the_cpu_busy_beside_the_memory(registry: CollectorRegistry) -> None:
+    Gauge("lamina_device_cpu_utilization_percent", "b", ("node",), registry=registry).labels("a").set(88.0)
+    Gauge("lamina_device_memory_total_bytes", "m", ("node",), registry=registry).labels("a").set(100.0)
+    Gauge("lamina_device_memory_available_bytes", "m", ("node",), registry=registry).labels("a").set(60.0)
+    with client_for(full_sources(registry)) as c:
+        assert "CPU 88% busy, memory 40% used" in c.get("/").text

@@ -118,6 +118,12 @@ def render(frame: Frame, url: str) -> Group:
     table.add_row(
         "cache hit rate", _num(None if f.cache_hit_ratio is None else 100 * f.cache_hit_ratio, ".0f", "%")
     )
+    busy, used = f.cpu_busy_ratio, f.memory_used_ratio
+    table.add_row(
+        "CPU / memory",
+        f"{_num(None if busy is None else 100 * busy, '.0f', '% busy')} / "
+        f"{_num(None if used is None else 100 * used, '.0f', '% used')}",
+    )
     bottleneck = s.get("bottleneck")
     table.add_row(
         "bottleneck layer",

@@ -25,6 +25,7 @@ _CACHE = "lamina_cache_requests_total"
 _WAITING = ("lamina_num_requests_waiting", "vllm:num_requests_waiting")
 _MEM_FREE = "lamina_device_memory_available_bytes"
 _MEM_TOTAL = "lamina_device_memory_total_bytes"
+_CPU_BUSY = "lamina_device_cpu_utilization_percent"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Sample:
     guard_actions: Mapping[str, float] = field(default_factory=dict)
     memory_free: float | None = None
     memory_total: float | None = None
+    #: the nodes' CPU busy percent over their last device sample period (mean over the nodes)
+    cpu_busy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Figures:
     window_s: float
     #: the share of the machines' memory in use (device telemetry), None before the first sample
     memory_used_ratio: float | None = None
+    #: the share of the machines' CPU time busy over the last device sample period, None before it
+    cpu_busy_ratio: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -80,6 +85,7 @@ class Figures:
             "guard_actions": dict(self.guard_actions),
             "window_s": self.window_s,
             "memory_used_ratio": self.memory_used_ratio,
+            "cpu_busy_ratio": self.cpu_busy_ratio,
         }
 
 
@@ -92,6 +98,7 @@ def parse_sample(text: str, at: float) -> Sample:
     buckets: dict[float, float] = {}
     guards: dict[str, float] = {}
     memory: dict[str, float] = {}
+    busy: list[float] = []
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == _REQUESTS:
@@ -117,6 +124,8 @@ def parse_sample(text: str, at: float) -> Sample:
                 guards[action] = guards.get(action, 0.0) + s.value
             elif s.name in (_MEM_FREE, _MEM_TOTAL):
                 memory[s.name] = memory.get(s.name, 0.0) + s.value
+            elif s.name == _CPU_BUSY:
+                busy.append(s.value)
     if lookups is not None and hits is None:
         hits = 0.0
     return Sample(
@@ -132,6 +141,7 @@ def parse_sample(text: str, at: float) -> Sample:
         guards,
         memory.get(_MEM_FREE),
         memory.get(_MEM_TOTAL),
+        sum(busy) / len(busy) if busy else None,
     )
 
 
@@ -193,6 +203,7 @@ def figures(new: Sample, old: Sample | None) -> Figures:
         guard_actions={k: int(v) for k, v in sorted(new.guard_actions.items())},
         window_s=round(span, 1),
         memory_used_ratio=memory,
+        cpu_busy_ratio=None if new.cpu_busy is None else round(new.cpu_busy / 100, 3),
     )
 
 

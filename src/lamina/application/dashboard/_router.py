@@ -329,9 +329,11 @@ def _layers(
     data_line = (
         "no data catalog" if datasets is None else f"{shown} dataset version{'' if shown == 1 else 's'}"
     )
-    mem = figures.memory_used_ratio
+    mem, cpu = figures.memory_used_ratio, figures.cpu_busy_ratio
     compute: Health = "unknown" if mem is None else ("degraded" if mem > 0.95 else "ok")
     compute_line = "no device telemetry yet" if mem is None else f"memory {mem:.0%} used"
+    if cpu is not None:
+        compute_line = f"CPU {cpu:.0%} busy, {compute_line}"
     return [
         ("application", app, app_line),
         ("models", models, f"{ready} of {len(deployments)} deployments serving"),
