@@ -143,12 +143,17 @@ def test_up_refuses_a_deployment_that_cannot_fit_before_starting_anything(tmp_pa
 
 def test_the_running_stack_exports_device_gauges_and_promtool_accepts_its_metrics(tmp_path: Path) -> None:
     """Device gauges in /metrics, and the whole page (gateway, engine, device, guard... series, after a
-    plain, a streamed and a refused request) passes Prometheus' own linter, `promtool check metrics`."""
-    config = "register_bundled: false\ndeployments:\n  - name: echo\n    engine: fake\n"
+    plain, a streamed and a refused request) passes Prometheus' own linter, `promtool check metrics`.
+    The stack logs JSON with an access log: every line of the gateway's and the replica's is one object."""
+    config = (
+        "register_bundled: false\ndeployments:\n  - name: echo\n    engine: fake\n"
+        "observability: {log_format: json, access_log: true}\n"
+    )
     stack = start_stack(tmp_path, config)
     try:
         chat = {"model": "echo", "messages": [{"role": "user", "content": "hello"}]}
-        assert httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat, timeout=30).status_code == 200
+        plain = httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat, timeout=30)
+        assert plain.status_code == 200
         streamed = httpx.post(
             f"{stack.base_url}/v1/chat/completions", json={**chat, "stream": True}, timeout=30
         )
@@ -170,6 +175,14 @@ def test_the_running_stack_exports_device_gauges_and_promtool_accepts_its_metric
     node = socket.gethostname()
     assert samples[("lamina_device_memory_total_bytes", node)] == psutil.virtual_memory().total
     assert samples[("lamina_device_cpu_usable_cores", node)] >= 1
+    assert 0 <= samples[("lamina_device_cpu_utilization_percent", node)] <= 100
+    logged = [json.loads(line) for line in stack.log().splitlines() if line.strip()]  # each line is JSON
+    access = [line for line in logged if line["logger"] == "lamina.access"]
+    assert [a["status"] for a in access] == [200, 200, 404]
+    assert access[0]["trace_id"] == plain.headers["x-lamina-trace-id"] and access[0]["model"] == "echo"
+    assert any(line["message"].startswith("Lamina is starting at") for line in logged)  # the banner too
+    replica = [line for f in (stack.state_dir / "logs").glob("*.log") for line in f.read_text().splitlines()]
+    assert replica and all(json.loads(line)["level"] for line in replica if line.strip())
 
 
 def test_the_listing_shows_each_gpu_reading(capsys: pytest.CaptureFixture[str]) -> None:

@@ -265,6 +265,8 @@ def test_config_becomes_valid_manifests_with_models_on_the_volume(
     assert tiny["ScaledObject"]["spec"]["minReplicaCount"] == 2
     echo = by_kind(files["lamina-echo.yaml"])["Deployment"]["spec"]["template"]["spec"]
     assert all(v["name"] != "models" for v in echo["volumes"])  # the fake engine has no model file
+    env = {e["name"]: e.get("value") for e in echo["containers"][0]["env"]}
+    assert env["LAMINA_LOG_FORMAT"] == "text"  # the config's: the replica's lines match the gateway's
     gateway = by_kind(files["lamina-gateway.yaml"])
     text = gateway["ConfigMap"]["data"]["lamina.yaml"]
     assert "sk-not-for-a-configmap" not in text

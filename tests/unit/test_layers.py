@@ -17,7 +17,7 @@ LAMINA = SRC / "lamina"
 #: rank of each layer; a module may import a package of equal or lower rank
 LAYERS = {"compute": 1, "orchestration": 2, "data": 3, "models": 4, "application": 5}
 #: importable from every layer; they import no layer themselves
-FOUNDATION = {"clock", "config", "errors", "store", "observability"}
+FOUNDATION = {"clock", "config", "errors", "logs", "store", "observability"}
 #: the composition root and the CLI wire everything: they may import any layer
 TOP = {"stack", "cli", "__init__", "__main__"}
 #: the data layer's sub-packages, lowest first; modules directly in ``lamina.data`` (retrieval) sit on top
@@ -74,7 +74,7 @@ def layer_violations(sources: list[tuple[str, Path]]) -> list[str]:
             if target is None or target == owner:
                 continue
             if owner in FOUNDATION:
-                ok = target in {"clock", "config", "errors", "store"}
+                ok = target in {"clock", "config", "errors", "logs", "store"}
             else:
                 ok = target in FOUNDATION or LAYERS.get(target, 99) < LAYERS[owner]
             if not ok:

@@ -64,7 +64,7 @@ from lamina.application._relay import Forward, StreamRelay
 from lamina.application._requests import invalid_fields
 from lamina.application._routing import ModelRouter
 from lamina.application._tracing import Exchange
-from lamina.application._tracing_middleware import TelemetryMiddleware
+from lamina.application._tracing_middleware import AccessLog, TelemetryMiddleware
 from lamina.application.dashboard import DashboardSources, dashboard_router
 from lamina.application.guards import OutputGuards
 from lamina.config import RequestLimitsConfig
@@ -124,6 +124,8 @@ class GatewayDeps:
     dashboard: DashboardSources | None = None
     #: deployments made at run time (/admin/v1/deployments); None: no such routes
     deployments: DeploymentManager | None = None
+    #: a log line (``lamina.access``) for each API request
+    access_log: bool = False
 
     @property
     def auth(self) -> Authenticator:
@@ -151,6 +153,8 @@ def create_app(deps: GatewayDeps, *, lifespan: Lifespan[FastAPI] | None = None) 
     app = FastAPI(title="Lamina gateway", lifespan=lifespan)
     app.add_middleware(TelemetryMiddleware, telemetry=deps.telemetry)
     app.add_middleware(SiteGuard, hosts=deps.allowed_hosts, origins=deps.allowed_origins)
+    if deps.access_log:  # the outermost: the site guard's refusals are logged too
+        app.add_middleware(AccessLog)
     install_error_handlers(app)
     for op in _OPERATIONS:  # plain Starlette routes: FastAPI's request handling costs ~0.1 ms a call
         app.add_route(op.path, _endpoint(deps, op), methods=["POST"], name=op.name, include_in_schema=False)

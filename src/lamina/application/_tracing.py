@@ -182,6 +182,12 @@ class Exchange:
         """The request's own attributes (model, parameters), made only if its trace is kept."""
         self._described = attributes
 
+    @property
+    def bottleneck(self) -> str | None:
+        """The layer that took longest, once the request is finished (None: spans not recorded)."""
+        result = self._finished or self.reported
+        return None if result is None else result.bottleneck
+
     def breakdown(self) -> Breakdown | None:
         """Where this request's time went so far, per layer (None when its spans are not recorded)."""
         opened = self._opened

@@ -7,6 +7,9 @@ from a span that is not recorded, so the spans table holds API traffic only.
 
 from __future__ import annotations
 
+import logging
+import time
+
 from opentelemetry import trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import SpanContext
@@ -22,6 +25,10 @@ _LAYERS_HEADER = LAYERS_HEADER.encode()
 _TRACE_HEADER = TRACE_HEADER.encode()
 _IDS = RandomIdGenerator()
 _APPLICATION_LAYER = Layer.APPLICATION.value
+#: one line per API request when ``observability.access_log`` is on
+access_log = logging.getLogger("lamina.access")
+#: the paths the access log covers: the API's (probes, scrapes and the dashboard's polls would drown it)
+_LOGGED = ("/v1/", "/admin/v1/")
 
 
 def internal_error(trace_id: str) -> LaminaError:
@@ -84,9 +91,65 @@ class TelemetryMiddleware:
             exchange.span.record_exception(exc)
             if status is not None:
                 raise  # the response is under way: the server closes the connection and logs it
-            log.exception("unexpected error serving %s (trace id %s)", scope.get("path"), exchange.trace_id)
+            trace_id = exchange.trace_id
+            log.exception(
+                "unexpected error serving %s (trace id %s)",
+                scope.get("path"),
+                trace_id,
+                extra={"trace_id": trace_id},
+            )
             error = internal_error(exchange.trace_id)
             exchange.fail(error)
             await JSONResponse(error.to_body(), status_code=error.status)(scope, receive, send_traced)
         finally:
             exchange.finish(status or 500)
+
+
+class AccessLog:
+    """The access log (``observability.access_log``): a line for each API request, refused ones
+    included, written when its last byte is sent. The outermost middleware: it reads what the
+    :class:`TelemetryMiddleware` within left in the scope (the request's :class:`Exchange`); a request
+    refused before it (the site guard's 403 and 415) has no model, bottleneck or trace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        if scope["type"] != "http" or not path.startswith(_LOGGED):
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def seen(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, seen)
+        finally:
+            _log_access(scope, scope.get(SCOPE_KEY), status, time.perf_counter() - started)
+
+
+def _log_access(scope: Scope, exchange: Exchange | None, status: int, seconds: float) -> None:
+    """``POST /v1/chat/completions 200 812.4 ms model=chat bottleneck=models trace=...`` (as JSON, the
+    same as fields)."""
+    method, path, ms = str(scope.get("method", "")), str(scope.get("path", "")), round(seconds * 1000, 1)
+    model = bottleneck = trace_id = None
+    if isinstance(exchange, Exchange):
+        model, bottleneck, trace_id = exchange.model or None, exchange.bottleneck, exchange.trace_id
+    fields = {"method": method, "path": path, "status": status, "duration_ms": ms, "model": model}
+    fields["bottleneck"] = bottleneck
+    access_log.info(
+        "%s %s %d %.1f ms model=%s bottleneck=%s trace=%s",
+        method,
+        path,
+        status,
+        ms,
+        model or "-",
+        bottleneck or "-",
+        trace_id or "-",
+        extra={"fields": fields, "trace_id": trace_id},
+    )

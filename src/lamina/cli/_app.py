@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import shlex
 from typing import Annotated
 
@@ -28,7 +29,10 @@ from lamina.cli._top import top
 from lamina.cli._traces import trace, traces
 from lamina.config import LaminaConfig
 from lamina.errors import ConfigError, LaminaError
+from lamina.logs import LOG_FORMAT_ENV, configure_logging
 from lamina.models import Catalog
+
+log = logging.getLogger("lamina")
 
 app = typer.Typer(
     name="lamina",
@@ -97,8 +101,8 @@ def up(
     from lamina.stack.gateway import build_stack, serve  # the web stack, only for this command
 
     cfg, sdir = load(config, state_dir)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per replica call is noise
+    # the replicas it starts inherit the format through the environment
+    log_format = os.environ[LOG_FORMAT_ENV] = configure_logging(cfg.observability.log_format)
     bind_host, bind_port = host or cfg.server.host, port if port is not None else cfg.server.port
     refuse_open_bind(cfg, sdir, bind_host, insecure_no_auth)
     try:
@@ -107,13 +111,19 @@ def up(
         fail(exc, exit_code=2 if isinstance(exc, ConfigError) else 1)  # a config that cannot run: 2
     base = f"http://{bind_host}:{bind_port}/v1"
     names = ", ".join(f"{d.name} ({d.engine or 'auto'} x{d.replicas})" for d in cfg.deployments)
-    out_console.print(f"[bold]Lamina[/] is starting at [link={base}]{base}[/]  (state: {sdir})")
-    out_console.print(f"  serving: {names}")
-    out_console.print(f"  try:\n    {_example(base, stack.catalog)}", highlight=False, soft_wrap=True)
-    out_console.print("  Ctrl-C stops the stack and every replica it started.")
+    if log_format == "json":  # every line a log shipper reads is JSON: the banner is a log line too
+        log.info("Lamina is starting at %s (state: %s), serving: %s", base, sdir, names)
+    else:
+        out_console.print(f"[bold]Lamina[/] is starting at [link={base}]{base}[/]  (state: {sdir})")
+        out_console.print(f"  serving: {names}")
+        out_console.print(f"  try:\n    {_example(base, stack.catalog)}", highlight=False, soft_wrap=True)
+        out_console.print("  Ctrl-C stops the stack and every replica it started.")
 
     def ready() -> None:
-        err_console.print("[green]ready:[/] every deployment has a ready replica")
+        if log_format == "json":
+            log.info("ready: every deployment has a ready replica")
+        else:
+            err_console.print("[green]ready:[/] every deployment has a ready replica")
 
     serve(stack, bind_host, bind_port, on_ready=ready)
 

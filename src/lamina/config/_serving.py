@@ -246,3 +246,13 @@ class ObservabilityConfig(_Strict):
         False,
         description="Keep each traced request's body (after templates) and versions, for `lamina replay`.",
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="The gateway's and its replicas' log lines on stderr: text, or json (one object per "
+        "line, with the trace_id of the request it was written for, for a log shipper).",
+    )
+    access_log: bool = Field(
+        False,
+        description="A log line (logger lamina.access) for each request to the API (/v1, /admin/v1): method, "
+        "path, status, milliseconds, model, bottleneck layer and trace id.",
+    )

@@ -31,6 +31,7 @@ from typing import cast
 import uvicorn
 
 from lamina.errors import ConfigError
+from lamina.logs import configure_logging
 from lamina.models._checksums import file_problem, remedy_for
 from lamina.models._deploy import WorkerSpec
 from lamina.models._engine import BatchingEngine, Capability, load_engine
@@ -99,7 +100,13 @@ class Worker:
         app = gated(self.app.starlette(on_startup=self._start_loading), secret or None, allow_hosts)
         host, port = sock.getsockname()[:2]
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            log_config=None,  # uvicorn's own lines through the root logger's format (``lamina.logs``)
         )
         self.server = _Server(config, self.replica.runner)
 
@@ -181,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker run by hand or by a test, never for one behind the gateway.",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: a line per upstream call of a remote engine
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()  # text, or what LAMINA_LOG_FORMAT says (``lamina up`` passes its own on)
     # this process's own configuration (its entry point), read once; not inherited by what it starts
     secret, report_fd = os.environ.pop(SECRET_ENV, ""), os.environ.pop(PORT_FD_ENV, None)
     try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from lamina.logs import start_line
 from lamina.orchestration._handshake import PORT_FD_ENV, SECRET_ENV, new_secret, parse_report
 from lamina.orchestration._procs import signal_group, tail_lines
 from lamina.orchestration._workload import WorkloadSpec
@@ -163,8 +164,7 @@ class LocalProcessBackend:
         try:
             os.set_blocking(read_fd, False)
             with log_path.open("ab") as log_file:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-                log_file.write(f"--- lamina {stamp}: starting {replica_id}: {' '.join(argv)}\n".encode())
+                log_file.write(start_line(replica_id, argv))
                 log_file.flush()
                 process = subprocess.Popen(
                     _die_with_parent(argv),

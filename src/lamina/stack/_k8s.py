@@ -28,6 +28,7 @@ import yaml
 
 from lamina.config import DeploymentConfig, LaminaConfig
 from lamina.errors import ConfigError
+from lamina.logs import LOG_FORMAT_ENV
 from lamina.models import Registry, deploy, engine_descriptor, register_bundled
 from lamina.orchestration import (
     FILES_MOUNT,
@@ -149,6 +150,7 @@ def _worker(
             needs_models=bool(copies),
             ready_timeout_s=timeout,
             secret_header=SECRET_HEADER,
+            env={LOG_FORMAT_ENV: config.observability.log_format},  # the gateway's log format
         ),
         copies,
     )

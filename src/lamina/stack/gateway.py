@@ -275,6 +275,7 @@ def _deps(stack: Stack, parts: GatewayParts, host: str | None) -> GatewayDeps:
         deployments=stack.deployments,
         traces_store=stack.store,
         doctor=doctor_for(stack),
+        access_log=config.observability.access_log,
         dashboard=dashboard_sources(
             config=config,
             store=stack.store,
@@ -309,11 +310,17 @@ def serve(stack: Stack, host: str, port: int, on_ready: Callable[[], None] | Non
     """Run the gateway in the foreground until SIGINT or SIGTERM; every replica is stopped on the way out."""
     app = create_gateway(stack, on_ready, host=host)
     loop = "auto" if stack.config.server.event_loop == "uvloop" else "asyncio"  # auto: uvloop if installed
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on", loop=loop
-        )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        loop=loop,
+        log_config=None,  # uvicorn's own lines through the root logger's format (``lamina.logs``)
     )
+    server = uvicorn.Server(config)
     settle_garbage_collector()
     server.run()
 
