@@ -25,6 +25,9 @@ from typing import Any, Literal, TextIO
 LOG_FORMAT_ENV = "LAMINA_LOG_FORMAT"
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: how the gateway and the workers run uvicorn's logging: its warnings and errors only, no access lines of
+#: its own (``observability.access_log`` is Lamina's), through the root logger's handler and format
+UVICORN_LOGGING: dict[str, Any] = {"log_level": "warning", "access_log": False, "log_config": None}
 #: a LogRecord's own attributes: anything else on a record came as ``extra`` (not repeated as fields)
 _RECORD_KEYS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

@@ -31,7 +31,7 @@ from typing import cast
 import uvicorn
 
 from lamina.errors import ConfigError
-from lamina.logs import configure_logging
+from lamina.logs import UVICORN_LOGGING, configure_logging
 from lamina.models._checksums import file_problem, remedy_for
 from lamina.models._deploy import WorkerSpec
 from lamina.models._engine import BatchingEngine, Capability, load_engine
@@ -99,15 +99,7 @@ class Worker:
         self.app = WorkerApp(self.replica, batching=batch_policy(spec), watchdog_s=spec.watchdog_s)
         app = gated(self.app.starlette(on_startup=self._start_loading), secret or None, allow_hosts)
         host, port = sock.getsockname()[:2]
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-            log_config=None,  # uvicorn's own lines through the root logger's format (``lamina.logs``)
-        )
+        config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5, **UVICORN_LOGGING)
         self.server = _Server(config, self.replica.runner)
 
     def _start_loading(self) -> None:

@@ -39,6 +39,7 @@ from lamina.data import (
     publish_drift_metrics,
 )
 from lamina.errors import LaminaError
+from lamina.logs import UVICORN_LOGGING
 from lamina.models import (
     Catalog,
     Registry,
@@ -310,17 +311,9 @@ def serve(stack: Stack, host: str, port: int, on_ready: Callable[[], None] | Non
     """Run the gateway in the foreground until SIGINT or SIGTERM; every replica is stopped on the way out."""
     app = create_gateway(stack, on_ready, host=host)
     loop = "auto" if stack.config.server.event_loop == "uvloop" else "asyncio"  # auto: uvloop if installed
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        loop=loop,
-        log_config=None,  # uvicorn's own lines through the root logger's format (``lamina.logs``)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, lifespan="on", loop=loop, **UVICORN_LOGGING)
     )
-    server = uvicorn.Server(config)
     settle_garbage_collector()
     server.run()
 
