@@ -6,10 +6,14 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import anyio
+import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from opentelemetry import trace
 
@@ -18,7 +22,7 @@ from lamina.config import load_config
 from lamina.errors import ConfigError
 from lamina.logs import LOG_FORMAT_ENV, JsonFormatter, configure_logging, start_line
 from lamina.observability import Telemetry
-from tests.support.gateway import CHAT, ReplayDispatcher, StaticCatalog
+from tests.support.gateway import CHAT, ReplayDispatcher, StaticCatalog, chat_events
 
 
 def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -104,12 +108,16 @@ def test_a_process_that_never_loads_opentelemetry_logs_json_without_it() -> None
     assert json.loads(done.stderr.strip())["message"] == "up"
 
 
-def _client(access_log: bool) -> TestClient:
+def _app(access_log: bool, dispatcher: ReplayDispatcher | None = None) -> FastAPI:
     telemetry = Telemetry(service_name="t")
-    deps = GatewayDeps(
-        StaticCatalog(), ReplayDispatcher(), lambda: {CHAT: True}, telemetry, access_log=access_log
+    replica = dispatcher or ReplayDispatcher()
+    return create_app(
+        GatewayDeps(StaticCatalog(), replica, lambda: {CHAT: True}, telemetry, access_log=access_log)
     )
-    return TestClient(create_app(deps), base_url="http://127.0.0.1")
+
+
+def _client(access_log: bool) -> TestClient:
+    return TestClient(_app(access_log), base_url="http://127.0.0.1")
 
 
 def test_the_access_log_has_a_line_per_api_request_with_its_trace(caplog: pytest.LogCaptureFixture) -> None:
@@ -155,3 +163,46 @@ def test_a_process_logs_first_line_is_in_the_format_it_will_write(monkeypatch: p
         ["python", "-m", "w"],
         "lamina",
     )
+
+
+@pytest.mark.anyio
+async def test_a_stream_whose_client_left_is_logged_as_499(caplog: pytest.LogCaptureFixture) -> None:
+    """The status of the access log is the one the metrics count (nginx's 499), not the 200 sent first."""
+    never = anyio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        for event in chat_events(CHAT)[:2]:
+            yield event
+        await never.wait()  # the replica would go on generating
+        yield b""
+
+    app = _app(True, ReplayDispatcher(reply=lambda path, body: httpx.Response(200, content=endless())))
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    inbox = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    got_content = anyio.Event()
+
+    async def receive() -> Mapping[str, Any]:
+        if inbox:
+            return inbox.pop()
+        await got_content.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        if b"Hello" in message.get("body", b""):
+            got_content.set()
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gateway", 80),
+    }
+    with caplog.at_level(logging.INFO, logger="lamina.access"), anyio.fail_after(30):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    (line,) = [r for r in caplog.records if r.name == "lamina.access"]
+    assert line.__dict__["fields"]["status"] == 499 and " 499 " in line.getMessage()

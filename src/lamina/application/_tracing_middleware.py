@@ -140,6 +140,7 @@ def _log_access(scope: Scope, exchange: Exchange | None, status: int, seconds: f
     model = bottleneck = trace_id = None
     if isinstance(exchange, Exchange):
         model, bottleneck, trace_id = exchange.model or None, exchange.bottleneck, exchange.trace_id
+        status = exchange.outcome or status  # as the metrics count it: 499 for a client that left
     fields = {"method": method, "path": path, "status": status, "duration_ms": ms, "model": model}
     fields["bottleneck"] = bottleneck
     access_log.info(
