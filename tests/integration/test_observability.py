@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -167,9 +169,10 @@ def collector() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
 
 
 def test_spans_go_to_the_otlp_endpoint_when_one_is_given(
-    collector: tuple[str, list[tuple[str, str, bytes]]],
+    collector: tuple[str, list[tuple[str, str, bytes]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     endpoint, received = collector
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging,k8s.pod.name=gw-1")
     t = Telemetry(service_name="lamina-otlp", store=None, otlp_endpoint=endpoint)
     with t.span("dispatch", Layer.ORCHESTRATION):
         pass
@@ -185,3 +188,6 @@ def test_spans_go_to_the_otlp_endpoint_when_one_is_given(
     assert attrs[LAYER] == "orchestration"
     resource = {a.key: a.value.string_value for a in request.resource_spans[0].resource.attributes}
     assert resource["service.name"] == "lamina-otlp"
+    assert resource["service.version"] == importlib.metadata.version("lamina")
+    assert resource["host.name"] == socket.gethostname() and len(resource["service.instance.id"]) == 32
+    assert (resource["deployment.environment"], resource["k8s.pod.name"]) == ("staging", "gw-1")

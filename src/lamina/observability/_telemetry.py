@@ -13,6 +13,10 @@ background :class:`~lamina.observability._traces.TraceRetention` keeps the store
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import socket
+import uuid
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from enum import StrEnum
@@ -45,6 +49,28 @@ class Layer(StrEnum):
     DATA = "data"
 
 
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lamina")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def process_resource(service_name: str) -> Resource:
+    """What the exported spans say of the process that made them (OpenTelemetry's resource semantic
+    conventions): ``service.name`` (the config's), ``service.version`` (Lamina's), ``service.instance.id``
+    (one per process), ``host.name``, the SDK's own attributes, and whatever ``OTEL_RESOURCE_ATTRIBUTES``
+    adds (``deployment.environment=prod``, ``k8s.pod.name=...``), as every OpenTelemetry SDK reads it."""
+    own = {
+        SERVICE_NAME: service_name,
+        "service.version": _version(),
+        "service.instance.id": uuid.uuid4().hex,
+        "host.name": socket.gethostname(),
+    }
+    return Resource.create(own)
+
+
 class Telemetry:
     """A tracer whose kept traces go to the metadata store and/or an OTLP/HTTP collector, and the metrics.
 
@@ -70,7 +96,7 @@ class Telemetry:
     ) -> None:
         self.service_name = service_name
         self.tracing = tracing
-        resource = Resource({SERVICE_NAME: service_name})
+        resource = process_resource(service_name)
         self.metrics = GatewayMetrics(registry, enabled=metrics)
         #: the compute layer's sampled devices (gauges, and the latest values for each request's span)
         self.devices = DeviceMetrics(self.metrics.registry)
