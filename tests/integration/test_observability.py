@@ -8,17 +8,29 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from prometheus_client import CollectorRegistry
 
-from lamina.observability import LAYER, Layer, StoreSpanExporter, Telemetry, read_trace
+from lamina.application import GatewayDeps, create_app
+from lamina.observability import (
+    LAYER,
+    LOCAL_TRACE_ID,
+    Layer,
+    SamplingPolicy,
+    StoreSpanExporter,
+    Telemetry,
+    read_trace,
+)
 from lamina.observability._light import LightSpan
 from lamina.store import Store
+from tests.support.gateway import CHAT, ReplayDispatcher, StaticCatalog
 
 
 @pytest.fixture
@@ -191,3 +203,44 @@ def test_spans_go_to_the_otlp_endpoint_when_one_is_given(
     assert resource["service.version"] == importlib.metadata.version("lamina")
     assert resource["host.name"] == socket.gethostname() and len(resource["service.instance.id"]) == 32
     assert (resource["deployment.environment"], resource["k8s.pod.name"]) == ("staging", "gw-1")
+
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+def _exported(body: bytes) -> list[Any]:
+    request = ExportTraceServiceRequest.FromString(body)
+    return [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+
+
+def test_a_request_with_a_traceparent_is_exported_in_the_callers_trace(
+    collector: tuple[str, list[tuple[str, str, bytes]]], store: Store
+) -> None:
+    """The store keeps the request as the gateway's own trace (the header's id, its root without a parent);
+    what goes over OTLP joins the caller's trace, under the caller's span. The caller sampled it (flag 01):
+    kept although ordinary traces are not (sampled_per_s 0); without a traceparent it is not."""
+    endpoint, received = collector
+    t = Telemetry(service_name="gw", store=store, otlp_endpoint=endpoint, sampling=SamplingPolicy(per_s=0.0))
+    deps = GatewayDeps(StaticCatalog(), ReplayDispatcher(), lambda: {CHAT: True}, t)
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(create_app(deps), base_url="http://127.0.0.1") as client:
+        joined = client.post(
+            "/v1/chat/completions", json=body, headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+        )
+        alone = client.post("/v1/chat/completions", json=body)
+    assert t.force_flush()
+    t.shutdown()
+    own = joined.headers["x-lamina-trace-id"]
+    assert own != CALLER_TRACE  # the gateway's own id: one request, one trace in its store
+    spans = [s for _, _, b in received for s in _exported(b)]
+    assert spans and {s.trace_id.hex() for s in spans} == {CALLER_TRACE}  # the ordinary one was not kept
+    ids = {s.span_id for s in spans}
+    (root,) = [s for s in spans if s.parent_span_id not in ids]
+    assert root.parent_span_id.hex() == CALLER_SPAN and root.name == "POST /v1/chat/completions"
+    attrs = {a.key: a.value.string_value for a in root.attributes}
+    assert attrs[LOCAL_TRACE_ID] == own and attrs["lamina.caller.traceparent"].startswith("00-4bf9")
+    assert len(spans) > 3  # the gateway's steps came along
+    stored = read_trace(store, own)
+    assert [r["name"] for r in stored if r["parent_span_id"] is None] == ["POST /v1/chat/completions"]
+    assert not read_trace(store, alone.headers["x-lamina-trace-id"])

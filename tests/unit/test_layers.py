@@ -445,6 +445,7 @@ PUBLIC = {
     "observability": [
         "LAYER",
         "LAYERS",
+        "LOCAL_TRACE_ID",
         "Breakdown",
         "BudgetState",
         "DatasetState",
@@ -475,6 +476,7 @@ PUBLIC = {
         "TraceSummary",
         "TreeSpan",
         "Verdict",
+        "caller_of",
         "check_trace_id",
         "diagnose",
         "layer_times_ms",

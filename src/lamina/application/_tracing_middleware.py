@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lamina.application._tracing import LAYERS_HEADER, SCOPE_KEY, TRACE_HEADER, Exchange, endpoint_of, log
 from lamina.errors import LaminaError
-from lamina.observability import LAYER, Layer, Telemetry
+from lamina.observability import LAYER, Layer, Telemetry, caller_of
 
 _LAYERS_HEADER = LAYERS_HEADER.encode()
 _TRACE_HEADER = TRACE_HEADER.encode()
@@ -61,7 +61,14 @@ class TelemetryMiddleware:
             "http.route": endpoint,
             "url.path": str(scope.get("path", "")),
         }
-        return self.telemetry.tracer.start_root(f"{method} {endpoint}", attributes=attrs)
+        caller = None
+        for name, value in scope["headers"] if self.telemetry.tracing else ():
+            if name == b"traceparent":  # the caller's trace, which the exported spans join
+                caller = caller_of(value)
+                if caller is not None:
+                    attrs["lamina.caller.traceparent"] = value.decode("ascii")
+                break
+        return self.telemetry.tracer.start_root(f"{method} {endpoint}", attributes=attrs, caller=caller)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

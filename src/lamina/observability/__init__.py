@@ -1,6 +1,7 @@
 """Across the layers: one trace per request with a span per layer, and the gateway's Prometheus metrics."""
 
 from lamina.observability._breakdown import LAYERS, Breakdown, parse_header
+from lamina.observability._caller import LOCAL_TRACE_ID, caller_of
 from lamina.observability._doctor import (
     BudgetState,
     DatasetState,
@@ -41,6 +42,7 @@ from lamina.observability._traces import (
 __all__ = [
     "LAYER",
     "LAYERS",
+    "LOCAL_TRACE_ID",
     "Breakdown",
     "BudgetState",
     "DatasetState",
@@ -71,6 +73,7 @@ __all__ = [
     "TraceSummary",
     "TreeSpan",
     "Verdict",
+    "caller_of",
     "check_trace_id",
     "diagnose",
     "layer_times_ms",

@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes
 
 from lamina.observability._breakdown import Breakdown
+from lamina.observability._caller import joined
 from lamina.observability._fast_metrics import Family
 from lamina.observability._light import LightSpan
 from lamina.observability._open_trace import Deferred, Held, Later, OpenTrace, Record
@@ -119,8 +120,12 @@ class TraceKeeper(SpanProcessor):
             )
         )
         refused = failed and isinstance(status, int) and 400 <= status < 500  # the client's request
+        caller = opened.caller
         kept = self.sampler.decide(
-            error=failed and not refused, duration_ms=duration_ns / 1e6, client_error=refused
+            error=failed and not refused,
+            duration_ms=duration_ns / 1e6,
+            client_error=refused,
+            caller_sampled=caller is not None and caller.trace_flags.sampled,
         )
         decision = "dropped" if kept is None else kept.value
         self.decided[decision] += 1
@@ -137,8 +142,9 @@ class TraceKeeper(SpanProcessor):
         if more and isinstance(root, LightSpan):
             root.merge(more)
         done = self._spans(opened, held, deferred)
+        exported = done if caller is None or not self.sinks else joined(done, caller)
         for sink in self.sinks:
-            for s in done:
+            for s in exported:
                 sink.on_end(s)
         if self.writer is not None:
             self.writer.put(done[0], done, kept)

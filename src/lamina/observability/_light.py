@@ -247,12 +247,16 @@ class LightTracer(trace.Tracer):
             self.keeper, opened, name, self._ids.generate_span_id(), parent_id, attributes, start_time
         )
 
-    def start_root(self, name: str, attributes: Attributes = None) -> trace.Span:
+    def start_root(
+        self, name: str, attributes: Attributes = None, caller: SpanContext | None = None
+    ) -> trace.Span:
         """A new trace's root, whatever the current span (a request's): ``start_span`` with an empty
-        context, without its parent lookups."""
+        context, without its parent lookups. ``caller``: the span of the request's ``traceparent``, whose
+        trace the exported spans join (``_caller.py``)."""
         if not self.record:
             return trace.NonRecordingSpan(SpanContext(_new_id(128), _new_id(64), False, _SAMPLED))
         opened = self.keeper.open(_new_id(128), _SAMPLED)
+        opened.caller = caller
         return LightSpan(self.keeper, opened, name, _new_id(64), None, attributes, None)
 
     def start_as_current_span(  # type: ignore[override]  # a plain class, not the API's private decorator

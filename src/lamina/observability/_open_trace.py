@@ -54,6 +54,7 @@ class OpenTrace:
     """The spans of one local trace and its per-layer time, from its root's start to its decision."""
 
     __slots__ = (
+        "caller",
         "closed",
         "extra",
         "failed",
@@ -73,6 +74,9 @@ class OpenTrace:
         self.flags = flags
         #: the root's remote parent (a SpanContext), if any
         self.parent = parent
+        #: the caller's span of a request that came with a ``traceparent`` (``_caller.py``): the trace is
+        #: exported as part of the caller's, and kept when the caller sampled it
+        self.caller: Any = None
         self.root_id = 0
         self.held: list[Held] = []
         #: span id -> [start, end or None, its layer, its parent's layer or None for the root]

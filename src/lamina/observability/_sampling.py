@@ -3,9 +3,11 @@
 A trace is always kept when it failed (any span has status ERROR) or was slow (its root took at least
 ``slow_ms``); a refusal of the client's request (an HTTP 4xx) is kept too, but at most
 ``CLIENT_ERRORS_PER_S`` times ``per_s`` a second, so a client hammering a rate limit cannot fill the
-store. Any other trace is kept with probability ``rate``, and the ones the rate lets through are capped
-by a token bucket of ``per_s`` traces a second (bursts of ten seconds' worth pass): at light load every
-request is kept, under sustained load only a few a second, so the store grows by a bounded amount
+store. A trace whose caller sampled it (its request's ``traceparent``, ``_caller.py``) is kept as
+OpenTelemetry's parent-based samplers would, up to ``CALLER_SAMPLED_PER_S`` times ``per_s`` a second, then
+as an ordinary one. Any other trace is kept with probability ``rate``, and the ones the rate lets through
+are capped by a token bucket of ``per_s`` traces a second (bursts of ten seconds' worth pass): at light
+load every request is kept, under sustained load only a few a second, so the store grows by a bounded amount
 whatever the traffic, and the traces worth reading (errors, slow ones) are never lost.
 """
 
@@ -22,6 +24,9 @@ from enum import StrEnum
 BURST_S = 10.0
 #: client errors (HTTP 4xx) kept a second, as a multiple of ``per_s`` (at least 10 a second)
 CLIENT_ERRORS_PER_S = 10.0
+#: traces their caller sampled (``traceparent`` flag 01) kept a second beyond the ordinary ones, as a
+#: multiple of ``per_s`` (at least 10 a second): a caller cannot make the gateway keep every request
+CALLER_SAMPLED_PER_S = 10.0
 
 
 class Kept(StrEnum):
@@ -63,16 +68,22 @@ class TraceSampler:
         self._lock = threading.Lock()
         self._sampled = _Bucket(policy.per_s, clock())
         self._client_errors = _Bucket(max(policy.per_s * CLIENT_ERRORS_PER_S, 10.0), clock())
+        self._callers = _Bucket(max(policy.per_s * CALLER_SAMPLED_PER_S, 10.0), clock())
 
-    def decide(self, *, error: bool, duration_ms: float, client_error: bool = False) -> Kept | None:
+    def decide(
+        self, *, error: bool, duration_ms: float, client_error: bool = False, caller_sampled: bool = False
+    ) -> Kept | None:
         """Why the trace is kept, or None when it is dropped. ``client_error``: it failed only by refusing
-        the client's request (HTTP 4xx), kept as an error within its own cap."""
+        the client's request (HTTP 4xx), kept as an error within its own cap. ``caller_sampled``: the
+        request's ``traceparent`` said its caller samples the trace, kept within a cap of its own."""
         if error:
             return Kept.ERROR
         if duration_ms >= self.policy.slow_ms:
             return Kept.SLOW
         if client_error:
             return Kept.ERROR if self._take(self._client_errors) else None
+        if caller_sampled and self._take(self._callers):
+            return Kept.SAMPLED
         if self.policy.rate < 1.0 and self._rng() >= self.policy.rate:
             return None
         return Kept.SAMPLED if self._take(self._sampled) else None
