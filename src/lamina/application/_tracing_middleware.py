@@ -105,7 +105,7 @@ class TelemetryMiddleware:
                 trace_id,
                 extra={"trace_id": trace_id},
             )
-            error = internal_error(exchange.trace_id)
+            error = internal_error(trace_id)
             exchange.fail(error)
             await JSONResponse(error.to_body(), status_code=error.status)(scope, receive, send_traced)
         finally:
