@@ -180,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         "worker run by hand or by a test, never for one behind the gateway.",
     )
     args = parser.parse_args(argv)
-    configure_logging()  # text, or what LAMINA_LOG_FORMAT says (``lamina up`` passes its own on)
     # this process's own configuration (its entry point), read once; not inherited by what it starts
     secret, report_fd = os.environ.pop(SECRET_ENV, ""), os.environ.pop(PORT_FD_ENV, None)
     try:
@@ -195,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if not secret and not args.no_secret:
         print(f"error [config_invalid]: set {SECRET_ENV} to the secret requests must carry", file=sys.stderr)
         return EXIT_BAD_SPEC
+    # text, or what LAMINA_LOG_FORMAT says (``lamina up`` passes its own on); the refusals above are plain
+    # lines, which the controller quotes when it reports why a replica did not start
+    configure_logging()
     sock = listen(args.host, args.port)
     port = int(sock.getsockname()[1])
     log.info("replica of %r serving on %s:%d", spec.served_name, args.host, port)
