@@ -45,10 +45,12 @@ from tests.support.gateway import (
     Sent,
     StaticCatalog,
     chat_events,
+    chat_scope,
     events_of,
     replica,
     split,
     sse,
+    stalled_stream,
     trickle,
 )
 from tests.support.processes import (
@@ -83,6 +85,7 @@ __all__ = [
     "StaticCatalog",
     "VectorBackend",
     "chat_events",
+    "chat_scope",
     "chunk",
     "echo_spec",
     "events_of",
@@ -105,6 +108,7 @@ __all__ = [
     "smollm2_path",
     "split",
     "sse",
+    "stalled_stream",
     "start_stack",
     "step_until",
     "stop_stack",

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 
 from lamina.errors import ModelNotFoundError
@@ -187,3 +188,30 @@ class ReplayDispatcher:
 def events_of(text: str) -> list[str]:
     assert text.endswith("\n\n")
     return [e.removeprefix("data: ") for e in text[:-2].split("\n\n")]
+
+
+def chat_scope() -> dict[str, Any]:
+    """The ASGI scope of a POST /v1/chat/completions from 127.0.0.1 (for tests that play the client)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gateway", 80),
+    }
+
+
+async def stalled_stream(model: str) -> AsyncIterator[bytes]:
+    """A replica's stream that sends its first two events and then goes on generating, never ending
+    (what a client that leaves mid-stream is cut off from)."""
+    for event in chat_events(model)[:2]:
+        yield event
+    await anyio.Event().wait()
+    yield b""

@@ -31,9 +31,11 @@ from tests.support import (
     ReplayDispatcher,
     StaticCatalog,
     chat_events,
+    chat_scope,
     events_of,
     split,
     sse,
+    stalled_stream,
     trickle,
 )
 
@@ -491,34 +493,8 @@ async def test_probes_are_not_recorded_but_carry_a_trace_id(gw: Gateway) -> None
     assert read_trace(gw.store, r.headers["x-lamina-trace-id"]) == []
 
 
-def _chat_scope() -> dict[str, Any]:
-    """The ASGI scope of a POST /v1/chat/completions from 127.0.0.1 (for tests that play the client)."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("gateway", 80),
-    }
-
-
 async def test_a_client_that_leaves_stops_the_stream(gw: Gateway) -> None:
-    never = anyio.Event()
-
-    async def endless() -> AsyncIterator[bytes]:
-        for event in chat_events(CHAT)[:2]:
-            yield event
-        await never.wait()  # the replica would go on generating
-        yield b""
-
-    gw.dispatcher.reply = lambda path, body: httpx.Response(200, content=endless())
+    gw.dispatcher.reply = lambda path, body: httpx.Response(200, content=stalled_stream(CHAT))
     got_content = anyio.Event()
     inbox = [{"type": "http.request", "body": json.dumps(chat(stream=True)).encode(), "more_body": False}]
     sent: list[Mapping[str, Any]] = []
@@ -534,7 +510,7 @@ async def test_a_client_that_leaves_stops_the_stream(gw: Gateway) -> None:
         if b"Hello" in message.get("body", b""):
             got_content.set()
 
-    scope = _chat_scope()
+    scope = chat_scope()
     with anyio.fail_after(30):  # a guard against hanging, not a timing assertion
         await gw.app(scope, receive, send)  # type: ignore[arg-type]
     assert gw.dispatcher.closed == 1
@@ -571,7 +547,7 @@ async def test_a_plain_request_whose_client_leaves_is_dropped_and_counted(
     async def send(message: Mapping[str, Any]) -> None:
         sent.append(message)
 
-    scope = _chat_scope()
+    scope = chat_scope()
     with anyio.fail_after(30):  # a guard against hanging, not a timing assertion
         await gw.app(scope, receive, send)  # type: ignore[arg-type]
     assert cancelled.is_set(), "the replica call was not dropped"

@@ -6,7 +6,7 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from lamina.config import load_config
 from lamina.errors import ConfigError
 from lamina.logs import LOG_FORMAT_ENV, JsonFormatter, configure_logging, start_line
 from lamina.observability import Telemetry
-from tests.support.gateway import CHAT, ReplayDispatcher, StaticCatalog, chat_events
+from tests.support import CHAT, ReplayDispatcher, StaticCatalog, chat_scope, stalled_stream
 
 
 def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -170,15 +170,8 @@ def test_a_process_logs_first_line_is_in_the_format_it_will_write(monkeypatch: p
 @pytest.mark.anyio
 async def test_a_stream_whose_client_left_is_logged_as_499(caplog: pytest.LogCaptureFixture) -> None:
     """The status of the access log is the one the metrics count (nginx's 499), not the 200 sent first."""
-    never = anyio.Event()
-
-    async def endless() -> AsyncIterator[bytes]:
-        for event in chat_events(CHAT)[:2]:
-            yield event
-        await never.wait()  # the replica would go on generating
-        yield b""
-
-    app = _app(True, ReplayDispatcher(reply=lambda path, body: httpx.Response(200, content=endless())))
+    stream = ReplayDispatcher(reply=lambda path, body: httpx.Response(200, content=stalled_stream(CHAT)))
+    app = _app(True, stream)
     body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     inbox = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
     got_content = anyio.Event()
@@ -193,17 +186,7 @@ async def test_a_stream_whose_client_left_is_logged_as_499(caplog: pytest.LogCap
         if b"Hello" in message.get("body", b""):
             got_content.set()
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("gateway", 80),
-    }
+    scope = chat_scope()
     with caplog.at_level(logging.INFO, logger="lamina.access"), anyio.fail_after(30):
         await app(scope, receive, send)  # type: ignore[arg-type]
     (line,) = [r for r in caplog.records if r.name == "lamina.access"]
