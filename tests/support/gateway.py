@@ -215,3 +215,24 @@ async def stalled_stream(model: str) -> AsyncIterator[bytes]:
         yield event
     await anyio.Event().wait()
     yield b""
+
+
+def client_leaving(body: Mapping[str, Any]) -> tuple[Any, Any, list[Mapping[str, Any]]]:
+    """An ASGI client's ``receive`` and ``send`` (and what it was sent): it posts ``body`` and leaves once
+    the first content ("Hello", :func:`chat_events`) has reached it."""
+    inbox = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    got_content = anyio.Event()
+    sent: list[Mapping[str, Any]] = []
+
+    async def receive() -> Mapping[str, Any]:
+        if inbox:
+            return inbox.pop()
+        await got_content.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+        if b"Hello" in message.get("body", b""):
+            got_content.set()
+
+    return receive, send, sent

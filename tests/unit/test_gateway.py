@@ -32,6 +32,7 @@ from tests.support import (
     StaticCatalog,
     chat_events,
     chat_scope,
+    client_leaving,
     events_of,
     split,
     sse,
@@ -495,24 +496,11 @@ async def test_probes_are_not_recorded_but_carry_a_trace_id(gw: Gateway) -> None
 
 async def test_a_client_that_leaves_stops_the_stream(gw: Gateway) -> None:
     gw.dispatcher.reply = lambda path, body: httpx.Response(200, content=stalled_stream(CHAT))
-    got_content = anyio.Event()
-    inbox = [{"type": "http.request", "body": json.dumps(chat(stream=True)).encode(), "more_body": False}]
-    sent: list[Mapping[str, Any]] = []
-
-    async def receive() -> Mapping[str, Any]:
-        if inbox:
-            return inbox.pop()
-        await got_content.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Mapping[str, Any]) -> None:
-        sent.append(message)
-        if b"Hello" in message.get("body", b""):
-            got_content.set()
+    receive, send, sent = client_leaving(chat(stream=True))
 
     scope = chat_scope()
     with anyio.fail_after(30):  # a guard against hanging, not a timing assertion
-        await gw.app(scope, receive, send)  # type: ignore[arg-type]
+        await gw.app(scope, receive, send)
     assert gw.dispatcher.closed == 1
     assert sent[0]["status"] == 200
     assert (

@@ -6,9 +6,8 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
@@ -22,7 +21,7 @@ from lamina.config import load_config
 from lamina.errors import ConfigError
 from lamina.logs import LOG_FORMAT_ENV, JsonFormatter, configure_logging, start_line
 from lamina.observability import Telemetry
-from tests.support import CHAT, ReplayDispatcher, StaticCatalog, chat_scope, stalled_stream
+from tests.support import CHAT, ReplayDispatcher, StaticCatalog, chat_scope, client_leaving, stalled_stream
 
 
 def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -173,21 +172,9 @@ async def test_a_stream_whose_client_left_is_logged_as_499(caplog: pytest.LogCap
     stream = ReplayDispatcher(reply=lambda path, body: httpx.Response(200, content=stalled_stream(CHAT)))
     app = _app(True, stream)
     body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    inbox = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-    got_content = anyio.Event()
-
-    async def receive() -> Mapping[str, Any]:
-        if inbox:
-            return inbox.pop()
-        await got_content.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Mapping[str, Any]) -> None:
-        if b"Hello" in message.get("body", b""):
-            got_content.set()
-
+    receive, send, _ = client_leaving(body)
     scope = chat_scope()
     with caplog.at_level(logging.INFO, logger="lamina.access"), anyio.fail_after(30):
-        await app(scope, receive, send)  # type: ignore[arg-type]
+        await app(scope, receive, send)
     (line,) = [r for r in caplog.records if r.name == "lamina.access"]
     assert line.__dict__["fields"]["status"] == 499 and " 499 " in line.getMessage()
