@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from opentelemetry.trace import SpanContext
 from opentelemetry.util.types import Attributes
 
 from lamina.observability._breakdown import LAYERS, Breakdown
@@ -76,7 +77,7 @@ class OpenTrace:
         self.parent = parent
         #: the caller's span of a request that came with a ``traceparent`` (``_caller.py``): the trace is
         #: exported as part of the caller's, and kept when the caller sampled it
-        self.caller: Any = None
+        self.caller: SpanContext | None = None
         self.root_id = 0
         self.held: list[Held] = []
         #: span id -> [start, end or None, its layer, its parent's layer or None for the root]

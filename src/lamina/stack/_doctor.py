@@ -23,7 +23,7 @@ import psutil
 
 from lamina.application import Budget, CostLedger, Doctor
 from lamina.clock import utcnow
-from lamina.compute import probe_inventory
+from lamina.compute import CpuReading, probe_inventory
 from lamina.config import LaminaConfig
 from lamina.data import DriftReports, GraphIndex
 from lamina.data.drift import parse_window
@@ -56,20 +56,21 @@ def _traces(store: Store, window: str) -> list[TraceLine]:
     return recent_traces(store, utcnow() - parse_window(window), MAX_TRACES)
 
 
-def _device() -> DeviceState:
+def _device(cpu_percent: float | None = None) -> DeviceState:
+    """The devices now; ``cpu_percent`` the CPU already read (None: read over half a second here)."""
     inventory = probe_inventory()
     utils = [g.utilization_pct for g in inventory.gpus if g.utilization_pct is not None]
     return DeviceState(
-        cpu_percent=psutil.cpu_percent(interval=0.5),
+        cpu_percent=psutil.cpu_percent(interval=0.5) if cpu_percent is None else cpu_percent,
         gpus=len(inventory.gpus),
         gpu_percent=sum(utils) / len(utils) if utils else None,
     )
 
 
-def _history(stack: Stack) -> list[DeviceSample]:
-    """The device sampler's periods, and the CPU since its last one (the sampler's next covers it)."""
-    since = stack.cpu.read(advance=False)
-    return [*stack.telemetry.devices.history, DeviceSample(since.start, since.end, since.percent, None)]
+def _history(stack: Stack, since: CpuReading | None) -> list[DeviceSample]:
+    """The device sampler's periods, and ``since``, the CPU since its last one (its next covers it)."""
+    tail = [] if since is None else [DeviceSample(since.start, since.end, since.percent, None)]
+    return [*stack.telemetry.devices.history, *tail]
 
 
 def _drift(store: Store) -> list[DriftState]:
@@ -122,12 +123,15 @@ def _datasets(stack: Stack) -> list[DatasetState]:
 
 def _inputs_of(stack: Stack, window: str) -> DoctorInputs:
     config, store = stack.config, stack.store
+    # the CPU since the last device sample: the history's newest period, and the CPU "now" (no wait)
+    since = _guarded("the CPU", lambda: stack.cpu.read(advance=False), None)
+    cpu_now = None if since is None else since.percent
     return DoctorInputs(
         window=window,
         traces=_guarded("the traces", lambda: _traces(store, window), []),
         deployments=_guarded("the deployments", lambda: _deployments(stack), []),
-        device=_guarded("the devices", _device, DeviceState()),
-        history=_guarded("the device history", lambda: _history(stack), []),
+        device=_guarded("the devices", lambda: _device(cpu_now), DeviceState()),
+        history=_guarded("the device history", lambda: _history(stack, since), []),
         datasets=_guarded("the datasets", lambda: _datasets(stack), []),
         drift=_guarded("the drift reports", lambda: _drift(store), []),
         budgets=_guarded("the budgets", lambda: _budgets(config, store), []),
