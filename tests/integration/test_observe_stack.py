@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -216,22 +216,15 @@ def test_a_rag_request_replays_pinned_to_its_dataset_version_and_shows_a_changed
     assert again["citations"]["same"] is True
 
 
-def _since(started: float) -> str:
-    """A window that reaches back to ``started`` (and no earlier state's traffic)."""
-    return f"{math.ceil(time.monotonic() - started) + 1}s"  # +1: the gateway's now is a little later
+def _begin() -> str:
+    """The start of a state as an ISO moment (the doctor's window reaches back to it, and no further:
+    every earlier state's requests started before it)."""
+    return datetime.now(UTC).isoformat()
 
 
-def _begin() -> float:
-    """The start of a state: a second after the last one's traffic (the windows are whole seconds, one
-    more than needed), so no window reaches the traffic of the state before."""
-    time.sleep(1.0)
-    return time.monotonic()
-
-
-def _doctor_since(env: Env, started: float) -> dict[str, Any]:
+def _doctor_since(env: Env, started: str) -> dict[str, Any]:
     env.flush()
-    window = _since(started)
-    response = httpx.get(f"{env.url}/admin/v1/doctor", params={"window": window}, timeout=30)
+    response = httpx.get(f"{env.url}/admin/v1/doctor", params={"window": started}, timeout=30)
     assert response.status_code == 200, response.text
     verdict: dict[str, Any] = response.json()
     return verdict
@@ -273,11 +266,9 @@ def test_the_doctor_names_the_layer_under_strain(env: Env) -> None:
     env.guard.delay_s = 0.0
     verdict = _doctor_since(env, started)
     assert verdict["bottleneck"] == "application", verdict
-    shown = json.loads(env.cli("doctor", "--window", _since(started), "--url", env.url, "--json").output)
+    shown = json.loads(env.cli("doctor", "--window", started, "--url", env.url, "--json").output)
     assert shown["bottleneck"] == "application" and shown["source"].startswith("the gateway at")
-    offline = json.loads(env.cli("doctor", "--window", _since(started), "--offline", "--json").output)
-    assert offline["bottleneck"] == "application" and offline["source"].startswith("the store alone")
-    window = _since(started)
-    assert (
-        env.cli("doctor", "--window", window, "--url", env.url).output.count("bottleneck: application") == 1
-    )
+    offline = json.loads(env.cli("doctor", "--window", started, "--offline", "--json").output)
+    assert offline["bottleneck"] == "application" and offline["source"].startswith("the store alone"), offline
+    printed = env.cli("doctor", "--window", started, "--url", env.url).output
+    assert printed.count("bottleneck: application") == 1 and f"since {started}" in printed.replace("\n", ""), printed

@@ -98,5 +98,8 @@ async def test_the_doctor_answers_for_the_window_asked(admin: Admin) -> None:
     r = await admin.client.get("/admin/v1/doctor?window=2h", headers=admin.admin)
     assert r.status_code == 200
     assert r.json()["window"] == "2h" and r.json()["bottleneck"] is None
-    assert (await admin.client.get("/admin/v1/doctor?window=soon", headers=admin.admin)).status_code == 400
-    assert admin.windows == ["2h"]  # a bad window never reaches the doctor
+    since = await admin.client.get("/admin/v1/doctor?window=2026-01-31T12:00:00Z", headers=admin.admin)
+    assert since.status_code == 200 and "since 2026-01-31T12:00:00Z" in since.json()["evidence"][0]
+    bad = await admin.client.get("/admin/v1/doctor?window=soon", headers=admin.admin)
+    assert bad.status_code == 400 and "15m" in bad.json()["error"]["message"]
+    assert admin.windows == ["2h", "2026-01-31T12:00:00Z"]  # a bad window never reaches the doctor

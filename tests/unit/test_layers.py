@@ -482,6 +482,7 @@ PUBLIC = {
         "layer_times_ms",
         "list_traces",
         "parse_header",
+        "period_of",
         "read_summary",
         "read_trace",
         "recent_traces",

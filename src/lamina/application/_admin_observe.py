@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lamina.clock import Clock, utcnow
-from lamina.data.drift import parse_window, since_of
+from lamina.data.drift import since_of
 from lamina.errors import InvalidRequestError, NotFoundError, UnavailableError
 from lamina.observability import Verdict, check_trace_id, recent_traces, trace_json
 from lamina.store import Store
@@ -61,7 +61,7 @@ def observe_router(
     async def get_doctor(window: str = "15m") -> Response:
         if doctor is None:
             raise UnavailableError("the doctor is not wired into this gateway")
-        parse_window(window)  # a bad window is a 400 before anything is gathered
+        since_of(window, clock(), "window")  # a bad window is a 400 before anything is gathered
         return JSONResponse((await doctor(window)).to_json())
 
     return router

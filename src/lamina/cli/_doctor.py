@@ -40,7 +40,9 @@ def _offline(config: Any, state_dir: Any, window: str) -> dict[str, Any]:
 
 
 def doctor(
-    window: Annotated[str, typer.Option("--window", help="How far back to look: 15m, 1h, 1d.")] = "15m",
+    window: Annotated[
+        str, typer.Option("--window", help="How far back to look: 15m, 1h, 1d, or since an ISO time.")
+    ] = "15m",
     offline: Annotated[
         bool, typer.Option("--offline", help="Do not ask a running gateway: the store alone.")
     ] = False,
@@ -51,13 +53,14 @@ def doctor(
     config: ConfigOption = None,
 ) -> None:
     """Name the bottleneck layer with its evidence and the next action, and list what is broken."""
-    from lamina.data.drift import parse_window
+    from lamina.clock import utcnow
+    from lamina.data.drift import since_of
 
     cfg, _ = load(config, state_dir)
     base = gateway_url(cfg, url)
     source = f"the gateway at {base}"
     try:
-        parse_window(window)
+        since_of(window, utcnow(), "--window")
         verdict: dict[str, Any] | None = None
         if not offline:
             try:
@@ -82,8 +85,10 @@ def doctor(
 
 
 def _print(verdict: dict[str, Any], source: str) -> None:
+    from lamina.observability import period_of
+
     layer = verdict.get("bottleneck")
-    out_console.print(f"[dim]from {escape(source)}, last {escape(verdict['window'])}[/]")
+    out_console.print(f"[dim]from {escape(source)}, {escape(period_of(verdict['window']))}[/]")
     if layer:
         style = LAYER_STYLES.get(layer, "bold")
         share = f"{verdict['share']:.0%}"

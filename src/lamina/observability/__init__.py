@@ -6,13 +6,12 @@ from lamina.observability._doctor import (
     BudgetState,
     DatasetState,
     DeploymentState,
-    DeviceSample,
-    DeviceState,
     DoctorInputs,
     DriftState,
     Finding,
     Verdict,
     diagnose,
+    period_of,
 )
 from lamina.observability._light import LightSpan
 from lamina.observability._metrics import DeviceMetrics, DriftMetrics, GatewayMetrics
@@ -38,6 +37,7 @@ from lamina.observability._traces import (
     list_traces,
     read_summary,
 )
+from lamina.observability._utilisation import DeviceSample, DeviceState
 
 __all__ = [
     "LAYER",
@@ -79,6 +79,7 @@ __all__ = [
     "layer_times_ms",
     "list_traces",
     "parse_header",
+    "period_of",
     "read_summary",
     "read_trace",
     "recent_traces",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lamina.observability._trace_views import TraceLine
+from lamina.observability._utilisation import DeviceSample, DeviceState, Utilisation, utilisation
 
 #: fewer traces than this in the window: no bottleneck is named (too little to go on)
 MIN_TRACES = 3
@@ -48,44 +49,6 @@ class DeploymentState:
 
 
 @dataclass(frozen=True)
-class DeviceState:
-    """The machine's CPU and GPUs as the doctor read them at the time it was asked."""
-
-    cpu_percent: float | None = None
-    #: the machine's GPUs, and their mean utilisation (%) when known
-    gpus: int = 0
-    gpu_percent: float | None = None
-
-
-@dataclass(frozen=True)
-class DeviceSample:
-    """One sample period of the machine's devices (epoch seconds): the busy percent of its CPU time and
-    the mean utilisation of its GPUs (None: not read)."""
-
-    start: float
-    end: float
-    cpu_percent: float | None
-    gpu_percent: float | None
-
-
-@dataclass(frozen=True)
-class Utilisation:
-    """A device's utilisation as the evidence quotes it: its mean over the sample periods in which the
-    window's requests ran, weighted by the time they ran in each, and the highest of those periods; or,
-    with no such period (``during`` False), as read when the doctor was asked."""
-
-    percent: float
-    peak: float
-    during: bool
-
-    def words(self, device: str) -> str:
-        if not self.during:
-            return f"compute: {device} {self.percent:.0f}% now"
-        peak = f", peak {self.peak:.0f}%" if self.peak >= self.percent + 0.5 else ""
-        return f"compute: {device} {self.percent:.0f}% while the requests ran{peak}"
-
-
-@dataclass(frozen=True)
 class DatasetState:
     name: str
     #: its search index is missing or older than its vectors (searches scan every row)
@@ -109,6 +72,7 @@ class BudgetState:
 
 @dataclass(frozen=True)
 class DoctorInputs:
+    #: a duration back from now (``15m``) or an ISO moment (``2026-01-31T12:00:00Z``): see :func:`period_of`
     window: str
     traces: Sequence[TraceLine] = ()
     deployments: Sequence[DeploymentState] = ()
@@ -187,47 +151,6 @@ def _replica_words(d: DeploymentState) -> str:
         return f"{d.name}: its one replica busy ({d.in_flight} in flight)"
     both = "both" if d.ready == 2 else f"all {d.ready}"
     return f"{d.name}: {both} replicas busy ({d.in_flight} in flight)"
-
-
-def _busy_spans(traces: Sequence[TraceLine]) -> list[list[float]]:
-    """The times (epoch seconds) in which at least one of ``traces`` ran, merged, in order."""
-    merged: list[list[float]] = []
-    for start, end in sorted(
-        (t.start.timestamp(), t.start.timestamp() + t.duration_ms / 1000) for t in traces
-    ):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return merged
-
-
-def utilisation(
-    traces: Sequence[TraceLine], history: Sequence[DeviceSample], now: DeviceState
-) -> tuple[Utilisation | None, Utilisation | None]:
-    """The CPU's and the GPUs' :class:`Utilisation` over the periods of ``history`` in which ``traces``
-    ran, each falling back to its reading ``now`` (None: neither is known)."""
-    spans, first = _busy_spans(traces), 0
-    weighted: dict[str, list[tuple[float, float]]] = {"cpu": [], "gpu": []}
-    for sample in sorted(history, key=lambda h: h.start):
-        while first < len(spans) and spans[first][1] <= sample.start:
-            first += 1
-        ran, i = 0.0, first
-        while i < len(spans) and spans[i][0] < sample.end:
-            ran += max(min(spans[i][1], sample.end) - max(spans[i][0], sample.start), 0.0)
-            i += 1
-        for device, value in (("cpu", sample.cpu_percent), ("gpu", sample.gpu_percent)):
-            if ran > 0 and value is not None:
-                weighted[device].append((value, ran))
-
-    def of(device: str, instant: float | None) -> Utilisation | None:
-        points = weighted[device]
-        if points:
-            mean = sum(v * w for v, w in points) / sum(w for _, w in points)
-            return Utilisation(mean, max(v for v, _ in points), during=True)
-        return None if instant is None else Utilisation(instant, instant, during=False)
-
-    return of("cpu", now.cpu_percent), of("gpu", now.gpu_percent)
 
 
 def _compute_evidence(cpu: Utilisation | None, gpu: Utilisation | None) -> list[str]:
@@ -345,7 +268,7 @@ def _failures(traces: Sequence[TraceLine], window: str) -> list[Finding]:
         out.append(
             Finding(
                 "application",
-                f"{failed} of {len(traces)} requests failed in the last {window}",
+                f"{failed} of {len(traces)} requests failed {period_of(window)}",
                 "open one with `lamina trace ID` (`lamina traces` lists them)",
             )
         )
@@ -354,12 +277,17 @@ def _failures(traces: Sequence[TraceLine], window: str) -> list[Finding]:
         out.append(
             Finding(
                 "application",
-                f"{refused.total()} of {len(traces)} requests were refused in the last {window} ({codes})",
+                f"{refused.total()} of {len(traces)} requests were refused {period_of(window)} ({codes})",
                 "the clients' requests, keys or limits: each error body says what to change; "
                 "`lamina traces` lists them",
             )
         )
     return out
+
+
+def period_of(window: str) -> str:
+    """``in the last 15m`` for a duration, ``since 2026-01-31T12:00:00Z`` for a moment (a date has a dash)."""
+    return f"since {window}" if "-" in window else f"in the last {window}"
 
 
 def diagnose(inputs: DoctorInputs) -> Verdict:
@@ -378,7 +306,7 @@ def diagnose(inputs: DoctorInputs) -> Verdict:
             None,
             0.0,
             totals,
-            [f"{len(traces)} traced request(s) in the last {inputs.window}: too few to name a bottleneck"],
+            [f"{len(traces)} traced request(s) {period_of(inputs.window)}: too few to name a bottleneck"],
             ["send some traffic (or widen --window) and ask again"],
             problems,
         )
@@ -391,6 +319,6 @@ def diagnose(inputs: DoctorInputs) -> Verdict:
         evidence, actions = _application(inputs, p95([t.layers_ms.get(layer, 0.0) for t in traces]))
     share = totals[layer] / everything
     evidence.insert(
-        0, f"{layer}: {share:.0%} of the time of {len(traces)} requests in the last {inputs.window}"
+        0, f"{layer}: {share:.0%} of the time of {len(traces)} requests {period_of(inputs.window)}"
     )
     return Verdict(inputs.window, len(traces), layer, share, totals, evidence, actions, problems)

@@ -14,10 +14,10 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from lamina.observability._doctor import DeviceSample
 from lamina.observability._fast_metrics import FastMetrics
 from lamina.observability._request_fold import Finished, RequestFold
 from lamina.observability._serving_metrics import EngineMetrics, LabelCache, ModelSeries, TrafficMetrics
+from lamina.observability._utilisation import DeviceSample
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

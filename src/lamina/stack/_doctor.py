@@ -26,7 +26,7 @@ from lamina.clock import utcnow
 from lamina.compute import CpuReading, probe_inventory
 from lamina.config import LaminaConfig
 from lamina.data import DriftReports, GraphIndex
-from lamina.data.drift import parse_window
+from lamina.data.drift import since_of
 from lamina.errors import LaminaError
 from lamina.observability import (
     BudgetState,
@@ -53,7 +53,7 @@ MAX_TRACES = 2_000
 
 
 def _traces(store: Store, window: str) -> list[TraceLine]:
-    return recent_traces(store, utcnow() - parse_window(window), MAX_TRACES)
+    return recent_traces(store, since_of(window, utcnow(), "window"), MAX_TRACES)
 
 
 def _device(cpu_percent: float | None = None) -> DeviceState:
