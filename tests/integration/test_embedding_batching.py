@@ -34,7 +34,7 @@ TEXTS = [
     ["A man is riding a horse."],
     ["A woman is playing violin.", "Two men pushed carts through the woods.", "A monkey is playing drums."],
     ["A man is riding a white horse on an enclosed ground."],
-    [""],
+    [" "],  # no words: only the special tokens
 ]
 
 

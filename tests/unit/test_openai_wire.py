@@ -205,6 +205,8 @@ def test_completion_requests_take_the_legacy_fields() -> None:
         (EmbeddingRequest, "input", [[101, 7592, 102]], "check_embedding_ctx_length=False"),
         (EmbeddingRequest, "input", [5], "token ids"),
         (EmbeddingRequest, "input", [], "at least one text"),
+        (EmbeddingRequest, "input", "", "input is an empty string"),
+        (EmbeddingRequest, "input", ["a", " ", ""], "input[2] is an empty string"),
     ],
 )
 def test_token_ids_and_many_prompts_are_refused_saying_what_to_send(

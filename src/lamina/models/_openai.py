@@ -291,6 +291,10 @@ class EmbeddingRequest(Wire):
     def _non_empty(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise problem("no_texts", "input must hold at least one text")
+        empty = [i for i, text in enumerate([v] if isinstance(v, str) else v) if not text]
+        if empty:  # OpenAI refuses them too: an empty text has no meaning to embed
+            where = "input is" if isinstance(v, str) else f"input[{empty[0]}] is"
+            raise problem("empty_text", f"{where} an empty string; leave empty texts out")
         return v
 
     @property
