@@ -88,3 +88,20 @@ def test_a_wide_table_keeps_its_last_column_and_headers_whole(monkeypatch: pytes
     lines = out.getvalue().splitlines()
     assert all(header in lines[1] for header in headers), lines[1]
     assert len({len(line) for line in lines}) == 1  # every line whole, none cut short
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["doctor", "--url", "localhost:8000"],
+        ["top", "--url", "127.0.0.1:8000"],
+        ["deployments", "--url", "gateway:8000"],
+        ["data", "ingest", "docs", "--dataset", "d", "--gateway", "--state-dir"],
+    ],
+)
+def test_a_url_option_without_a_url_is_refused_at_once(argv: list[str]) -> None:
+    """A URL without its scheme, or an option left without its value (which takes the next option's
+    name), is a usage error naming the option, before anything is read or sent."""
+    result = CliRunner().invoke(app, argv, terminal_width=200)
+    assert result.exit_code == 2
+    assert "is not a URL" in result.output and ("'--url'" in result.output or "'--gateway'" in result.output)

@@ -28,6 +28,7 @@ from lamina.cli._common import (
     print_json,
     print_table,
 )
+from lamina.cli._gateway_client import http_url
 from lamina.data import (
     DatasetVersion,
     IngestOptions,
@@ -124,7 +125,8 @@ def ingest(
         int | None, typer.Option(help="Tokens shared by neighbours (data.chunk_overlap).")
     ] = None,
     gateway: Annotated[
-        str | None, typer.Option(help="Embed through a running stack, e.g. http://127.0.0.1:8000/v1.")
+        str | None,
+        typer.Option(help="Embed through a running stack, e.g. http://127.0.0.1:8000/v1.", callback=http_url),
     ] = None,
     json_output: JsonOption = False,
     state_dir: StateDirOption = None,

@@ -26,6 +26,7 @@ from lamina.cli._common import (
     print_json,
     print_table,
 )
+from lamina.cli._gateway_client import UrlOption
 from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError, LaminaError, NotFoundError
 
@@ -33,12 +34,6 @@ Target = Literal["local", "k8s"]
 
 PATH = "/admin/v1/deployments"
 
-UrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--url", help="The gateway's base URL (default: http://server.host:server.port of the config)."
-    ),
-]
 KeyOption = Annotated[
     str | None,
     typer.Option("--api-key", envvar="LAMINA_API_KEY", help="An admin API key (default: $LAMINA_API_KEY)."),

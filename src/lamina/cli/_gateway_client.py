@@ -10,10 +10,21 @@ import typer
 from lamina.config import LaminaConfig
 from lamina.errors import UnavailableError, from_body
 
+
+def http_url(value: str | None) -> str | None:
+    """A ``--url`` (or ``--gateway``) as given, once it is an http(s) URL: an option left without its
+    value takes the next option's name, which would otherwise fail later as an unreachable stack."""
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{value!r} is not a URL; give the stack's, e.g. http://127.0.0.1:8000")
+    return value
+
+
 UrlOption = Annotated[
     str | None,
     typer.Option(
-        "--url", help="The running gateway (default: http://server.host:server.port of the config)."
+        "--url",
+        help="The running gateway (default: http://server.host:server.port of the config).",
+        callback=http_url,
     ),
 ]
 ApiKeyOption = Annotated[

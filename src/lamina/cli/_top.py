@@ -20,11 +20,12 @@ from rich.table import Table
 from rich.text import Text
 
 from lamina.cli._common import fail, out_console
+from lamina.cli._gateway_client import http_url
 
 if TYPE_CHECKING:
     from lamina.application.dashboard import Figures
 
-UrlOption = Annotated[str, typer.Option("--url", help="The gateway's base URL.")]
+UrlOption = Annotated[str, typer.Option("--url", help="The gateway's base URL.", callback=http_url)]
 KeyOption = Annotated[
     str | None,
     typer.Option("--api-key", envvar="LAMINA_API_KEY", help="An admin key (default: $LAMINA_API_KEY)."),
