@@ -178,6 +178,12 @@ def test_two_schemas_with_one_def_name_keep_their_own_definitions(accepts: Accep
             "s.properties.a.$ref",
             "inside the schema",
         ),
+        (
+            {"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}, "$defs": {"B": {}}},
+            "s.properties.a.$ref",
+            "points at nothing in the schema: it has no 'Missing' there",
+        ),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}}, "s.properties.a.$ref", "no '$defs'"),
         ({"type": "object", "properties": {"a": {"type": "strng"}}}, "s.properties.a.type", "`type` must be"),
         (
             {"type": "object", "properties": {"a": {"type": "number", "minimum": -1.5}}},

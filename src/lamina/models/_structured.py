@@ -73,6 +73,8 @@ class _Walk:
 
     scope: str
     strict: bool
+    #: the whole schema, which its references point into
+    root: Mapping[str, Any]
 
     def node(self, node: Any, path: str) -> dict[str, Any]:
         """The prepared copy of the schema at ``path``, or a 400 naming the keyword it cannot enforce."""
@@ -165,6 +167,12 @@ class _Walk:
         if not isinstance(ref, str) or not ref.startswith("#/"):
             raise _bad(path, f"only references inside the schema (#/$defs/...) are followed, not {ref!r}")
         parts = ref.split("/")
+        target: Any = self.root
+        for part in parts[1:]:
+            key = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or key not in target:
+                raise _bad(path, f"{ref!r} points at nothing in the schema: it has no {key!r} there")
+            target = target[key]
         if parts[1] in ("$defs", "definitions") and len(parts) > 2:
             parts[2] = f"{self.scope}-{parts[2]}"
         return "/".join(parts)
@@ -272,7 +280,8 @@ class GrammarBuilder:
         if strict and schema.get("type") != "object":
             raise _bad(where, "a strict schema must have `type: object` at its root")
         try:
-            prepared = _Walk(scope, strict).node(copy.deepcopy(dict(schema)), where)
+            whole = copy.deepcopy(dict(schema))
+            prepared = _Walk(scope, strict, whole).node(whole, where)
             resolved = self._converter.resolve_refs(prepared, scope)
             return self._converter.visit(resolved, name)
         except (AssertionError, KeyError, ValueError, TypeError, RecursionError) as exc:
