@@ -173,6 +173,17 @@ def test_traces_and_one_trace_from_the_cli_and_the_admin_api(env: Env) -> None:
     waterfall = env.cli("trace", ids[-1]).output
     assert "dispatch" in waterfall and "█" in waterfall and "bottleneck:" in waterfall
 
+    # the same through a gateway (--url), for a stack whose store this machine cannot open
+    asked = json.loads(env.cli("traces", "--since", "10m", "--url", env.url, "--json").output)
+    assert [t for t in asked["traces"] if t["trace_id"] in ids] == [
+        t for t in listed["traces"] if t["trace_id"] in ids
+    ]
+    assert ids[-1] in env.cli("traces", "--since", "10m", "--url", env.url).output
+    assert json.loads(env.cli("trace", ids[-1], "--url", env.url, "--json").output) == one
+    assert env.cli("trace", ids[-1], "--url", env.url).output == waterfall
+    gone = CliRunner().invoke(cli, ["trace", "0" * 32, "--url", env.url, *env.args])
+    assert gone.exit_code != 0 and "no stored trace" in gone.output
+
     missing = httpx.get(f"{env.url}/admin/v1/traces/{'0' * 32}")
     assert missing.status_code == 404 and "lamina traces" not in missing.json()["error"]["message"]
     assert httpx.get(f"{env.url}/admin/v1/traces/nope").status_code == 400

@@ -93,10 +93,18 @@ def state_store(config: Path | None, state_dir: Path | None) -> Iterator[Store]:
     except LaminaError as exc:
         fail(exc)
     try:
-        yield store
+        with failing():
+            yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def failing() -> Iterator[None]:
+    """A Lamina error raised within exits on one line: 2 for a bad input (InvalidRequestError), else 1."""
+    try:
+        yield
     except InvalidRequestError as exc:
         fail(exc, exit_code=2)
     except LaminaError as exc:
         fail(exc)
-    finally:
-        store.close()

@@ -70,3 +70,15 @@ def checked_json(response: httpx.Response) -> Any:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         raise from_body(response.status_code, body)
     raise UnavailableError(f"the gateway answered HTTP {response.status_code} without a JSON body")
+
+
+def admin_get(cfg: LaminaConfig, url: str, path: str, api_key: str | None, **params: Any) -> dict[str, Any]:
+    """The JSON of ``GET url + path`` (an admin route); an error body becomes its LaminaError, no answer
+    an UnavailableError that says to start the stack or fix ``--url``."""
+    base = url.rstrip("/")
+    try:
+        response = httpx.get(f"{base}{path}", params=params, headers=auth_headers(cfg, api_key), timeout=30)
+    except httpx.TransportError as exc:
+        raise unreachable(base, exc) from None
+    body: dict[str, Any] = checked_json(response)
+    return body

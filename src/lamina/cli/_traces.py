@@ -1,7 +1,8 @@
 """``lamina traces`` (recent traces, one line each) and ``lamina trace ID`` (one trace as a waterfall).
 
-Both read the state directory's metadata store directly, so they work whether or not the stack runs (the
-gateway serves the same JSON at ``/admin/v1/traces``). A trace's spans reach the store a few seconds
+Both read the state directory's metadata store directly, so they work whether or not the stack runs; with
+``--url`` they ask a gateway instead (``/admin/v1/traces``, admin key), for a stack whose store this
+machine cannot open (a container's volume, another host). A trace's spans reach the store a few seconds
 after its answer (the span processor writes in batches).
 """
 
@@ -17,11 +18,14 @@ from lamina.cli._common import (
     ConfigOption,
     JsonOption,
     StateDirOption,
+    failing,
+    load,
     out_console,
     print_json,
     print_table,
     state_store,
 )
+from lamina.cli._gateway_client import ApiKeyOption, UrlOption, admin_get
 from lamina.clock import utcnow
 from lamina.data.drift import since_of
 from lamina.errors import NotFoundError
@@ -53,21 +57,32 @@ def traces(
     limit: Annotated[
         int, typer.Option("--limit", min=1, max=1000, help="At most this many, newest first.")
     ] = 20,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
     json_out: JsonOption = False,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Recent traces: id, start, duration, route, model, HTTP status and the layer that took longest."""
-    with state_store(config, state_dir) as store:
-        start = since_of(since, utcnow(), "--since")
-        lines = recent_traces(store, start, limit)
+    if url:
+        with failing():
+            body = admin_get(
+                load(config, state_dir)[0], url, "/admin/v1/traces", api_key, since=since, limit=limit
+            )
+    else:
+        with state_store(config, state_dir) as store:
+            start = since_of(since, utcnow(), "--since")
+            body = {
+                "since": start.isoformat(),
+                "traces": [t.to_json() for t in recent_traces(store, start, limit)],
+            }
     if json_out:
-        print_json({"since": start.isoformat(), "traces": [line.to_json() for line in lines]})
+        print_json(body)
         return
-    if not lines:
-        out_console.print(f"no traces since {start:%Y-%m-%d %H:%M:%S} UTC", highlight=False)
+    if not body["traces"]:
+        out_console.print(f"no traces since {body['since'][:19].replace('T', ' ')} UTC", highlight=False)
         return
-    print_table(_table(lines))
+    print_table(_table([TraceLine.from_json(t) for t in body["traces"]]))
 
 
 def _table(lines: list[TraceLine]) -> Table:
@@ -100,22 +115,31 @@ def bar(span: TreeSpan, total_ms: float, width: int = BAR_WIDTH) -> Text:
 
 def trace(
     trace_id: Annotated[str, typer.Argument(help="The trace id (an answer's x-lamina-trace-id header).")],
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
     json_out: JsonOption = False,
     state_dir: StateDirOption = None,
     config: ConfigOption = None,
 ) -> None:
     """One trace as a waterfall: each span under its parent, with its layer, duration and time bar."""
-    with state_store(config, state_dir) as store:
-        rows = read_trace(store, check_trace_id(trace_id))
-        if not rows:
-            raise NotFoundError(
-                f"no stored trace {trace_id}: it was sampled out or deleted by retention, or its spans are "
-                "still being written (a few seconds); `lamina traces` lists the stored ones"
-            )
-    summary, spans = summarize(rows), tree(rows)
+    if url:
+        with failing():
+            path = f"/admin/v1/traces/{check_trace_id(trace_id)}"
+            body = admin_get(load(config, state_dir)[0], url, path, api_key)
+    else:
+        with state_store(config, state_dir) as store:
+            rows = read_trace(store, check_trace_id(trace_id))
+            if not rows:
+                raise NotFoundError(
+                    f"no stored trace {trace_id}: it was sampled out or deleted by retention, or its spans "
+                    "are still being written (a few seconds); `lamina traces` lists the stored ones"
+                )
+        body = {**summarize(rows).to_json(), "spans": [s.to_json() for s in tree(rows)]}
     if json_out:
-        print_json({**summary.to_json(), "spans": [s.to_json() for s in spans]})
+        print_json(body)
         return
+    summary = TraceLine.from_json(body)
+    spans = [TreeSpan.from_json(s, summary) for s in body["spans"]]
     status = summary.status or "-"
     out_console.print(
         f"trace {summary.trace_id}  {summary.route}  {summary.model}  HTTP {status}  "

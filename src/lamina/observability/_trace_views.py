@@ -12,7 +12,7 @@ one query per page), so they work with or without a running stack.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -61,6 +61,22 @@ class TraceLine:
             "stages_ms": {k: round(v, 3) for k, v in sorted(self.stages_ms.items())},
         }
 
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> TraceLine:
+        """The line :meth:`to_json` wrote (a gateway's ``/admin/v1/traces`` answer)."""
+        return cls(
+            str(body["trace_id"]),
+            datetime.fromisoformat(body["start"]),
+            float(body["duration_ms"]),
+            str(body["route"]),
+            str(body["model"]),
+            int(body["status"]),
+            bool(body["error"]),
+            {str(k): float(v) for k, v in body.get("layers_ms", {}).items()},
+            str(body.get("bottleneck", "")),
+            {str(k): float(v) for k, v in body.get("stages_ms", {}).items()},
+        )
+
 
 @dataclass(frozen=True)
 class TreeSpan:
@@ -84,6 +100,23 @@ class TreeSpan:
             "status": s["status"],
             "attributes": s["attributes"],
         }
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any], trace: TraceLine) -> TreeSpan:
+        """The span :meth:`to_json` wrote, in ``trace`` (its times placed from the trace's start)."""
+        start_ns = int(trace.start.timestamp() * 1e9 + float(body["offset_ms"]) * 1e6)
+        row = SpanRow(
+            span_id=str(body["span_id"]),
+            trace_id=trace.trace_id,
+            parent_span_id=body.get("parent_span_id"),
+            name=str(body["name"]),
+            layer=body.get("layer"),
+            start_ns=start_ns,
+            end_ns=start_ns + int(float(body["duration_ms"]) * 1e6),
+            status=str(body["status"]),
+            attributes=dict(body.get("attributes") or {}),
+        )
+        return cls(row, int(body["depth"]), float(body["offset_ms"]), float(body["duration_ms"]))
 
 
 def _covered_ns(intervals: Iterable[tuple[int, int]]) -> int:
