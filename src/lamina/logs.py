@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
@@ -96,10 +97,11 @@ def configure_logging(log_format: str | None = None, level: int = logging.INFO) 
     return "json" if chosen == "json" else "text"
 
 
-def start_line(name: str, argv: list[str]) -> bytes:
+def start_line(name: str, argv: list[str], env: Mapping[str, str] | None = None) -> bytes:
     """The line a process's log file gets before the process starts (a replica's, a job's), in the format
-    of the environment's :data:`LOG_FORMAT_ENV`, the one the process will write in."""
-    if os.environ.get(LOG_FORMAT_ENV) == "json":
+    of :data:`LOG_FORMAT_ENV` in ``env`` (the process's environment; None: this one's), the one the
+    process will write in."""
+    if (os.environ if env is None else env).get(LOG_FORMAT_ENV) == "json":
         fields = {"name": "lamina", "levelno": logging.INFO, "levelname": "INFO", "argv": argv}
         record = logging.makeLogRecord({**fields, "msg": f"starting {name}"})
         return (JsonFormatter().format(record) + "\n").encode()

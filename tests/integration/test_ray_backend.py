@@ -5,6 +5,7 @@ restarted; the cluster's inventory; jobs as Ray tasks."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import shutil
@@ -23,6 +24,7 @@ import pytest
 from lamina.compute import probe_inventory
 from lamina.config import DeploymentConfig, LaminaConfig
 from lamina.errors import InvalidRequestError, NotFoundError
+from lamina.logs import LOG_FORMAT_ENV
 from lamina.models import worker_workload
 from lamina.orchestration import (
     SECRET_HEADER,
@@ -118,14 +120,18 @@ async def wait_gone(pid: int) -> None:
 
 @pytest.mark.anyio
 async def test_replica_as_ray_actor_serves_dies_and_is_restarted(
-    backend: RayReplicaBackend, tmp_path: Path
+    backend: RayReplicaBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the gateway's log format, set after Ray started (as on a cluster whose nodes never had it)
+    monkeypatch.setenv(LOG_FORMAT_ENV, "json")
     started = time.monotonic()
     async with running(backend, tmp_path) as controller:
         assert await controller.wait_ready(WAIT_S), controller.explain("echo")
         print(f"\nfirst replica ready through Ray in {time.monotonic() - started:.1f} s")
         replica = only_replica(controller)
         assert replica.url is not None and replica.pid is not None
+        first_line = backend.tail_log(backend._live[replica.replica_id], 200).splitlines()[0]
+        assert json.loads(first_line)["level"] == "INFO", first_line  # the replica writes the same format
         secret = backend.secret_for(replica.url)
         assert secret is not None
         async with httpx.AsyncClient(headers={SECRET_HEADER: secret}, timeout=30) as client:

@@ -163,15 +163,16 @@ class LocalProcessBackend:
         read_fd, write_fd = os.pipe()
         try:
             os.set_blocking(read_fd, False)
+            env = {**os.environ, **spec.env}
             with log_path.open("ab") as log_file:
-                log_file.write(start_line(replica_id, argv))
+                log_file.write(start_line(replica_id, argv, env))
                 log_file.flush()
                 process = subprocess.Popen(
                     _die_with_parent(argv),
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
-                    env={**os.environ, **spec.env, SECRET_ENV: secret, PORT_FD_ENV: str(write_fd)},
+                    env={**env, SECRET_ENV: secret, PORT_FD_ENV: str(write_fd)},
                     start_new_session=True,
                     pass_fds=(write_fd,),
                 )

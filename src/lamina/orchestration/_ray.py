@@ -23,6 +23,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,7 @@ from typing import Any
 
 from lamina.compute import CPUInfo, GPUInfo, NodeInventory, probe_inventory
 from lamina.errors import ConfigError
+from lamina.logs import LOG_FORMAT_ENV
 from lamina.orchestration._local import LocalProcessBackend, ProcessHandle
 from lamina.orchestration._workload import WorkloadSpec
 
@@ -176,6 +178,9 @@ class RayReplicaBackend:
     def start(self, spec: WorkloadSpec, replica_id: str) -> RayReplicaHandle:
         """Create the replica's actor with the workload's resources and ask it to start the process."""
         res = spec.resources
+        log_format = os.environ.get(LOG_FORMAT_ENV)
+        if log_format and LOG_FORMAT_ENV not in spec.env:  # a node elsewhere has its own environment
+            spec = replace(spec, env={**spec.env, LOG_FORMAT_ENV: log_format})
         actor = _actor_class().options(
             num_cpus=res.cpus, num_gpus=res.gpus, memory=res.memory_mb * _MIB, name=None
         )
