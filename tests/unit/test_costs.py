@@ -35,7 +35,7 @@ from lamina.application import (
     gpu_hour_usd,
     replica_hourly_usd,
 )
-from lamina.application._budgets import Settlement
+from lamina.application._budgets import Settlement, usd_text
 from lamina.application._ledger_writer import LedgerWriter
 from lamina.config import CostsConfig, ModelPriceConfig
 from lamina.data.drift import since_of
@@ -249,8 +249,8 @@ async def test_a_key_budget_warns_then_refuses_naming_spend_reserve_and_reset(
     error = r.json()["error"]
     assert error["code"] == "insufficient_quota" and error["type"] == "insufficient_quota"
     assert error["message"].startswith(
-        "the budget of key 'team-a' of $0.0500 per day would be exceeded: spent $0.0390, reserved by "
-        "calls in flight $0.0000, this call needs up to $0.0240; it resets at 2025-01-02T00:00:00Z."
+        "the budget of key 'team-a' of $0.05 per day would be exceeded: spent $0.0390, reserved by "
+        "calls in flight $0.00, this call needs up to $0.0240; it resets at 2025-01-02T00:00:00Z."
     )
     assert r.headers["x-lamina-budget-reset"] == "2025-01-02T00:00:00Z"
     assert len(gw.ledger()) == 3
@@ -268,7 +268,7 @@ async def test_the_gateway_budget_applies_to_every_key(gw: Gateway) -> None:
     gw.auth.principal = TEAM  # another key: charged to its own budget and to the gateway's
     r = await gw.chat(PLAIN, max_tokens=2)
     assert r.status_code == 429
-    assert r.json()["error"]["message"].startswith("the gateway's budget of $0.0300 per month")
+    assert r.json()["error"]["message"].startswith("the gateway's budget of $0.03 per month")
     assert "resets at 2025-02-01T00:00:00Z" in r.json()["error"]["message"]
     # the key's hold, taken first, went back with the refusal
     assert gw.spend(gw.policy.budgets(TEAM)[0], gw.clock()) == (0.0, 0.0)
@@ -404,3 +404,19 @@ async def test_admission_waits_while_the_ledger_writer_is_too_far_behind(tmp_pat
         blocker.close()
         writer.close()
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("nusd", "text"),
+    [
+        (0, "$0.00"),
+        (44_910, "$0.000045"),  # a self-hosted call: two significant digits, never $0.0000
+        (1_000, "$0.0000010"),
+        (1_000_000, "$0.0010"),
+        (50_000_000, "$0.05"),  # whole cents, as budgets are set
+        (1_234_567_890, "$1.2346"),
+        (12_345_000_000, "$12.35"),
+    ],
+)
+def test_money_in_messages_shows_what_a_small_amount_is(nusd: int, text: str) -> None:
+    assert usd_text(nusd) == text

@@ -129,8 +129,13 @@ def _epoch(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
-def _usd(nusd: int) -> str:
-    return f"${nusd / NANO:.4f}" if nusd < 10 * NANO else f"${nusd / NANO:.2f}"
+def usd_text(nusd: int) -> str:
+    """Nano-dollars as money: cents from $10 or for whole cents, else at least 4 decimals and as many as
+    show two significant digits (a self-hosted call costs fractions of a cent: $0.000045, not $0.0000)."""
+    if nusd >= 10 * NANO or nusd % (NANO // 100) == 0:
+        return f"${nusd / NANO:.2f}"
+    decimals = min(9, max(4, 1 - math.floor(math.log10(nusd / NANO))))
+    return f"${nusd / NANO:.{decimals}f}"
 
 
 # Written once as SQL that SQLite (3.35+) and PostgreSQL both take: built per call, SQLAlchemy's statements
@@ -260,9 +265,10 @@ class CostLedger:
         reserved = max(0, reserved - unused)
         reset = f"{resets:%Y-%m-%dT%H:%M:%SZ}"
         return BudgetExceededError(
-            f"{budget.label} of {_usd(limit)} per {budget.period} would be exceeded: spent {_usd(spent)}, "
-            f"reserved by calls in flight {_usd(reserved)}, this call needs up to {_usd(nusd)}; it resets "
-            f"at {reset}. Ask for a smaller max_tokens, wait for the reset, or raise the budget",
+            f"{budget.label} of {usd_text(limit)} per {budget.period} would be exceeded: spent "
+            f"{usd_text(spent)}, reserved by calls in flight {usd_text(reserved)}, this call needs up to "
+            f"{usd_text(nusd)}; it resets at {reset}. Ask for a smaller max_tokens, wait for the reset, or "
+            "raise the budget",
             headers={"x-lamina-budget-reset": reset},
             budget=budget.scope,
             limit_usd=budget.limit_usd,

@@ -32,6 +32,7 @@ from lamina.application._budgets import (
     CostLedger,
     Hold,
     LedgerEntry,
+    usd_text,
     usd_to_nano,
 )
 from lamina.application._ledger_writer import LedgerWriter
@@ -201,8 +202,9 @@ class CostPolicy:
     def _warning(self, hold: Hold) -> str:
         budget = hold.budget
         text = (
-            f"{budget.label} is {hold.used_fraction:.0%} used (${hold.spent_nusd / NANO:.4f} spent, "
-            f"${hold.reserved_nusd / NANO:.4f} reserved, of ${budget.limit_usd:.2f} per {budget.period}); "
+            f"{budget.label} is {hold.used_fraction:.0%} used ({usd_text(hold.spent_nusd)} spent, "
+            f"{usd_text(hold.reserved_nusd)} reserved, of {usd_text(usd_to_nano(budget.limit_usd))} per "
+            f"{budget.period}); "
             f"it resets at {hold.resets:%Y-%m-%dT%H:%M:%SZ}"
         )
         if self._warned.get(budget.scope) != hold.period_start:
