@@ -4,6 +4,7 @@ for higher-priority jobs, retry backoff; pure functions on hand-built snapshots 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -107,7 +108,22 @@ def test_a_job_that_fits_later_waits_with_what_is_missing() -> None:
     d = schedule_jobs(
         QueueContext(whole, whole, (running("a", 2, priority=1),), (waiting("b", 3, priority=1),), NOW)
     )
-    assert d.waiting == {"b": "waiting for resources: 3 CPUs wanted, 2 free"}
+    assert d.waiting == {"b": "waiting for resources: 3 CPUs wanted, 2 free"}  # for a job: no word of serving
+
+
+def test_a_job_that_waits_for_serving_says_what_the_replicas_hold() -> None:
+    """On a 2-core laptop the default deployments reserve 3 CPUs: a job waits with the reason, not a
+    bare "0 free" on a machine that looks idle."""
+    whole = machine(cpus=2)
+    (node,) = whole.nodes
+    after_serving = ClusterSnapshot((replace(node, cpu_milli_free=-1000, memory_free_bytes=7 * GIB),))
+    d = schedule_jobs(QueueContext(after_serving, whole, (), (waiting("embed", 1),), NOW))
+    assert d.waiting == {
+        "embed": "waiting for resources: 1 CPUs wanted, 0 free (the serving replicas hold 3 of the 2 CPUs; "
+        "it starts when serving scales down)"
+    }
+    d = schedule_jobs(QueueContext(after_serving, whole, (), (waiting("big", 0.5, memory_gib=8),), NOW))
+    assert "the serving replicas hold 3 of the 2 CPUs and 1024 of the 8192 MiB" in d.waiting["big"]
 
 
 @pytest.mark.parametrize(

@@ -197,6 +197,26 @@ def _shortfall(snapshot: ClusterSnapshot, demand: Demand) -> str:
     return "; ".join(parts) or "does not fit"
 
 
+def _held_by_serving(free: ClusterSnapshot, demand: Demand) -> str:
+    """When the serving replicas alone leave too little for ``demand`` (``free`` is the machine after
+    serving), what they hold of the CPUs or memory it lacks, in words: why a job waits on a machine that
+    looks idle. Empty when it waits for running jobs instead."""
+    if not free.nodes or best_fit(free, demand) is not None:
+        return ""
+    parts = []
+    if max(n.cpu_milli_free for n in free.nodes) < demand.cpu_milli:
+        total = sum(n.cpu_milli_total for n in free.nodes)
+        held = total - sum(n.cpu_milli_free for n in free.nodes)
+        parts.append(f"{held / 1000:g} of the {total / 1000:g} CPUs")
+    if max(n.memory_free_bytes for n in free.nodes) < demand.memory_bytes:
+        total = sum(n.memory_total_bytes for n in free.nodes)
+        held = total - sum(n.memory_free_bytes for n in free.nodes)
+        parts.append(f"{held / _MIB:.0f} of the {total / _MIB:.0f} MiB")
+    if not parts:
+        return ""
+    return f" (the serving replicas hold {' and '.join(parts)}; it starts when serving scales down)"
+
+
 def _preempt_for(
     snapshot: ClusterSnapshot, job: WaitingJob, running: Sequence[RunningJob]
 ) -> tuple[ClusterSnapshot, list[str], Placement] | None:
@@ -237,7 +257,8 @@ def schedule_jobs(ctx: QueueContext) -> QueueDecision:
             continue
         made = _preempt_for(snapshot, job, running)
         if made is None:
-            waiting[job.job_id] = f"waiting for resources: {_shortfall(snapshot, job.demand)}"
+            held = _held_by_serving(ctx.free, job.demand)
+            waiting[job.job_id] = f"waiting for resources: {_shortfall(snapshot, job.demand)}{held}"
             continue
         snapshot, victims, found = made
         preempted += victims
