@@ -257,8 +257,8 @@ def schedule_jobs(ctx: QueueContext) -> QueueDecision:
             continue
         made = _preempt_for(snapshot, job, running)
         if made is None:
-            held = _held_by_serving(ctx.free, job.demand)
-            waiting[job.job_id] = f"waiting for resources: {_shortfall(snapshot, job.demand)}{held}"
+            by_serving = _held_by_serving(ctx.free, job.demand)
+            waiting[job.job_id] = f"waiting for resources: {_shortfall(snapshot, job.demand)}{by_serving}"
             continue
         snapshot, victims, found = made
         preempted += victims
