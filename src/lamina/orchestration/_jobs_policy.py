@@ -214,7 +214,8 @@ def _held_by_serving(free: ClusterSnapshot, demand: Demand) -> str:
         parts.append(f"{held / _MIB:.0f} of the {total / _MIB:.0f} MiB")
     if not parts:
         return ""
-    return f" (the serving replicas hold {' and '.join(parts)}; it starts when serving scales down)"
+    share = "; a `jobs.cpus` above the machine's lets jobs share its cores" if "CPUs" in parts[0] else ""
+    return f" (the serving replicas hold {' and '.join(parts)}; it starts when serving scales down{share})"
 
 
 def _preempt_for(
