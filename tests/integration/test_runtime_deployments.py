@@ -120,6 +120,8 @@ def test_refusals_say_what_to_change(stacks: list[RunningStack]) -> None:
     assert no_engine.status_code == 400 and "nope" in no_engine.json()["error"]["message"]
     no_model = httpx.post(url, json={"model": "no-such-model@7"}, timeout=30)
     assert no_model.status_code == 404, no_model.text
+    loose = httpx.post(url, json={"model": "x", "engine": "fake", "options": {"n_ctx": 512}}, timeout=30)
+    assert loose.status_code == 400 and '{"gguf": {"n_ctx": 512}}' in loose.json()["error"]["message"]
     huge = httpx.post(url, json={"model": "x", "engine": "fake", "replicas": "1..100000"}, timeout=30)
     assert huge.status_code == 400 and "does not fit" in huge.json()["error"]["message"], huge.text
     assert set(listed(stacks[-1])) == {"base", "echo"}  # nothing of the refused ones was kept

@@ -41,6 +41,11 @@ def test_every_field_has_a_description() -> None:
         ("server:\n  port: eighty\n", "field `server.port`"),
         ("deployments:\n  - name: a\n    replicas: -1\n", "field `deployments.0.replicas`"),
         ("server: [1, 2\n", "not valid YAML"),
+        (
+            "deployments:\n  - name: a\n    options: {n_ctx: 4096}\n",
+            'field `deployments.0.options`: Value error, options are grouped by engine: {"gguf": {"n_ctx": '
+            "4096}}",
+        ),
         ("- just\n- a list\n", "top level must be a mapping"),
         (
             "deployments:\n  - {name: a, engine: fake}\n  - {name: a, engine: fake}\n",

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from lamina.application._bounds import DEFAULT_LIMITS, read_body
 from lamina.application._requests import parse_body
+from lamina.config import engine_blocks
 
 DEPLOYMENTS_PATH = "/admin/v1/deployments"
 
@@ -84,6 +85,8 @@ class DeployRequest(BaseModel):
         parse_replicas(value)
         return value
 
+    _options = field_validator("options", mode="before")(engine_blocks)
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
@@ -120,6 +123,7 @@ class RolloutRequest(BaseModel):
         None, description="The new version's engine options (default: the deployment's)."
     )
     auto_rollback: bool = Field(True, description="Roll a canary back when it answers worse than stable.")
+    _options = field_validator("options", mode="before")(engine_blocks)
     window_s: float = Field(60.0, gt=0, le=3600, description="Seconds of answers the groups are compared on.")
     min_requests: int = Field(20, ge=1, le=100_000, description="Answers per group before judging.")
     max_error_rate_increase: float = Field(

@@ -58,6 +58,7 @@ from lamina.config._serving import BatchingConfig as BatchingConfig
 from lamina.config._serving import DeploymentConfig as DeploymentConfig
 from lamina.config._serving import ObservabilityConfig as ObservabilityConfig
 from lamina.config._serving import OrchestrationConfig as OrchestrationConfig
+from lamina.config._serving import engine_blocks as engine_blocks
 from lamina.errors import ConfigError
 
 #: The environment variable that names the state directory when ``--state-dir`` is not given.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from lamina.config._base import Strict as _Strict
 
@@ -137,6 +138,11 @@ class DeploymentConfig(_Strict):
         rest = {key: value for key, value in data.items() if key not in blocks}
         return rest | {"options": {**blocks, **dict(rest.get("options") or {})}}
 
+    @field_validator("options", mode="before")
+    @classmethod
+    def _grouped(cls, value: Any) -> Any:
+        return engine_blocks(value)
+
     @property
     def model_ref(self) -> str:
         return self.model or self.name
@@ -144,6 +150,20 @@ class DeploymentConfig(_Strict):
     def options_for(self, engine: str) -> dict[str, Any]:
         """This deployment's options block for ``engine`` (empty: the engine's defaults)."""
         return dict(self.options.get(engine, {}))
+
+
+def engine_blocks(value: Any) -> Any:
+    """``options`` as given, once each entry is an engine's block; an option written at the top
+    (``{n_ctx: 4096}``) is a ValueError that shows it under an engine, not pydantic's "a valid dictionary"."""
+    if isinstance(value, dict):
+        loose = [key for key, block in value.items() if not isinstance(block, dict | BaseModel)]
+        if loose:
+            key = loose[0]
+            raise ValueError(
+                f'options are grouped by engine: {{"gguf": {{"{key}": {json.dumps(value[key])}}}}}, '
+                f'not {{"{key}": ...}} at the top (`lamina engines` lists each engine\'s options)'
+            )
+    return value
 
 
 class OrchestrationConfig(_Strict):
