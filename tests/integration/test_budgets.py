@@ -186,9 +186,7 @@ def test_100_concurrent_requests_stop_at_the_budget(stack: RunningStack) -> None
     assert len(ok) == 37, [r.text for r in refused[:1]]
     assert {r.status_code for r in refused} == {429}
     assert {r.json()["error"]["code"] for r in refused} == {"insufficient_quota"}
-    assert (
-        "the gateway's budget of $0.15 per day would be exceeded" in refused[0].json()["error"]["message"]
-    )
+    assert "the gateway's budget of $0.15 per day would be exceeded" in refused[0].json()["error"]["message"]
     assert {r.json()["usage"]["cost"]["usd"] for r in ok} == {0.004}
     assert {r.headers["x-lamina-cost-usd"] for r in ok} == {"0.004"}
     warned = [r for r in ok if "x-lamina-budget-warning" in r.headers]
