@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import namedtuple
 from typing import Any
@@ -9,7 +10,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from lamina.compute import CPUInfo, CpuMeter, CpuReading, GPUInfo, NodeInventory, publish_inventory
+from lamina.compute import (
+    CPUInfo,
+    CpuMeter,
+    CpuReading,
+    GPUInfo,
+    NodeInventory,
+    publish_inventory,
+    sample_devices_forever,
+)
 from lamina.observability import LAYER, DeviceMetrics, DeviceSample, Telemetry
 
 GiB = 1 << 30
@@ -89,6 +98,25 @@ def test_each_sample_is_a_period_of_the_history_and_sets_the_gauge() -> None:
     assert list(metrics.history)[-1] == DeviceSample(25.0, 25.1, None, None)
     assert registry.get_sample_value("lamina_device_cpu_utilization_percent", {"node": "n1"}) == 62.5
     assert metrics.history.maxlen == 5_760  # a day of 15 s periods, then the oldest go
+
+
+@pytest.mark.anyio
+async def test_the_first_sample_waits_for_a_figure_so_the_gauge_starts_at_once() -> None:
+    """The sampler starts moments after the stack made its meter: too short a reading for a figure. It
+    waits the rest of the quarter second instead of leaving the gauge out for a whole period."""
+    registry = CollectorRegistry()
+    metrics = DeviceMetrics(registry)
+    task = asyncio.create_task(sample_devices_forever(metrics, every_s=3600, probe=_node, meter=CpuMeter()))
+    try:
+        deadline = time.monotonic() + 5
+        while not metrics.history:
+            assert time.monotonic() < deadline, "no sample in 5 s"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+    (first,) = metrics.history
+    assert first.cpu_percent is not None and first.end - first.start >= 0.25
+    assert registry.get_sample_value("lamina_device_cpu_utilization_percent", {"node": "n1"}) is not None
 
 
 def test_the_compute_span_quotes_the_cpu_of_the_last_period_when_there_is_one() -> None:

@@ -117,7 +117,13 @@ async def sample_devices_forever(
     while True:
         try:
             inventory = await asyncio.to_thread(probe)
-            publish_inventory(inventory, metrics, meter.read())
+            reading = meter.read()
+            if reading.percent is None and reading.end - reading.start < MIN_READING_S:
+                # the first sample, moments after the meter was made: wait for a figure, so the gauge
+                # and the history start now, not a period later
+                await asyncio.sleep(MIN_READING_S - (reading.end - reading.start))
+                reading = meter.read()
+            publish_inventory(inventory, metrics, reading)
         except Exception:  # a broken sample must not end telemetry for the process's life
             log.exception("device telemetry: a sample failed; the next one is in %.0f s", every_s)
         await asyncio.sleep(every_s)
