@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,12 @@ def test_the_running_stack_exports_device_gauges_and_promtool_accepts_its_metric
             f"{stack.base_url}/v1/chat/completions", json={**chat, "model": "nope"}, timeout=30
         )
         assert refused.status_code == 404
-        metrics = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
+        deadline = time.monotonic() + 20  # the CPU's busy share needs a first sample's quarter second
+        while "lamina_device_cpu_utilization_percent{" not in (
+            metrics := httpx.get(f"{stack.base_url}/metrics", timeout=10).text
+        ):
+            assert time.monotonic() < deadline, "no CPU utilisation gauge after 20 s"
+            time.sleep(0.2)
     finally:
         stop_stack(stack)
     checked = subprocess.run([_promtool(), "check", "metrics"], input=metrics, capture_output=True, text=True)
