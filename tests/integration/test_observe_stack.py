@@ -190,6 +190,21 @@ def test_traces_and_one_trace_from_the_cli_and_the_admin_api(env: Env) -> None:
     assert httpx.get(f"{env.url}/admin/v1/traces", params={"since": "soon"}).status_code == 400
 
 
+def test_a_rag_alias_is_listed_with_the_models(env: Env) -> None:
+    """Clients that pick a model from GET /v1/models (Open WebUI, an SDK's models.list()) find the alias;
+    its card is its model's, less what an alias cannot do (it answers chat completions only)."""
+    cards = {c["id"]: c for c in httpx.get(f"{env.url}/v1/models").json()["data"]}
+    assert set(cards) == {"chat", "kb"}
+    assert cards["kb"]["version"] == cards["chat"]["version"] and cards["kb"]["ready"] is True
+    assert "completion" in cards["chat"]["capabilities"]
+    assert "chat" in cards["kb"]["capabilities"] and "completion" not in cards["kb"]["capabilities"]
+    assert httpx.get(f"{env.url}/v1/models/kb").json() == cards["kb"]
+    unknown = httpx.post(
+        f"{env.url}/v1/chat/completions", json={"model": "kd", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert unknown.status_code == 404 and "available models: chat, kb" in unknown.json()["error"]["message"]
+
+
 def test_a_rag_request_replays_pinned_to_its_dataset_version_and_shows_a_changed_answer(env: Env) -> None:
     original = chat(env, model="kb", max_tokens=6)
     trace_id = original.headers["x-lamina-trace-id"]

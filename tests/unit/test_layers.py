@@ -390,6 +390,7 @@ PUBLIC = {
     ],
     "application": [
         "ANONYMOUS",
+        "AliasCatalog",
         "Authenticator",
         "Budget",
         "Call",

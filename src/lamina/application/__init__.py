@@ -19,7 +19,7 @@ from lamina.application._keys import KeyAuthenticator, KeyRecord, KeySpec, KeySt
 from lamina.application._policy import ANONYMOUS, Call, Policy, Principal, Ticket, Usage, close_policies
 from lamina.application._ports import Dispatcher, DispatchResult, ModelCatalog, Readiness, Route
 from lamina.application._prompts import PromptStore
-from lamina.application._rag import RagOptions
+from lamina.application._rag import AliasCatalog, RagOptions
 from lamina.application._ratelimit import RateLimitPolicy
 from lamina.application._replay import ReplayRecord, ReplayRecorder, answer_summary, read_replay
 from lamina.application._routing import ModelRouter
@@ -27,6 +27,7 @@ from lamina.application._templates import PromptSpec, PromptVersion
 
 __all__ = [
     "ANONYMOUS",
+    "AliasCatalog",
     "Authenticator",
     "Budget",
     "Call",

@@ -19,7 +19,10 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lamina.application._ports import ModelCatalog, Route
 from lamina.data import Retrieval, Scalar, SearchMode
+from lamina.errors import ModelNotFoundError
+from lamina.models import ModelCard
 from lamina.observability import Layer, Telemetry
 
 _INSTRUCTION = (
@@ -129,3 +132,40 @@ async def retrieve_traced(
             }
         )
     return result
+
+
+#: what a RAG alias cannot do that its model may: it answers chat completions only
+_NOT_THROUGH_AN_ALIAS = frozenset({"completion", "embedding"})
+
+
+class AliasCatalog:
+    """The gateway's catalog with its RAG aliases in it: ``GET /v1/models`` lists each alias (the card of
+    the model it answers with, chat only), so clients that pick from the list (Open WebUI, LibreChat, an
+    SDK's ``models.list()``) find it, and an unknown name's error lists them too."""
+
+    def __init__(self, inner: ModelCatalog, aliases: Mapping[str, tuple[str, RagOptions]]) -> None:
+        self.inner = inner
+        self.aliases = dict(aliases)
+
+    def models(self) -> list[ModelCard]:
+        cards = self.inner.models()
+        by_id = {c.id: c for c in cards}
+        for name, (model, _) in self.aliases.items():
+            target = by_id.get(model)
+            if target is None or name in by_id:
+                continue
+            capabilities = [c for c in target.capabilities if c not in _NOT_THROUGH_AN_ALIAS]
+            cards.append(target.model_copy(update={"id": name, "capabilities": capabilities}))
+        return cards
+
+    def resolve(self, name: str) -> Route:
+        alias = self.aliases.get(name)
+        try:
+            return self.inner.resolve(name if alias is None else alias[0])
+        except ModelNotFoundError:
+            if alias is not None:
+                raise
+            available = ", ".join(sorted(c.id for c in self.models())) or "none"
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist; available models: {available}", param="model"
+            ) from None

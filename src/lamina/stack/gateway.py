@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from lamina.application import (
+    AliasCatalog,
     GatewayDeps,
     KeyAuthenticator,
     KeyStore,
@@ -255,7 +256,7 @@ def _lifespan(
 def _deps(stack: Stack, parts: GatewayParts, host: str | None) -> GatewayDeps:
     config = stack.config
     return GatewayDeps(
-        catalog=stack.catalog if parts.router is None else parts.router.catalog,
+        catalog=AliasCatalog(stack.catalog if parts.router is None else parts.router.catalog, parts.aliases),
         dispatcher=stack.dispatcher,
         readiness=stack.readiness,
         telemetry=stack.telemetry,
