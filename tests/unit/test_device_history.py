@@ -101,9 +101,9 @@ def test_each_sample_is_a_period_of_the_history_and_sets_the_gauge() -> None:
 
 
 @pytest.mark.anyio
-async def test_the_first_sample_waits_for_a_figure_so_the_gauge_starts_at_once() -> None:
-    """The sampler starts moments after the stack made its meter: too short a reading for a figure. It
-    waits the rest of the quarter second instead of leaving the gauge out for a whole period."""
+async def test_the_cpu_figure_follows_the_first_sample_within_a_quarter_second() -> None:
+    """The sampler starts moments after the stack made its meter: too short a reading for a figure. The
+    next sample comes a quarter second later, not a whole period (15 s) later with the gauge left out."""
     registry = CollectorRegistry()
     metrics = DeviceMetrics(registry)
     task = asyncio.create_task(sample_devices_forever(metrics, every_s=3600, probe=_node, meter=CpuMeter()))

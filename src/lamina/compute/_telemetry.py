@@ -115,15 +115,15 @@ async def sample_devices_forever(
     cancelled."""
     meter = meter or CpuMeter()
     while True:
+        pause = every_s
         try:
             inventory = await asyncio.to_thread(probe)
             reading = meter.read()
-            if reading.percent is None and reading.end - reading.start < MIN_READING_S:
-                # the first sample, moments after the meter was made: wait for a figure, so the gauge
-                # and the history start now, not a period later
-                await asyncio.sleep(MIN_READING_S - (reading.end - reading.start))
-                reading = meter.read()
-            publish_inventory(inventory, metrics, reading)
+            # moments after the meter was made (the first sample) the CPU has no figure yet: the gauges
+            # now, and the next sample in a quarter second, not a whole period later
+            early = reading.percent is None and reading.end - reading.start < MIN_READING_S
+            pause = MIN_READING_S if early else every_s
+            publish_inventory(inventory, metrics, None if early else reading)
         except Exception:  # a broken sample must not end telemetry for the process's life
             log.exception("device telemetry: a sample failed; the next one is in %.0f s", every_s)
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(pause)
