@@ -198,7 +198,7 @@ def test_a_rag_alias_is_listed_with_the_models(env: Env) -> None:
     assert cards["kb"]["version"] == cards["chat"]["version"] and cards["kb"]["ready"] is True
     assert "completion" in cards["chat"]["capabilities"]
     assert "chat" in cards["kb"]["capabilities"] and "completion" not in cards["kb"]["capabilities"]
-    assert httpx.get(f"{env.url}/v1/models/kb").json() == cards["kb"]
+    assert httpx.get(f"{env.url}/v1/models/kb").json() == cards["kb"]  # `created` stays what it was
     unknown = httpx.post(
         f"{env.url}/v1/chat/completions", json={"model": "kd", "messages": [{"role": "user", "content": "x"}]}
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lamina.errors import ConflictError, ModelNotFoundError, NotFoundError
 from lamina.models._engine import Capability
@@ -38,6 +38,7 @@ class ServedModel:
     engine_capabilities: frozenset[Capability] = frozenset()
     #: other names that reach it (``NAME@VERSION``, ``NAME@ALIAS``)
     aliases: tuple[str, ...] = ()
+    #: epoch seconds of the model card (0: when the catalog first serves it)
     created: int = 0
 
     @property
@@ -62,6 +63,8 @@ class Catalog:
         self._readiness = readiness or (lambda: {})
 
     def _index(self, served: list[ServedModel]) -> None:
+        now = int(time.time())  # a card's `created` stays what it was when first served, call after call
+        served = [s if s.created else replace(s, created=now) for s in served]
         names: dict[str, ServedModel] = {}
         for s in served:
             for name in (s.deployment, *s.aliases):
@@ -101,7 +104,7 @@ class Catalog:
         return [
             ModelCard(
                 id=s.deployment,
-                created=s.created or int(time.time()),
+                created=s.created,
                 capabilities=sorted(s.capabilities),
                 version=s.model_ref,
                 ready=bool(ready.get(s.deployment, False)),
