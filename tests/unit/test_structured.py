@@ -158,6 +158,10 @@ def test_two_schemas_with_one_def_name_keep_their_own_definitions(accepts: Accep
     assert '"\\"a\\""' in grammar and '"\\"b\\""' in grammar
 
 
+#: a reference into a list (the converter follows names only)
+P0 = "#/properties/t/prefixItems/0"
+
+
 @pytest.mark.parametrize(
     ("schema", "param", "says"),
     [
@@ -184,6 +188,14 @@ def test_two_schemas_with_one_def_name_keep_their_own_definitions(accepts: Accep
             "points at nothing in the schema: it has no 'Missing' there",
         ),
         ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}}, "s.properties.a.$ref", "no '$defs'"),
+        (
+            {
+                "type": "object",
+                "properties": {"t": {"type": "array", "prefixItems": [{}]}, "c": {"$ref": P0}},
+            },
+            "s.properties.c.$ref",
+            "steps into a list; put that schema under $defs",
+        ),
         ({"type": "object", "properties": {"a": {"type": "strng"}}}, "s.properties.a.type", "`type` must be"),
         (
             {"type": "object", "properties": {"a": {"type": "number", "minimum": -1.5}}},

@@ -170,6 +170,8 @@ class _Walk:
         target: Any = self.root
         for part in parts[1:]:
             key = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, list):  # the converter follows names only
+                raise _bad(path, f"{ref!r} steps into a list; put that schema under $defs and point there")
             if not isinstance(target, dict) or key not in target:
                 raise _bad(path, f"{ref!r} points at nothing in the schema: it has no {key!r} there")
             target = target[key]
