@@ -179,6 +179,8 @@ class TraceRetention:
         #: PostgreSQL's tables never shrink: what they hold is estimated from the bytes per trace they took
         #: when they last grew (full then); SQLite's are measured as they are
         self._sticky = store.engine.dialect.name == "postgresql"
+        #: PostgreSQL may flush a transaction's statistics at once (None: not asked yet; see _counted)
+        self._flushable: bool | None = None
         self._per_trace: float | None = None
         #: the last run ended past the bound (SQLite, its re-passes spent): the next probe runs again
         self._past = False
@@ -262,6 +264,7 @@ class TraceRetention:
                     conn.execute(delete(traces).where(traces.c.trace_id.in_(ids)))
                     if self._replay is not None:
                         conn.execute(delete(self._replay).where(self._replay.c.trace_id.in_(ids)))
+                    self._counted(conn)
             removed_traces += len(ids)
             if len(ids) < TRACES_PER_DELETE:
                 break
@@ -285,6 +288,20 @@ class TraceRetention:
             return
         with self.store.begin() as conn:
             conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+
+    def _counted(self, conn: Connection) -> None:
+        """PostgreSQL 15+: the rows this transaction deleted reach the server's statistics when it commits,
+        not up to a second later. The VACUUM after it reads them (``dead_rows``), and a late flush would add
+        them back to ``n_dead_tup`` after the VACUUM reclaimed them. ``pg_stat_force_next_flush`` is a
+        superuser's unless granted (``GRANT EXECUTE``); without it the statistics lag as before."""
+        if not self._sticky:
+            return
+        if self._flushable is None:
+            allowed = "SELECT has_function_privilege('pg_catalog.pg_stat_force_next_flush()', 'EXECUTE')"
+            version = conn.dialect.server_version_info or (0,)
+            self._flushable = version >= (15,) and bool(conn.execute(text(allowed)).scalar())
+        if self._flushable:
+            conn.execute(text("SELECT pg_stat_force_next_flush()"))
 
     def _vacuum(self) -> None:
         """PostgreSQL: VACUUM the trace tables, and again after a short wait while the rows just deleted are
@@ -324,6 +341,7 @@ class TraceRetention:
                 )
                 if ids:
                     conn.execute(delete(spans).where(spans.c.span_id.in_(ids)))
+                    self._counted(conn)
             removed += len(ids)
             if len(ids) < ORPHANS_PER_DELETE:
                 return removed
