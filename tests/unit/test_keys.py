@@ -425,3 +425,23 @@ def test_up_refuses_a_public_address_only_while_no_key_exists(tmp_path: Path) ->
     KeyStore(store).create(KeySpec(name="admin", scope="admin"))
     store.close()
     refuse_open_bind(LaminaConfig(), state_dir, "0.0.0.0", insecure_no_auth=False)
+
+
+def test_creating_a_key_for_names_the_stack_does_not_know_warns(tmp_path: Path) -> None:
+    """A typo in --models or --datasets would show only as a 403 on the key's first call: the key is
+    created (a model may be deployed, a dataset ingested, later) and each unknown name is a warning that
+    says what is known."""
+    from lamina.config import BUNDLED_CHAT_MODEL
+
+    args = ["keys", "create", "--state-dir", str(tmp_path / "state"), "--json", "--name"]
+    known = f"{BUNDLED_CHAT_MODEL},lamina-docs"
+    quiet = CliRunner().invoke(cli, [*args, "a", "--models", known, "--datasets", "lamina-docs@2"])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.output
+    typos = ["--models", f"{BUNDLED_CHAT_MODEL},chta", "--datasets", "dcos"]
+    typo = CliRunner().invoke(cli, [*args, "b", *typos])
+    assert typo.exit_code == 0, typo.output
+    assert sorted(json.loads(typo.stdout)["models"]) == sorted([BUNDLED_CHAT_MODEL, "chta"])
+    warnings = [line for line in typo.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, typo.stderr
+    assert "no model is named 'chta'" in warnings[0] and BUNDLED_CHAT_MODEL in warnings[0]
+    assert "no dataset is named 'dcos'" in warnings[1] and "lamina-docs" in warnings[1]

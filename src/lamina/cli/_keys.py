@@ -25,6 +25,7 @@ from lamina.cli._common import (
     StateDirOption,
     err_console,
     fail,
+    load,
     out_console,
     print_json,
     print_table,
@@ -33,7 +34,7 @@ from lamina.cli._common import (
 from lamina.clock import utcnow
 from lamina.config import LaminaConfig
 from lamina.errors import LaminaError
-from lamina.stack import open_store
+from lamina.stack import open_store, unknown_names
 
 if TYPE_CHECKING:
     from lamina.application import KeyRecord, KeyStore
@@ -139,7 +140,7 @@ def create(
     config: ConfigOption = None,
 ) -> None:
     """Create a key; its secret is printed once (with --json, as the field `secret`)."""
-    from lamina.application import KeySpec
+    from lamina.application import KeySpec, KeyStore
 
     usd, period = _budget(budget)
     expires_at = _expiry(expires, utcnow())
@@ -154,9 +155,13 @@ def create(
         budget_period=None if period is None else period.value,
         expires_at=expires_at,
     )
-    with _keys(config, state_dir) as keys:
-        record, secret = keys.create(spec)
+    cfg, root = load(config, state_dir)
+    with state_store(config, state_dir) as store:
+        record, secret = KeyStore(store).create(spec)
+        unknown = unknown_names(cfg, store, root, spec.models or (), spec.datasets or ())
     _secret_shown(record, secret, "created", json_output)
+    for line in unknown:  # a typo would otherwise show as a 403 on the key's first call
+        err_console.print(f"warning: {line}", highlight=False, soft_wrap=True)
 
 
 @keys_app.command("list")

@@ -18,6 +18,7 @@ from lamina.stack._data import (
 from lamina.stack._fit import ReplicaNeed, check_fit, model_need
 from lamina.stack._jobs import job_capacity, job_kinds, open_job_queue, serving_demands
 from lamina.stack._k8s import K8sSettings, kubectl_apply, write_k8s_manifests
+from lamina.stack._served_names import unknown_names
 
 __all__ = [
     "DataStack",
@@ -38,5 +39,6 @@ __all__ = [
     "ray_temp_dir",
     "replica_backend",
     "serving_demands",
+    "unknown_names",
     "write_k8s_manifests",
 ]
