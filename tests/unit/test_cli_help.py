@@ -105,3 +105,26 @@ def test_a_url_option_without_a_url_is_refused_at_once(argv: list[str]) -> None:
     result = CliRunner().invoke(app, argv, terminal_width=200)
     assert result.exit_code == 2
     assert "is not a URL" in result.output and ("'--url'" in result.output or "'--gateway'" in result.output)
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("::1", "http://[::1]:8000"),
+        ("fd00::5", "http://[fd00::5]:8000"),
+        ("[fd00::5]", "http://[fd00::5]:8000"),
+        ("gateway.internal", "http://gateway.internal:8000"),
+    ],
+)
+def test_the_gateway_url_of_a_config_is_reachable(host: str, url: str) -> None:
+    """Every command that talks to the gateway finds it from the config's bind address: a wildcard bind
+    on loopback, an IPv6 address in brackets (without them its colons would read as a port)."""
+    from lamina.cli._gateway_client import gateway_url
+    from lamina.config import LaminaConfig
+
+    cfg = LaminaConfig.model_validate({"server": {"host": host, "port": 8000}})
+    assert gateway_url(cfg, None) == url
+    assert gateway_url(cfg, "http://elsewhere:9000/") == "http://elsewhere:9000"

@@ -26,7 +26,7 @@ from lamina.cli._common import (
     print_json,
     print_table,
 )
-from lamina.cli._gateway_client import UrlOption
+from lamina.cli._gateway_client import UrlOption, gateway_url
 from lamina.config import DeploymentConfig
 from lamina.errors import ConfigError, LaminaError, NotFoundError
 
@@ -42,13 +42,7 @@ TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait
 
 
 def _base_url(url: str | None, config: ConfigOption) -> str:
-    if url:
-        return url.rstrip("/")
-    cfg, _ = load(config, None)
-    host = cfg.server.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # a wildcard bind answers on loopback
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{cfg.server.port}"
+    return url.rstrip("/") if url else gateway_url(load(config, None)[0], None)
 
 
 def _call(method: str, base: str, path: str, key: str | None, timeout_s: float, body: Any = None) -> Any:

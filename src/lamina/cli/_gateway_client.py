@@ -43,7 +43,8 @@ def gateway_url(cfg: LaminaConfig, url: str | None) -> str:
     if url:
         return url.rstrip("/")
     host = cfg.server.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else ("[::1]" if host == "::" else host)
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else ("::1" if host == "::" else host)
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address
     return f"http://{host}:{cfg.server.port}"
 
 
