@@ -221,3 +221,30 @@ def test_refused_requests_are_not_failures_of_the_stack() -> None:
     assert [p.what for p in diagnose(inputs(mixed)).problems] == []  # 5 of 25: below the share reported
     failing = [replace(refused, status=0)] * 3  # an error with no answer sent: the stack's
     assert diagnose(inputs(failing)).problems[0].what == "3 of 3 requests failed in the last 15m"
+
+
+def test_asked_just_after_a_sample_the_cpu_now_is_that_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within a quarter second of the device sampler's reading the CPU counters say nothing yet: the
+    doctor takes the sample's own period as "now" instead of blocking half a second to read again."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from lamina.compute._telemetry import CpuReading
+    from lamina.config import LaminaConfig
+    from lamina.stack import _doctor
+
+    def no_wait(*_: object, **__: object) -> float:
+        raise AssertionError("the doctor read the CPU again")
+
+    monkeypatch.setattr(psutil, "cpu_percent", no_wait)
+    sample = DeviceSample(100.0, 101.0, 42.0, None)
+    stack = SimpleNamespace(
+        config=LaminaConfig(),
+        store=None,
+        cpu=SimpleNamespace(read=lambda advance: CpuReading(101.0, 101.1, None)),
+        telemetry=SimpleNamespace(devices=SimpleNamespace(history=[sample])),
+    )
+    inputs = _doctor._inputs_of(stack, "15m")  # type: ignore[arg-type]
+    assert inputs.device.cpu_percent == 42.0
+    assert inputs.history[0] == sample

@@ -126,6 +126,8 @@ def _inputs_of(stack: Stack, window: str) -> DoctorInputs:
     # the CPU since the last device sample: the history's newest period, and the CPU "now" (no wait)
     since = _guarded("the CPU", lambda: stack.cpu.read(advance=False), None)
     cpu_now = None if since is None else since.percent
+    if cpu_now is None:  # asked within a moment of a sample: that sample's period is "now"
+        cpu_now = next((s.cpu_percent for s in reversed(stack.telemetry.devices.history)), None)
     return DoctorInputs(
         window=window,
         traces=_guarded("the traces", lambda: _traces(store, window), []),
