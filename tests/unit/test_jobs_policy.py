@@ -120,7 +120,8 @@ def test_a_job_that_waits_for_serving_says_what_the_replicas_hold() -> None:
     d = schedule_jobs(QueueContext(after_serving, whole, (), (waiting("embed", 1),), NOW))
     assert d.waiting == {
         "embed": "waiting for resources: 1 CPUs wanted, 0 free (the serving replicas hold 3 of the 2 CPUs; "
-        "it starts when serving scales down; a `jobs.cpus` above the machine's lets jobs share its cores)"
+        "it starts when serving scales down; a `jobs.cpus` above the machine's lets jobs share its cores, "
+        "at a lower priority)"
     }
     d = schedule_jobs(QueueContext(after_serving, whole, (), (waiting("big", 0.5, memory_gib=8),), NOW))
     assert "the serving replicas hold 3 of the 2 CPUs and 1024 of the 8192 MiB" in d.waiting["big"]

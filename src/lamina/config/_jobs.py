@@ -26,6 +26,13 @@ class JobsConfig(Strict):
         description="Job kinds of your own: name to `module:function`; the function is called in the job's "
         "process with the job's arguments and a JobContext, and returns a JSON object.",
     )
+    nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="How much lower the OS priority (nice) of a job's processes is than the gateway's and "
+        "the replicas': a busy replica gets the CPU first even when a job shares its cores; 0: the same.",
+    )
     interval_s: float = Field(1.0, gt=0, description="Seconds between two looks at the queue.")
     retry_backoff_s: float = Field(5.0, ge=0, description="Delay before a failed job's first retry.")
     retry_backoff_max_s: float = Field(300.0, ge=0, description="Longest delay between retries.")

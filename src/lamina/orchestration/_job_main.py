@@ -14,7 +14,8 @@ events file the spec names, which the scheduler reads while the job runs (the pr
 Anything the job prints goes to its log file. SIGTERM ends it (Python's default action), which is how
 the scheduler cancels and preempts it. Like a replica, the job dies with the scheduler's process: it asks
 Linux for ``PR_SET_PDEATHSIG`` itself, first thing (as ``_trampoline`` does for replicas, without the
-second interpreter start that an exec through the trampoline costs).
+second interpreter start that an exec through the trampoline costs). Then it lowers its OS priority by the
+spec's ``nice`` (``jobs.nice``), so that the kernel gives a busy replica the CPU before a job's threads.
 
 It runs as a script, by path, and imports nothing of Lamina itself: importing ``lamina.orchestration``
 costs seconds on a loaded machine, and a job needs none of it (its entrypoint imports what it uses). As
@@ -123,6 +124,8 @@ def main(argv: list[str]) -> int:
     if not die_with(int(argv[0])):
         return 1
     spec = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
+    # below serving's priority, set while this is the only thread, so every thread the job starts has it
+    os.nice(int(spec.get("nice", 0)))
     print(f"--- job {spec['job_id']} attempt {spec['attempt']}: {spec['entrypoint']}", flush=True)
     return run(spec)
 

@@ -59,6 +59,8 @@ class SchedulerSettings:
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 300.0
     stop_grace_s: float = 10.0
+    #: added to a job process's niceness (its OS priority below the gateway's and the replicas')
+    nice: int = 19
 
 
 @dataclass
@@ -326,6 +328,7 @@ class JobScheduler:
             "context": dict(kind.context),
             "resources": job.resources.__dict__,
             "events": str(events),
+            "nice": self._settings.nice,
         }
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:

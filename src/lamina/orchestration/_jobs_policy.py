@@ -214,7 +214,11 @@ def _held_by_serving(free: ClusterSnapshot, demand: Demand) -> str:
         parts.append(f"{held / _MIB:.0f} of the {total / _MIB:.0f} MiB")
     if not parts:
         return ""
-    share = "; a `jobs.cpus` above the machine's lets jobs share its cores" if "CPUs" in parts[0] else ""
+    share = (
+        "; a `jobs.cpus` above the machine's lets jobs share its cores, at a lower priority"
+        if "CPUs" in parts[0]
+        else ""
+    )
     return f" (the serving replicas hold {' and '.join(parts)}; it starts when serving scales down{share})"
 
 

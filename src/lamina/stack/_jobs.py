@@ -183,6 +183,7 @@ def job_scheduler(
         retry_backoff_s=jobs.retry_backoff_s,
         retry_backoff_max_s=jobs.retry_backoff_max_s,
         stop_grace_s=jobs.stop_grace_s,
+        nice=jobs.nice,
     )
     return JobScheduler(
         queue, state_dir / "jobs", total=job_capacity(config, node), serving=serving, settings=settings

@@ -4,6 +4,7 @@ through its ``JobContext``, and fails on request."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -25,4 +26,4 @@ def sleepy(args: dict[str, Any], job: Any) -> dict[str, Any]:
     if args.get("fail") or job.attempt < int(args.get("fail_until", 0)):
         raise RuntimeError(f"asked to fail on attempt {job.attempt}")
     job.produced("note", f"sleepy-{job.job_id}")
-    return {"steps": steps, "attempt": job.attempt}
+    return {"steps": steps, "attempt": job.attempt, "nice": os.nice(0)}
