@@ -319,7 +319,7 @@ async def test_a_new_scheduler_requeues_jobs_a_stopped_one_left_running_or_ends_
     assert (requeued.state, requeued.attempts, requeued.pid) == (JobState.QUEUED, 0, None)
     assert requeued.message == (
         "waiting for resources: 1 CPUs wanted, 0 free (the serving replicas hold 2 of the 2 CPUs; it starts "
-        "when serving scales down; a `jobs.cpus` above the machine's lets jobs share its cores, at a lower "
-        "priority)"
+        "when serving scales down; with `jobs.nice` above 0, jobs use the cores the replicas leave idle, "
+        "at a lower priority)"
     )
     assert queue.get(cancelled.id).state is JobState.CANCELLED

@@ -120,8 +120,8 @@ def test_a_job_that_waits_for_serving_says_what_the_replicas_hold() -> None:
     d = schedule_jobs(QueueContext(after_serving, whole, (), (waiting("embed", 1),), NOW))
     assert d.waiting == {
         "embed": "waiting for resources: 1 CPUs wanted, 0 free (the serving replicas hold 3 of the 2 CPUs; "
-        "it starts when serving scales down; a `jobs.cpus` above the machine's lets jobs share its cores, "
-        "at a lower priority)"
+        "it starts when serving scales down; with `jobs.nice` above 0, jobs use the cores the replicas leave "
+        "idle, at a lower priority)"
     }
     d = schedule_jobs(QueueContext(after_serving, whole, (), (waiting("big", 0.5, memory_gib=8),), NOW))
     assert "the serving replicas hold 3 of the 2 CPUs and 1024 of the 8192 MiB" in d.waiting["big"]
@@ -208,6 +208,22 @@ def test_serving_holds_each_deployments_replicas_times_its_resources() -> None:
     ]
     demands = serving_demands(lambda: statuses, lambda: [spec])()
     assert demands == [Demand(cpu_milli=1500, memory_bytes=100 << 20)] * 3
+    # jobs below serving's OS priority (jobs.nice > 0) use the CPUs idle replicas leave: only memory holds
+    below = serving_demands(lambda: statuses, lambda: [spec], cpus=False)()
+    assert below == [Demand(cpu_milli=0, memory_bytes=100 << 20)] * 3
+    whole = machine(cpus=2)
+    (node,) = whole.nodes
+
+    def after(held: list[Demand]) -> ClusterSnapshot:
+        cpu, memory = sum(d.cpu_milli for d in held), sum(d.memory_bytes for d in held)
+        free = replace(node, cpu_milli_free=2000 - cpu, memory_free_bytes=node.memory_free_bytes - memory)
+        return ClusterSnapshot((free,))
+
+    job = waiting("embed", 2)
+    held = schedule_jobs(QueueContext(after(demands), whole, (), (job,), NOW))
+    assert held.start == () and "the serving replicas hold 4.5 of the 2 CPUs" in held.waiting["embed"]
+    shared = schedule_jobs(QueueContext(after(below), whole, (), (job,), NOW))
+    assert [j for j, _ in shared.start] == ["embed"]
 
 
 def test_the_queue_shares_the_configured_totals_or_the_machines() -> None:

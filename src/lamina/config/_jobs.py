@@ -31,7 +31,9 @@ class JobsConfig(Strict):
         ge=0,
         le=19,
         description="How much lower the OS priority (nice) of a job's processes is than the gateway's and "
-        "the replicas': a busy replica gets the CPU first even when a job shares its cores; 0: the same.",
+        "the replicas': a busy replica gets the CPU first, so jobs use the cores the replicas leave idle "
+        "instead of counting their CPUs as taken. 0: the same priority; the replicas' CPUs are then held "
+        "for them, and jobs are preempted when serving grows into them.",
     )
     interval_s: float = Field(1.0, gt=0, description="Seconds between two looks at the queue.")
     retry_backoff_s: float = Field(5.0, ge=0, description="Delay before a failed job's first retry.")

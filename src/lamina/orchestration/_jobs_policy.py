@@ -215,7 +215,7 @@ def _held_by_serving(free: ClusterSnapshot, demand: Demand) -> str:
     if not parts:
         return ""
     share = (
-        "; a `jobs.cpus` above the machine's lets jobs share its cores, at a lower priority"
+        "; with `jobs.nice` above 0, jobs use the cores the replicas leave idle, at a lower priority"
         if "CPUs" in parts[0]
         else ""
     )

@@ -150,10 +150,14 @@ def job_capacity(config: LaminaConfig, node: NodeInventory) -> ClusterSnapshot:
 
 
 def serving_demands(
-    status: Callable[[], Sequence[DeploymentStatus]], workloads: Callable[[], Sequence[WorkloadSpec]]
+    status: Callable[[], Sequence[DeploymentStatus]],
+    workloads: Callable[[], Sequence[WorkloadSpec]],
+    *,
+    cpus: bool = True,
 ) -> Callable[[], list[Demand]]:
     """What the serving replicas hold now: per deployment, its live (or desired, if more) replicas times
-    its workload's resources."""
+    its workload's resources; without their CPUs when ``cpus`` is false (jobs below serving's OS priority
+    use what the replicas leave idle, and the kernel gives the replicas the CPU first)."""
 
     def demands() -> list[Demand]:
         specs = {w.name: w for w in workloads()}
@@ -163,7 +167,8 @@ def serving_demands(
             if spec is None:
                 continue
             r = spec.resources
-            one = Demand(cpu_milli=round(r.cpus * 1000), memory_bytes=r.memory_mb * _MIB, num_gpus=r.gpus)
+            milli = round(r.cpus * 1000) if cpus else 0
+            one = Demand(cpu_milli=milli, memory_bytes=r.memory_mb * _MIB, num_gpus=r.gpus)
             out += [one] * max(dep.desired, len(dep.replicas))
         return out
 

@@ -191,7 +191,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
             state_dir,
             open_job_queue(config, state_dir, store),
             probe_inventory(),
-            serving_demands(controller.status, lambda: [w for _, w in deployed]),
+            serving_demands(controller.status, lambda: [w for _, w in deployed], cpus=config.jobs.nice == 0),
         ),
     )
 
