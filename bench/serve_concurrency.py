@@ -7,8 +7,10 @@ In one run, on the bundled SmolLM2-135M-Instruct (Q4_1 GGUF), with the same llam
 (threads, context per sequence, batch size, weight repacking off, flash attention off unless asked):
 
 - llama-cpp-python in-process: single-stream generation tokens/s (the reference for the 0.9 target);
-- Lamina: a real `lamina up` process with one GGUF replica, reached over loopback HTTP by the official
-  openai client, streaming; the deployment gets `gguf.parallel` when the installed engine has that option;
+- Lamina: a real `lamina up` process with one GGUF replica, reached over loopback HTTP, streaming, by a
+  lean server-sent-events reader (``--client openai``: the official openai client, which takes about
+  three times the CPU a token from the machine the servers run on); the deployment gets `gguf.parallel`
+  when the installed engine has that option;
 - llama-server built from the llama.cpp that llama-cpp-python vendors (bench/llama_tools.sh), with the
   same parallel slots (--ctx-size n_ctx x parallel, which it divides among them) and continuous
   batching, reached by the same client code;
@@ -300,6 +302,41 @@ def in_process(s: Settings) -> Callable[[str], Stream]:
     return run
 
 
+def over_http_sse(client: httpx.Client, base_url: str, s: Settings) -> Callable[[str], Stream]:
+    """One streamed chat completion read as server-sent events with ``httpx`` and ``json.loads`` per event (as
+    vLLM's benchmark_serving reads them): about a third of the openai client's CPU per token, which on a
+    2-core machine is taken from the server being measured (the openai client's 360-390 us a token at 8
+    streams against 120-140, and 700 against 300 at 1, measured on 2 December)."""
+
+    def run(prompt: str) -> Stream:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": s.max_tokens,
+            "temperature": 0,
+            "seed": s.seed,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        t0 = time.perf_counter()
+        ttft, chunks, usage = 0.0, 0, None
+        with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue  # blank separators, comments, [DONE]
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    usage = event["usage"]["completion_tokens"]
+                choices = event.get("choices")
+                if choices and choices[0]["delta"].get("content"):
+                    chunks += 1
+                    ttft = ttft or time.perf_counter() - t0
+        return Stream(usage if usage is not None else chunks, t0, ttft, time.perf_counter() - t0)
+
+    return run
+
+
 def over_http(client: openai.OpenAI, s: Settings) -> Callable[[str], Stream]:
     """One streamed chat completion; tokens from the usage chunk (content chunks if there is none)."""
 
@@ -543,7 +580,8 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"SmolLM2-135M-Instruct Q4_1, greedy, max_tokens={s['max_tokens']}, threads={s['threads']}, "
         f"n_ctx={s['n_ctx']} per sequence, parallel={s['parallel']}, repacking off, "
-        f"flash attention {'on' if s['flash_attn'] else 'off'}",
+        f"flash attention {'on' if s['flash_attn'] else 'off'}, streams read by the "
+        f"{s.get('client', 'openai')} client",
         "load average (1, 5, 15 min) before and after: "
         + "; ".join(", ".join(f"{x:.1f}" for x in la) for la in result["loadavg_before_after"])
         + f" on {os.cpu_count()} CPUs; waited {result['waited_for_idle_cpus_s']:.0f} s for idle CPUs;"
@@ -647,6 +685,13 @@ def main() -> None:
         help="seconds to wait, before each measurement, for other processes to leave the CPUs idle",
     )
     ap.add_argument("--skip-server", action="store_true", help="leave out llama-server and batched-bench")
+    ap.add_argument(
+        "--client",
+        choices=("sse", "openai"),
+        default="sse",
+        help="how streams are read: httpx and json.loads per event (less CPU taken from the servers), or "
+        "the openai client (the runs before 2 December)",
+    )
     args = ap.parse_args()
 
     s = Settings(
@@ -662,10 +707,15 @@ def main() -> None:
         urls = {"lamina": servers.enter_context(lamina_stack(Path(tmp) / "lamina", s))}
         if tools:
             urls["llama-server"] = servers.enter_context(llama_server(tools[0], Path(tmp), s))
-        clients = {
-            n: openai.OpenAI(base_url=u, api_key="bench", max_retries=0, timeout=600) for n, u in urls.items()
-        }
-        http = {n: over_http(c, s) for n, c in clients.items()}
+        if args.client == "openai":
+            clients = {
+                n: openai.OpenAI(base_url=u, api_key="bench", max_retries=0, timeout=600)
+                for n, u in urls.items()
+            }
+            http = {n: over_http(c, s) for n, c in clients.items()}
+        else:
+            sse = servers.enter_context(httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64)))
+            http = {n: over_http_sse(sse, u, s) for n, u in urls.items()}
         runs = {"in-process": in_process(s), **http}
         for name, run in runs.items():  # warm-up: weights paged in, caches built
             log(f"warm-up {name}: {run(prompt('w', -1)).tokens} tokens")
@@ -689,7 +739,9 @@ def main() -> None:
         "waited_for_idle_cpus_s": machine.waited_s,
         "measured_again": machine.redone,
         "disturbed_kept": machine.disturbed,
-        "settings": asdict(s) | {"rounds": args.rounds, "single_runs": args.single_runs, "pairs": args.pairs},
+        "settings": asdict(s)
+        | {"rounds": args.rounds, "single_runs": args.single_runs, "pairs": args.pairs}
+        | {"client": args.client},
         "lamina_gguf_options": gguf,
         "lamina_parallel": "parallel" in gguf,
         "lamina_config": json.loads(config),
