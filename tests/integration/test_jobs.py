@@ -116,11 +116,16 @@ async def test_failed_jobs_are_retried_with_backoff_then_given_up(state: State) 
     queue, sched = scheduler(cfg, root, store)
     flaky = queue.submit("sleepy", {"steps": 1, "fail_until": 2}, resources=SMALL, max_attempts=3)
     broken = queue.submit("sleepy", {"steps": 1, "fail": True}, resources=SMALL, max_attempts=2)
+    # an error the same arguments would meet again fails the job at once, whatever max_attempts says
+    for_good = [
+        queue.submit("sleepy", {"steps": 1, "fail_for_good": how}, resources=SMALL, max_attempts=3)
+        for how in ("lamina", "own")
+    ]
     messages: set[str] = set()
 
     def both_done() -> bool:
         messages.update(j.message for j in queue.list())
-        return queue.get(flaky.id).finished and queue.get(broken.id).finished
+        return all(queue.get(j.id).finished for j in (flaky, broken, *for_good))
 
     try:
         await until(sched, both_done, timeout_s=40, what="both jobs' end")
@@ -135,6 +140,15 @@ async def test_failed_jobs_are_retried_with_backoff_then_given_up(state: State) 
     assert bad.message.startswith("failed after 2 attempts")
     assert bad.log_path is not None
     assert Path(bad.log_path).read_text().count("sleepy attempt") == 2
+    lamina_error, own_error = (queue.get(j.id) for j in for_good)
+    assert (lamina_error.state, lamina_error.attempts) == (JobState.FAILED, 1)
+    assert lamina_error.error == "NotFoundError: no dataset 'nope'; `lamina data list` shows the datasets"
+    assert lamina_error.message.startswith("failed, not retried (the same arguments would fail again): ")
+    assert (own_error.state, own_error.attempts, own_error.error) == (
+        JobState.FAILED,
+        1,
+        "BadInput: the argument x must be positive",
+    )
 
 
 async def test_preemption_by_priority_and_by_serving_and_cancels(state: State) -> None:
@@ -287,7 +301,7 @@ async def test_the_gateway_runs_the_queue_and_requeues_its_jobs_when_it_stops(tm
             await asyncio.sleep(0.1)
         pid = queue.get(slow.id).pid
     assert queue.get(quick.id).state is JobState.SUCCEEDED
-    assert queue.get(quick.id).result["nice"] == min(os.nice(0) + 5, 19)  # jobs.nice
+    assert (queue.get(quick.id).result or {}).get("nice") == min(os.nice(0) + 5, 19)  # jobs.nice
     store = open_store(cfg, tmp_path / "state")  # the stack closed its own
     try:
         stopped = JobQueue(store, {}).get(slow.id)

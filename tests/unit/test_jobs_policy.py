@@ -235,3 +235,22 @@ def test_the_queue_shares_the_configured_totals_or_the_machines() -> None:
     [configured] = job_capacity(LaminaConfig(jobs=jobs), node).nodes
     assert (configured.cpu_milli_free, configured.memory_free_bytes) == (2500, GIB)
     assert [g.index for g in configured.gpus] == [0]
+
+
+def test_a_job_error_that_the_same_arguments_would_meet_again_is_not_retried() -> None:
+    """Lamina's client errors (a bad argument, a dataset not found, a gate failed) fail a job at once; its
+    timeouts and rate limits, server errors, and foreign exceptions are retried, unless marked otherwise."""
+    from lamina import errors
+    from lamina.orchestration._job_main import retryable
+
+    class Own(ValueError):
+        retryable = False
+
+    class Foreign(Exception):
+        status = 404  # an attribute of the same name, not a Lamina error: no code
+
+    final = [errors.InvalidRequestError("x"), errors.NotFoundError("x"), errors.GateFailedError("x"), Own()]
+    again = [errors.RateLimitError("x"), errors.UnavailableError("x"), errors.StoreError("x"), Foreign()]
+    again.append(OSError())
+    assert [retryable(e) for e in final] == [False] * len(final)
+    assert [retryable(e) for e in again] == [True] * len(again)

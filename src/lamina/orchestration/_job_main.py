@@ -9,7 +9,12 @@ events file the spec names, which the scheduler reads while the job runs (the pr
     {"type": "input", "kind": "dataset", "ref": "docs@3", "version_id": "ab12..."}
     {"type": "output", "kind": "model", "ref": "minilm@int8"}
     {"type": "result", "result": {...}}          (what the function returned; exit code 0)
-    {"type": "error", "error": "ErrorType: what went wrong"}   (exit code 1)
+    {"type": "error", "error": "ErrorType: what went wrong", "retry": true}   (exit code 1)
+
+``retry`` is false for an error that the same arguments would meet again: a Lamina error of a client status
+(4xx but 408 and 429: a bad argument, a dataset or model not found, an accuracy gate failed), or any
+exception whose ``retryable`` attribute is False (a job kind of the user's own may raise one); the scheduler
+then fails the job at once instead of retrying it.
 
 Anything the job prints goes to its log file. SIGTERM ends it (Python's default action), which is how
 the scheduler cancels and preempts it. Like a replica, the job dies with the scheduler's process: it asks
@@ -103,10 +108,20 @@ def run(spec: Mapping[str, Any]) -> int:
         except Exception as exc:
             traceback.print_exc()
             message = getattr(exc, "message", None) or str(exc)
-            job.emit({"type": "error", "error": f"{type(exc).__name__}: {message}"})
+            job.emit({"type": "error", "error": f"{type(exc).__name__}: {message}", "retry": retryable(exc)})
             return FAILED_EXIT
         job.emit({"type": "result", "result": result if isinstance(result, dict) else {"value": result}})
     return 0
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether running the job again might succeed (see the module doc); by attributes, since this module
+    imports nothing of Lamina: its errors carry an HTTP ``status`` and a ``code``."""
+    if getattr(exc, "retryable", None) is False:
+        return False
+    status, code = getattr(exc, "status", None), getattr(exc, "code", None)
+    client = type(status) is int and 400 <= status < 500 and status not in (408, 429)
+    return not (client and isinstance(code, str))
 
 
 def die_with(parent: int) -> bool:

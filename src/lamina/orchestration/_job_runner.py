@@ -76,6 +76,8 @@ class _Run:
     stopping: Literal["cancel", "preempt", "shutdown"] | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+    #: False when the job's error says the same arguments would fail again
+    retry: bool = True
     progress: tuple[float, str] | None = None
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
@@ -184,6 +186,7 @@ class JobScheduler:
             run.result = event.get("result") or {}
         elif kind == "error":
             run.error = str(event.get("error"))
+            run.retry = event.get("retry") is not False
 
     def _finish(self, run: _Run, code: int) -> None:
         self._runs.pop(run.job.id, None)
@@ -213,6 +216,9 @@ class JobScheduler:
         job = run.job
         error = run.error or f"the job process exited with code {code}: {self._tail(run)}"
         common["error"] = error
+        if not run.retry:
+            common["message"] = f"failed, not retried (the same arguments would fail again): {error}"
+            return JobState.FAILED
         if job.attempts < job.max_attempts:
             settings = self._settings
             delay = retry_delay(job.attempts, settings.retry_backoff_s, settings.retry_backoff_max_s)

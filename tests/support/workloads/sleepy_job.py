@@ -9,11 +9,19 @@ import time
 from typing import Any
 
 
+class BadInput(ValueError):
+    """A job kind's own error that running again cannot mend."""
+
+    retryable = False
+
+
 def sleepy(args: dict[str, Any], job: Any) -> dict[str, Any]:
     """``steps`` steps of ``step_s`` seconds each, a progress report and a log line per step.
 
     ``fail``: raise after the steps; ``fail_until``: raise while the attempt is below it (retries);
-    ``reads``: a dataset ref recorded as the job's input.
+    ``fail_for_good``: raise an error no retry can mend, a Lamina ``NotFoundError`` ("lamina") or an
+    exception of the job's own marked ``retryable = False`` ("own"); ``reads``: a dataset ref recorded as
+    the job's input.
     """
     steps, step_s = int(args.get("steps", 3)), float(args.get("step_s", 0.1))
     print(f"sleepy attempt {job.attempt}: {steps} steps of {step_s}s", flush=True)
@@ -23,6 +31,12 @@ def sleepy(args: dict[str, Any], job: Any) -> dict[str, Any]:
         time.sleep(step_s)
         print(f"step {i}", flush=True)
         job.progress(i / steps, f"step {i} of {steps}")
+    if args.get("fail_for_good") == "lamina":
+        from lamina.errors import NotFoundError
+
+        raise NotFoundError("no dataset 'nope'; `lamina data list` shows the datasets")
+    if args.get("fail_for_good") == "own":
+        raise BadInput("the argument x must be positive")
     if args.get("fail") or job.attempt < int(args.get("fail_until", 0)):
         raise RuntimeError(f"asked to fail on attempt {job.attempt}")
     job.produced("note", f"sleepy-{job.job_id}")
