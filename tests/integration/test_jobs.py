@@ -282,6 +282,13 @@ def test_the_cli_queues_lists_shows_and_cancels(tmp_path: Path) -> None:
     assert code == 2 and "missing job argument queries" in out
     code, out = lamina("submit", "sleepy", "--memory", "lots")
     assert code == 2 and "give a size like 512M" in out
+    # a misspelt dataset or model is refused when submitted, naming what there is, not when the job runs
+    code, out = lamina("submit", "embed", "--arg", "dataset=dcos")
+    assert code == 1 and "dataset 'dcos' has no versions (datasets: none yet)" in out
+    code, out = lamina("submit", "quantize", "--arg", "model=minlm", "--arg", "method=int8")
+    assert code == 1 and "minlm" in out
+    code, out = lamina("list", "--json")
+    assert code == 0 and len(json.loads(out)) == 1  # nothing queued by the refusals
     code, out = lamina("show", "job_nothere")
     assert code == 1 and "no job 'job_nothere'" in out
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -57,47 +58,73 @@ def _require(args: dict[str, Any], *names: str) -> None:
         )
 
 
-def _check_embed(args: dict[str, Any]) -> dict[str, Any]:
+class _Refs:
+    """Whether a submitted job's dataset and model exist, so that a misspelt one is refused when it is
+    submitted, with the names there are, not found minutes later when the job runs. Without a store (a
+    queue's kinds listed without one) nothing is looked up."""
+
+    def __init__(self, store: Store | None, state_dir: Path) -> None:
+        self._store, self._state_dir = store, state_dir
+
+    def dataset(self, args: dict[str, Any]) -> None:
+        if self._store is not None:
+            from lamina.data import DatasetCatalog
+
+            DatasetCatalog(self._store).resolve(str(args["dataset"]))
+
+    def model(self, args: dict[str, Any]) -> None:
+        if self._store is not None:
+            from lamina.models import Registry
+
+            Registry(self._store, self._state_dir / "blobs").get(str(args["model"]))
+
+
+def _check_embed(refs: _Refs, args: dict[str, Any]) -> dict[str, Any]:
     _require(args, "dataset")
+    refs.dataset(args)
     return args
 
 
-def _check_eval(args: dict[str, Any]) -> dict[str, Any]:
+def _check_eval(refs: _Refs, args: dict[str, Any]) -> dict[str, Any]:
     _require(args, "dataset", "queries")
     path = Path(str(args["queries"])).expanduser()
     if not path.is_file():
         raise InvalidRequestError(f"queries file {path} not found; give a JSONL file of labelled queries")
+    refs.dataset(args)
     return {**args, "queries": str(path.resolve())}
 
 
-def _check_train(args: dict[str, Any]) -> dict[str, Any]:
+def _check_train(refs: _Refs, args: dict[str, Any]) -> dict[str, Any]:
     from lamina.stack._train import check_train_args
 
-    return check_train_args(_check_eval(args))
+    return check_train_args(_check_eval(refs, args))
 
 
-def _check_quantize(args: dict[str, Any]) -> dict[str, Any]:
+def _check_quantize(refs: _Refs, args: dict[str, Any]) -> dict[str, Any]:
     _require(args, "model", "method")
+    refs.model(args)
     return args
 
 
-def job_kinds(config: LaminaConfig, state_dir: Path) -> dict[str, JobKind]:
-    """Every job kind of this stack: the built-in ones and the config's own."""
+def job_kinds(config: LaminaConfig, state_dir: Path, store: Store | None = None) -> dict[str, JobKind]:
+    """Every job kind of this stack: the built-in ones and the config's own; with ``store``, a job whose
+    dataset or model is not in it is refused when submitted."""
     context = {"state_dir": str(state_dir), "config": config.model_dump_json()}
+    refs = _Refs(store, state_dir)
     kinds = [
         JobKind(
             "embed",
             f"{_HERE}:run_embed",
             "(re-)embed a dataset version",
             context=context,
-            check_args=_check_embed,
+            check_args=partial(_check_embed, refs),
         ),
         JobKind(
             "eval",
             f"{_HERE}:run_eval",
             "retrieval nDCG@10/recall@10 of an embedding model",
             context=context,
-            check_args=_check_eval,
+            check_args=partial(_check_eval, refs),
         ),
         JobKind(
             "quantize",
@@ -105,7 +132,7 @@ def job_kinds(config: LaminaConfig, state_dir: Path) -> dict[str, JobKind]:
             "quantize a model behind the accuracy gate",
             resources=JobResources(cpus=1.0, memory_bytes=1024 * _MIB),
             context=context,
-            check_args=_check_quantize,
+            check_args=partial(_check_quantize, refs),
             max_attempts=1,
         ),
         JobKind(
@@ -114,7 +141,7 @@ def job_kinds(config: LaminaConfig, state_dir: Path) -> dict[str, JobKind]:
             "fine-tune the embedding model behind the accuracy gate (lamina[train])",
             resources=JobResources(cpus=1.0, memory_bytes=2048 * _MIB),
             context=context,
-            check_args=_check_train,
+            check_args=partial(_check_train, refs),
             max_attempts=1,
         ),
     ]
@@ -126,7 +153,7 @@ def job_kinds(config: LaminaConfig, state_dir: Path) -> dict[str, JobKind]:
 
 
 def open_job_queue(config: LaminaConfig, state_dir: Path, store: Store) -> JobQueue:
-    return JobQueue(store, job_kinds(config, state_dir))
+    return JobQueue(store, job_kinds(config, state_dir, store))
 
 
 def job_capacity(config: LaminaConfig, node: NodeInventory) -> ClusterSnapshot:
