@@ -142,6 +142,27 @@ def test_up_refuses_a_deployment_that_cannot_fit_before_starting_anything(tmp_pa
     assert not (state / "logs").exists(), "no replica process was started"
 
 
+def test_up_on_a_port_in_use_says_so_before_starting_anything(tmp_path: Path) -> None:
+    """Before this, the banner and "ready" came first (the models loaded, the replicas started), then
+    uvicorn's bare `[Errno 98] ... address already in use`."""
+    state = tmp_path / "state"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "lamina.cli", "up", "--state-dir", str(state), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"127.0.0.1:{port} is already in use" in done.stderr and "--port" in done.stderr
+    assert "is starting" not in done.stdout
+    assert not (state / "logs").exists(), "no replica process was started"
+
+
 def test_the_running_stack_exports_device_gauges_and_promtool_accepts_its_metrics(tmp_path: Path) -> None:
     """Device gauges in /metrics, and the whole page (gateway, engine, device, guard... series, after a
     plain, a streamed and a refused request) passes Prometheus' own linter, `promtool check metrics`.

@@ -98,7 +98,7 @@ def up(
     ] = False,
 ) -> None:
     """Start the whole stack in the foreground; Ctrl-C or SIGTERM stops it and every process it started."""
-    from lamina.stack.gateway import build_stack, serve  # the web stack, only for this command
+    from lamina.stack.gateway import bind_gateway, build_stack, serve  # the web stack, only for this command
 
     cfg, sdir = load(config, state_dir)
     # the replicas it starts inherit the format through the environment
@@ -106,6 +106,8 @@ def up(
     bind_host, bind_port = host or cfg.server.host, port if port is not None else cfg.server.port
     refuse_open_bind(cfg, sdir, bind_host, insecure_no_auth)
     try:
+        sock = bind_gateway(bind_host, bind_port)  # before the models load: a port in use fails at once
+        bind_port = sock.getsockname()[1]  # --port 0: the one the OS chose
         stack = build_stack(cfg, sdir)
     except LaminaError as exc:
         fail(exc, exit_code=2 if isinstance(exc, ConfigError) else 1)  # a config that cannot run: 2
@@ -125,7 +127,7 @@ def up(
         else:
             err_console.print("[green]ready:[/] every deployment has a ready replica")
 
-    serve(stack, bind_host, bind_port, on_ready=ready)
+    serve(stack, sock, bind_host, on_ready=ready)
 
 
 @config_app.command("show")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from lamina.data import (
     Retriever,
     publish_drift_metrics,
 )
-from lamina.errors import LaminaError
+from lamina.errors import InvalidRequestError, LaminaError, UnavailableError
 from lamina.logs import UVICORN_LOGGING
 from lamina.models import (
     Catalog,
@@ -308,15 +310,44 @@ async def _announce_ready(stack: Stack, on_ready: Callable[[], None] | None) -> 
         on_ready()
 
 
-def serve(stack: Stack, host: str, port: int, on_ready: Callable[[], None] | None = None) -> None:
-    """Run the gateway in the foreground until SIGINT or SIGTERM; every replica is stopped on the way out."""
+def bind_gateway(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket, bound before anything starts: a port in use or an address not of
+    this machine is a clear error at once, not after the models are loaded (and not uvicorn's bare
+    ``[Errno 98]``)."""
+    address = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
+    try:
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        where, port_hint = f"{host}:{port}", "choose another port with --port (or server.port in lamina.yaml)"
+        if exc.errno == errno.EADDRINUSE:
+            raise UnavailableError(
+                f"{where} is already in use (another `lamina up`, or another server): stop it, or {port_hint}"
+            ) from exc
+        if exc.errno == errno.EACCES:
+            raise InvalidRequestError(
+                f"listening on {where} needs privileges this user lacks: {port_hint}"
+            ) from exc
+        raise InvalidRequestError(
+            f"cannot listen on {where} ({exc.strerror or exc}): give an address of this machine with --host "
+            "or server.host (127.0.0.1: this machine only; 0.0.0.0: every interface)"
+        ) from exc
+    return sock
+
+
+def serve(stack: Stack, sock: socket.socket, host: str, on_ready: Callable[[], None] | None = None) -> None:
+    """Run the gateway on ``sock`` (``bind_gateway``) in the foreground until SIGINT or SIGTERM; every
+    replica is stopped on the way out."""
     app = create_gateway(stack, on_ready, host=host)
     loop = "auto" if stack.config.server.event_loop == "uvloop" else "asyncio"  # auto: uvloop if installed
+    port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, lifespan="on", loop=loop, **UVICORN_LOGGING)
     )
     settle_garbage_collector()
-    server.run()
+    server.run(sockets=[sock])
 
 
 #: the collector's first threshold in the gateway: allocations between young-generation collections
