@@ -94,6 +94,8 @@ def configure_logging(log_format: str | None = None, level: int = logging.INFO) 
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per replica call is noise
+    # a line per plugin and per migration on a new state directory: the store logs one line instead
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     return "json" if chosen == "json" else "text"
 
 

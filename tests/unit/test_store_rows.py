@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import sqlalchemy
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
@@ -44,3 +46,24 @@ def test_rows_go_in_power_of_two_statements_under_the_value_limit(
         assert conn.execute(select(func.count()).select_from(WIDE)).scalar() == rows
         last = conn.execute(select(WIDE.c.c13).where(WIDE.c.name == f"row {rows - 1}")).scalar()
         assert last == (rows - 1) * 13  # the values land in their own columns and rows
+
+
+def test_a_new_store_migrates_with_one_line_of_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Alembic's own lines (a plugin each, a migration each: 22 on a new state directory) are held back by
+    the logging setup; the store says once what it did, and nothing when there was nothing to do."""
+    import logging
+
+    from lamina.logs import configure_logging
+    from lamina.store._store import head_revision
+
+    configure_logging("text")
+    assert logging.getLogger("alembic").getEffectiveLevel() == logging.WARNING
+    store = Store(f"sqlite:///{tmp_path}/lamina.db")
+    try:
+        with caplog.at_level(logging.INFO):
+            store.migrate()
+            store.migrate()
+    finally:
+        store.close()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert lines == [f"metadata store sqlite:///{tmp_path}/lamina.db: schema {head_revision()} (was empty)"]

@@ -119,7 +119,8 @@ class Store:
         already at :func:`head_revision` costs one query: Alembic is imported only when there is work
         (its import and script scan took about 0.4 s of every CLI command).
         """
-        if self.revision() == head_revision():
+        was, head = self.revision(), head_revision()
+        if was == head:
             return
         from alembic import command
         from alembic.config import Config as AlembicConfig
@@ -145,6 +146,7 @@ class Store:
         finally:
             if engine is not self.engine:
                 engine.dispose()
+        _log.info("metadata store %s: schema %s (was %s)", self.safe_url, head, was or "empty")
 
     def revision(self) -> str | None:
         """The schema's migration revision (None: never migrated, or unreadable)."""
