@@ -33,10 +33,11 @@ class Kernel:
         self.now = 1_000.0
         self.busy = 0.0
         self.idle = 0.0
+        self.nice = 0.0
 
     def times(self) -> Times:
         # guest time is inside user time (as the kernel counts it): it must not count twice
-        return Times(self.busy, 0.0, 0.0, self.idle, 0.0, 0.0, 0.0, 0.0, self.busy / 2, 0.0)
+        return Times(self.busy, self.nice, 0.0, self.idle, 0.0, 0.0, 0.0, 0.0, self.busy / 2, 0.0)
 
     def clock(self) -> float:
         return self.now
@@ -65,6 +66,11 @@ def test_the_meter_reads_the_busy_share_of_each_interval() -> None:
     assert meter.read().percent is None
     kernel.run(1, 0.0)
     assert _reading(meter.read()) == (1_025.0, 1_026.1, pytest.approx(100 * 0.1 / 1.1))
+    # a niced job on the idle cores (the job queue's run at nice 19) takes only what the rest leaves
+    kernel.now += 10
+    kernel.busy += 10 * 2 * 0.25
+    kernel.nice += 10 * 2 * 0.75
+    assert _reading(meter.read()) == (1_026.1, 1_036.1, pytest.approx(25.0))
 
 
 def test_the_meter_reads_this_machine() -> None:

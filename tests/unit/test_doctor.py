@@ -228,8 +228,6 @@ def test_asked_just_after_a_sample_the_cpu_now_is_that_samples(monkeypatch: pyte
     doctor takes the sample's own period as "now" instead of blocking half a second to read again."""
     from types import SimpleNamespace
 
-    import psutil
-
     from lamina.compute._telemetry import CpuReading
     from lamina.config import LaminaConfig
     from lamina.stack import _doctor
@@ -237,7 +235,7 @@ def test_asked_just_after_a_sample_the_cpu_now_is_that_samples(monkeypatch: pyte
     def no_wait(*_: object, **__: object) -> float:
         raise AssertionError("the doctor read the CPU again")
 
-    monkeypatch.setattr(psutil, "cpu_percent", no_wait)
+    monkeypatch.setattr(_doctor, "CpuMeter", no_wait)
     sample = DeviceSample(100.0, 101.0, 42.0, None)
     stack = SimpleNamespace(
         config=LaminaConfig(),

@@ -7,7 +7,9 @@ sample that fails is logged and the loop goes on: telemetry never takes the gate
 
 The node's CPU utilisation is a :class:`CpuMeter` reading: the busy share of the kernel's CPU time
 between two samples (the whole interval, not an instant), from cumulative counters, so no other caller
-of ``psutil.cpu_percent`` moves its baseline.
+of ``psutil.cpu_percent`` moves its baseline. Time the kernel gave to niced processes (the job queue's
+jobs run at nice 19) is not busy: they take only what everything else leaves, so the CPU they use is free
+for the gateway and its replicas, and a batch job on idle cores does not read as a saturated machine.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ class CpuReading(NamedTuple):
 
 
 def _busy_and_total(times: Any) -> tuple[float, float]:
-    """psutil's own split (``cpu_percent``): guest time is inside user time; idle and iowait are idle."""
+    """psutil's split (``cpu_percent``: guest time is inside user time; idle and iowait are idle), with
+    niced time taken as idle too (see the module doc)."""
     fields = times._asdict()
     total = sum(fields.values()) - fields.get("guest", 0.0) - fields.get("guest_nice", 0.0)
-    return total - fields["idle"] - fields.get("iowait", 0.0), total
+    return total - fields["idle"] - fields.get("iowait", 0.0) - fields.get("nice", 0.0), total
 
 
 class CpuMeter:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-import psutil
-
 from lamina.application import Budget, CostLedger, Doctor
 from lamina.clock import utcnow
-from lamina.compute import CpuReading, probe_inventory
+from lamina.compute import CpuMeter, CpuReading, probe_inventory
 from lamina.config import LaminaConfig
 from lamina.data import DriftReports, GraphIndex
 from lamina.data.drift import since_of
@@ -60,8 +59,12 @@ def _device(cpu_percent: float | None = None) -> DeviceState:
     """The devices now; ``cpu_percent`` the CPU already read (None: read over half a second here)."""
     inventory = probe_inventory()
     utils = [g.utilization_pct for g in inventory.gpus if g.utilization_pct is not None]
+    if cpu_percent is None:  # as the device sampler reads it (niced jobs' time is free time)
+        meter = CpuMeter()
+        time.sleep(0.5)
+        cpu_percent = meter.read().percent
     return DeviceState(
-        cpu_percent=psutil.cpu_percent(interval=0.5) if cpu_percent is None else cpu_percent,
+        cpu_percent=cpu_percent,
         gpus=len(inventory.gpus),
         gpu_percent=sum(utils) / len(utils) if utils else None,
     )
