@@ -54,7 +54,7 @@ def _reading(reading: CpuReading) -> tuple[float, float, Any]:
 
 def test_the_meter_reads_the_busy_share_of_each_interval() -> None:
     kernel = Kernel()
-    meter = CpuMeter(kernel.times, kernel.clock)
+    meter = CpuMeter(kernel.times, kernel.clock, niced_idle=True)
     kernel.run(15, 0.75)
     assert _reading(meter.read()) == (1_000.0, 1_015.0, pytest.approx(75.0))
     kernel.run(5, 0.1)
@@ -71,6 +71,12 @@ def test_the_meter_reads_the_busy_share_of_each_interval() -> None:
     kernel.busy += 10 * 2 * 0.25
     kernel.nice += 10 * 2 * 0.75
     assert _reading(meter.read()) == (1_026.1, 1_036.1, pytest.approx(25.0))
+    # a stack started under `nice` has its replicas' time there too: then niced time is busy
+    niced_stack = CpuMeter(kernel.times, kernel.clock, niced_idle=False)
+    kernel.now += 10
+    kernel.nice += 10 * 2 * 0.5
+    kernel.idle += 10 * 2 * 0.5
+    assert niced_stack.read().percent == pytest.approx(50.0)
 
 
 def test_the_meter_reads_this_machine() -> None:

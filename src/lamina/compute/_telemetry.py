@@ -9,13 +9,15 @@ The node's CPU utilisation is a :class:`CpuMeter` reading: the busy share of the
 between two samples (the whole interval, not an instant), from cumulative counters, so no other caller
 of ``psutil.cpu_percent`` moves its baseline. Time the kernel gave to niced processes (the job queue's
 jobs run at nice 19) is not busy: they take only what everything else leaves, so the CPU they use is free
-for the gateway and its replicas, and a batch job on idle cores does not read as a saturated machine.
+for the gateway and its replicas, and a batch job on idle cores does not read as a saturated machine
+(unless the meter's own process runs niced: then the replicas' time is there too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -44,29 +46,36 @@ class CpuReading(NamedTuple):
     percent: float | None
 
 
-def _busy_and_total(times: Any) -> tuple[float, float]:
+def _busy_and_total(times: Any, niced_idle: bool) -> tuple[float, float]:
     """psutil's split (``cpu_percent``: guest time is inside user time; idle and iowait are idle), with
-    niced time taken as idle too (see the module doc)."""
+    niced time taken as idle too when ``niced_idle`` (see the module doc)."""
     fields = times._asdict()
     total = sum(fields.values()) - fields.get("guest", 0.0) - fields.get("guest_nice", 0.0)
-    return total - fields["idle"] - fields.get("iowait", 0.0) - fields.get("nice", 0.0), total
+    idle = fields["idle"] + fields.get("iowait", 0.0) + (fields.get("nice", 0.0) if niced_idle else 0.0)
+    return total - idle, total
 
 
 class CpuMeter:
     """The node's CPU utilisation since the previous reading (see the module doc)."""
 
     def __init__(
-        self, times: Callable[[], Any] = psutil.cpu_times, clock: Callable[[], float] = time.time
+        self,
+        times: Callable[[], Any] = psutil.cpu_times,
+        clock: Callable[[], float] = time.time,
+        niced_idle: bool | None = None,
     ) -> None:
+        """``niced_idle``: count niced time as idle; None: when this process runs at nice 0 (a stack
+        started under ``nice`` has its replicas' time there too)."""
         self._times = times
         self._clock = clock
-        self._last = (clock(), _busy_and_total(times()))
+        self._niced_idle = os.nice(0) == 0 if niced_idle is None else niced_idle
+        self._last = (clock(), _busy_and_total(times(), self._niced_idle))
 
     def read(self, *, advance: bool = True) -> CpuReading:
         """The busy share since the last advancing reading; ``advance=False`` leaves that point where it
         is (the doctor's look at the time since the last sample, which the sampler's next one covers)."""
         since, (busy0, total0) = self._last
-        now, (busy, total) = self._clock(), _busy_and_total(self._times())
+        now, (busy, total) = self._clock(), _busy_and_total(self._times(), self._niced_idle)
         if now - since < MIN_READING_S:  # the counters tick in hundredths: too short to say
             return CpuReading(since, now, None)
         if advance:
