@@ -293,6 +293,46 @@ def test_the_cli_queues_lists_shows_and_cancels(tmp_path: Path) -> None:
     assert code == 1 and "no job 'job_nothere'" in out
 
 
+async def test_gateways_that_share_a_store_run_its_queue_one_at_a_time(state: State) -> None:
+    """Two gateways on one metadata store: the second's scheduler must not take the first's running job
+    for an orphan (it would queue it again, to run twice); it stands by, and runs the queue once the
+    first stops."""
+    cfg, root, store = state
+    queue, first = scheduler(cfg, root, store)
+    other_store = open_store(cfg, root)  # the second gateway's own connection to the store
+    _, second = scheduler(cfg, root, other_store)
+    job = queue.submit("sleepy", {"steps": 100, "step_s": 0.1}, resources=SMALL)
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    running_first = asyncio.create_task(first.run(stop_first))
+    running_second: asyncio.Task[None] | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while queue.get(job.id).state is not JobState.RUNNING:
+            assert time.monotonic() < deadline, queue.get(job.id)
+            await asyncio.sleep(0.05)
+        pid = queue.get(job.id).pid
+        running_second = asyncio.create_task(second.run(stop_second))
+        await asyncio.sleep(1.0)  # ten of its intervals
+        still = queue.get(job.id)
+        assert (still.state, still.pid, still.attempts) == (JobState.RUNNING, pid, 1), still
+        assert first.running == [job.id] and second.running == []
+        stop_first.set()  # the first gateway stops: its job goes back to the queue, and the second runs it
+        await running_first
+        deadline = time.monotonic() + 30
+        while second.running != [job.id]:
+            assert time.monotonic() < deadline, queue.get(job.id)
+            await asyncio.sleep(0.05)
+        taken = queue.get(job.id)
+        assert taken.state is JobState.RUNNING and taken.pid not in (None, pid) and not alive(pid or 0)
+    finally:
+        stop_first.set()
+        stop_second.set()
+        await running_first
+        if running_second is not None:
+            await running_second
+        other_store.close()
+
+
 async def test_the_gateway_runs_the_queue_and_requeues_its_jobs_when_it_stops(tmp_path: Path) -> None:
     cfg = config(nice=5)
     stack = build_stack(cfg, tmp_path / "state")

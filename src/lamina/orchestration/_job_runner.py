@@ -13,6 +13,12 @@ Each step (``step``):
 Jobs found running in the store but not started by this scheduler were cut off by a previous gateway's
 exit (their processes died with it): they go back to the queue, not counted as an attempt. The loop
 never dies: a failing step is logged and the next one runs.
+
+One scheduler runs a queue: gateways that share a metadata store (PostgreSQL, several hosts) each have
+one, and ``run`` steps only while it holds the queue's lock (``JobQueue.leadership``); the others stand by
+and take over when it is released (its gateway stopped or died: the operating system or the database
+releases it). Without that, a second gateway's start would take the first's running jobs for orphans and
+queue them again, to run twice.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, Literal
 
 from lamina.clock import Clock, utcnow
 from lamina.compute import ClusterSnapshot, Demand, Placement
+from lamina.errors import ConflictError
 from lamina.orchestration._job_process import JobProcess
 from lamina.orchestration._jobs import WAITING, Job, JobQueue, JobState
 from lamina.orchestration._jobs_policy import (
@@ -42,6 +49,7 @@ from lamina.orchestration._jobs_policy import (
     retry_delay,
     schedule_jobs,
 )
+from lamina.store import HeldLock
 
 log = logging.getLogger("lamina.jobs")
 
@@ -114,9 +122,33 @@ class JobScheduler:
         return sorted(self._runs)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Step every ``interval_s`` until ``stop`` is set, then stop the jobs (they are queued again)."""
+        """While this scheduler leads the queue (the module doc), step every ``interval_s`` until ``stop``
+        is set, then stop the jobs (they are queued again); until it leads, stand by."""
+        standing_by = False
+        while not stop.is_set():
+            try:
+                with self.queue.leadership() as held:
+                    if standing_by:
+                        log.info("job scheduler: the queue's scheduler stopped; this gateway runs it now")
+                    standing_by = False
+                    await self._lead(stop, held)
+                continue
+            except ConflictError:
+                if not standing_by:
+                    log.info("job scheduler: another gateway's scheduler runs this queue; standing by")
+                standing_by = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._settings.interval_s)
+
+    async def _lead(self, stop: asyncio.Event, held: HeldLock) -> None:
+        self._adopted = False  # what is running and not ours now was left by the scheduler before
         try:
             while not stop.is_set():
+                try:
+                    held.check()
+                except ConflictError as exc:
+                    log.warning("job scheduler: %s; its jobs are stopped", exc.message)
+                    return
                 try:
                     await self.step()
                 except Exception:

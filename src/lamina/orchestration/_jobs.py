@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -24,7 +25,7 @@ from sqlalchemy import Row, insert, select, update
 from lamina.clock import Clock, utcnow
 from lamina.errors import ConflictError, InvalidRequestError, NotFoundError
 from lamina.orchestration._jobs_policy import job_demand
-from lamina.store import Store, jobs
+from lamina.store import HeldLock, Store, jobs
 
 _MIB = 1 << 20
 
@@ -162,6 +163,12 @@ class JobQueue:
         self._store = store
         self.kinds = dict(kinds)
         self._clock = clock
+
+    def leadership(self) -> AbstractContextManager[HeldLock]:
+        """The lock one scheduler holds while it runs this queue (every gateway on one store has one);
+        ConflictError at once when another holds it."""
+        busy = "another gateway's job scheduler runs this queue"
+        return self._store.lock("jobs:scheduler", busy=busy)
 
     def kind(self, name: str) -> JobKind:
         try:
