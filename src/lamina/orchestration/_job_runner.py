@@ -30,15 +30,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from lamina.clock import Clock, utcnow
 from lamina.compute import ClusterSnapshot, Demand, Placement
 from lamina.errors import ConflictError
 from lamina.orchestration._job_process import JobProcess
+from lamina.orchestration._job_run import JobRun
 from lamina.orchestration._jobs import WAITING, Job, JobQueue, JobState
 from lamina.orchestration._jobs_policy import (
     QueueContext,
@@ -46,7 +46,6 @@ from lamina.orchestration._jobs_policy import (
     WaitingJob,
     job_demand,
     reserve,
-    retry_delay,
     schedule_jobs,
 )
 from lamina.store import HeldLock
@@ -55,8 +54,6 @@ log = logging.getLogger("lamina.jobs")
 
 #: the job process's script, run by path (see its docstring)
 _JOB_MAIN = str(Path(__file__).with_name("_job_main.py"))
-#: the last lines of a failed job's log quoted in its error
-_TAIL_LINES = 8
 
 
 @dataclass(frozen=True)
@@ -69,26 +66,6 @@ class SchedulerSettings:
     stop_grace_s: float = 10.0
     #: added to a job process's niceness (its OS priority below the gateway's and the replicas')
     nice: int = 19
-
-
-@dataclass
-class _Run:
-    """One job process this scheduler started."""
-
-    job: Job
-    handle: JobProcess
-    placement: Placement
-    started: float
-    events: Path
-    offset: int = 0
-    stopping: Literal["cancel", "preempt", "shutdown"] | None = None
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    #: False when the job's error says the same arguments would fail again
-    retry: bool = True
-    progress: tuple[float, str] | None = None
-    inputs: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class JobScheduler:
@@ -110,7 +87,7 @@ class JobScheduler:
         self._serving = serving
         self._settings = settings or SchedulerSettings()
         self._clock = clock
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, JobRun] = {}
         self._waiting_reason: dict[str, str] = {}
         self._adopted = False
 
@@ -177,94 +154,26 @@ class JobScheduler:
 
     # -- following and finishing ---------------------------------------------------------------------
 
-    def _follow(self, run: _Run) -> None:
+    def _follow(self, run: JobRun) -> None:
         """Read the events the job wrote since last time; finish it if its process exited."""
         code = run.handle.poll()
         self._read_events(run)
         if code is not None:
             self._finish(run, code)
 
-    def _read_events(self, run: _Run) -> None:
-        try:
-            with run.events.open("rb") as f:
-                f.seek(run.offset)
-                data = f.read()
-        except OSError:
-            return
-        end = data.rfind(b"\n") + 1  # a line being written is read next time
-        run.offset += end
-        for line in data[:end].splitlines():
-            with contextlib.suppress(ValueError):
-                self._event(run, json.loads(line))
-        changes: dict[str, Any] = {}
-        if run.progress is not None:
-            changes["progress"], changes["message"] = run.progress
-            run.progress = None
-        if end and (run.inputs or run.outputs):
-            changes["inputs"], changes["outputs"] = run.inputs, run.outputs
+    def _read_events(self, run: JobRun) -> None:
+        changes = run.read_events()
         if changes:
             self.queue.update(run.job.id, expect=JobState.RUNNING, **changes)
 
-    @staticmethod
-    def _event(run: _Run, event: dict[str, Any]) -> None:
-        kind = event.pop("type", None)
-        if kind == "progress":
-            run.progress = (float(event.get("progress", 0.0)), str(event.get("message", "")))
-        elif kind == "input":
-            run.inputs.append(event)
-        elif kind == "output":
-            run.outputs.append(event)
-        elif kind == "result":
-            run.result = event.get("result") or {}
-        elif kind == "error":
-            run.error = str(event.get("error"))
-            run.retry = event.get("retry") is not False
-
-    def _finish(self, run: _Run, code: int) -> None:
+    def _finish(self, run: JobRun, code: int) -> None:
         self._runs.pop(run.job.id, None)
-        job, now = run.job, self._clock()
-        common: dict[str, Any] = {"pid": None, "finished_at": now, "cancel_requested": False}
-        if code == 0 and run.result is not None:  # done, even if a stop came as it finished
-            state = JobState.SUCCEEDED
-            common.update(result=run.result, progress=1.0, message="succeeded")
-        elif run.stopping == "cancel":
-            state, common["message"] = JobState.CANCELLED, "cancelled while running"
-        elif run.stopping in ("preempt", "shutdown"):
-            preempted = run.stopping == "preempt"
-            why = (
-                "preempted for serving or a higher-priority job" if preempted else "stopped with the gateway"
-            )
-            state = JobState.PREEMPTED if preempted else JobState.QUEUED
-            common.update(message=f"{why}; waits in the queue to run again", attempts=job.attempts - 1)
-            common["finished_at"] = None
-            if preempted:
-                common["preemptions"] = job.preemptions + 1
-        else:
-            state = self._failed(run, code, common)
-        self.queue.update(job.id, expect=JobState.RUNNING, state=state, **common)
-        log.info("job %s (%s): %s", job.id, job.kind, state.value)
-
-    def _failed(self, run: _Run, code: int, common: dict[str, Any]) -> JobState:
-        job = run.job
-        error = run.error or f"the job process exited with code {code}: {self._tail(run)}"
-        common["error"] = error
-        if not run.retry:
-            common["message"] = f"failed, not retried (the same arguments would fail again): {error}"
-            return JobState.FAILED
-        if job.attempts < job.max_attempts:
-            settings = self._settings
-            delay = retry_delay(job.attempts, settings.retry_backoff_s, settings.retry_backoff_max_s)
-            common["not_before"] = self._clock() + timedelta(seconds=delay)
-            common["finished_at"] = None
-            common["message"] = (
-                f"attempt {job.attempts} of {job.max_attempts} failed; retrying in {delay:.0f}s: {error}"
-            )
-            return JobState.QUEUED
-        common["message"] = f"failed after {job.attempts} attempts: {error}"
-        return JobState.FAILED
-
-    def _tail(self, run: _Run) -> str:
-        return run.handle.tail_log(_TAIL_LINES).strip() or "(no output)"
+        settings = self._settings
+        state, changes = run.outcome(
+            code, self._clock(), settings.retry_backoff_s, settings.retry_backoff_max_s
+        )
+        self.queue.update(run.job.id, expect=JobState.RUNNING, state=state, **changes)
+        log.info("job %s (%s): %s", run.job.id, run.job.kind, state.value)
 
     def _requeue_orphans(self, running: Sequence[Job]) -> None:
         for job in running:
@@ -289,11 +198,11 @@ class JobScheduler:
                 message="interrupted by a restart of the scheduler; waits in the queue to run again",
             )
 
-    async def _stop_all(self, runs: Sequence[_Run], why: Literal["cancel", "preempt", "shutdown"]) -> None:
+    async def _stop_all(self, runs: Sequence[JobRun], why: Literal["cancel", "preempt", "shutdown"]) -> None:
         for run in runs:
             run.stopping = why
 
-        async def stop(run: _Run) -> None:
+        async def stop(run: JobRun) -> None:
             code = await asyncio.to_thread(run.handle.stop, self._settings.stop_grace_s)
             await asyncio.to_thread(self._read_events, run)
             await asyncio.to_thread(self._finish, run, code)
@@ -384,7 +293,7 @@ class JobScheduler:
             )
             return
         self.queue.update(job.id, pid=handle.pid, message="running")
-        self._runs[job.id] = _Run(claimed, handle, placement, now, events)
+        self._runs[job.id] = JobRun(claimed, handle, placement, now, events)
         log.info("job %s (%s) started, attempt %d, pid %d", job.id, job.kind, claimed.attempts, handle.pid)
 
 
