@@ -70,3 +70,41 @@ async def test_the_controller_refuses_a_threshold_below_one(tmp_path: Path) -> N
     async with httpx.AsyncClient() as http:
         with pytest.raises(ConfigError, match="unhealthy_checks must be 1 or more, not 0"):
             Controller(LocalProcessBackend(tmp_path), http=http, unhealthy_checks=0)
+
+
+def test_a_replica_stopped_while_its_port_report_is_read_is_no_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report pipe is read on the event loop (the controller's status) and closed by a stop in a
+    worker thread (a scale to zero): the read must not meet a descriptor closed under it (CI saw a
+    500 from /admin/v1/deployments: `OSError: [Errno 9] Bad file descriptor`)."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from lamina.orchestration import _local
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    handle = _local.ProcessHandle("lazy-0", process, Path(os.devnull), "secret", report_fd=read_end)
+    real_read = os.read
+
+    def read_while_stopped(fd: int, n: int) -> bytes:
+        stopping = threading.Thread(target=handle.close_report)  # the stop's thread, right then
+        stopping.start()
+        stopping.join(0.2)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", read_while_stopped)  # the module _local reads it from
+    try:
+        assert handle.port is None  # nothing reported yet, and no error
+    finally:
+        monkeypatch.undo()
+        os.close(write_end)
+    deadline = 50
+    while handle.report_fd is not None and deadline:
+        threading.Event().wait(0.01)
+        deadline -= 1
+    assert handle.report_fd is None  # the stop closed it once the read was done

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,9 @@ class ProcessHandle:
     _received: bytes = field(default=b"", repr=False)
     #: when the backend last asked the OS whether the process still runs (``secret_for``)
     polled_at: float = field(default=0.0, repr=False)
+    #: the report pipe is read on the event loop and closed by ``stop`` in a worker thread: without it, a
+    #: read could meet a descriptor closed under it (EBADF), or reused meanwhile for another file
+    _report_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def pid(self) -> int:
@@ -87,7 +91,9 @@ class ProcessHandle:
     def port(self) -> int | None:
         """The port the replica reported it serves on; None until it has (reads its pipe, never blocks)."""
         if self._port is None and self.report_fd is not None:
-            self._read_report()
+            with self._report_lock:
+                if self.report_fd is not None:  # not closed by a stop meanwhile
+                    self._read_report()
         return self._port
 
     @property
@@ -125,10 +131,11 @@ class ProcessHandle:
 
     def close_report(self) -> None:
         """Close this end of the report pipe (idempotent)."""
-        if self.report_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.report_fd)
-            self.report_fd = None
+        with self._report_lock:
+            if self.report_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.report_fd)
+                self.report_fd = None
 
 
 def _die_with_parent(argv: list[str]) -> list[str]:
