@@ -302,6 +302,18 @@ def in_process(s: Settings) -> Callable[[str], Stream]:
     return run
 
 
+def _request(prompt: str, s: Settings) -> dict[str, Any]:
+    """What every stream asks, whichever client sends it: greedy, ``max_tokens``, usage in the last event."""
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": s.max_tokens,
+        "temperature": 0,
+        "seed": s.seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 def over_http_sse(client: httpx.Client, base_url: str, s: Settings) -> Callable[[str], Stream]:
     """One streamed chat completion read as server-sent events with ``httpx`` and ``json.loads`` per event (as
     vLLM's benchmark_serving reads them): about a third of the openai client's CPU per token, which on a
@@ -309,15 +321,7 @@ def over_http_sse(client: httpx.Client, base_url: str, s: Settings) -> Callable[
     streams against 120-140, and 700 against 300 at 1, measured on 2 December)."""
 
     def run(prompt: str) -> Stream:
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": s.max_tokens,
-            "temperature": 0,
-            "seed": s.seed,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        body = {"model": MODEL, **_request(prompt, s)}
         t0 = time.perf_counter()
         ttft, chunks, usage = 0.0, 0, None
         with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
@@ -343,15 +347,7 @@ def over_http(client: openai.OpenAI, s: Settings) -> Callable[[str], Stream]:
     def run(prompt: str) -> Stream:
         t0 = time.perf_counter()
         ttft, chunks, usage = 0.0, 0, None
-        stream = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=s.max_tokens,
-            temperature=0,
-            seed=s.seed,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        stream = client.chat.completions.create(model=MODEL, **_request(prompt, s))
         for chunk in stream:
             if chunk.usage is not None:
                 usage = chunk.usage.completion_tokens

@@ -87,6 +87,13 @@ def print_json(data: Any) -> None:
 def state_store(config: Path | None, state_dir: Path | None) -> Iterator[Store]:
     """The metadata store of the state directory, closed at the end; a bad input (InvalidRequestError)
     exits 2, any other Lamina error 1, each on one line."""
+    with state(config, state_dir) as (_, _, store):
+        yield store
+
+
+@contextmanager
+def state(config: Path | None, state_dir: Path | None) -> Iterator[tuple[LaminaConfig, Path, Store]]:
+    """The effective config, the state directory and its open store, as ``state_store`` handles them."""
     cfg, root = load(config, state_dir)
     try:
         store = open_store(cfg, root)
@@ -94,7 +101,7 @@ def state_store(config: Path | None, state_dir: Path | None) -> Iterator[Store]:
         fail(exc)
     try:
         with failing():
-            yield store
+            yield cfg, root, store
     finally:
         store.close()
 

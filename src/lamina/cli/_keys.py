@@ -25,10 +25,10 @@ from lamina.cli._common import (
     StateDirOption,
     err_console,
     fail,
-    load,
     out_console,
     print_json,
     print_table,
+    state,
     state_store,
 )
 from lamina.clock import utcnow
@@ -155,8 +155,7 @@ def create(
         budget_period=None if period is None else period.value,
         expires_at=expires_at,
     )
-    cfg, root = load(config, state_dir)
-    with state_store(config, state_dir) as store:
+    with state(config, state_dir) as (cfg, root, store):
         record, secret = KeyStore(store).create(spec)
         unknown = unknown_names(cfg, store, root, spec.models or (), spec.datasets or ())
     _secret_shown(record, secret, "created", json_output)

@@ -51,10 +51,15 @@ def open_store(config: LaminaConfig, state_dir: Path) -> Store:
     return store
 
 
+def registry_of(store: Store, state_dir: Path) -> Registry:
+    """The model registry of a state directory whose store is open (its files under ``blobs/``)."""
+    return Registry(store, state_dir / "blobs")
+
+
 def open_registry(config: LaminaConfig, state_dir: Path) -> tuple[Store, Registry]:
     """The migrated metadata store and the model registry of a state directory."""
     store = open_store(config, state_dir)
-    return store, Registry(store, state_dir / "blobs")
+    return store, registry_of(store, state_dir)
 
 
 @dataclass
@@ -161,7 +166,7 @@ def open_data_stack(
         config=config,
         state_dir=state_dir,
         store=store,
-        registry=registry or Registry(store, state_dir / "blobs"),
+        registry=registry or registry_of(store, state_dir),
         catalog=DatasetCatalog(store),
         vectors=open_vectors(config, state_dir),
         lineage=lineage,

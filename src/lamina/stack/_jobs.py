@@ -74,9 +74,9 @@ class _Refs:
 
     def model(self, args: dict[str, Any]) -> None:
         if self._store is not None:
-            from lamina.models import Registry
+            from lamina.stack._data import registry_of
 
-            Registry(self._store, self._state_dir / "blobs").get(str(args["model"]))
+            registry_of(self._store, self._state_dir).get(str(args["model"]))
 
 
 def _check_embed(refs: _Refs, args: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lamina.config import LaminaConfig
 from lamina.data import DatasetCatalog
-from lamina.models import Registry
+from lamina.stack._data import registry_of
 from lamina.stack._deployment_store import DeploymentStore
 from lamina.store import Store
 
@@ -21,7 +21,7 @@ def model_names(config: LaminaConfig, store: Store, state_dir: Path) -> set[str]
     names |= {a.name for a in config.rag} | {d.name for d in DeploymentStore(store).list()}
     if config.demo.on(config.register_bundled):
         names.add(config.demo.alias)
-    for version in Registry(store, state_dir / "blobs").list():
+    for version in registry_of(store, state_dir).list():
         names |= {version.name, f"{version.name}@{version.version}"}
         names |= {f"{version.name}@{alias}" for alias in version.aliases}
     return names
