@@ -126,7 +126,11 @@ async def test_a_stuck_step_shows_as_stalled() -> None:
     runner.attach(stepper)
     try:
         stream: TokenStream[str | Delta] = runner.submit(stepper.add)
-        await asyncio.sleep(0.05)
+        # stepping: not stalled (on a loaded machine the engine thread may wait for a core a while, so
+        # look until it has stepped, up to 5 s, instead of once after 50 ms)
+        deadline = time.monotonic() + 5
+        while runner.stalled(0.5) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         assert runner.stalled(0.5) is None
         stepper.block.clear()
         await asyncio.sleep(0.3)
