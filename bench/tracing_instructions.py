@@ -67,6 +67,7 @@ def child(mode: str, requests: int, stream: bool) -> None:
     telemetry = Telemetry(service_name="bench", tracing=mode == "on", metrics=mode == "on")
     if mode == "on":
         telemetry.keeper.sampler.decide = lambda *_, **__: None  # type: ignore[method-assign]
+        telemetry.keeper.sampler.ordinary = lambda *_: None  # type: ignore[method-assign]
         _breakdown._TABLE = 1_000_000  # microseconds: texts up to 1,000 ms kept
 
     def count(on: bool) -> None:

@@ -10,13 +10,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import pytest
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from lamina.application._exchange_spans import DispatchStep
 from lamina.application._tracing import Exchange
 from lamina.observability import LAYER, SamplingPolicy, Telemetry, read_trace
-from lamina.observability._fast_metrics import FastMetrics
+from lamina.observability._fast_metrics import Buckets, FastMetrics
 from lamina.observability._request_fold import BATCH
 from lamina.store import Store
 from tests.support.gateway import LAMINA
@@ -52,6 +53,20 @@ def test_fast_series_render_as_prometheus_client_renders_the_same_updates() -> N
         histogram.labels("m").observe(value)
         fast_histogram.labels("m").observe(value)
     assert sorted(_samples(generate_latest(ours))) == sorted(_samples(generate_latest(theirs)))
+
+
+def test_a_histogram_takes_a_batch_as_it_takes_each_value() -> None:
+    """A batch of more than a few values is bisected and tallied with numpy: the same buckets (a value on
+    a bound is in that bound's bucket) and the same sum as one value at a time."""
+    bounds = (0.01, 0.1, 1.0, 10.0)
+    values = [0.01, 1.0, 10.0, 10.5, *[i / 7 for i in range(-3, 40)]]
+    one, batch, few = Buckets(bounds), Buckets(bounds), Buckets(bounds)
+    for value in values:
+        one.observe(value)
+    batch.observe_many(values)
+    few.observe_many(values[:3])
+    assert batch.counts == one.counts and batch.sum == pytest.approx(one.sum, rel=1e-12)
+    assert few.counts == [1, 0, 1, 1, 0]
 
 
 def _chat(telemetry: Telemetry, model: str = "chat") -> Exchange:

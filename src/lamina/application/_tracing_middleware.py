@@ -87,7 +87,7 @@ class TelemetryMiddleware:
                 headers = [*message.get("headers", []), header]
                 layers = exchange.reported or exchange.breakdown()  # a stream's: up to its first byte
                 if layers is not None:
-                    headers.append((_LAYERS_HEADER, layers.header().encode()))
+                    headers.append((_LAYERS_HEADER, layers.header_bytes()))
                 message = {**message, "headers": headers}
             await send(message)
 

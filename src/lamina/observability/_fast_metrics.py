@@ -16,6 +16,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -53,13 +54,26 @@ class Buckets:
         self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in its bucket
         self.sum += value
 
-    def observe_many(self, values: Sequence[float]) -> None:
-        """``observe`` each of ``values``, in order (the same sum to the last bit)."""
-        counts, bounds, total = self.counts, self.bounds, self.sum
-        for value in values:
-            counts[bisect_left(bounds, value)] += 1
-            total += value
-        self.sum = total
+    def observe_many(self, values: Sequence[float] | np.ndarray) -> None:
+        """``observe`` each of ``values`` (finite numbers): a batch of more than a few at once, with numpy
+        (one bisection and one tally for all of them)."""
+        if len(values) <= _FEW:
+            counts, bounds, total = self.counts, self.bounds, self.sum
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+                total += value
+            self.sum = float(total)
+            return
+        array = np.asarray(values, dtype=np.float64)
+        tally = np.bincount(np.searchsorted(self.bounds, array, side="left"), minlength=len(self.counts))
+        counts = self.counts
+        for i, count in enumerate(tally.tolist()):
+            counts[i] += count
+        self.sum += float(array.sum())
+
+
+#: how many values a histogram takes one at a time (numpy's setup costs more than a few bisections)
+_FEW = 8
 
 
 class Family:

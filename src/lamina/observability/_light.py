@@ -30,7 +30,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes, AttributeValue
 
-from lamina.observability._open_trace import OpenTrace
+from lamina.observability._open_trace import ROOT_LAYER, OpenTrace
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
@@ -82,6 +82,26 @@ class LightSpan(trace.Span):
         self.layer = opened.begin(
             self, span_id, parent_id, layer if isinstance(layer, str) else None, self.start_time
         )
+
+    @classmethod
+    def root(cls, keeper: Any, opened: OpenTrace, name: str, attributes: dict[str, Any]) -> LightSpan:
+        """A trace's local root (:meth:`LightTracer.start_root`), made on every request: ``attributes``
+        become its own (not copied), and its layer is theirs, else the application's."""
+        span = cls.__new__(cls)
+        span._keeper = keeper
+        span.trace = opened
+        span.name = name
+        span.span_id = span_id = random.getrandbits(64) or 1
+        span._parent_id = None
+        span._attributes = attributes
+        span._events = []
+        span._status = _UNSET
+        span._context = None
+        span.start_time = start = time.time_ns()
+        span.end_time = None
+        layer = attributes.get(_LAYER)
+        span.layer = opened.begin_root(span, span_id, layer if isinstance(layer, str) else ROOT_LAYER, start)
+        return span
 
     @property
     def context(self) -> SpanContext:
@@ -251,13 +271,16 @@ class LightTracer(trace.Tracer):
         self, name: str, attributes: Attributes = None, caller: SpanContext | None = None
     ) -> trace.Span:
         """A new trace's root, whatever the current span (a request's): ``start_span`` with an empty
-        context, without its parent lookups. ``caller``: the span of the request's ``traceparent``, whose
-        trace the exported spans join (``_caller.py``)."""
+        context, without its parent lookups; the span takes ``attributes`` as its own (a dict made for
+        it: not copied). ``caller``: the span of the request's ``traceparent``, whose trace the exported
+        spans join (``_caller.py``)."""
         if not self.record:
             return trace.NonRecordingSpan(SpanContext(_new_id(128), _new_id(64), False, _SAMPLED))
-        opened = self.keeper.open(_new_id(128), _SAMPLED)
-        opened.caller = caller
-        return LightSpan(self.keeper, opened, name, _new_id(64), None, attributes, None)
+        keeper = self.keeper
+        opened = keeper.open(random.getrandbits(128) or 1, _SAMPLED)
+        if caller is not None:
+            opened.caller = caller
+        return LightSpan.root(keeper, opened, name, attributes if isinstance(attributes, dict) else {})
 
     def start_as_current_span(  # type: ignore[override]  # a plain class, not the API's private decorator
         self,

@@ -112,6 +112,13 @@ class OpenTrace:
         self.held.append((obj, span_id, parent_id, start))
         return str(entry[2])
 
+    def begin_root(self, obj: Any, span_id: int, layer: str, start: int) -> str:
+        """:meth:`begin` for the root (the first span), whose layer is known: ``layer``."""
+        self.root_id = span_id
+        self.known[span_id] = self.running[span_id] = [start, None, layer, None]
+        self.held.append((obj, span_id, None, start))
+        return layer
+
     def end(self, span_id: int, end: int) -> None:
         """The span ``span_id`` ended at ``end``."""
         entry = self.running.pop(span_id, None)
@@ -179,16 +186,21 @@ class OpenTrace:
 
     def breakdown(self, now: int) -> Breakdown:
         """The per-layer time of the trace so far, running spans up to ``now``."""
-        totals = dict(self.net)
-        for entry in self.running.values():
-            duration = max(now - entry[0], 0)
-            if entry[2] in totals:
-                totals[entry[2]] += duration
-            if entry[3] in totals:
-                totals[entry[3]] -= duration
         root = self.known[self.root_id]
+        running = self.running
+        if len(running) == 1 and root[1] is None and root[2] == ROOT_LAYER:  # only the root runs: an answer
+            app, data, models, orch, compute = self.net.values()  # the keys are LAYERS, in order
+            app += now - root[0] if now > root[0] else 0
+        else:
+            totals = dict(self.net)
+            for entry in running.values():
+                duration = max(now - entry[0], 0)
+                if entry[2] in totals:
+                    totals[entry[2]] += duration
+                if entry[3] in totals:
+                    totals[entry[3]] -= duration
+            app, data, models, orch, compute = totals.values()
         total = (root[1] if root[1] is not None else now) - root[0]
-        app, data, models, orch, compute = totals.values()  # the keys are LAYERS, in order
         return Breakdown.of_us(  # whole microseconds
             (
                 app // 1000 if app > 0 else 0,
@@ -197,5 +209,5 @@ class OpenTrace:
                 orch // 1000 if orch > 0 else 0,
                 compute // 1000 if compute > 0 else 0,
             ),
-            max(total, 0) // 1000,
+            total // 1000 if total > 0 else 0,
         )

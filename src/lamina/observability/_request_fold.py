@@ -5,16 +5,20 @@ and decode times, the time per layer, the cache and rate-limit outcomes). Done a
 that is twenty small calls, each meeting cold caches between the rest of the request's work; here the
 request path appends one tuple, and :meth:`RequestFold.fold` counts a batch: before every scrape (the
 registry's collect) and every :data:`BATCH` requests, so the memory it holds is bounded. A batch is first
-tallied per series (one pass of plain list appends and additions, no call per update), then each series
-takes its tally at once: a counter one addition, a histogram its values in one loop. The live gauges
-(requests in flight, waiting, running) are still updated as they change.
+grouped per series (one pass of plain list appends), then counted a column at a time with numpy: the
+replies' tokens and the engine's timings of a deployment as arrays, each histogram's values bisected and
+tallied at once, the layers' microseconds as one matrix (about a fifth of the instructions a loop over the
+requests took). The live gauges (requests in flight, waiting, running) are still updated as they change.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from lamina.observability._breakdown import LAYERS
 
@@ -65,83 +69,59 @@ class RequestFold:
                 _count(self._metrics, batch)
 
 
-class _ModelTally:
-    """What a batch adds to one deployment's series."""
+def _column(values: list[Any]) -> np.ndarray:
+    """``values`` as floats, NaN for what is no number (None, a bool, a string: a replica's odd figure)."""
+    if _NUMBERS.issuperset(map(type, values)):
+        return np.fromiter(values, dtype=np.float64, count=len(values))
+    return np.array([v if type(v) in _NUMBERS else np.nan for v in values], dtype=np.float64)
 
-    __slots__ = ("decode", "e2e", "hits", "inter_token", "prefill", "queries", "queue", "tokens", "tps")
 
-    def __init__(self) -> None:
-        self.e2e: list[float] = []
-        self.queue: list[float] = []
-        self.prefill: list[float] = []
-        self.decode: list[float] = []
-        self.inter_token: list[float] = []
-        self.tps: list[float] = []
-        #: prompt and generated tokens, prefix-cache queries and hits
-        self.tokens = [0, 0]
-        self.queries = self.hits = 0
-
-    def reply(self, usage: Mapping[str, Any], ext: Mapping[str, Any]) -> None:
-        """One reply's tokens and the engine's timings as its replica reported them."""
-        numbers = _NUMBERS
-        tokens_in: Any = usage.get("prompt_tokens")  # Any: checked by type below, None when no number
-        tokens_out: Any = usage.get("completion_tokens")
-        if type(tokens_in) not in numbers:
-            tokens_in = None
-        elif tokens_in > 0:
-            self.tokens[0] += int(tokens_in)
-        if type(tokens_out) not in numbers:
-            tokens_out = None
-        elif tokens_out > 0:
-            self.tokens[1] += int(tokens_out)
-        engine_ms: Any = ext.get("engine_ms")
-        queue_ms: Any = ext.get("queue_ms")
-        ttft_ms: Any = ext.get("ttft_ms")
-        if type(engine_ms) not in numbers:
-            engine_ms = None
-        elif tokens_out and tokens_out > 0 and engine_ms > 0:
-            self.tps.append(tokens_out / (engine_ms / 1000))
-        if type(queue_ms) not in numbers:
-            queue_ms = None
-        elif queue_ms >= 0:
-            self.queue.append(queue_ms / 1000)
-        if queue_ms is not None and type(ttft_ms) in numbers and tokens_out is not None:
-            prefill_ms = max(ttft_ms - queue_ms, 0.0)
-            self.prefill.append(prefill_ms / 1000)
-            if engine_ms is not None:
-                decode_ms = max(engine_ms - prefill_ms, 0.0)
-                self.decode.append(decode_ms / 1000)
-                if tokens_out > 1:
-                    self.inter_token.append(decode_ms / 1000 / (tokens_out - 1))
+def _replies_into(series: Any, replies: list[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> None:
+    """The replies of one deployment in a batch: their tokens and the engine's timings as each replica
+    reported them, tallied column by column (a reply's figures that are no numbers count as absent)."""
+    usages = [usage for usage, _ in replies]
+    exts = [ext for _, ext in replies]
+    tokens_in = _column([u.get("prompt_tokens") for u in usages])
+    tokens_out = _column([u.get("completion_tokens") for u in usages])
+    engine = _column([e.get("engine_ms") for e in exts])
+    queue = _column([e.get("queue_ms") for e in exts])
+    ttft = _column([e.get("ttft_ms") for e in exts])
+    # NaN compares False: each mask holds the replies whose figures it needs
+    series.input_tokens.inc(int(np.trunc(tokens_in[tokens_in > 0]).sum()))
+    series.output_tokens.inc(int(np.trunc(tokens_out[tokens_out > 0]).sum()))
+    fast = (tokens_out > 0) & (engine > 0)
+    series.tokens_per_second.observe_many(tokens_out[fast] / (engine[fast] / 1000))
+    series.queue.observe_many(queue[queue >= 0] / 1000)
+    timed = ~(np.isnan(queue) | np.isnan(ttft) | np.isnan(tokens_out))  # a prefill: queue and first token
+    prefill_ms = np.maximum(ttft[timed] - queue[timed], 0.0)
+    series.prefill.observe_many(prefill_ms / 1000)
+    ended = ~np.isnan(engine[timed])  # a decode: the engine's time too
+    decode_s = np.maximum(engine[timed][ended] - prefill_ms[ended], 0.0) / 1000
+    series.decode.observe_many(decode_s)
+    more = tokens_out[timed][ended] > 1
+    series.inter_token.observe_many(decode_s[more] / (tokens_out[timed][ended][more] - 1))
+    queries = hits = 0
+    for usage, tokens in zip(usages, tokens_in.tolist(), strict=True):
         details = usage.get("prompt_tokens_details")
-        if tokens_in is not None and isinstance(details, dict):
+        if isinstance(details, dict) and tokens == tokens:  # not NaN: the prompt's tokens are a number
             cached: Any = details.get("cached_tokens")
-            if type(cached) in numbers:
-                self.queries += max(int(tokens_in), 0)
-                self.hits += max(min(int(cached), int(tokens_in)), 0)
-
-    def into(self, series: Any) -> None:
-        series.e2e.observe_many(self.e2e)
-        series.input_tokens.inc(self.tokens[0])
-        series.output_tokens.inc(self.tokens[1])
-        series.tokens_per_second.observe_many(self.tps)
-        series.queue.observe_many(self.queue)
-        series.prefill.observe_many(self.prefill)
-        series.decode.observe_many(self.decode)
-        series.inter_token.observe_many(self.inter_token)
-        if self.queries or self.hits:
-            series.prefix_queries.inc(self.queries)
-            series.prefix_hits.inc(self.hits)
+            if type(cached) in _NUMBERS:
+                queries += max(int(tokens), 0)
+                hits += max(min(int(cached), int(tokens)), 0)
+    if queries or hits:
+        series.prefix_queries.inc(queries)
+        series.prefix_hits.inc(hits)
 
 
 def _count(metrics: GatewayMetrics, batch: list[Finished]) -> None:
     """Tally ``batch`` per series, then hand each series its tally."""
     requests: dict[tuple[str, str, int], list[float]] = {}
-    models: dict[str, _ModelTally] = {}
+    e2e: dict[str, list[float]] = {}
+    replies: dict[str, list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
     rows: list[Sequence[int]] = []
     cache: dict[str, int] = {}
     limited: dict[str, int] = {}
-    for model, endpoint, status, seconds, replies, layers, cached, limit in batch:
+    for model, endpoint, status, seconds, answered, layers, cached, limit in batch:
         if endpoint is not None:
             durations = requests.get((endpoint, model, status))
             if durations is None:
@@ -149,13 +129,18 @@ def _count(metrics: GatewayMetrics, batch: list[Finished]) -> None:
             else:
                 durations.append(seconds)
         if model:  # a request never routed has no model series
-            tally = models.get(model)
-            if tally is None:
-                tally = models[model] = _ModelTally()
             if endpoint is not None:
-                tally.e2e.append(seconds)
-            for usage, ext in replies:
-                tally.reply(usage, ext)
+                timed = e2e.get(model)
+                if timed is None:
+                    e2e[model] = [seconds]
+                else:
+                    timed.append(seconds)
+            if answered:
+                held = replies.get(model)
+                if held is None:
+                    replies[model] = list(answered)
+                else:
+                    held.extend(answered)
         if layers is not None:
             rows.append(layers)
         if cached is not None:
@@ -164,22 +149,28 @@ def _count(metrics: GatewayMetrics, batch: list[Finished]) -> None:
             limited[limit] = limited.get(limit, 0) + 1
     for (endpoint, model, status), durations in requests.items():
         metrics.observe_requests(endpoint=endpoint, model=model, status=status, seconds=durations)
-    for model, tally in models.items():
-        tally.into(metrics.model(model))
-    child, traffic = metrics.child, metrics.traffic
+    for model, durations in e2e.items():
+        metrics.model(model).e2e.observe_many(durations)
+    for model, answers in replies.items():
+        _replies_into(metrics.model(model), answers)
     if rows:
-        for name, total in zip(LAYERS, [sum(column) for column in zip(*rows, strict=True)], strict=True):
-            if total > 0:
-                child(traffic.layer_seconds, name).inc(total / 1e6)
-        led = [0] * len(LAYERS)
-        for row in rows:
-            most = max(row)  # the first of equals, in the order of LAYERS
-            if most > 0:
-                led[row.index(most)] += 1
-        for name, count in zip(LAYERS, led, strict=True):
-            if count:
-                child(traffic.bottleneck, name).inc(count)
+        matrix = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=len(LAYERS) * len(rows))
+        _layers_into(metrics, matrix.reshape(len(rows), len(LAYERS)))
+    child, traffic = metrics.child, metrics.traffic
     for outcome, count in cache.items():
         child(traffic.cache, outcome).inc(count)
     for limit, count in limited.items():
         child(traffic.rate_limited, limit).inc(count)
+
+
+def _layers_into(metrics: GatewayMetrics, rows: np.ndarray) -> None:
+    """The batch's microseconds per layer (a row per request, in the order of LAYERS): the seconds each
+    layer took, and how often each led (the first of equals, in the order of LAYERS)."""
+    child, traffic = metrics.child, metrics.traffic
+    for name, total in zip(LAYERS, rows.sum(axis=0).tolist(), strict=True):
+        if total > 0:
+            child(traffic.layer_seconds, name).inc(total / 1e6)
+    led = np.bincount(rows.argmax(axis=1)[rows.max(axis=1) > 0], minlength=len(LAYERS))
+    for name, count in zip(LAYERS, led.tolist(), strict=True):
+        if count:
+            child(traffic.bottleneck, name).inc(count)

@@ -88,6 +88,15 @@ class TraceSampler:
             return None
         return Kept.SAMPLED if self._take(self._sampled) else None
 
+    def ordinary(self, duration_ms: float) -> Kept | None:
+        """:meth:`decide` for a trace that neither failed nor came sampled by its caller (most of them),
+        without the keywords."""
+        if duration_ms >= self.policy.slow_ms:
+            return Kept.SLOW
+        if self.policy.rate < 1.0 and self._rng() >= self.policy.rate:
+            return None
+        return Kept.SAMPLED if self._take(self._sampled) else None
+
     def _take(self, bucket: _Bucket) -> bool:
         now = self._clock()
         if bucket.tokens + (now - bucket.last) * bucket.per_s < 1.0:
