@@ -75,7 +75,7 @@ def is_held(query: str, share: float) -> bool:
 
 def train(data: DataStack, args: dict[str, Any], job: JobContext) -> dict[str, Any]:
     """Run the train kind on the data stack ``data`` (its registry, catalog and vectors)."""
-    from lamina.stack._jobs import _labelled, _source_path
+    from lamina.stack._job_bodies import _labelled, _source_path
 
     args = check_train_args(args)
     config = data.config
