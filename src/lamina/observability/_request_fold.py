@@ -100,9 +100,11 @@ def _replies_into(series: Any, replies: list[tuple[Mapping[str, Any], Mapping[st
     series.decode.observe_many(decode_s)
     more = tokens_out[timed][ended] > 1
     series.inter_token.observe_many(decode_s[more] / (tokens_out[timed][ended][more] - 1))
+    detailed = [u.get("prompt_tokens_details") for u in usages]
+    if not any(detailed):
+        return
     queries = hits = 0
-    for usage, tokens in zip(usages, tokens_in.tolist(), strict=True):
-        details = usage.get("prompt_tokens_details")
+    for details, tokens in zip(detailed, tokens_in.tolist(), strict=True):
         if isinstance(details, dict) and tokens == tokens:  # not NaN: the prompt's tokens are a number
             cached: Any = details.get("cached_tokens")
             if type(cached) in _NUMBERS:
