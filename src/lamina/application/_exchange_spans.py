@@ -155,16 +155,21 @@ class DispatchStep(trace.Span):
         self, opened: OpenTrace, parent: trace.Span | None, attributes: dict[str, AttributeValue]
     ) -> None:
         self._opened = opened
-        self.span_id = new_span_id()
+        self.span_id = span_id = random.getrandbits(64) or 1
         self.attributes = attributes
         self.error: str | None = None
         self.end_ns = 0
-        self.start_ns = time.time_ns()
+        self.start_ns = start = time.time_ns()
         parent_layer = _APPLICATION_LAYER
         self.parent_id: int | None = None  # the root (also when ``parent`` is None)
-        if isinstance(parent, LightSpan) and parent.trace is opened and parent.span_id != opened.root_id:
+        if (
+            parent is not None
+            and isinstance(parent, LightSpan)
+            and parent.trace is opened
+            and parent.span_id != opened.root_id
+        ):
             self.parent_id, parent_layer = parent.span_id, parent.layer  # a model group's attempt
-        opened.begin_step(self.span_id, self.start_ns, _ORCHESTRATION_LAYER, parent_layer)
+        opened.begin_step(span_id, start, _ORCHESTRATION_LAYER, parent_layer)
 
     @property
     def layer(self) -> str:

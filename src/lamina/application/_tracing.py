@@ -116,8 +116,8 @@ class Exchange:
         #: the gateway's steps so far, ``(step, start_ns, end_ns)`` (auth, parse, cache, the policies): the
         #: ``Call`` of the request appends its policies' admissions here too
         self.steps: list[tuple[str, int, int]] = []
-        #: the ``route`` step: (start_ns, end_ns, its attributes, its error or None)
-        self._route: tuple[int, int, dict[str, AttributeValue], str | None] | None = None
+        #: the ``route`` step: (start_ns, end_ns, the model asked for, its route or the error)
+        self._route: tuple[int, int, str, Route | LaminaError] | None = None
         #: kept for the trace's root if it is kept: the request's attributes, its route, its breakdown
         self._described: Callable[[], dict[str, AttributeValue]] | None = None
         self._bound: Route | None = None
@@ -159,15 +159,21 @@ class Exchange:
         if opened is None:
             return
         end = time.time_ns()
+        self._route = (since_ns, end, name, route)  # a span only if the trace is kept (``_route_step``)
+        opened.shift(_MODELS_LAYER, _APPLICATION_LAYER, end - since_ns)
+
+    def _route_step(self) -> tuple[int, int, dict[str, AttributeValue], str | None] | None:
+        """The ``route`` step of a kept trace: (start_ns, end_ns, its attributes, its error or None)."""
+        if self._route is None:
+            return None
+        since_ns, end, name, route = self._route
         attrs: dict[str, AttributeValue] = {LAYER: _MODELS_LAYER, "gen_ai.request.model": name}
         if isinstance(route, LaminaError):
-            self._route = (since_ns, end, attrs, f"{route.code}: {route.message}")
-        else:
-            attrs["lamina.deployment"] = route.deployment
-            if route.model_version:
-                attrs["lamina.model_version"] = route.model_version
-            self._route = (since_ns, end, attrs, None)
-        opened.shift(_MODELS_LAYER, _APPLICATION_LAYER, end - since_ns)
+            return since_ns, end, attrs, f"{route.code}: {route.message}"
+        attrs["lamina.deployment"] = route.deployment
+        if route.model_version:
+            attrs["lamina.model_version"] = route.model_version
+        return since_ns, end, attrs, None
 
     def bind(self, route: Route) -> None:
         """The request is routed: label it with its deployment and count it in flight."""
@@ -344,7 +350,7 @@ class Exchange:
         root_end = getattr(self.span, "end_time", None) or time.time_ns()
         spans = deferred_spans(
             self.steps,
-            self._route,
+            self._route_step(),
             (self._bound_ns, self._dispatched_ns),
             (self._replied_ns, root_end),
             [
