@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from opentelemetry import trace
@@ -151,7 +152,14 @@ def test_the_texts_are_the_shortest_milliseconds_with_up_to_three_decimals(total
             f"{layer}={text}" for layer, text in zip(LAYERS, as_float, strict=False)
         )
         assert json.loads(made.json())["total_ms"] == float(as_float[-1])
+        assert json.loads(made.json())["bottleneck"] == made.bottleneck
         assert parse_header(made.header()) == made.layers
+
+
+def test_the_bottleneck_is_the_first_of_equals_and_none_for_no_time() -> None:
+    for us, named in (((5, 0, 5, 0, 0), "application"), ((0, 2, 7, 7, 1), "models"), ((0,) * 5, None)):
+        made = Breakdown.of_us(us, sum(us))
+        assert made.bottleneck == named and json.loads(made.json())["bottleneck"] == named
 
 
 def test_parse_header_refuses_a_malformed_value() -> None:
@@ -365,6 +373,10 @@ def test_light_spans_speak_the_opentelemetry_api() -> None:
     assert root.events[0].attributes is not None and root.events[0].attributes["exception.message"] == "boom"
     assert child.parent is not None and child.parent.span_id == root.get_span_context().span_id
     assert telemetry.keeper.decided["error"] == 1
+    given = MappingProxyType({LAYER: "application", "http.route": "/v1/x"})  # any mapping: copied
+    request = telemetry.tracer.start_root("POST /v1/x", given)
+    assert isinstance(request, LightSpan) and request.attributes == given and request.layer == "application"
+    request.end()
     telemetry.shutdown()
 
 

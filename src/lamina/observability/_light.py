@@ -280,7 +280,9 @@ class LightTracer(trace.Tracer):
         opened = keeper.open(random.getrandbits(128) or 1, _SAMPLED)
         if caller is not None:
             opened.caller = caller
-        return LightSpan.root(keeper, opened, name, attributes if isinstance(attributes, dict) else {})
+        return LightSpan.root(
+            keeper, opened, name, attributes if isinstance(attributes, dict) else dict(attributes or {})
+        )
 
     def start_as_current_span(  # type: ignore[override]  # a plain class, not the API's private decorator
         self,
