@@ -24,6 +24,8 @@ from lamina.observability._breakdown import LAYERS, Breakdown
 ROOT_LAYER = "application"
 #: every layer's time at 0 (a trace's ``net`` starts as a copy)
 _ZERO = dict.fromkeys(LAYERS, 0)
+#: a layer's place in LAYERS (and in ``net``)
+_INDEX = {layer: i for i, layer in enumerate(LAYERS)}
 
 #: a child known only after the fact, made with its parent: ``(name, attributes, start_ns, end_ns)``
 Later = tuple[str, Attributes, int, int]
@@ -191,15 +193,16 @@ class OpenTrace:
         if len(running) == 1 and root[1] is None and root[2] == ROOT_LAYER:  # only the root runs: an answer
             app, data, models, orch, compute = self.net.values()  # the keys are LAYERS, in order
             app += now - root[0] if now > root[0] else 0
-        else:
-            totals = dict(self.net)
-            for entry in running.values():
-                duration = max(now - entry[0], 0)
-                if entry[2] in totals:
-                    totals[entry[2]] += duration
-                if entry[3] in totals:
-                    totals[entry[3]] -= duration
-            app, data, models, orch, compute = totals.values()
+        else:  # a stream's header (its dispatch still runs), a span of the application's still open
+            sums = list(self.net.values())
+            for start, _, layer, parent in running.values():
+                if now > start:
+                    i, j = _INDEX.get(layer), _INDEX.get(parent)
+                    if i is not None:
+                        sums[i] += now - start
+                    if j is not None:
+                        sums[j] -= now - start
+            app, data, models, orch, compute = sums
         total = (root[1] if root[1] is not None else now) - root[0]
         return Breakdown.of_us(  # whole microseconds
             (
