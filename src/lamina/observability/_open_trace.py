@@ -102,13 +102,11 @@ class OpenTrace:
         """``obj`` starts (the first span to start is the root); returns its layer (its own or its
         parent's; a parent not in this trace is taken as the root)."""
         if not self.held:
-            self.root_id = span_id
-            entry = [start, None, layer or ROOT_LAYER, None]
-        else:
-            parent = self.known.get(parent_id if parent_id is not None else self.root_id)
-            if parent is None:
-                parent = self.known[self.root_id]
-            entry = [max(start, parent[0]), None, layer or parent[2], parent[2]]
+            return self.begin_root(obj, span_id, layer or ROOT_LAYER, start)
+        parent = self.known.get(parent_id if parent_id is not None else self.root_id)
+        if parent is None:
+            parent = self.known[self.root_id]
+        entry = [max(start, parent[0]), None, layer or parent[2], parent[2]]
         self.known[span_id] = entry
         self.running[span_id] = entry
         self.held.append((obj, span_id, parent_id, start))

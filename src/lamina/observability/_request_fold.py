@@ -92,14 +92,14 @@ def _replies_into(series: Any, replies: list[tuple[Mapping[str, Any], Mapping[st
     fast = (tokens_out > 0) & (engine > 0)
     series.tokens_per_second.observe_many(tokens_out[fast] / (engine[fast] / 1000))
     series.queue.observe_many(queue[queue >= 0] / 1000)
-    timed = ~(np.isnan(queue) | np.isnan(ttft) | np.isnan(tokens_out))  # a prefill: queue and first token
-    prefill_ms = np.maximum(ttft[timed] - queue[timed], 0.0)
-    series.prefill.observe_many(prefill_ms / 1000)
-    ended = ~np.isnan(engine[timed])  # a decode: the engine's time too
-    decode_s = np.maximum(engine[timed][ended] - prefill_ms[ended], 0.0) / 1000
+    prefill_ms = np.maximum(ttft - queue, 0.0)  # NaN where a figure is missing: masked below
+    timed = ~(np.isnan(prefill_ms) | np.isnan(tokens_out))  # a prefill: queue and first token
+    series.prefill.observe_many(prefill_ms[timed] / 1000)
+    decoded = timed & ~np.isnan(engine)  # a decode: the engine's time too
+    decode_s = np.maximum(engine[decoded] - prefill_ms[decoded], 0.0) / 1000
     series.decode.observe_many(decode_s)
-    more = tokens_out[timed][ended] > 1
-    series.inter_token.observe_many(decode_s[more] / (tokens_out[timed][ended][more] - 1))
+    more = tokens_out[decoded] > 1
+    series.inter_token.observe_many(decode_s[more] / (tokens_out[decoded][more] - 1))
     detailed = [u.get("prompt_tokens_details") for u in usages]
     if not any(detailed):
         return
