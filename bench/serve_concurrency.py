@@ -16,6 +16,9 @@ In one run, on the bundled SmolLM2-135M-Instruct (Q4_1 GGUF), with the same llam
   batching, reached by the same client code;
 - llama-batched-bench (32-token prompts, 96 generated): the limit of batched decode on this machine.
 
+``--model FILE`` runs every system on another GGUF file instead (Lamina registers it first): the same
+model quantized otherwise (``lamina models quantize``), to see what its weight type does to batching.
+
 For Lamina and llama-server: single-stream tokens/s, and for 1, 2, 4, 8 and 16 concurrent streams the
 aggregate generation tokens/s (completion tokens from each stream's usage over the wall time from the
 first request to the last stream's end) and the time to first token, p50 and p95 over all streams of the
@@ -66,6 +69,8 @@ from lamina.models._gguf import model_params_with_extra_bufts
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
+#: the registry name of a ``--model`` file
+_REGISTERED = "bench-model"
 LEVELS = (1, 2, 4, 8, 16)
 RESULTS = ROOT / "bench" / "results"
 TOOLS_ENV = "LLAMA_TOOLS_BIN"
@@ -102,6 +107,12 @@ class Settings:
     max_tokens: int
     seed: int
     flash_attn: bool
+    #: a GGUF file for every system ("": the bundled SmolLM2-135M-Instruct, Q4_1)
+    model: str = ""
+
+
+def model_path(s: Settings) -> Path:
+    return Path(s.model) if s.model else smollm2_path()
 
 
 @dataclass(frozen=True)
@@ -190,16 +201,19 @@ def lamina_config(s: Settings) -> tuple[str, dict[str, Any]]:
         gguf["parallel"] = s.parallel
     if "flash_attn" in fields:
         gguf["flash_attn"] = s.flash_attn
-    config = {
-        "register_bundled": True,
-        "deployments": [{"name": MODEL, "engine": "gguf", "options": {"gguf": gguf}}],
-    }
+    deployment = {"name": MODEL, "engine": "gguf", "options": {"gguf": gguf}}
+    if s.model:  # registered by lamina_stack under that name
+        deployment["model"] = _REGISTERED
+    config = {"register_bundled": not s.model, "deployments": [deployment]}
     return json.dumps(config), gguf  # JSON is YAML
 
 
 @contextmanager
 def lamina_stack(tmp: Path, s: Settings) -> Iterator[str]:
     config, _ = lamina_config(s)
+    if s.model:
+        add = [sys.executable, "-m", "lamina.cli", "models", "add", s.model, "--name", _REGISTERED]
+        subprocess.run([*add, "--state-dir", str(tmp / "state")], check=True, capture_output=True)
     stack = start_stack(tmp, config)
     try:
         yield f"{stack.base_url}/v1"
@@ -214,7 +228,7 @@ def _argv(binary: Path, flags: dict[str, object], *switches: str) -> list[str]:
 def _llama_flags(s: Settings, n_ctx: int) -> dict[str, object]:
     """The llama.cpp settings both tools share with Lamina's engine and the in-process reference."""
     return {
-        "--model": smollm2_path(),
+        "--model": model_path(s),
         "--threads": s.threads,
         "--threads-batch": s.threads,
         "--ctx-size": n_ctx,
@@ -274,7 +288,7 @@ def in_process(s: Settings) -> Callable[[str], Stream]:
 
     with model_params_with_extra_bufts(False):
         llm = Llama(
-            model_path=str(smollm2_path()),
+            model_path=str(model_path(s)),
             n_ctx=s.n_ctx,
             flash_attn=s.flash_attn,
             n_batch=s.n_batch,
@@ -573,8 +587,9 @@ def _single_summary(streams: list[Stream], reference: list[Stream] | None) -> di
 
 def report(result: dict[str, Any]) -> str:
     s = result["settings"]
+    model = Path(s["model"]).name if s.get("model") else "SmolLM2-135M-Instruct Q4_1"
     lines = [
-        f"SmolLM2-135M-Instruct Q4_1, greedy, max_tokens={s['max_tokens']}, threads={s['threads']}, "
+        f"{model}, greedy, max_tokens={s['max_tokens']}, threads={s['threads']}, "
         f"n_ctx={s['n_ctx']} per sequence, parallel={s['parallel']}, repacking off, "
         f"flash attention {'on' if s['flash_attn'] else 'off'}, streams read by the "
         f"{s.get('client', 'openai')} client",
@@ -671,6 +686,11 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="llama-batched-bench's prompt length")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument(
+        "--model",
+        help="a GGUF file served by every system (default: the bundled SmolLM2-135M-Instruct, Q4_1), e.g. "
+        "one that `lamina models quantize` wrote",
+    )
+    ap.add_argument(
         "--pairs", type=int, default=6, help="back-to-back waves of 1 and 8 streams per system (0: none)"
     )
     ap.add_argument("--llama-bin", help=f"folder of the llama.cpp tools (else ${TOOLS_ENV}, else build/)")
@@ -691,7 +711,14 @@ def main() -> None:
     args = ap.parse_args()
 
     s = Settings(
-        args.threads, args.n_ctx, args.n_batch, args.parallel, args.max_tokens, args.seed, args.flash_attn
+        args.threads,
+        args.n_ctx,
+        args.n_batch,
+        args.parallel,
+        args.max_tokens,
+        args.seed,
+        args.flash_attn,
+        str(Path(args.model).resolve()) if args.model else "",
     )
     tools = None if args.skip_server else find_tools(args.llama_bin)
     config, gguf = lamina_config(s)
