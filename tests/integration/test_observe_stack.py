@@ -30,6 +30,7 @@ from lamina.cli._app import app as cli
 from lamina.config import load_config
 from lamina.data import Retrieval, Scalar, SearchMode
 from lamina.errors import NotFoundError
+from lamina.stack._doctor import _deployments, _weights
 from lamina.stack.gateway import Stack, build_stack, create_gateway
 from lamina.store import replay_requests
 
@@ -299,3 +300,10 @@ def test_the_doctor_names_the_layer_under_strain(env: Env) -> None:
     printed = env.cli("doctor", "--window", started, "--url", env.url).output
     assert printed.count("bottleneck: application") == 1, printed
     assert f"since {started}" in printed.replace("\n", ""), printed
+
+
+def test_the_doctor_knows_what_each_deployment_serves(env: Env) -> None:
+    (chat_state,) = [d for d in _deployments(env.stack) if d.name == "chat"]
+    assert chat_state.model is None and chat_state.weights is None  # the fake engine takes no file
+    # a GGUF version's weight type, as the registry read it from the file (the bundled SmolLM2's: Q4_1)
+    assert _weights(env.stack, "smollm2-135m-instruct") == "MOSTLY_Q4_1"

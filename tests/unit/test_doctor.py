@@ -246,3 +246,24 @@ def test_asked_just_after_a_sample_the_cpu_now_is_that_samples(monkeypatch: pyte
     inputs = _doctor._inputs_of(stack, "15m")  # type: ignore[arg-type]
     assert inputs.device.cpu_percent == 42.0
     assert inputs.history[0] == sample
+
+
+def test_a_busy_cpu_deployment_of_unbatched_weights_is_told_to_quantize_them_to_q8_0() -> None:
+    q4_1 = replace(ONE_BUSY, model="chat-model@3", weights="MOSTLY_Q4_1")
+    verdict = diagnose(inputs(SATURATED, deployments=[q4_1]))
+    (action,) = [a for a in verdict.actions if "Q8_0" in a]
+    assert action.startswith("quantize chat's Q4_1 weights to Q8_0"), action
+    assert "`lamina models quantize chat-model@3 --method gguf-q8_0`" in action
+    assert any("add a replica to chat" in a for a in verdict.actions)  # beside, not instead
+    saturated = diagnose(inputs(SATURATED, deployments=[q4_1], device=DeviceState(cpu_percent=97.0)))
+    assert any("Q8_0" in a for a in saturated.actions), saturated.actions
+    # weights llama.cpp batches, a replica on a GPU, a deployment not short of anything: no such advice
+    for deployment in (
+        replace(q4_1, weights="MOSTLY_Q8_0"),
+        replace(q4_1, weights=None, model=None),
+        replace(q4_1, gpus=1),
+    ):
+        assert not any("Q8_0" in a for a in diagnose(inputs(SATURATED, deployments=[deployment])).actions)
+    idle = replace(q4_1, ready=2, desired=2, in_flight=0)
+    calm = [line({"application": 5, "models": 900}, {"queue": 1, "engine": 900})] * 5
+    assert not any("Q8_0" in a for a in diagnose(inputs(calm, deployments=[idle])).actions)

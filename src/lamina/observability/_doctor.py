@@ -34,6 +34,10 @@ ERROR_RATE_WARN = 0.05
 REFUSED_RATE_WARN = 0.25
 #: queue wait (share of the request's time, p95) from which a deployment counts as short of replicas
 QUEUE_SHARE = 0.25
+#: GGUF weight types (llama.cpp's names) that its CPU build multiplies a token at a time: no llamafile
+#: sgemm kernel and no repacked layout, so a replica decoding several requests at once gains little (the
+#: bundled SmolLM2, Q4_1, 1.5x at 8 sequences; its Q8_0 variant 1.9x: README, "Concurrent streams")
+UNBATCHED_WEIGHTS = {"MOSTLY_Q4_1": "Q4_1", "MOSTLY_Q5_1": "Q5_1"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class DeploymentState:
     #: calls one replica runs at once (its engine's parallel slots); None: unknown (taken as 1)
     slots: int | None = None
     gpus: int = 0
+    #: the registered ``NAME@VERSION`` it serves (None: an engine without a model file)
+    model: str | None = None
+    #: its GGUF file's weight type, as llama.cpp names it (``MOSTLY_Q4_1``); None for other formats
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,11 +191,26 @@ def _serving(inputs: DoctorInputs, layer: str) -> tuple[list[str], list[str]]:
         )
     if cpu_full:
         actions.append("the CPU is saturated: another replica on this machine will not help; add a machine")
+    if busiest is not None and (queued or cpu_full):
+        actions += _weights_action(busiest)
     if not inputs.cache_enabled:
         actions.append("turn on the response cache (cache.enabled: true) if requests repeat")
     if not actions:
         actions.append(f"use a smaller or quantized model for {name}: its engine time dominates")
     return evidence, actions
+
+
+def _weights_action(d: DeploymentState) -> list[str]:
+    """A busy deployment on the CPU whose weights llama.cpp does not batch: their Q8_0 variant."""
+    short = UNBATCHED_WEIGHTS.get(d.weights or "")
+    if short is None or d.gpus:
+        return []
+    ref = d.model or d.name
+    return [
+        f"quantize {d.name}'s {short} weights to Q8_0 (`lamina models quantize {ref} --method gguf-q8_0`, "
+        f"checked by the accuracy gate) and deploy that version: on a CPU llama.cpp multiplies {short} "
+        "weights a token at a time, so a replica gains little from decoding requests together"
+    ]
 
 
 def _data(inputs: DoctorInputs) -> tuple[list[str], list[str]]:

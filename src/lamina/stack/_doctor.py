@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from lamina.application import Budget, CostLedger, Doctor
@@ -108,8 +109,20 @@ def _deployments(stack: Stack) -> list[DeploymentState]:
     out = []
     for d in stack.controller.status():
         in_flight = registry.get_sample_value("lamina_requests_in_flight", {"model": d.name}) or 0.0
-        out.append(DeploymentState(d.name, d.ready, d.desired, int(in_flight), None, gpus.get(d.name, 0)))
+        served = stack.catalog.get(d.name)
+        ref = served.model_ref if served is not None else None
+        weights = _guarded(f"{ref}'s weights", partial(_weights, stack, ref), None) if ref else None
+        state = DeploymentState(
+            d.name, d.ready, d.desired, int(in_flight), None, gpus.get(d.name, 0), ref, weights
+        )
+        out.append(state)
     return out
+
+
+def _weights(stack: Stack, ref: str) -> str | None:
+    """The weight type the registry read from the file of ``ref`` (a GGUF's ``general.file_type``)."""
+    found = stack.registry.get(ref, refused_ok=True).meta.get("quantization")
+    return found if isinstance(found, str) else None
 
 
 def _datasets(stack: Stack) -> list[DatasetState]:
