@@ -305,5 +305,6 @@ def test_the_doctor_names_the_layer_under_strain(env: Env) -> None:
 def test_the_doctor_knows_what_each_deployment_serves(env: Env) -> None:
     (chat_state,) = [d for d in _deployments(env.stack) if d.name == "chat"]
     assert chat_state.model is None and chat_state.weights is None  # the fake engine takes no file
+    assert chat_state.slots == 1  # and runs one request at a time
     # a GGUF version's weight type, as the registry read it from the file (the bundled SmolLM2's: Q4_1)
     assert _weights(env.stack, "smollm2-135m-instruct") == "MOSTLY_Q4_1"

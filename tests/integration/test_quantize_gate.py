@@ -86,6 +86,7 @@ def test_a_variant_within_tolerance_is_a_new_version_that_serves(
     cosines = np.sum(got * want, axis=1)
     assert np.all(cosines > 0.98) and not np.allclose(got, want)
     served, _ = deploy(DeploymentConfig(name="emb-q8", model=passed.ref), registry, tmp_path, 30.0)
+    assert served.slots == 1
     assert served.model_ref == passed.ref
     # a bare name keeps serving the original: quantizing never rolls out by itself
     assert registry.get(MINILM).version == "1"
@@ -169,6 +170,9 @@ def test_gguf_requantized_by_llama_cpp_goes_through_the_gate(registry: Registry,
     assert variant.format == "gguf" and variant.meta != registry.get(f"{SMOLLM}@1").meta
     served, _ = deploy(DeploymentConfig(name="chat-q8", model=close.ref), registry, tmp_path, 30.0)
     assert served.model_ref == close.ref
+    assert served.slots == 4  # the engine's word: parallel slots, chosen from n_ctx (4096) when unset
+    two = DeploymentConfig.model_validate({"name": "chat-2", "model": close.ref, "gguf": {"parallel": 2}})
+    assert deploy(two, registry, tmp_path, 30.0)[0].slots == 2
     lossy = quantize_and_gate(registry, SMOLLM, "gguf-q4_0", prompts=PROMPTS)
     assert not lossy.passed and lossy.figures["agreement"] < close.figures["agreement"]
     with pytest.raises(GateFailedError, match="agreement"):

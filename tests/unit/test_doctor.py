@@ -267,3 +267,16 @@ def test_a_busy_cpu_deployment_of_unbatched_weights_is_told_to_quantize_them_to_
     idle = replace(q4_1, ready=2, desired=2, in_flight=0)
     calm = [line({"application": 5, "models": 900}, {"queue": 1, "engine": 900})] * 5
     assert not any("Q8_0" in a for a in diagnose(inputs(calm, deployments=[idle])).actions)
+
+
+def test_a_replica_is_busy_only_with_all_its_slots_taken() -> None:
+    # two calls in flight on one replica that decodes four at once (a GGUF engine's parallel slots), and
+    # no queue wait: nothing is short of replicas
+    calm = [line({"application": 5, "models": 900}, {"queue": 1, "engine": 900})] * 5
+    four = DeploymentState("chat", ready=1, desired=1, in_flight=2, slots=4)
+    verdict = diagnose(inputs(calm, deployments=[four]))
+    assert not any("busy" in e for e in verdict.evidence), verdict.evidence
+    assert not any("add a replica" in a for a in verdict.actions), verdict.actions
+    full = diagnose(inputs(calm, deployments=[replace(four, in_flight=4)]))
+    assert any("its one replica busy (4 in flight)" in e for e in full.evidence), full.evidence
+    assert any("add a replica to chat" in a for a in full.actions), full.actions

@@ -210,6 +210,7 @@ GGUF = EngineDescriptor(
     factory=_gguf,
     resources=_gguf_resources,
     formats=frozenset({"gguf"}),
+    slots=parallel_slots,
 )
 ONNX = EngineDescriptor(
     name="onnx",
@@ -238,4 +239,5 @@ OPENAI = EngineDescriptor(
     options=OpenAIOptions,
     factory=_openai,
     resources=remote_resources,
+    slots=lambda options: int(options.max_concurrency),
 )

@@ -40,6 +40,8 @@ class ServedModel:
     aliases: tuple[str, ...] = ()
     #: epoch seconds of the model card (0: when the catalog first serves it)
     created: int = 0
+    #: requests one replica runs at once (a GGUF engine's parallel slots)
+    slots: int = 1
 
     @property
     def capabilities(self) -> frozenset[str]:

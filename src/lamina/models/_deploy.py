@@ -19,7 +19,13 @@ from lamina.config import DEFAULT_WATCHDOG_S, BatchingConfig, DeploymentConfig
 from lamina.errors import ConfigError
 from lamina.models._catalog import ServedModel
 from lamina.models._checksums import MODEL_ROLE, RecordedFile
-from lamina.models._engine import LoadSpec, engine_descriptor, engine_for_format, engine_names
+from lamina.models._engine import (
+    EngineDescriptor,
+    LoadSpec,
+    engine_descriptor,
+    engine_for_format,
+    engine_names,
+)
 from lamina.orchestration import WorkloadSpec
 
 if TYPE_CHECKING:
@@ -171,7 +177,8 @@ def deploy(
             run_dir=run_dir,
             ready_timeout_s=ready_timeout_s,
         )
-        return ServedModel(deployment.name, descriptor.name, None, descriptor.capabilities), spec
+        slots = _slots(descriptor, deployment)
+        return ServedModel(deployment.name, descriptor.name, None, descriptor.capabilities, slots=slots), spec
     mv = registry.get(deployment.model_ref)
     descriptor = (
         engine_for_format(mv.format) if deployment.engine is None else engine_descriptor(deployment.engine)
@@ -200,5 +207,12 @@ def deploy(
         engine_capabilities=descriptor.capabilities,
         aliases=tuple(n for n in (mv.ref, deployment.model_ref) if n != deployment.name),
         created=int(mv.created_at.timestamp()),
+        slots=_slots(descriptor, deployment),
     )
     return served, spec
+
+
+def _slots(descriptor: EngineDescriptor, deployment: DeploymentConfig) -> int:
+    """How many requests one replica of ``deployment`` runs at once (its engine's word on its options)."""
+    where = f"deployment {deployment.name!r}"
+    return int(descriptor.slots(descriptor.parse_options(deployment.options_for(descriptor.name), where)))

@@ -216,6 +216,8 @@ class EngineDescriptor:
     resources: Callable[[Sequence[Path], Any], Resources]
     #: the registry formats of the model files it loads (``gguf``, ``onnx``); empty: it takes none
     formats: frozenset[str] = frozenset()
+    #: how many requests one replica runs at once, given its parsed options (what "busy" means for it)
+    slots: Callable[[Any], int] = lambda _options: 1
 
     @property
     def needs_model(self) -> bool:

@@ -111,9 +111,10 @@ def _deployments(stack: Stack) -> list[DeploymentState]:
         in_flight = registry.get_sample_value("lamina_requests_in_flight", {"model": d.name}) or 0.0
         served = stack.catalog.get(d.name)
         ref = served.model_ref if served is not None else None
+        slots = served.slots if served is not None else None
         weights = _guarded(f"{ref}'s weights", partial(_weights, stack, ref), None) if ref else None
         state = DeploymentState(
-            d.name, d.ready, d.desired, int(in_flight), None, gpus.get(d.name, 0), ref, weights
+            d.name, d.ready, d.desired, int(in_flight), slots, gpus.get(d.name, 0), ref, weights
         )
         out.append(state)
     return out
