@@ -66,6 +66,9 @@ STATE_DIR_ENV = "LAMINA_STATE_DIR"
 #: The bundled models, registered on first start.
 BUNDLED_CHAT_MODEL = "smollm2-135m-instruct"
 BUNDLED_EMBEDDING_MODEL = "minilm-l6-v2"
+#: the alias of the version of a bundled model that the default deployments serve (``NAME@serving``):
+#: the bundled chat model's Q8_0 variant once its accuracy gate passed, else the file as shipped
+BUNDLED_SERVING_ALIAS = "serving"
 
 
 class ServerConfig(_Strict):
@@ -165,7 +168,9 @@ class DataConfig(_Strict):
 
 def _default_deployments() -> list[DeploymentConfig]:
     return [
-        DeploymentConfig(name=BUNDLED_CHAT_MODEL, engine="gguf"),
+        DeploymentConfig(
+            name=BUNDLED_CHAT_MODEL, model=f"{BUNDLED_CHAT_MODEL}@{BUNDLED_SERVING_ALIAS}", engine="gguf"
+        ),
         DeploymentConfig(name=BUNDLED_EMBEDDING_MODEL, engine="onnx"),
     ]
 

@@ -241,7 +241,7 @@ def write_k8s_manifests(
     store, registry = open_registry(config, state_dir)
     try:
         if config.register_bundled:
-            register_bundled(registry)
+            register_bundled(registry, [d.model_ref for d in config.deployments])
         with tempfile.TemporaryDirectory(prefix="lamina-k8s-") as tmp:
             workloads, copies = k8s_plan(config, registry, Path(tmp), settings)
     finally:

@@ -142,7 +142,7 @@ def build_stack(config: LaminaConfig, state_dir: Path) -> Stack:
     config = checked_config(config)
     store, registry = open_registry(config, state_dir)
     if config.register_bundled:
-        register_bundled(registry)
+        register_bundled(registry, [d.model_ref for d in config.deployments])
     run_dir = state_dir / "run"
     config, config_models, deployed = _config_deployments(config, store, registry, run_dir)
     orch = config.orchestration
