@@ -3,8 +3,10 @@
     bench/llama_tools.sh      # once: builds llama-server and llama-batched-bench (minutes on 2 cores)
     .venv/bin/python bench/serve_concurrency.py [--rounds 2] [--single-runs 3] [--max-tokens 96]
 
-In one run, on the bundled SmolLM2-135M-Instruct (Q4_1 GGUF), with the same llama.cpp settings everywhere
-(threads, context per sequence, batch size, weight repacking off, flash attention off unless asked):
+In one run, on the bundled SmolLM2-135M-Instruct as `lamina up` serves it by default (its ``@serving``
+version: the Q8_0 variant the stack makes of the Q4_1 file it ships, whose file every system then gets;
+``--shipped``: the Q4_1 file itself), with the same llama.cpp settings everywhere (threads, context per
+sequence, batch size, weight repacking off, flash attention off unless asked):
 
 - llama-cpp-python in-process: single-stream generation tokens/s (the reference for the 0.9 target);
 - Lamina: a real `lamina up` process with one GGUF replica, reached over loopback HTTP, streaming, by a
@@ -16,8 +18,8 @@ In one run, on the bundled SmolLM2-135M-Instruct (Q4_1 GGUF), with the same llam
   batching, reached by the same client code;
 - llama-batched-bench (32-token prompts, 96 generated): the limit of batched decode on this machine.
 
-``--model FILE`` runs every system on another GGUF file instead (Lamina registers it first): the same
-model quantized otherwise (``lamina models quantize``), to see what its weight type does to batching.
+``--model FILE`` runs every system on another GGUF file instead (Lamina registers it first), e.g. the
+same model quantized otherwise (``lamina models quantize``), to see what its weight type does to batching.
 
 For Lamina and llama-server: single-stream tokens/s, and for 1, 2, 4, 8 and 16 concurrent streams the
 aggregate generation tokens/s (completion tokens from each stream's usage over the wall time from the
@@ -107,12 +109,21 @@ class Settings:
     max_tokens: int
     seed: int
     flash_attn: bool
-    #: a GGUF file for every system ("": the bundled SmolLM2-135M-Instruct, Q4_1)
+    #: a GGUF file for every system ("": the file of what `lamina up` serves by default, the bundled
+    #: SmolLM2's ``@serving`` version, once the Lamina stack has made it)
     model: str = ""
 
 
 def model_path(s: Settings) -> Path:
     return Path(s.model) if s.model else smollm2_path()
+
+
+def served_file(state_dir: Path) -> tuple[str, str]:
+    """The version the stack's default deployment serves (``NAME@serving``) and its file."""
+    show = [sys.executable, "-m", "lamina.cli", "models", "show", f"{MODEL}@serving", "--json"]
+    done = subprocess.run([*show, "--state-dir", str(state_dir)], check=True, capture_output=True, text=True)
+    found = json.loads(done.stdout)
+    return str(found["ref"]), str(found["path"])
 
 
 @dataclass(frozen=True)
@@ -201,9 +212,9 @@ def lamina_config(s: Settings) -> tuple[str, dict[str, Any]]:
         gguf["parallel"] = s.parallel
     if "flash_attn" in fields:
         gguf["flash_attn"] = s.flash_attn
-    deployment = {"name": MODEL, "engine": "gguf", "options": {"gguf": gguf}}
-    if s.model:  # registered by lamina_stack under that name
-        deployment["model"] = _REGISTERED
+    # a --model file is registered by lamina_stack under its own name; else what `lamina up` serves
+    deployment: dict[str, Any] = {"name": MODEL, "engine": "gguf", "options": {"gguf": gguf}}
+    deployment["model"] = _REGISTERED if s.model else f"{MODEL}@serving"
     config = {"register_bundled": not s.model, "deployments": [deployment]}
     return json.dumps(config), gguf  # JSON is YAML
 
@@ -587,7 +598,7 @@ def _single_summary(streams: list[Stream], reference: list[Stream] | None) -> di
 
 def report(result: dict[str, Any]) -> str:
     s = result["settings"]
-    model = Path(s["model"]).name if s.get("model") else "SmolLM2-135M-Instruct Q4_1"
+    model = result.get("served_ref") or Path(s["model"]).name
     lines = [
         f"{model}, greedy, max_tokens={s['max_tokens']}, threads={s['threads']}, "
         f"n_ctx={s['n_ctx']} per sequence, parallel={s['parallel']}, repacking off, "
@@ -687,8 +698,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument(
         "--model",
-        help="a GGUF file served by every system (default: the bundled SmolLM2-135M-Instruct, Q4_1), e.g. "
-        "one that `lamina models quantize` wrote",
+        help="a GGUF file served by every system (default: the file of what `lamina up` serves by default, "
+        "the bundled SmolLM2's Q8_0 variant), e.g. one that `lamina models quantize` wrote",
+    )
+    ap.add_argument(
+        "--shipped",
+        action="store_true",
+        help="every system on the bundled SmolLM2 file as shipped (Q4_1; the runs before 2 December 17:00)",
     )
     ap.add_argument(
         "--pairs", type=int, default=6, help="back-to-back waves of 1 and 8 streams per system (0: none)"
@@ -718,16 +734,23 @@ def main() -> None:
         args.max_tokens,
         args.seed,
         args.flash_attn,
-        str(Path(args.model).resolve()) if args.model else "",
+        str(smollm2_path()) if args.shipped else str(Path(args.model).resolve()) if args.model else "",
     )
     tools = None if args.skip_server else find_tools(args.llama_bin)
     config, gguf = lamina_config(s)
     load_before = os.getloadavg()
+    kept = tempfile.TemporaryDirectory(prefix="lamina-bench-model-")  # removed at exit
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         log("starting lamina up, llama-server, and llama-cpp-python in-process")
         (Path(tmp) / "lamina").mkdir()
         urls = {"lamina": servers.enter_context(lamina_stack(Path(tmp) / "lamina", s))}
+        served_ref = None
+        if not s.model:  # the others get the file of what the stack serves by default (a copy that
+            # outlives the stack's state folder: llama-batched-bench runs after the servers stopped)
+            served_ref, path = served_file(Path(tmp) / "lamina" / "state")
+            s = replace(s, model=shutil.copy(path, kept.name))
+            log(f"lamina serves {served_ref}: every system runs its file")
         if tools:
             urls["llama-server"] = servers.enter_context(llama_server(tools[0], Path(tmp), s))
         if args.client == "openai":
@@ -768,6 +791,7 @@ def main() -> None:
         "lamina_gguf_options": gguf,
         "lamina_parallel": "parallel" in gguf,
         "lamina_config": json.loads(config),
+        "served_ref": served_ref,
         "llama_server_argv": llama_server_argv(tools[0], 0, s)[1:] if tools else None,
         "single": {
             name: _single_summary(streams, None if name == "in-process" else single["in-process"])
