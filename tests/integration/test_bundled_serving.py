@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lamina.config import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL, LaminaConfig
-from lamina.errors import ModelNotFoundError
+from lamina.errors import ConflictError, ModelNotFoundError
 from lamina.models import _quantize_gate
 from lamina.models._bundled import register_bundled
 from lamina.models._quantize_gate import GateResult
@@ -90,3 +90,18 @@ def test_a_variant_that_cannot_be_made_or_fails_its_gate_serves_the_file_as_ship
         said in r.getMessage() and "serving smollm2-135m-instruct@1 as shipped" in r.getMessage()
         for r in caplog.records
     ), caplog.text
+
+
+@pytest.mark.slow
+def test_a_gateway_that_loses_the_race_to_make_the_variant_takes_the_one_made(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = _quantize_gate.quantize_and_gate
+
+    def raced(registry: Registry, ref: str, method: str, *args: Any, **kw: Any) -> GateResult:
+        real(registry, ref, method)  # another gateway on the same store, a moment sooner
+        raise ConflictError(f"{ref}-{method} already exists")
+
+    monkeypatch.setattr(_quantize_gate, "quantize_and_gate", raced)
+    register_bundled(registry, WANTED)
+    assert registry.get(SERVING).ref == f"{BUNDLED_CHAT_MODEL}@1-gguf-q8_0"

@@ -94,8 +94,8 @@ def _variant(registry: Registry, parent: ModelVersion, method: str) -> ModelVers
         return parent
     try:
         result = quantize_and_gate(registry, parent.ref, method)
-    except ConflictError:  # another gateway on the same store made it meanwhile
-        return registry.get(f"{parent.name}@{version}")
+    except ConflictError:  # another gateway on the same store made it meanwhile: take its verdict
+        return _variant(registry, parent, method)
     except Exception as exc:  # the stack starts on the file as shipped rather than not at all
         problem = exc.message if isinstance(exc, LaminaError) else f"{type(exc).__name__}: {exc}"
         log.warning(
