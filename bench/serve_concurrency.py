@@ -680,7 +680,7 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="waves per concurrency level and system")
     ap.add_argument("--single-runs", type=int, default=5, help="single streams per system")
@@ -724,7 +724,11 @@ def main() -> None:
         help="how streams are read: httpx and json.loads per event (less CPU taken from the servers), or "
         "the openai client (the runs before 2 December)",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = arguments()
 
     s = Settings(
         args.threads,
