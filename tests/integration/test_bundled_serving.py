@@ -13,7 +13,7 @@ import pytest
 from lamina.config import BUNDLED_CHAT_MODEL, BUNDLED_EMBEDDING_MODEL, LaminaConfig
 from lamina.errors import ConflictError, ModelNotFoundError
 from lamina.models import _quantize_gate
-from lamina.models._bundled import register_bundled
+from lamina.models._bundled import register_bundled, registered_or_bundled
 from lamina.models._quantize_gate import GateResult
 from lamina.models._registry import Registry
 from lamina.store import Store
@@ -105,3 +105,14 @@ def test_a_gateway_that_loses_the_race_to_make_the_variant_takes_the_one_made(
     monkeypatch.setattr(_quantize_gate, "quantize_and_gate", raced)
     register_bundled(registry, WANTED)
     assert registry.get(SERVING).ref == f"{BUNDLED_CHAT_MODEL}@1-gguf-q8_0"
+
+
+def test_a_serving_reference_resolved_before_any_start_is_made_there(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # e.g. `lamina compute fit smollm2-135m-instruct@serving` on a fresh state folder
+    _refuse_to_quantize(monkeypatch, RuntimeError("no quantizer here"))
+    assert registered_or_bundled(registry, SERVING).ref == f"{BUNDLED_CHAT_MODEL}@1"
+    assert registered_or_bundled(registry, BUNDLED_EMBEDDING_MODEL).ref == f"{BUNDLED_EMBEDDING_MODEL}@1"
+    with pytest.raises(ModelNotFoundError):
+        registered_or_bundled(registry, "no-such-model")

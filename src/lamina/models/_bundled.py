@@ -56,28 +56,31 @@ def register_bundled(registry: Registry, wanted: Iterable[str] = ()) -> list[Mod
     """Register every bundled model, or find it already registered (the registry's add is idempotent by
     content, so this costs one hash of each file on every start); and give each bundled model that
     ``wanted`` (model references: the deployments') names as ``NAME@serving`` that alias."""
-    added = [registry.add(spec.source, spec.name, extra=spec.extra) for spec in BUNDLED]
+    added = {spec.name: registry.add(spec.source, spec.name, extra=spec.extra) for spec in BUNDLED}
     for ref in dict.fromkeys(wanted):
-        serving_version(registry, ref)
-    return added
+        serving_version(registry, ref, added)
+    return list(added.values())
 
 
-def serving_version(registry: Registry, ref: str) -> None:
+def serving_version(registry: Registry, ref: str, added: Mapping[str, ModelVersion] | None = None) -> bool:
     """If ``ref`` is ``NAME@serving`` of a bundled model and that alias is not set yet (by an earlier
-    start, or by hand: then it stays), point it at the version to serve (see the module doc)."""
+    start, or by hand: then it stays), point it at the version to serve (see the module doc); ``added``:
+    the bundled versions just registered, by name (else this registers it). False: ``ref`` is no such
+    reference, and nothing was done."""
     name, _, tag = ref.strip().lower().partition("@")
     spec = next((b for b in BUNDLED if b.name == name), None)
     if spec is None or tag != BUNDLED_SERVING_ALIAS:
-        return
+        return False
     try:
         registry.get(ref)
-        return
+        return True
     except ModelNotFoundError:
         pass
-    parent = registry.add(spec.source, spec.name, extra=spec.extra)
+    parent = (added or {}).get(name) or registry.add(spec.source, spec.name, extra=spec.extra)
     target = _variant(registry, parent, spec.serve_as) if spec.serve_as else parent
     registry.alias(name, BUNDLED_SERVING_ALIAS, target.version)
     log.info("%s@%s serves %s", name, BUNDLED_SERVING_ALIAS, target.ref)
+    return True
 
 
 def _variant(registry: Registry, parent: ModelVersion, method: str) -> ModelVersion:
@@ -124,6 +127,6 @@ def registered_or_bundled(registry: Registry, ref: str) -> ModelVersion:
         bundled = next((b for b in BUNDLED if b.name == ref.partition("@")[0]), None)
         if bundled is None:
             raise
-        registry.add(bundled.source, bundled.name, extra=bundled.extra)
-        serving_version(registry, ref)
+        if not serving_version(registry, ref):  # which registers the bundled file itself
+            registry.add(bundled.source, bundled.name, extra=bundled.extra)
         return registry.get(ref)

@@ -84,13 +84,16 @@ class TraceSampler:
             return Kept.ERROR if self._take(self._client_errors) else None
         if caller_sampled and self._take(self._callers):
             return Kept.SAMPLED
-        return self.ordinary(duration_ms)
+        return self._by_rate()
 
     def ordinary(self, duration_ms: float) -> Kept | None:
         """:meth:`decide` for a trace that neither failed nor came sampled by its caller (most of them),
         without the keywords: kept if slow, else by the rate and within ``per_s``."""
         if duration_ms >= self.policy.slow_ms:
             return Kept.SLOW
+        return self._by_rate()
+
+    def _by_rate(self) -> Kept | None:
         if self.policy.rate < 1.0 and self._rng() >= self.policy.rate:
             return None
         return Kept.SAMPLED if self._take(self._sampled) else None
