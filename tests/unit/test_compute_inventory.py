@@ -30,6 +30,7 @@ from lamina.compute import (
     MemoryEstimate,
     MigInstance,
     NodeInventory,
+    core_cpus,
     default_threads,
     fit,
     physical_cores_of,
@@ -280,6 +281,14 @@ def test_physical_cores_under_a_mask_count_hyperthread_siblings_once(tmp_path: P
     assert physical_cores_of([0, 4], sysfs) == 1  # one core's two threads
     assert physical_cores_of([0, 1, 2, 3], sysfs) == 4
     assert physical_cores_of([0, 9], sysfs) is None  # no topology for cpu9: unknown, not guessed
+
+
+def test_threads_are_pinned_one_to_a_core_never_to_a_hyperthread_sibling(tmp_path: Path) -> None:
+    layout = {cpu: (cpu // 2 % 2, cpu % 2) for cpu in range(8)}  # cpu0 and cpu4 share a core, ...
+    sysfs = _sysfs(tmp_path, layout)
+    assert core_cpus(range(8), sysfs) == [0, 1, 2, 3]
+    assert core_cpus([5, 4, 0], sysfs) == [0, 5]  # cpu4 is cpu0's sibling
+    assert core_cpus([3, 9, 1], sysfs) == [1, 3, 9]  # no topology for cpu9: the CPUs as they are
 
 
 def _cpu(usable_physical: int) -> CPUInfo:

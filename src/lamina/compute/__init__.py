@@ -4,6 +4,7 @@ defaults they imply; whether a workload fits, where it goes (placement policies)
 from lamina.compute._devices import (
     CPUInfo,
     NodeInventory,
+    core_cpus,
     default_threads,
     physical_cores_of,
     probe_inventory,
@@ -68,6 +69,7 @@ __all__ = [
     "PlacementPolicy",
     "apply",
     "best_fit",
+    "core_cpus",
     "default_threads",
     "fit",
     "fragmentation_aware",

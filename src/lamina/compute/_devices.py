@@ -91,6 +91,24 @@ def physical_cores_of(cpus: Iterable[int], sys_cpu: Path = SYS_CPU) -> int | Non
     return len(cores) or None
 
 
+def core_cpus(cpus: Iterable[int], sys_cpu: Path = SYS_CPU) -> list[int]:
+    """The first of ``cpus`` on each physical core, in CPU order (a compute-bound thread per core, none on
+    a core's hyper-thread sibling); ``cpus`` themselves, sorted, where the topology cannot be read."""
+    ordered = sorted(set(cpus))
+    chosen: dict[tuple[str, str], int] = {}
+    for cpu in ordered:
+        topology = sys_cpu / f"cpu{cpu}" / "topology"
+        try:
+            core = (
+                (topology / "physical_package_id").read_text().strip(),
+                (topology / "core_id").read_text().strip(),
+            )
+        except OSError:
+            return ordered
+        chosen.setdefault(core, cpu)
+    return sorted(chosen.values())
+
+
 def read_cpus(sys_cpu: Path = SYS_CPU, cpuinfo: Path = PROC_CPUINFO) -> CPUInfo:
     """This machine's CPUs and the part of them this process may use."""
     logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1

@@ -65,6 +65,13 @@ class GGUFOptions(_Strict):
         "differently depending on how many others share its batch, so greedy answers would depend on "
         "the traffic around them; with it off they never do. Turn it on for speed on a GPU.",
     )
+    pin_threads: bool | None = Field(
+        None,
+        description="Pin llama.cpp's threads, one to each physical core (its engine thread to the first). "
+        "Empty: pinned when the threads are as many as the physical cores the replica may use (the "
+        "default), so that two of them never share a core while the gateway or a batch job runs beside "
+        "them; false: the kernel places them.",
+    )
     seed: int = Field(-1, description="Sampling seed; -1 draws a random one per request.")
 
 

@@ -9,6 +9,8 @@ template's own text is tokenized with special tokens: a message that contains ``
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -24,6 +26,7 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from lamina.compute import core_cpus
 from lamina.errors import ConfigError, EngineError, UnsupportedCapabilityError
 from lamina.models._builtin_engines import GGUF, GGUFOptions, parallel_slots, physical_cores
 from lamina.models._engine import (
@@ -39,6 +42,8 @@ from lamina.models._engine import (
 from lamina.models._gguf_batch import BatchDecoder
 from lamina.models._gguf_sampling import Vocab, seed_for
 from lamina.models._gguf_threads import ThreadPools
+
+log = logging.getLogger("lamina.models.gguf")
 
 #: ``llama_cpp.llama`` reads its default model params through a module attribute; patching it is
 #: process-wide, so constructions that patch it take turns.
@@ -68,6 +73,22 @@ def model_params_with_extra_bufts(enabled: bool) -> Iterator[None]:
             yield
         finally:
             setattr(module, name, original)
+
+
+def pinned_cpus(pin: bool | None, threads: int) -> list[int] | None:
+    """The CPUs to pin ``threads`` llama.cpp threads to, one per physical core this process may use
+    (``GGUFOptions.pin_threads``): with None, only when the threads are as many as those cores (the
+    replica then has them to itself); never more threads than cores (None: not pinned)."""
+    if pin is False or not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = core_cpus(os.sched_getaffinity(0))
+    if threads > len(cores) or (pin is None and threads != len(cores)) or threads < 2:
+        if pin and threads > len(cores):
+            log.warning(
+                "gguf.pin_threads: %d threads but %d cores to pin them to; not pinned", threads, len(cores)
+            )
+        return None
+    return cores[:threads]
 
 
 def context_window(requested: int, metadata: dict[str, str]) -> int:
@@ -134,14 +155,17 @@ class GGUFEngine:
         self._parallel = parallel_slots(self._options)
         self._quantization = _quantization(metadata)
         self._ctx = self._context()
-        self._pools = ThreadPools(self._ctx, self._threads, self._options.n_threads_batch or self._threads)
+        threads_batch = self._options.n_threads_batch or self._threads
+        cpus = pinned_cpus(self._options.pin_threads, max(self._threads, threads_batch))
+        self._pools = ThreadPools(self._ctx, self._threads, threads_batch, cpus)
         self._vocab = Vocab(self._model.vocab)
         self._decoder = BatchDecoder(
             self._ctx, self._vocab, self._parallel, self._options.n_batch, self._n_ctx
         )
         self._formatter = self._chat_formatter(metadata)
         bos = self._model.token_bos()
-        self._decoder.warm_up(bos if bos != -1 else 0)
+        with self._callers_mask():
+            self._decoder.warm_up(bos if bos != -1 else 0)
         self._chat_cache: tuple[tuple[ChatMessage, ...], list[int], tuple[str, ...]] | None = None
 
     def _load(self, path: Path) -> LlamaModel:
@@ -213,6 +237,7 @@ class GGUFEngine:
                 "parallel": str(self._parallel),
                 "flash_attn": str(self._options.flash_attn).lower(),
                 "thread_pool": str(self._pools.attached).lower(),
+                "pinned_cpus": ",".join(map(str, self._pools.pinned)) or "none",
                 "use_extra_bufts": str(self._options.use_extra_bufts).lower(),
                 "quantization": self._quantization,
                 "n_gpu_layers": str(self._options.n_gpu_layers),
@@ -273,6 +298,21 @@ class GGUFEngine:
 
     def _drive(self, sink: _Collect) -> Iterator[Delta]:
         """Step the decoder on the caller's thread until this request has finished."""
+        with self._callers_mask():
+            yield from self._steps(sink)
+
+    @contextmanager
+    def _callers_mask(self) -> Iterator[None]:
+        """Pinned threads pin the thread that decodes too (to the first CPU): one that decodes in process,
+        not the replica's engine thread, gets its own CPU mask back after."""
+        mask = os.sched_getaffinity(0) if self._pools.pinned else None
+        try:
+            yield
+        finally:
+            if mask is not None:
+                os.sched_setaffinity(0, mask)
+
+    def _steps(self, sink: _Collect) -> Iterator[Delta]:
         try:
             while True:
                 while sink.deltas:

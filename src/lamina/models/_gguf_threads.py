@@ -5,6 +5,13 @@ and spin briefly between steps. Measured here with SmolLM2 on 2 cores: 8 sequenc
 with a pool against 143 without, one sequence at 109 against 96. llama-cpp-python does not bind the pool
 functions, so they are bound here from the libraries it ships; where they cannot be found the context runs
 without a pool, as before.
+
+A pool may pin its threads, one to each CPU it is given (ggml's ``strict_cpu``): the thread that calls
+``llama_decode`` to the first, the others to the rest. Unpinned, the kernel often puts both of a 2-core
+replica's threads on one core while another process runs on the other (the gateway, a batch job, a
+compiler), and every barrier between them then waits a time slice: 8 streams through the stack fell from
+about 170 to 6 tokens/s beside two busy loops, niced or SCHED_IDLE, on 3 December (47-53 pinned), and
+quiet they decoded 158-165 unpinned against 175-177 pinned.
 """
 
 from __future__ import annotations
@@ -61,9 +68,11 @@ def _library() -> _Library | None:
 class ThreadPools:
     """The pools attached to one context; free them after the context (``close``)."""
 
-    def __init__(self, ctx: Any, threads: int, threads_batch: int) -> None:
+    def __init__(self, ctx: Any, threads: int, threads_batch: int, cpus: list[int] | None = None) -> None:
+        """``cpus``: pin the threads to these CPUs, one each, in order (None: unpinned)."""
         self._lib = _library()
         self._pools: list[int] = []
+        self._cpus = cpus
         if self._lib is None:
             return
         batch = None
@@ -77,11 +86,20 @@ class ThreadPools:
     def attached(self) -> bool:
         return bool(self._pools)
 
+    @property
+    def pinned(self) -> list[int]:
+        """The CPUs the threads are pinned to (empty: not pinned)."""
+        return list(self._cpus or ()) if self._pools else []
+
     def _new(self, threads: int, *, paused: bool) -> int | None:
         assert self._lib is not None
         params = _PoolParams()
         self._lib.init(ctypes.byref(params), threads)
         params.paused = paused
+        if self._cpus:
+            for cpu in self._cpus:
+                params.cpumask[cpu] = True
+            params.strict_cpu = True
         pool = self._lib.new(ctypes.byref(params))
         if pool:
             self._pools.append(pool)
