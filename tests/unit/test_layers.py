@@ -236,6 +236,7 @@ PUBLIC = {
         "PlacementPolicy",
         "apply",
         "best_fit",
+        "core_cpus",
         "default_threads",
         "fit",
         "fragmentation_aware",
