@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,19 +37,29 @@ def _cpu_list(text: str) -> set[int]:
     return cpus
 
 
-def _engine(*, pin: bool) -> GGUFEngine:
-    options = {"n_ctx": 256, "n_threads": 2, "pin_threads": pin}
-    return GGUFEngine(LoadSpec(name="smol", path=smollm2_path(), options=options))
-
-
-def _in_thread(fn: Callable[[], None]) -> None:
-    """Run ``fn`` in a thread free to use every CPU (the test worker's own mask is one CPU, see conftest)."""
+def _decoded(*, pin: bool) -> tuple[str, list[set[int]]]:
+    """In a thread free to use every CPU (the test worker's own mask is one CPU, see conftest): an engine
+    with two threads decodes a few tokens in process; its ``pinned_cpus`` and the masks of the threads it
+    made. The thread's own mask must be whole after the engine's warm-up and after the answer."""
+    found: list[tuple[str, list[set[int]]]] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
             os.sched_setaffinity(0, ALL_CPUS)
-            fn()
+            before = set(_affinities())
+            options = {"n_ctx": 256, "n_threads": 2, "pin_threads": pin}
+            engine = GGUFEngine(LoadSpec(name="smol", path=smollm2_path(), options=options))
+            try:
+                assert os.sched_getaffinity(0) == ALL_CPUS  # its warm-up decoded here too
+                assert "".join(
+                    d.text for d in engine.complete("Once upon a time", SamplingParams(max_tokens=4))
+                )
+                assert os.sched_getaffinity(0) == ALL_CPUS  # decoded in process: its own mask is back
+                made = [mask for tid, mask in _affinities().items() if tid not in before]
+                found.append((engine.info().details["pinned_cpus"], made))
+            finally:
+                engine.close()
         except BaseException as exc:
             failure.append(exc)
 
@@ -59,6 +68,7 @@ def _in_thread(fn: Callable[[], None]) -> None:
     thread.join()
     if failure:
         raise failure[0]
+    return found[0]
 
 
 def test_pinning_is_decided_by_the_threads_and_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,44 +84,13 @@ def test_pinning_is_decided_by_the_threads_and_the_cores(monkeypatch: pytest.Mon
 
 @pytest.mark.skipif(len(CORES) < 2, reason="pinning two threads needs two physical cores")
 def test_threads_are_pinned_to_distinct_cores_and_the_callers_mask_comes_back() -> None:
-    def run() -> None:
-        before = set(_affinities())
-        engine = GGUFEngine(
-            LoadSpec(
-                name="smol", path=smollm2_path(), options={"n_ctx": 256, "n_threads": 2, "pin_threads": True}
-            )
-        )
-        try:
-            assert engine.info().details["pinned_cpus"] == f"{CORES[0]},{CORES[1]}"
-            assert os.sched_getaffinity(0) == ALL_CPUS  # its warm-up decoded here too
-            text = "".join(d.text for d in engine.complete("Once upon a time", SamplingParams(max_tokens=4)))
-            assert text
-            # the caller decoded in process: its own mask is back
-            assert os.sched_getaffinity(0) == ALL_CPUS
-            # llama.cpp's worker thread (made for this caller's decodes) sits on the second core alone
-            workers = {tid: mask for tid, mask in _affinities().items() if tid not in before}
-            assert {CORES[1]} in workers.values()
-        finally:
-            engine.close()
-
-    _in_thread(run)
+    pinned, made = _decoded(pin=True)
+    assert pinned == f"{CORES[0]},{CORES[1]}"
+    # llama.cpp's worker thread (made for this caller's decodes) sits on the second core alone
+    assert {CORES[1]} in made
 
 
 def test_unpinned_threads_keep_the_mask_they_have() -> None:
-    def run() -> None:
-        before = set(_affinities())
-        engine = GGUFEngine(
-            LoadSpec(
-                name="smol", path=smollm2_path(), options={"n_ctx": 256, "n_threads": 2, "pin_threads": False}
-            )
-        )
-        try:
-            assert engine.info().details["pinned_cpus"] == "none"
-            assert "".join(d.text for d in engine.complete("Once upon a time", SamplingParams(max_tokens=4)))
-            assert os.sched_getaffinity(0) == ALL_CPUS
-            workers = [mask for tid, mask in _affinities().items() if tid not in before]
-            assert workers and all(mask == ALL_CPUS for mask in workers)
-        finally:
-            engine.close()
-
-    _in_thread(run)
+    pinned, made = _decoded(pin=False)
+    assert pinned == "none"
+    assert made and all(mask == ALL_CPUS for mask in made)

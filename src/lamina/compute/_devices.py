@@ -76,19 +76,22 @@ def _affinity(logical: int) -> tuple[int, ...]:
         return tuple(range(logical))
 
 
+def _core_of(cpu: int, sys_cpu: Path) -> tuple[str, str] | None:
+    """The (package, core) a logical CPU sits on, from the kernel's topology; None where it cannot be read."""
+    topology = sys_cpu / f"cpu{cpu}" / "topology"
+    try:
+        return (topology / "physical_package_id").read_text().strip(), (
+            topology / "core_id"
+        ).read_text().strip()
+    except OSError:
+        return None
+
+
 def physical_cores_of(cpus: Iterable[int], sys_cpu: Path = SYS_CPU) -> int | None:
     """The physical cores that ``cpus`` (logical CPU numbers) sit on, from the kernel's topology; None
     where it cannot be read (not Linux, or a CPU without a topology directory)."""
-    cores: set[tuple[str, str]] = set()
-    for cpu in cpus:
-        topology = sys_cpu / f"cpu{cpu}" / "topology"
-        try:
-            package = (topology / "physical_package_id").read_text().strip()
-            core = (topology / "core_id").read_text().strip()
-        except OSError:
-            return None
-        cores.add((package, core))
-    return len(cores) or None
+    cores = [_core_of(cpu, sys_cpu) for cpu in cpus]
+    return None if None in cores else len(set(cores)) or None
 
 
 def core_cpus(cpus: Iterable[int], sys_cpu: Path = SYS_CPU) -> list[int]:
@@ -97,13 +100,8 @@ def core_cpus(cpus: Iterable[int], sys_cpu: Path = SYS_CPU) -> list[int]:
     ordered = sorted(set(cpus))
     chosen: dict[tuple[str, str], int] = {}
     for cpu in ordered:
-        topology = sys_cpu / f"cpu{cpu}" / "topology"
-        try:
-            core = (
-                (topology / "physical_package_id").read_text().strip(),
-                (topology / "core_id").read_text().strip(),
-            )
-        except OSError:
+        core = _core_of(cpu, sys_cpu)
+        if core is None:
             return ordered
         chosen.setdefault(core, cpu)
     return sorted(chosen.values())

@@ -79,16 +79,16 @@ def pinned_cpus(pin: bool | None, threads: int) -> list[int] | None:
     """The CPUs to pin ``threads`` llama.cpp threads to, one per physical core this process may use
     (``GGUFOptions.pin_threads``): with None, only when the threads are as many as those cores (the
     replica then has them to itself); never more threads than cores (None: not pinned)."""
-    if pin is False or not hasattr(os, "sched_getaffinity"):
-        return None
+    if pin is False or threads < 2 or not hasattr(os, "sched_getaffinity"):
+        return None  # llama.cpp runs a single thread unpinned whatever the mask
     cores = core_cpus(os.sched_getaffinity(0))
-    if threads > len(cores) or (pin is None and threads != len(cores)) or threads < 2:
-        if pin and threads > len(cores):
+    if threads > len(cores):
+        if pin:
             log.warning(
                 "gguf.pin_threads: %d threads but %d cores to pin them to; not pinned", threads, len(cores)
             )
         return None
-    return cores[:threads]
+    return cores[:threads] if pin or threads == len(cores) else None
 
 
 def context_window(requested: int, metadata: dict[str, str]) -> int:
